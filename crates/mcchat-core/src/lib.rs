@@ -1,0 +1,18 @@
+//! What every mcchat binary shares.
+//!
+//! - [`wire`]: the datagram format, `[@tags ]room|sender|text` (pure).
+//! - [`room`]: room names, derived groups and the validated [`room::Registry`] (pure).
+//! - [`config`]: where `rooms.toml` is looked for, and reading it.
+//! - [`presence`]: who is in a room, from join/leave/heartbeat datagrams (pure, time passed in).
+//! - [`sanitize`]: network text made safe for a terminal (pure).
+//! - [`ratelimit`]: a limiter for log lines about bad input (pure, time passed in).
+//! - [`socket`]: multicast socket setup with socket2, the only module here that does I/O on
+//!   the network. It hands out std sockets; async runtimes are the binaries' business.
+
+pub mod config;
+pub mod presence;
+pub mod ratelimit;
+pub mod room;
+pub mod sanitize;
+pub mod socket;
+pub mod wire;

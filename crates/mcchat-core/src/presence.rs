@@ -1,0 +1,210 @@
+//! Who is in a room, learned from join, leave, heartbeat and message datagrams.
+//!
+//! Pure state: every call takes the current time, so expiry is tested without waiting. Peers are
+//! keyed by instance id, so a restarted peer (new id) is a new member and a renamed one is the
+//! same member. Bare datagrams have no id and never enter the roster.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::wire::{InstanceId, Kind};
+
+/// How often a peer says it is still there.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Silence after which a member is considered gone: three missed heartbeats and some slack.
+pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// Most members tracked, so a flood of made-up instance ids cannot grow memory without bound.
+pub const MAX_MEMBERS: usize = 4096;
+
+/// How many departed ids are remembered, so a repeated leave is not announced twice.
+const DEPARTED_MEMORY: usize = 256;
+
+/// A room member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Its instance id.
+    pub instance: InstanceId,
+    /// The name it last used.
+    pub name: String,
+    last_seen: Instant,
+}
+
+/// A change worth telling the user about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `name` joined.
+    Joined(String),
+    /// `name` left, saying so.
+    Left(String),
+    /// `name` went silent for [`MEMBER_TIMEOUT`].
+    TimedOut(String),
+}
+
+/// The members of one room.
+#[derive(Debug, Clone)]
+pub struct Roster {
+    members: HashMap<InstanceId, Member>,
+    departed: VecDeque<InstanceId>,
+    timeout: Duration,
+}
+
+impl Default for Roster {
+    fn default() -> Self {
+        Self::new(MEMBER_TIMEOUT)
+    }
+}
+
+impl Roster {
+    /// An empty roster that forgets members after `timeout` of silence.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            members: HashMap::new(),
+            departed: VecDeque::new(),
+            timeout,
+        }
+    }
+
+    /// Records a datagram from `instance` calling itself `name`; returns what to announce.
+    pub fn observe(
+        &mut self,
+        instance: InstanceId,
+        name: &str,
+        kind: Kind,
+        now: Instant,
+    ) -> Option<Change> {
+        if kind == Kind::Leave {
+            self.members.remove(&instance);
+            if self.departed.contains(&instance) {
+                return None;
+            }
+            self.remember_departed(instance);
+            // A leave from a member we had not heard from yet is still news.
+            return Some(Change::Left(name.to_owned()));
+        }
+        if kind == Kind::Unknown {
+            return None;
+        }
+        if let Some(m) = self.members.get_mut(&instance) {
+            m.last_seen = now;
+            if m.name != name {
+                name.clone_into(&mut m.name);
+            }
+            return None;
+        }
+        if self.departed.contains(&instance) || self.members.len() >= MAX_MEMBERS {
+            return None;
+        }
+        self.members.insert(
+            instance,
+            Member {
+                instance,
+                name: name.to_owned(),
+                last_seen: now,
+            },
+        );
+        (kind == Kind::Join).then(|| Change::Joined(name.to_owned()))
+    }
+
+    /// Removes members silent for longer than the timeout; returns their departures.
+    pub fn expire(&mut self, now: Instant) -> Vec<Change> {
+        let timeout = self.timeout;
+        let gone: Vec<InstanceId> = self
+            .members
+            .values()
+            .filter(|m| now.saturating_duration_since(m.last_seen) > timeout)
+            .map(|m| m.instance)
+            .collect();
+        let mut changes = Vec::with_capacity(gone.len());
+        for id in gone {
+            if let Some(m) = self.members.remove(&id) {
+                self.remember_departed(id);
+                changes.push(Change::TimedOut(m.name));
+            }
+        }
+        changes.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        changes
+    }
+
+    /// The members, sorted by name.
+    pub fn members(&self) -> Vec<&Member> {
+        let mut v: Vec<&Member> = self.members.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.instance.cmp(&b.instance)));
+        v
+    }
+
+    fn remember_departed(&mut self, id: InstanceId) {
+        if self.departed.len() >= DEPARTED_MEMORY {
+            self.departed.pop_front();
+        }
+        self.departed.push_back(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: InstanceId = InstanceId(1);
+    const B: InstanceId = InstanceId(2);
+
+    #[test]
+    fn join_heartbeat_leave() {
+        let t0 = Instant::now();
+        let mut r = Roster::default();
+        assert_eq!(
+            r.observe(A, "alice", Kind::Join, t0),
+            Some(Change::Joined("alice".into()))
+        );
+        assert_eq!(r.observe(A, "alice", Kind::Join, t0), None, "duplicate join");
+        assert_eq!(r.observe(B, "bob", Kind::Heartbeat, t0), None, "learned silently");
+        let names: Vec<_> = r.members().iter().map(|m| m.name.clone()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert_eq!(
+            r.observe(A, "alice", Kind::Leave, t0),
+            Some(Change::Left("alice".into()))
+        );
+        assert_eq!(r.observe(A, "alice", Kind::Leave, t0), None, "duplicate leave");
+        assert_eq!(r.observe(A, "alice", Kind::Message, t0), None, "late datagram");
+        assert_eq!(r.members().len(), 1);
+    }
+
+    #[test]
+    fn silent_members_time_out() {
+        let t0 = Instant::now();
+        let mut r = Roster::new(Duration::from_secs(50));
+        r.observe(A, "alice", Kind::Join, t0);
+        r.observe(B, "bob", Kind::Join, t0);
+        r.observe(B, "bob", Kind::Heartbeat, t0 + Duration::from_secs(30));
+        assert!(r.expire(t0 + Duration::from_secs(50)).is_empty());
+        assert_eq!(
+            r.expire(t0 + Duration::from_secs(51)),
+            vec![Change::TimedOut("alice".into())]
+        );
+        assert_eq!(r.members().len(), 1);
+        assert_eq!(
+            r.expire(t0 + Duration::from_secs(81)),
+            vec![Change::TimedOut("bob".into())]
+        );
+    }
+
+    #[test]
+    fn rename_keeps_member() {
+        let t0 = Instant::now();
+        let mut r = Roster::default();
+        r.observe(A, "alice", Kind::Join, t0);
+        r.observe(A, "alicia", Kind::Message, t0);
+        assert_eq!(r.members()[0].name, "alicia");
+    }
+
+    #[test]
+    fn membership_is_bounded() {
+        let t0 = Instant::now();
+        let mut r = Roster::default();
+        for i in 0..(MAX_MEMBERS as u64 + 10) {
+            r.observe(InstanceId(i), "x", Kind::Heartbeat, t0);
+        }
+        assert_eq!(r.members().len(), MAX_MEMBERS);
+    }
+}

@@ -1,0 +1,334 @@
+//! Multicast socket setup, one small function per address family.
+//!
+//! Options fall into three classes, on purpose:
+//! - **required**: creating the socket, `SO_REUSEADDR`/`SO_REUSEPORT` (several peers on one
+//!   host), binding, joining, the TTL / hop limit, loopback and the outgoing interface. A
+//!   failure stops start-up with an error naming the group and interface.
+//! - **best effort**: the receive buffer size. A failure is logged by the caller and ignored.
+//! - **probed**: `IP_MULTICAST_ALL` / `IPV6_MULTICAST_ALL` (Linux, see `ip(7)`). Cleared so a
+//!   socket hears only the groups it joined; where the kernel lacks it, [`Capabilities`] says
+//!   so and the room-name check in the wire codec still keeps other rooms out.
+//!
+//! On Linux the socket is bound to the group address itself, so the kernel delivers only
+//! datagrams sent to that group (not other groups or unicast on the same port). Closing the
+//! socket drops the membership (the kernel sends the IGMP/MLD leave).
+//!
+//! socket2 types stay inside this module: callers get a non-blocking `std::net::UdpSocket`.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+
+use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
+
+/// The default TTL / hop limit: 1 keeps chat on the local network segment.
+pub const DEFAULT_TTL: u32 = 1;
+
+/// Receive buffer asked for, so a burst of datagrams waits in the kernel rather than being
+/// dropped while the process is busy.
+pub const RECV_BUFFER: usize = 1 << 20;
+
+/// The interface to join and send on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Iface {
+    /// What to call it in messages.
+    pub label: String,
+    /// Interface index; 0 lets the kernel choose from the routing table.
+    pub index: u32,
+    /// The interface's first IPv4 address, needed to send IPv4 multicast on it.
+    pub ipv4: Option<Ipv4Addr>,
+}
+
+impl Iface {
+    /// The kernel's choice, by the multicast route.
+    pub fn system_default() -> Self {
+        Self {
+            label: "the default interface".to_owned(),
+            index: 0,
+            ipv4: None,
+        }
+    }
+
+    /// Resolves an interface name (`eth0`) or one of its addresses (`192.0.2.7`, `fe80::1`).
+    pub fn resolve(spec: &str) -> Result<Self, SocketError> {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(|e| SocketError::Interface {
+            spec: spec.to_owned(),
+            reason: format!("cannot list interfaces: {e}"),
+        })?;
+        let addrs: Vec<_> = addrs.collect();
+        let wanted_ip: Option<IpAddr> = spec.parse().ok();
+        let ip_of = |a: &nix::ifaddrs::InterfaceAddress| -> Option<IpAddr> {
+            let sa = a.address.as_ref()?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        };
+        let name = match wanted_ip {
+            Some(ip) => addrs
+                .iter()
+                .find(|a| ip_of(a) == Some(ip))
+                .map(|a| a.interface_name.clone())
+                .ok_or_else(|| SocketError::Interface {
+                    spec: spec.to_owned(),
+                    reason: "no interface has this address; list them with `ip addr`".to_owned(),
+                })?,
+            None => spec.to_owned(),
+        };
+        let index = nix::net::if_::if_nametoindex(name.as_str()).map_err(|_| {
+            SocketError::Interface {
+                spec: spec.to_owned(),
+                reason: "no such interface; list them with `ip link`".to_owned(),
+            }
+        })?;
+        let ipv4 = match wanted_ip {
+            Some(IpAddr::V4(v4)) => Some(v4),
+            _ => addrs
+                .iter()
+                .filter(|a| a.interface_name == name)
+                .find_map(|a| match ip_of(a) {
+                    Some(IpAddr::V4(v4)) => Some(v4),
+                    _ => None,
+                }),
+        };
+        Ok(Self {
+            label: name,
+            index,
+            ipv4,
+        })
+    }
+}
+
+/// How to set up a room's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MulticastConfig {
+    /// TTL / hop limit of sent datagrams.
+    pub ttl: u32,
+    /// Whether this host's other sockets (and this one) hear what it sends.
+    pub loopback: bool,
+    /// The interface to join and send on.
+    pub iface: Iface,
+}
+
+impl Default for MulticastConfig {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_TTL,
+            loopback: true,
+            iface: Iface::system_default(),
+        }
+    }
+}
+
+/// What the kernel turned out to support, for the caller to log or branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `IP_MULTICAST_ALL` was cleared: only joined groups are delivered.
+    pub multicast_all_cleared: bool,
+    /// The receive buffer the kernel granted (it doubles the request for bookkeeping).
+    pub recv_buffer: Option<usize>,
+}
+
+/// A joined multicast socket.
+#[derive(Debug)]
+pub struct MulticastSocket {
+    /// Non-blocking, bound, joined; ready for `tokio::net::UdpSocket::from_std`.
+    pub socket: UdpSocket,
+    /// The group and port joined.
+    pub group: SocketAddr,
+    /// What the kernel supported.
+    pub capabilities: Capabilities,
+}
+
+/// Setting up a multicast socket failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SocketError {
+    /// The address is not a multicast group.
+    #[error("{0} is not a multicast address")]
+    NotMulticast(SocketAddr),
+    /// `--iface` could not be resolved.
+    #[error("interface {spec:?}: {reason}")]
+    Interface {
+        /// What was given.
+        spec: String,
+        /// Why it failed, with a remedy.
+        reason: String,
+    },
+    /// An IPv4 room on an interface without an IPv4 address.
+    #[error("cannot send to {group} on {iface}: the interface has no IPv4 address")]
+    NoIpv4 {
+        /// The group.
+        group: SocketAddr,
+        /// The interface.
+        iface: String,
+    },
+    /// A required socket call failed.
+    #[error("failed to {action} for {group} on {iface}: {source}{hint}")]
+    Setup {
+        /// What was being done.
+        action: &'static str,
+        /// The group.
+        group: SocketAddr,
+        /// The interface.
+        iface: String,
+        /// The OS error.
+        source: io::Error,
+        /// A remedy, if one is known (starts with "; ").
+        hint: &'static str,
+    },
+}
+
+/// Opens, binds and joins a socket for `group` (IPv4 or IPv6).
+pub fn open(group: SocketAddr, config: &MulticastConfig) -> Result<MulticastSocket, SocketError> {
+    if !group.ip().is_multicast() {
+        return Err(SocketError::NotMulticast(group));
+    }
+    let fail = |action: &'static str| {
+        let iface = config.iface.label.clone();
+        move |source: io::Error| {
+            let hint = hint_for(&source);
+            SocketError::Setup {
+                action,
+                group,
+                iface,
+                source,
+                hint,
+            }
+        }
+    };
+    let domain = if group.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(fail("create a UDP socket"))?;
+    socket
+        .set_reuse_address(true)
+        .map_err(fail("set SO_REUSEADDR"))?;
+    socket.set_reuse_port(true).map_err(fail("set SO_REUSEPORT"))?;
+    let recv_buffer = socket
+        .set_recv_buffer_size(RECV_BUFFER)
+        .and_then(|()| socket.recv_buffer_size())
+        .ok();
+
+    let multicast_all_cleared = match group.ip() {
+        IpAddr::V4(ip) => setup_v4(&socket, ip, group, config, &fail)?,
+        IpAddr::V6(ip) => setup_v6(&socket, ip, group, config, &fail)?,
+    };
+    socket.set_nonblocking(true).map_err(fail("set non-blocking mode"))?;
+    Ok(MulticastSocket {
+        socket: socket.into(),
+        group,
+        capabilities: Capabilities {
+            multicast_all_cleared,
+            recv_buffer,
+        },
+    })
+}
+
+fn setup_v4<F, E>(
+    socket: &Socket,
+    ip: Ipv4Addr,
+    group: SocketAddr,
+    config: &MulticastConfig,
+    fail: &F,
+) -> Result<bool, SocketError>
+where
+    F: Fn(&'static str) -> E,
+    E: FnOnce(io::Error) -> SocketError,
+{
+    let bind_ip = if cfg!(target_os = "linux") {
+        ip
+    } else {
+        Ipv4Addr::UNSPECIFIED
+    };
+    socket
+        .bind(&SockAddr::from(SocketAddr::new(bind_ip.into(), group.port())))
+        .map_err(fail("bind"))?;
+    let cleared = socket.set_multicast_all_v4(false).is_ok();
+    let iface = &config.iface;
+    if iface.index == 0 {
+        socket
+            .join_multicast_v4(&ip, &Ipv4Addr::UNSPECIFIED)
+            .map_err(fail("join the group"))?;
+    } else {
+        let Some(addr) = iface.ipv4 else {
+            return Err(SocketError::NoIpv4 {
+                group,
+                iface: iface.label.clone(),
+            });
+        };
+        socket
+            .join_multicast_v4_n(&ip, &InterfaceIndexOrAddress::Index(iface.index))
+            .map_err(fail("join the group"))?;
+        socket
+            .set_multicast_if_v4(&addr)
+            .map_err(fail("set the outgoing interface"))?;
+    }
+    socket
+        .set_multicast_ttl_v4(config.ttl)
+        .map_err(fail("set the TTL"))?;
+    socket
+        .set_multicast_loop_v4(config.loopback)
+        .map_err(fail("set multicast loopback"))?;
+    Ok(cleared)
+}
+
+fn setup_v6<F, E>(
+    socket: &Socket,
+    ip: Ipv6Addr,
+    group: SocketAddr,
+    config: &MulticastConfig,
+    fail: &F,
+) -> Result<bool, SocketError>
+where
+    F: Fn(&'static str) -> E,
+    E: FnOnce(io::Error) -> SocketError,
+{
+    socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
+    let index = config.iface.index;
+    // Link-local scoped groups (ffx2::) need the interface as the bind scope.
+    let scope = if ip.segments()[0] & 0x000f == 2 { index } else { 0 };
+    let bind_ip = if cfg!(target_os = "linux") {
+        ip
+    } else {
+        Ipv6Addr::UNSPECIFIED
+    };
+    let bind = SocketAddrV6::new(bind_ip, group.port(), 0, scope);
+    socket
+        .bind(&SockAddr::from(bind))
+        .map_err(fail("bind"))?;
+    let cleared = socket.set_multicast_all_v6(false).is_ok();
+    socket
+        .join_multicast_v6(&ip, index)
+        .map_err(fail("join the group"))?;
+    if index != 0 {
+        socket
+            .set_multicast_if_v6(index)
+            .map_err(fail("set the outgoing interface"))?;
+    }
+    socket
+        .set_multicast_hops_v6(config.ttl)
+        .map_err(fail("set the hop limit"))?;
+    socket
+        .set_multicast_loop_v6(config.loopback)
+        .map_err(fail("set multicast loopback"))?;
+    Ok(cleared)
+}
+
+/// Remedies for the errors people meet in practice.
+fn hint_for(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(n) if n == nix::errno::Errno::ENODEV as i32 => {
+            "; no route for multicast: connect to a network, add a route for 224.0.0.0/4 \
+             (ff00::/8), or pick one with --iface"
+        }
+        Some(n) if n == nix::errno::Errno::EADDRNOTAVAIL as i32 => {
+            "; the interface has no address for this family: pick another with --iface"
+        }
+        Some(n) if n == nix::errno::Errno::ENOBUFS as i32 => {
+            "; the kernel's per-socket group limit (net.ipv4.igmp_max_memberships) is reached"
+        }
+        _ => "",
+    }
+}
