@@ -162,8 +162,10 @@ mod tests {
     use super::*;
 
     fn run(flag: Option<&str>, env: &[(&str, &str)], files: &[&str]) -> Origin {
-        let env: HashMap<String, OsString> =
-            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
+        let env: HashMap<String, OsString> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
         locate(
             flag.map(Path::new),
             |k| env.get(k).cloned(),
@@ -179,7 +181,11 @@ mod tests {
             "/h/.config/mcchat/rooms.toml",
             SYSTEM_PATH,
         ];
-        let env = [("MCCHAT_ROOMS", "/e.toml"), ("XDG_CONFIG_HOME", "/x"), ("HOME", "/h")];
+        let env = [
+            ("MCCHAT_ROOMS", "/e.toml"),
+            ("XDG_CONFIG_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
         assert_eq!(run(Some("/f.toml"), &env, &all).found, Found::Flag);
         assert_eq!(run(None, &env, &all).path, Some("/e.toml".into()));
         assert_eq!(run(None, &env[1..], &all).found, Found::WorkingDir);
@@ -188,9 +194,16 @@ mod tests {
         let o = run(None, &env[2..], &all[1..]);
         assert_eq!(o.path, Some("/h/.config/mcchat/rooms.toml".into()));
         assert_eq!(run(None, &env[1..], &all[3..]).found, Found::System);
-        assert_eq!(run(None, &env, &[]).found, Found::Env, "explicit even if missing");
+        assert_eq!(
+            run(None, &env, &[]).found,
+            Found::Env,
+            "explicit even if missing"
+        );
         assert_eq!(run(None, &[], &[]).found, Found::BuiltIn);
-        assert_eq!(run(None, &[("MCCHAT_ROOMS", "")], &[]).found, Found::BuiltIn);
+        assert_eq!(
+            run(None, &[("MCCHAT_ROOMS", "")], &[]).found,
+            Found::BuiltIn
+        );
     }
 
     #[test]
@@ -198,9 +211,7 @@ mod tests {
         let origin = run(Some("/nonexistent/rooms.toml"), &[], &[]);
         let e = load_from(origin).unwrap_err().to_string();
         assert!(
-            e.starts_with(
-                "cannot read rooms file /nonexistent/rooms.toml (given with --rooms): "
-            ),
+            e.starts_with("cannot read rooms file /nonexistent/rooms.toml (given with --rooms): "),
             "{e}"
         );
     }

@@ -9,6 +9,8 @@
 //! - [`socket`]: multicast socket setup with socket2, the only module here that does I/O on
 //!   the network. It hands out std sockets; async runtimes are the binaries' business.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod config;
 pub mod presence;
 pub mod ratelimit;

@@ -157,16 +157,32 @@ mod tests {
             r.observe(A, "alice", Kind::Join, t0),
             Some(Change::Joined("alice".into()))
         );
-        assert_eq!(r.observe(A, "alice", Kind::Join, t0), None, "duplicate join");
-        assert_eq!(r.observe(B, "bob", Kind::Heartbeat, t0), None, "learned silently");
+        assert_eq!(
+            r.observe(A, "alice", Kind::Join, t0),
+            None,
+            "duplicate join"
+        );
+        assert_eq!(
+            r.observe(B, "bob", Kind::Heartbeat, t0),
+            None,
+            "learned silently"
+        );
         let names: Vec<_> = r.members().iter().map(|m| m.name.clone()).collect();
         assert_eq!(names, ["alice", "bob"]);
         assert_eq!(
             r.observe(A, "alice", Kind::Leave, t0),
             Some(Change::Left("alice".into()))
         );
-        assert_eq!(r.observe(A, "alice", Kind::Leave, t0), None, "duplicate leave");
-        assert_eq!(r.observe(A, "alice", Kind::Message, t0), None, "late datagram");
+        assert_eq!(
+            r.observe(A, "alice", Kind::Leave, t0),
+            None,
+            "duplicate leave"
+        );
+        assert_eq!(
+            r.observe(A, "alice", Kind::Message, t0),
+            None,
+            "late datagram"
+        );
         assert_eq!(r.members().len(), 1);
     }
 

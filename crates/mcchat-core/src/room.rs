@@ -62,9 +62,7 @@ impl fmt::Display for RoomName {
 #[non_exhaustive]
 pub enum RoomError {
     /// The name breaks the rules.
-    #[error(
-        "invalid room name {0:?}: use 1-{MAX_ROOM_NAME} characters from A-Z a-z 0-9 . _ -"
-    )]
+    #[error("invalid room name {0:?}: use 1-{MAX_ROOM_NAME} characters from A-Z a-z 0-9 . _ -")]
     BadName(String),
 }
 
@@ -191,10 +189,7 @@ impl Registry {
     /// Parses and validates `rooms.toml` text. `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Syntax {
                 origin: origin.to_owned(),
                 line,
@@ -408,7 +403,10 @@ mod tests {
                 "[rooms.a]\nport = 7",
                 "rooms.toml: room \"a\": missing field `group`",
             ),
-            ("rooms = 3", "rooms.toml: `rooms` must be a table of `[rooms.NAME]` tables"),
+            (
+                "rooms = 3",
+                "rooms.toml: `rooms` must be a table of `[rooms.NAME]` tables",
+            ),
             (
                 "[rooms]\na = 3",
                 "rooms.toml: room \"a\": must be a table with `group` and `port`",

@@ -48,7 +48,10 @@ mod tests {
 
     #[test]
     fn escapes_are_neutralised() {
-        assert_eq!(for_terminal("\x1b[2J\x1b]0;pwn\x07hi"), "\\x1b[2J\\x1b]0;pwn\\x07hi");
+        assert_eq!(
+            for_terminal("\x1b[2J\x1b]0;pwn\x07hi"),
+            "\\x1b[2J\\x1b]0;pwn\\x07hi"
+        );
         assert_eq!(for_terminal("a\nb\tc\r"), "a\\nb\\tc\\r");
         assert_eq!(for_terminal("\u{9b}31m"), "\\x9b31m");
         assert_eq!(for_terminal("abc\u{202e}def"), "abc\\u{202e}def");

@@ -74,12 +74,11 @@ impl Iface {
                 })?,
             None => spec.to_owned(),
         };
-        let index = nix::net::if_::if_nametoindex(name.as_str()).map_err(|_| {
-            SocketError::Interface {
+        let index =
+            nix::net::if_::if_nametoindex(name.as_str()).map_err(|_| SocketError::Interface {
                 spec: spec.to_owned(),
                 reason: "no such interface; list them with `ip link`".to_owned(),
-            }
-        })?;
+            })?;
         let ipv4 = match wanted_ip {
             Some(IpAddr::V4(v4)) => Some(v4),
             _ => addrs
@@ -201,11 +200,14 @@ pub fn open(group: SocketAddr, config: &MulticastConfig) -> Result<MulticastSock
     } else {
         Domain::IPV6
     };
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(fail("create a UDP socket"))?;
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(fail("create a UDP socket"))?;
     socket
         .set_reuse_address(true)
         .map_err(fail("set SO_REUSEADDR"))?;
-    socket.set_reuse_port(true).map_err(fail("set SO_REUSEPORT"))?;
+    socket
+        .set_reuse_port(true)
+        .map_err(fail("set SO_REUSEPORT"))?;
     let recv_buffer = socket
         .set_recv_buffer_size(RECV_BUFFER)
         .and_then(|()| socket.recv_buffer_size())
@@ -215,7 +217,9 @@ pub fn open(group: SocketAddr, config: &MulticastConfig) -> Result<MulticastSock
         IpAddr::V4(ip) => setup_v4(&socket, ip, group, config, &fail)?,
         IpAddr::V6(ip) => setup_v6(&socket, ip, group, config, &fail)?,
     };
-    socket.set_nonblocking(true).map_err(fail("set non-blocking mode"))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(fail("set non-blocking mode"))?;
     Ok(MulticastSocket {
         socket: socket.into(),
         group,
@@ -243,7 +247,10 @@ where
         Ipv4Addr::UNSPECIFIED
     };
     socket
-        .bind(&SockAddr::from(SocketAddr::new(bind_ip.into(), group.port())))
+        .bind(&SockAddr::from(SocketAddr::new(
+            bind_ip.into(),
+            group.port(),
+        )))
         .map_err(fail("bind"))?;
     let cleared = socket.set_multicast_all_v4(false).is_ok();
     let iface = &config.iface;
@@ -288,16 +295,18 @@ where
     socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
     let index = config.iface.index;
     // Link-local scoped groups (ffx2::) need the interface as the bind scope.
-    let scope = if ip.segments()[0] & 0x000f == 2 { index } else { 0 };
+    let scope = if ip.segments()[0] & 0x000f == 2 {
+        index
+    } else {
+        0
+    };
     let bind_ip = if cfg!(target_os = "linux") {
         ip
     } else {
         Ipv6Addr::UNSPECIFIED
     };
     let bind = SocketAddrV6::new(bind_ip, group.port(), 0, scope);
-    socket
-        .bind(&SockAddr::from(bind))
-        .map_err(fail("bind"))?;
+    socket.bind(&SockAddr::from(bind)).map_err(fail("bind"))?;
     let cleared = socket.set_multicast_all_v6(false).is_ok();
     socket
         .join_multicast_v6(&ip, index)

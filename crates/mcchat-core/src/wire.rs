@@ -92,6 +92,11 @@ impl fmt::Display for InstanceId {
 }
 
 impl InstanceId {
+    /// A fresh random id from the operating system's generator.
+    pub fn random() -> std::io::Result<Self> {
+        getrandom::u64().map(Self).map_err(std::io::Error::other)
+    }
+
     /// Parses exactly 16 lowercase or uppercase hex digits.
     fn parse(s: &str) -> Option<Self> {
         if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -240,7 +245,10 @@ impl<'a> Tags<'a> {
 
     /// The value of the last tag named `key`.
     pub fn get(&self, key: &str) -> Option<Cow<'a, str>> {
-        self.iter().filter(|(k, _)| *k == key).last().map(|(_, v)| v)
+        self.iter()
+            .filter(|(k, _)| *k == key)
+            .last()
+            .map(|(_, v)| v)
     }
 }
 
@@ -604,8 +612,8 @@ mod tests {
 
     #[test]
     fn tagged_datagram_decodes() {
-        let f = decode(b"@id=0123456789abcdef;seq=42;ts=1763900000123;kind=me room1|al|waves")
-            .unwrap();
+        let f =
+            decode(b"@id=0123456789abcdef;seq=42;ts=1763900000123;kind=me room1|al|waves").unwrap();
         assert_eq!(f.meta, meta(Kind::Action));
         assert_eq!(f.text, "waves");
     }
@@ -669,7 +677,12 @@ mod tests {
             (b"@a;;b r|s|t", DropReason::BadTags),
         ];
         for (bytes, want) in cases {
-            assert_eq!(decode(bytes), Err(*want), "{:?}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                decode(bytes),
+                Err(*want),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
         let big = format!("r|s|{}", "x".repeat(MAX_DATAGRAM));
         assert_eq!(decode(big.as_bytes()), Err(DropReason::Oversize));

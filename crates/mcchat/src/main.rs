@@ -1,1 +1,45 @@
-fn main(){}
+//! `mcchat`: parses arguments, sets up logging, runs, and maps errors to exit codes
+//! (0 success, 1 error, 2 usage error from clap).
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use mcchat::StdoutClosed;
+use mcchat::cli::Cli;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    // RUST_LOG, when set and valid, overrides -v/-q.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcchat: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(mcchat::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcchat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The command line, as clap derive types. Help texts, completions and the man page are all
+//! generated from these definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueHint};
+use clap_complete::Shell;
+use mcchat_core::room::RoomName;
+use mcchat_core::wire::{MAX_SENDER_CHARS, is_valid_sender};
+
+const TOP_EXAMPLES: &str = "\
+Examples:
+  mcchat join room1 --name alice        chat in room1
+  mcchat send room1 --name ci build ok  send one message and exit
+  mcchat listen room1 --json            print the room as JSON lines
+  mcchat rooms                          list the configured rooms
+  tail -f build.log | mcchat join ci --name bot
+
+Exit status: 0 on success, 1 on an error (one line on stderr), 2 on a usage error.";
+
+/// Chat on the local network over UDP multicast, with no server.
+#[derive(Debug, Parser)]
+#[command(name = "mcchat", version, after_help = TOP_EXAMPLES, propagate_version = true)]
+pub struct Cli {
+    /// Rooms file to use instead of the search path
+    /// ($MCCHAT_ROOMS, ./rooms.toml, ~/.config/mcchat/rooms.toml, /etc/mcchat/rooms.toml,
+    /// built-in)
+    #[arg(long, global = true, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub rooms: Option<PathBuf>,
+
+    /// More diagnostics on stderr (-v info, -vv debug); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Chat in a room: type to send, see what others say
+    #[command(after_help = "\
+Examples:
+  mcchat join room1 --name alice
+  mcchat join lunch                      a room not in rooms.toml meets on a derived group
+  mcchat join room1 --iface eth0 --ttl 2
+  tail -f build.log | mcchat join ci --name bot
+
+On a terminal: /who, /me TEXT, /stats, /help, /quit; Ctrl-C or Ctrl-D leaves.
+Not on a terminal: each stdin line is sent, received messages go to stdout, EOF leaves.")]
+    Join(JoinArgs),
+
+    /// Send one message and exit
+    #[command(after_help = "\
+Examples:
+  mcchat send room1 --name ci 'deploy finished'
+  mcchat send room1 build 42 is green     (the words are joined with spaces)")]
+    Send(SendArgs),
+
+    /// Print what a room says, without joining the conversation
+    #[command(after_help = "\
+Examples:
+  mcchat listen room1
+  mcchat listen room1 --json | jq -r .text
+
+JSON lines have the keys room, sender, text, ts (RFC 3339), from (source address), kind
+(message, action, join, leave), id and seq (null for bare datagrams).")]
+    Listen(ListenArgs),
+
+    /// List the configured rooms and where they come from
+    #[command(after_help = "\
+Examples:
+  mcchat rooms
+  mcchat --rooms ./my-rooms.toml rooms")]
+    Rooms,
+
+    /// Print a shell completion script
+    #[command(after_help = "\
+Examples:
+  mcchat completions bash > ~/.local/share/bash-completion/completions/mcchat
+  mcchat completions zsh > ~/.zfunc/_mcchat")]
+    Completions {
+        /// The shell
+        shell: Shell,
+    },
+
+    /// Print the man page (roff)
+    #[command(after_help = "\
+Examples:
+  mcchat man > mcchat.1 && man ./mcchat.1")]
+    Man,
+}
+
+/// Where to join and send.
+#[derive(Debug, Clone, Args)]
+pub struct NetArgs {
+    /// Interface (name or address) to join and send on [default: the system's choice]
+    #[arg(long, value_name = "NAME|ADDR")]
+    pub iface: Option<String>,
+
+    /// Multicast TTL / hop limit; 1 keeps messages on the local network
+    /// [default: the room's `ttl`, else 1]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub ttl: Option<u32>,
+}
+
+/// `mcchat join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Room name (from rooms.toml, or any name: it gets a derived group)
+    #[arg(value_parser = parse_room)]
+    pub room: RoomName,
+
+    /// Your name [default: $MCCHAT_NAME, else your login name]
+    #[arg(short, long, env = "MCCHAT_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// `mcchat send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Room name
+    #[arg(value_parser = parse_room)]
+    pub room: RoomName,
+
+    /// Your name [default: $MCCHAT_NAME, else your login name]
+    #[arg(short, long, env = "MCCHAT_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
+    /// The message; several words are joined with spaces
+    #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
+    pub text: Vec<String>,
+
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// `mcchat listen`.
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    /// Room name
+    #[arg(value_parser = parse_room)]
+    pub room: RoomName,
+
+    /// One JSON object per line instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+fn parse_room(s: &str) -> Result<RoomName, String> {
+    RoomName::new(s).map_err(|e| e.to_string())
+}
+
+/// Checks a sender name against the wire rules.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    if is_valid_sender(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a valid name: use 1-{MAX_SENDER_CHARS} characters, no '|' or control \
+             characters"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_names_and_rooms_are_usage_errors() {
+        for args in [
+            &["mcchat", "join", "room 1"][..],
+            &["mcchat", "join", "room1", "--name", "a|b"],
+            &["mcchat", "join", "room1", "--ttl", "0"],
+            &["mcchat", "send", "room1"],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}

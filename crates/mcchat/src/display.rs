@@ -1,0 +1,194 @@
+//! How events look: one line each, as text (optionally coloured) or as JSON.
+//!
+//! Every piece of network text goes through [`sanitize::for_terminal`] here, the one place
+//! output is formatted, so no front end can forget it.
+
+use anstyle::{AnsiColor, Style};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use mcchat_core::presence::Change;
+use mcchat_core::room::fnv1a32;
+use mcchat_core::sanitize;
+use mcchat_core::wire::Kind;
+use serde::Serialize;
+
+use crate::session::{Event, Received};
+
+/// Colours for sender names, chosen by a hash of the name so each name keeps its colour
+/// across messages, runs and machines.
+const PALETTE: [AnsiColor; 12] = [
+    AnsiColor::Red,
+    AnsiColor::Green,
+    AnsiColor::Yellow,
+    AnsiColor::Blue,
+    AnsiColor::Magenta,
+    AnsiColor::Cyan,
+    AnsiColor::BrightRed,
+    AnsiColor::BrightGreen,
+    AnsiColor::BrightYellow,
+    AnsiColor::BrightBlue,
+    AnsiColor::BrightMagenta,
+    AnsiColor::BrightCyan,
+];
+
+/// The colour a sender name is shown in.
+pub(crate) fn name_style(name: &str) -> Style {
+    let i = fnv1a32(name.as_bytes()) as usize % PALETTE.len();
+    PALETTE[i].on_default().bold()
+}
+
+/// `HH:MM:SS` in the local time zone.
+pub(crate) fn clock(ts_ms: u64) -> String {
+    let ts = i64::try_from(ts_ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .unwrap_or_else(Timestamp::now);
+    let tz = TimeZone::try_system().unwrap_or(TimeZone::UTC);
+    ts.to_zoned_datetime(tz).strftime("%H:%M:%S").to_string()
+}
+
+fn rfc3339(ts_ms: u64) -> String {
+    i64::try_from(ts_ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .unwrap_or_else(Timestamp::now)
+        .to_string()
+}
+
+fn name(sender: &str, color: bool) -> String {
+    let safe = sanitize::for_terminal(sender);
+    if color {
+        let s = name_style(sender);
+        format!("{s}{safe}{s:#}")
+    } else {
+        safe.into_owned()
+    }
+}
+
+/// A message as one line: `12:04:05 alice: hello` or `12:04:05 * alice waves`.
+pub(crate) fn message_line(m: &Received, color: bool) -> String {
+    let text = sanitize::for_terminal(&m.text);
+    let who = name(&m.sender, color);
+    let time = clock(m.ts_ms);
+    match m.kind {
+        Kind::Action => format!("{time} * {who} {text}"),
+        _ => format!("{time} {who}: {text}"),
+    }
+}
+
+/// A presence change as one line: `12:04:05 -- alice joined`.
+pub(crate) fn presence_line(change: &Change, ts_ms: u64, color: bool) -> String {
+    let (who, what) = match change {
+        Change::Joined(n) => (n, "joined"),
+        Change::Left(n) => (n, "left"),
+        Change::TimedOut(n) => (n, "left (no heartbeat)"),
+    };
+    format!("{} -- {} {what}", clock(ts_ms), name(who, color))
+}
+
+/// An event as one text line.
+pub(crate) fn event_line(event: &Event, now_ms: u64, color: bool) -> String {
+    match event {
+        Event::Message(m) => message_line(m, color),
+        Event::Presence(c) => presence_line(c, now_ms, color),
+    }
+}
+
+/// One `listen --json` object.
+#[derive(Debug, Serialize)]
+struct JsonLine<'a> {
+    room: &'a str,
+    sender: &'a str,
+    text: &'a str,
+    ts: String,
+    from: Option<String>,
+    kind: &'static str,
+    id: Option<String>,
+    seq: Option<u64>,
+}
+
+/// An event as one JSON line (no trailing newline). JSON escapes control characters itself,
+/// so text is not sanitised here: scripts get it exactly.
+pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
+    let line = match event {
+        Event::Message(m) => JsonLine {
+            room: &m.room,
+            sender: &m.sender,
+            text: &m.text,
+            ts: rfc3339(m.ts_ms),
+            from: m.from.map(|a| a.to_string()),
+            kind: m.kind.name(),
+            id: m.instance.map(|i| i.to_string()),
+            seq: m.seq,
+        },
+        Event::Presence(c) => {
+            let (sender, kind) = match c {
+                Change::Joined(n) => (n.as_str(), "join"),
+                Change::Left(n) | Change::TimedOut(n) => (n.as_str(), "leave"),
+            };
+            JsonLine {
+                room,
+                sender,
+                text: "",
+                ts: rfc3339(now_ms),
+                from: None,
+                kind,
+                id: None,
+                seq: None,
+            }
+        }
+    };
+    // Serialising a struct of strings and integers cannot fail.
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: Kind, sender: &str, text: &str) -> Received {
+        Received {
+            kind,
+            room: "room1".into(),
+            sender: sender.into(),
+            text: text.into(),
+            ts_ms: 1_763_900_000_123,
+            from: Some("192.0.2.1:5555".parse().unwrap()),
+            instance: None,
+            seq: None,
+        }
+    }
+
+    #[test]
+    fn lines_are_sanitised() {
+        let line = message_line(&msg(Kind::Message, "bob", "\x1b[31mred\x07"), false);
+        assert!(line.ends_with(" bob: \\x1b[31mred\\x07"), "{line}");
+        let line = message_line(&msg(Kind::Action, "bob", "waves"), false);
+        assert!(line.ends_with(" * bob waves"), "{line}");
+    }
+
+    #[test]
+    fn colours_are_stable_per_name() {
+        assert_eq!(name_style("alice"), name_style("alice"));
+        let line = message_line(&msg(Kind::Message, "alice", "hi"), true);
+        assert!(
+            line.contains(&format!("{}alice", name_style("alice"))),
+            "{line:?}"
+        );
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let line = json_line(
+            &Event::Message(msg(Kind::Message, "bob", "a\"b")),
+            "room1",
+            0,
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["text"], "a\"b");
+        assert_eq!(v["ts"], "2025-11-23T12:13:20.123Z");
+        assert_eq!(v["from"], "192.0.2.1:5555");
+        assert_eq!(v["kind"], "message");
+        assert!(v["seq"].is_null());
+    }
+}
