@@ -64,14 +64,14 @@ impl fmt::Display for Origin {
 #[non_exhaustive]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("cannot read rooms file {path} ({how}): {source}")]
+    #[error("cannot read rooms file {path} ({how}): {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Which lookup step named it.
         how: &'static str,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, so the error is one line).
+        cause: std::io::Error,
     },
     /// The file was read but is not valid.
     #[error(transparent)]
@@ -140,14 +140,14 @@ pub fn load_from(origin: Origin) -> Result<Loaded, LoadError> {
     let registry = match &origin.path {
         None => Registry::from_toml(BUILTIN_ROOMS, "built-in rooms.toml")?,
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            let text = std::fs::read_to_string(path).map_err(|cause| LoadError::Read {
                 path: path.clone(),
                 how: match origin.found {
                     Found::Flag => "given with --rooms",
                     Found::Env => "named by $MCCHAT_ROOMS",
                     _ => "found on the search path",
                 },
-                source,
+                cause,
             })?;
             Registry::from_toml(&text, &path.display().to_string())?
         }

@@ -162,7 +162,7 @@ pub enum SocketError {
         iface: String,
     },
     /// A required socket call failed.
-    #[error("failed to {action} for {group} on {iface}: {source}{hint}")]
+    #[error("failed to {action} for {group} on {iface}: {cause}{hint}")]
     Setup {
         /// What was being done.
         action: &'static str,
@@ -170,8 +170,8 @@ pub enum SocketError {
         group: SocketAddr,
         /// The interface.
         iface: String,
-        /// The OS error.
-        source: io::Error,
+        /// The OS error (in the message, so the error is one line).
+        cause: io::Error,
         /// A remedy, if one is known (starts with "; ").
         hint: &'static str,
     },
@@ -184,13 +184,13 @@ pub fn open(group: SocketAddr, config: &MulticastConfig) -> Result<MulticastSock
     }
     let fail = |action: &'static str| {
         let iface = config.iface.label.clone();
-        move |source: io::Error| {
-            let hint = hint_for(&source);
+        move |cause: io::Error| {
+            let hint = hint_for(&cause);
             SocketError::Setup {
                 action,
                 group,
                 iface,
-                source,
+                cause,
                 hint,
             }
         }

@@ -77,20 +77,23 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
     let color = std::env::var_os("NO_COLOR").is_none();
     let prompt = format!("[{}] ", session.room().name);
 
+    let shutdown = shutdown_signal()?;
     session.send(Kind::Join, "").await?;
     let (tx, mut rx) = mpsc::channel(1);
     let thread = std::thread::Builder::new()
         .name("line-editor".into())
         .spawn(move || edit_lines(editor, &prompt, &tx))
         .context("failed to start the line editor thread")?;
-    let mut print = |line: String| {
+    // Every line ends in '\n': between two readline calls the printer writes straight to the
+    // terminal without adding one, and the next prompt would overwrite the line.
+    let mut print = |mut line: String| {
+        line.push('\n');
         printer
             .print(line)
             .context("failed to write to the terminal")
     };
     print(format!("{} — /help for commands", session.describe()))?;
 
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut editor_done = false;
     let result: Result<()> = loop {

@@ -60,8 +60,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
             let mut session = Session::open(room, &args.net, None)?;
+            let shutdown = shutdown_signal()?;
             eprintln!("mcchat: listening to {}", describe_listen(&session));
-            let result = listen(&mut session, args.json).await;
+            let result = listen(&mut session, args.json, shutdown).await;
             session.log_drops();
             result
         }
@@ -148,10 +149,13 @@ fn rooms(loaded: &Loaded) -> Result<()> {
     Ok(())
 }
 
-async fn listen(session: &mut Session, json: bool) -> Result<()> {
+async fn listen(
+    session: &mut Session,
+    json: bool,
+    shutdown: impl Future<Output = Result<()>>,
+) -> Result<()> {
     let mut out = Stdout::new();
     let color = !json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -169,15 +173,19 @@ async fn listen(session: &mut Session, json: bool) -> Result<()> {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() -> Result<()> {
+/// A future that resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so call it before announcing readiness: a
+/// signal that arrives in between must not kill the process without its leave message.
+fn shutdown_signal() -> Result<impl Future<Output = Result<()>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
         signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("failed to install a SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::debug!("SIGTERM"),
-        _ = int.recv() => tracing::debug!("SIGINT"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::debug!("SIGTERM"),
+            _ = int.recv() => tracing::debug!("SIGINT"),
+        }
+        Ok(())
+    })
 }

@@ -34,7 +34,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(mcchat::run(cli)) {
+    let result = runtime.block_on(mcchat::run(cli));
+    // A read of stdin may still block a runtime thread (it cannot be cancelled); exiting must
+    // not wait for it.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {

@@ -73,12 +73,12 @@ pub(crate) async fn read_lines<R: AsyncRead + Unpin>(
 /// Runs the room until stdin ends or a signal arrives.
 pub(crate) async fn run(mut session: Session) -> Result<()> {
     let mut out = Stdout::new();
+    let shutdown = shutdown_signal()?;
     session.send(Kind::Join, "").await?;
     eprintln!("mcchat: {}", session.describe());
 
     let (tx, mut rx) = mpsc::channel(64);
     let reader: JoinHandle<std::io::Result<()>> = tokio::spawn(read_lines(tokio::io::stdin(), tx));
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut line_no = 0u64;
     let result: Result<()> = loop {

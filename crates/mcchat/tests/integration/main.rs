@@ -1,0 +1,10 @@
+//! Integration tests: the real `mcchat` binary over real sockets, in the network namespace
+//! made by `scripts/test.sh` (and the LAN of namespaces made by `scripts/lan.sh`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+mod chat;
+mod cli;
+mod lan;
+mod pty;
+mod util;

@@ -1,0 +1,334 @@
+//! Test harness: real `mcchat` processes over real sockets, inside the network namespace that
+//! `scripts/test.sh` creates. Waiting is always on an observable event (a line of output);
+//! the timeouts here are only caps that turn a hang into a failure with the output dumped.
+
+use std::io::{BufRead as _, BufReader, Read, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The cap on any single wait; generous, since CI machines can be slow.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Refuses to run unless inside the hermetic namespace: `MCCHAT_TEST_NETNS` set by
+/// scripts/test.sh, and no interface but `lo` in this process's network namespace
+/// (`/proc/self/net/dev` is per namespace; `/sys/class/net` may show the host's).
+pub fn require_netns() {
+    let flag = std::env::var_os("MCCHAT_TEST_NETNS").is_some();
+    let dev = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert!(
+        flag && ifaces == ["lo"],
+        "refusing to open sockets outside the test network namespace (interfaces: {ifaces:?}); \
+         run scripts/test.sh"
+    );
+}
+
+/// A name unique to this test process and call, for rooms and LAN prefixes.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mcchat")
+}
+
+/// Lines a child wrote, shared with the thread reading them.
+#[derive(Default)]
+struct Lines {
+    /// The lines so far, and whether the stream has ended.
+    state: Mutex<(Vec<String>, bool)>,
+    changed: Condvar,
+}
+
+fn collect(stream: impl Read + Send + 'static) -> Arc<Lines> {
+    let lines = Arc::new(Lines::default());
+    let sink = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            sink.state.lock().unwrap().0.push(line);
+            sink.changed.notify_all();
+        }
+        sink.state.lock().unwrap().1 = true;
+        sink.changed.notify_all();
+    });
+    lines
+}
+
+impl Lines {
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + WAIT;
+        let mut state = self.state.lock().unwrap();
+        loop {
+            if let Some(l) = state.0.iter().find(|l| pred(l)) {
+                return Ok(l.clone());
+            }
+            if state.1 {
+                return Err(state.0.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                eprintln!("timed out waiting for {what}");
+                return Err(state.0.clone());
+            }
+            state = self.changed.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits (capped) until the stream ends; false if it did not.
+    fn wait_closed(&self) -> bool {
+        self.wait_for("end of stream", |_| false).is_err() && self.state.lock().unwrap().1
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.state.lock().unwrap().0.clone()
+    }
+}
+
+/// A running `mcchat` (or any command), killed on drop, with its output dumped if the test
+/// failed.
+pub struct Proc {
+    pub label: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Lines>,
+    stderr: Arc<Lines>,
+}
+
+impl Proc {
+    /// Runs `mcchat ARGS` (optionally inside network namespace `ns`) with piped stdio.
+    pub fn mcchat(label: &str, ns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
+        cmd.args(args)
+            .env_remove("MCCHAT_NAME")
+            .env_remove("MCCHAT_ROOMS")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(label, cmd)
+    }
+
+    pub fn spawn(label: &str, mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {label}: {e}"));
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Self {
+            label: label.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn fail(&self, what: &str, stream: &str, lines: &[String]) -> ! {
+        panic!(
+            "{}: no {stream} line matching {what}\n--- {stream} ---\n{}\n--- stderr ---\n{}",
+            self.label,
+            lines.join("\n"),
+            self.stderr.snapshot().join("\n")
+        )
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    pub fn expect_out(&self, needle: &str) -> String {
+        self.stdout
+            .wait_for(needle, |l| l.contains(needle))
+            .unwrap_or_else(|lines| self.fail(needle, "stdout", &lines))
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub fn expect_err(&self, needle: &str) -> String {
+        self.stderr
+            .wait_for(needle, |l| l.contains(needle))
+            .unwrap_or_else(|lines| self.fail(needle, "stderr", &lines))
+    }
+
+    /// Waits until the peer has joined (its readiness line).
+    pub fn ready(self) -> Self {
+        self.expect_err("mcchat: joined");
+        self
+    }
+
+    /// Waits until a listener is listening.
+    pub fn listening(self) -> Self {
+        self.expect_err("mcchat: listening to");
+        self
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.snapshot()
+    }
+
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
+    /// Waits for exit (capped: the child closing its stdout and stderr is the signal) and
+    /// returns the status.
+    pub fn wait(&mut self) -> ExitStatus {
+        let closed = self.stdout.wait_closed() && self.stderr.wait_closed();
+        assert!(closed, "{} did not exit", self.label);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
+                self.label,
+                self.stdout.snapshot().join("\n"),
+                self.label,
+                self.stderr.snapshot().join("\n")
+            );
+        }
+    }
+}
+
+/// Runs `mcchat ARGS` to completion; returns (status, stdout, stderr).
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env_remove("MCCHAT_NAME")
+        .env_remove("MCCHAT_ROOMS")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A plain UDP socket that sends raw datagrams to a group over `lo`, as `socat` would.
+pub fn raw_sender() -> UdpSocket {
+    let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    s.set_multicast_ttl_v4(1).unwrap();
+    s
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let p = std::env::temp_dir().join(unique("mcchat-test-"));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The group of a derived room, as `mcchat` computes it (checked against the output).
+pub fn group_of(stderr_line: &str) -> SocketAddr {
+    stderr_line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no group in {stderr_line:?}"))
+}
+
+/// A LAN of network namespaces from scripts/lan.sh, torn down on drop.
+pub struct Lan {
+    pub prefix: String,
+}
+
+impl Lan {
+    pub fn up() -> Self {
+        let prefix = unique("l");
+        let prefix: String = prefix.chars().filter(char::is_ascii_alphanumeric).collect();
+        let script = lan_script();
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["up", &prefix])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lan.sh up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { prefix }
+    }
+
+    /// The namespace of host `h1`..`h4` or router `r`.
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+}
+
+fn lan_script() -> PathBuf {
+    std::env::var_os("MCCHAT_LAN_SCRIPT").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lan.sh"),
+        PathBuf::from,
+    )
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(lan_script())
+            .args(["down", &self.prefix])
+            .output();
+    }
+}

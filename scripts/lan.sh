@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# lan.sh — a small LAN of network namespaces for mcchat's integration tests.
+#
+# Usage: scripts/lan.sh up PREFIX | down PREFIX | status PREFIX | down-all
+#
+# PREFIX is 1-16 letters/digits and names every namespace of one LAN, so several LANs can
+# coexist. (Interface names are fixed per namespace — eth0, eth1, br0, h1.. — so the prefix
+# never counts against the 15-character interface-name limit.) Needs root (real, or mapped
+# root inside `unshare --user --map-root-user`), iproute2 and smcroute. scripts/test.sh runs
+# this inside its own network + mount namespace with a private tmpfs on /run/netns, so the
+# LANs it builds are invisible outside that run.
+#
+# Topology (all links are veth pairs between namespaces created here; nothing touches the
+# namespace this script is started in):
+#
+#            segment A: 198.51.100.0/24, 2001:db8:a::/64          segment B: 203.0.113.0/24,
+#                                                                            2001:db8:b::/64
+#   PREFIX-h1 eth0 198.51.100.1   2001:db8:a::1 --+
+#   PREFIX-h2 eth0 198.51.100.2   2001:db8:a::2 --+-- PREFIX-sw  --+
+#   PREFIX-h3 eth0 198.51.100.3   2001:db8:a::3 --+   bridge br0   |
+#                                                   (ports h1 h2   |
+#                                                    h3 r)         |
+#                           PREFIX-r eth0 198.51.100.254 ----------+
+#                                         2001:db8:a::254
+#                           PREFIX-r eth1 203.0.113.254  ---------- PREFIX-h4 eth0 203.0.113.4
+#                                         2001:db8:b::254                         2001:db8:b::4
+#
+# - Segment B is a direct veth link router <-> h4 (no switch).
+# - Hosts (h1..h4): lo up, eth0 up with MULTICAST, DAD off (addresses usable at once), a
+#   default route (v4 and v6) via their segment's router address and no multicast route of
+#   their own, so multicast leaves on eth0 by way of the default route.
+# - PREFIX-sw: br0 with mcast_snooping 0 (floods multicast; no IGMP/MLD querier needed) and
+#   STP off (ports forward at once). No IPv6 on the switch.
+# - PREFIX-r: ip_forward=1, IPv6 forwarding=1, and an smcrouted (state, socket, pid file and
+#   log in ${LAN_STATE_DIR:-/run/mcchat-lan}/PREFIX/) with (*,G) routes eth0 -> eth1 and
+#   eth1 -> eth0 for 239.255.0.0/16, ff15::/16, ff05::/16 and every group[/len] in $LAN_GROUPS
+#   (space-separated, e.g. LAN_GROUPS="239.1.2.3 ff15::1:2/128"). Every VIF has the default
+#   TTL threshold 1: only datagrams sent with TTL (hop limit) >= 2 cross the router, so a
+#   TTL-1 datagram from segment A reaches h1..h3 but never h4.
+#
+# `up` prints nothing on success and returns only once everything is ready (smcrouted has
+# installed its routes). `down` is idempotent. `down-all` tears down every LAN whose state is
+# in $LAN_STATE_DIR (scripts/test.sh calls it on exit). `status` prints the namespaces,
+# addresses and multicast routes of one LAN.
+set -euo pipefail
+
+STATE_ROOT=${LAN_STATE_DIR:-/run/mcchat-lan}
+# Ranges smcroute forwards in both directions, plus the caller's extra groups.
+DEFAULT_GROUPS="239.255.0.0/16 ff15::/16 ff05::/16"
+
+die() {
+    echo "lan.sh: $*" >&2
+    exit 1
+}
+
+usage() {
+    echo "usage: $0 up PREFIX | down PREFIX | status PREFIX | down-all" >&2
+    exit 2
+}
+
+check_prefix() {
+    [[ $1 =~ ^[A-Za-z0-9]{1,16}$ ]] || die "PREFIX must be 1-16 letters or digits, got '$1'"
+}
+
+need() {
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || die "$c not found (apt-get install iproute2 smcroute)"
+    done
+}
+
+# Runs sysctl -w quietly inside namespace $1.
+nsysctl() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" sysctl -qw "$@" >/dev/null
+}
+
+ns_exists() {
+    [[ -e /run/netns/$1 ]]
+}
+
+add_ns() {
+    local ns=$1
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+}
+
+# Host namespace $1 whose eth0 already exists: addresses $2 (v4/len) $3 (v6/len), gateways
+# $4 (v4) $5 (v6).
+setup_host() {
+    local ns=$1 a4=$2 a6=$3 gw4=$4 gw6=$5
+    ip -n "$ns" link set eth0 multicast on up
+    ip -n "$ns" addr add "$a4" dev eth0
+    ip -n "$ns" -6 addr add "$a6" dev eth0 nodad
+    ip -n "$ns" route add default via "$gw4" dev eth0
+    ip -n "$ns" -6 route add default via "$gw6" dev eth0
+}
+
+# IPv6 defaults for a fresh namespace: no DAD (addresses and link-local usable at once), no
+# router solicitations or autoconfiguration.
+v6_defaults() {
+    local ns=$1 k
+    for k in all default; do
+        nsysctl "$ns" "net.ipv6.conf.$k.accept_dad=0" "net.ipv6.conf.$k.dad_transmits=0" \
+            "net.ipv6.conf.$k.accept_ra=0" "net.ipv6.conf.$k.router_solicitations=0" \
+            "net.ipv6.conf.$k.autoconf=0"
+    done
+}
+
+# Whether $1 is a live (not zombie) smcrouted.
+is_smcrouted() {
+    local stat comm
+    [[ $1 =~ ^[0-9]+$ ]] || return 1
+    comm=$(cat "/proc/$1/comm" 2>/dev/null) || return 1
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ $comm == smcrouted && ${stat:0:1} != Z ]]
+}
+
+smcrouted_pid() {
+    local pidfile=$STATE_ROOT/$1/smcrouted.pid pid
+    [[ -s $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    is_smcrouted "$pid" && echo "$pid"
+}
+
+lan_down() {
+    local p=$1 pid i n
+    if pid=$(smcrouted_pid "$p"); then
+        # SIGKILL: smcrouted takes ~2 s to exit on SIGTERM, and there is nothing to tidy up
+        # (closing its mroute socket drops the kernel's VIFs and routes, and the namespace
+        # goes next anyway).
+        kill -KILL "$pid" 2>/dev/null || true
+        for ((i = 0; i < 200; i++)); do
+            is_smcrouted "$pid" || break
+            sleep 0.01
+        done
+    fi
+    # Deleting a namespace removes its veths, and with them their peers.
+    for n in h1 h2 h3 h4 r sw; do
+        if ns_exists "$p-$n"; then
+            ip netns del "$p-$n" 2>/dev/null || true
+        fi
+    done
+    rm -rf "${STATE_ROOT:?}/$p"
+}
+
+lan_up() {
+    local p=$1
+    need ip smcrouted smcroutectl
+    [[ -d /run/netns || ! -e /run/netns ]] || die "/run/netns is not a directory"
+    local n
+    for n in sw h1 h2 h3 h4 r; do
+        ns_exists "$p-$n" && die "namespace $p-$n already exists (run: $0 down $p)"
+    done
+    local state=$STATE_ROOT/$p
+    mkdir -p "$state"
+    # From here on, a failure tears down whatever was built.
+    trap 'rc=$?; if ((rc != 0)); then lan_down "$p"; fi' EXIT
+
+    local sw=$p-sw r=$p-r
+    for n in sw h1 h2 h3 h4 r; do
+        add_ns "$p-$n"
+        v6_defaults "$p-$n"
+    done
+    nsysctl "$sw" net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+
+    # Segment A: the switch.
+    ip -n "$sw" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+    ip -n "$sw" link set br0 up
+    local i
+    for i in 1 2 3; do
+        ip -n "$p-h$i" link add eth0 type veth peer name "h$i" netns "$sw"
+    done
+    ip -n "$r" link add eth0 type veth peer name r netns "$sw"
+    for n in h1 h2 h3 r; do
+        ip -n "$sw" link set "$n" master br0
+        ip -n "$sw" link set "$n" up
+    done
+    # Segment B: a direct link router <-> h4.
+    ip -n "$r" link add eth1 type veth peer name eth0 netns "$p-h4"
+
+    for i in 1 2 3; do
+        setup_host "$p-h$i" "198.51.100.$i/24" "2001:db8:a::$i/64" 198.51.100.254 2001:db8:a::254
+    done
+    setup_host "$p-h4" 203.0.113.4/24 2001:db8:b::4/64 203.0.113.254 2001:db8:b::254
+
+    # The router.
+    nsysctl "$r" net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+    ip -n "$r" link set eth0 multicast on up
+    ip -n "$r" link set eth1 multicast on up
+    ip -n "$r" addr add 198.51.100.254/24 dev eth0
+    ip -n "$r" addr add 203.0.113.254/24 dev eth1
+    ip -n "$r" -6 addr add 2001:db8:a::254/64 dev eth0 nodad
+    ip -n "$r" -6 addr add 2001:db8:b::254/64 dev eth1 nodad
+
+    local conf=$state/smcroute.conf g
+    {
+        echo "# generated by lan.sh for $p"
+        echo "phyint eth0 enable"
+        echo "phyint eth1 enable"
+        for g in $DEFAULT_GROUPS ${LAN_GROUPS:-}; do
+            echo "mroute from eth0 group $g to eth1"
+            echo "mroute from eth1 group $g to eth0"
+        done
+    } >"$conf"
+    # setsid + redirections: the daemon must not hold the caller's stdout/stderr pipes open.
+    setsid ip netns exec "$r" smcrouted -n -N -i "mcchat-$p" -f "$conf" \
+        -P "$state/smcrouted.pid" -u "$state/smcroute.sock" -l notice \
+        </dev/null >"$state/smcrouted.log" 2>&1 &
+    # Ready once smcrouted answers on its socket with every (*,G) rule of the config and the
+    # kernel has both VIFs (IPv4 and IPv6): a bounded poll, not a fixed sleep.
+    local want_routes got vifs vifs6
+    want_routes=$(($(wc -w <<<"$DEFAULT_GROUPS ${LAN_GROUPS:-}") * 2))
+    for ((i = 0; i < 500; i++)); do
+        got=$(ip netns exec "$r" smcroutectl -u "$state/smcroute.sock" -p -t show routes \
+            2>/dev/null | grep -c '^(' || true)
+        vifs=$(ip netns exec "$r" awk 'NR > 1 && ($2 == "eth0" || $2 == "eth1")' \
+            /proc/net/ip_mr_vif | wc -l)
+        vifs6=$(ip netns exec "$r" awk 'NR > 1 && ($2 == "eth0" || $2 == "eth1")' \
+            /proc/net/ip6_mr_vif | wc -l)
+        ((got >= want_routes && vifs == 2 && vifs6 == 2)) && [[ -s $state/smcrouted.pid ]] && break
+        sleep 0.01
+    done
+    if ((i == 500)); then
+        echo "lan.sh: smcrouted in $r did not become ready ($got/$want_routes routes," \
+            "$vifs/2 IPv4 and $vifs6/2 IPv6 VIFs); its log:" >&2
+        sed 's/^/  /' "$state/smcrouted.log" >&2 || true
+        exit 1
+    fi
+    trap - EXIT
+}
+
+lan_status() {
+    local p=$1 n
+    for n in sw h1 h2 h3 h4 r; do
+        if ns_exists "$p-$n"; then
+            echo "== $p-$n"
+            ip -n "$p-$n" -br addr
+        else
+            echo "== $p-$n (missing)"
+        fi
+    done
+    if smcrouted_pid "$p" >/dev/null; then
+        echo "== smcrouted in $p-r (pid $(smcrouted_pid "$p"))"
+        ip netns exec "$p-r" smcroutectl -u "$STATE_ROOT/$p/smcroute.sock" -p show routes || true
+        echo "-- /proc/net/ip_mr_vif"
+        ip netns exec "$p-r" cat /proc/net/ip_mr_vif
+        echo "-- /proc/net/ip_mr_cache"
+        ip netns exec "$p-r" cat /proc/net/ip_mr_cache
+    else
+        echo "== smcrouted in $p-r: not running"
+    fi
+}
+
+(($# >= 1)) || usage
+cmd=$1
+case $cmd in
+up | down | status)
+    (($# == 2)) || usage
+    check_prefix "$2"
+    "lan_$cmd" "$2"
+    ;;
+down-all)
+    (($# == 1)) || usage
+    if [[ -d $STATE_ROOT ]]; then
+        for d in "$STATE_ROOT"/*/; do
+            [[ -d $d ]] || continue
+            p=$(basename "$d")
+            [[ $p =~ ^[A-Za-z0-9]{1,16}$ ]] && lan_down "$p"
+        done
+    fi
+    ;;
+*) usage ;;
+esac
