@@ -1,6 +1,7 @@
 //! Peers chatting in one namespace over `lo`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -290,4 +291,82 @@ fn membership_is_dropped_on_exit() {
     p.close_stdin();
     assert!(p.wait().success());
     assert!(!igmp().contains(&hex), "{hex} still joined:\n{}", igmp());
+}
+
+#[test]
+fn ipv6_rooms_work_and_are_isolated() {
+    require_netns();
+    let dir = TempDir::new();
+    let port = 30000 + std::process::id() % 20000;
+    let rooms = dir.write(
+        "rooms.toml",
+        &format!(
+            "[rooms.six]\ngroup = \"ff15::6d63:61\"\nport = {port}\n\
+             [rooms.sixb]\ngroup = \"ff15::6d63:62\"\nport = {port}\n"
+        ),
+    );
+    let l = listen("six", &["--rooms", &rooms]);
+    assert!(derived_group(&l).is_ipv6());
+    let mut a = join("a6", "six", "ann", &["--rooms", &rooms]);
+    let b = join("b6", "six", "bea", &["--rooms", &rooms]);
+    a.expect_out("-- bea joined");
+    let (st, _, err) = run(
+        &[
+            "--rooms",
+            &rooms,
+            "send",
+            "sixb",
+            "--name",
+            "x",
+            "other room",
+        ],
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    a.say("over ipv6");
+    b.expect_out("ann: over ipv6");
+    let line = l.expect_out("ann: over ipv6");
+    assert!(!line.contains("other room"));
+    assert!(
+        !l.stdout().iter().any(|l| l.contains("other room")),
+        "{:?}",
+        l.stdout()
+    );
+}
+
+/// `mcchat listen ROOM | head -n 1`: a closed stdout ends the listener cleanly, exit 0.
+#[test]
+fn closed_stdout_is_a_clean_exit() {
+    require_netns();
+    let room = unique("pipe");
+    let script = format!(
+        "'{}' listen {room} | head -n 1; echo \"status=${{PIPESTATUS[0]}}\"",
+        crate::util::bin()
+    );
+    let mut cmd = std::process::Command::new("bash");
+    cmd.args(["-c", &script]);
+    let mut sh = Proc::spawn("listen|head", cmd);
+    sh.expect_err("mcchat: listening to");
+    let group = group_of(&sh.expect_err("mcchat: listening to"));
+    let tx = raw_sender();
+    tx.send_to(format!("{room}|a|first").as_bytes(), group)
+        .unwrap();
+    sh.expect_out("a: first");
+    // A later write meets the closed pipe. `head` may not have exited yet when the first
+    // follow-up arrives, so keep saying something (a bounded number of times) until it has.
+    let mut ended = false;
+    for i in 0..100 {
+        tx.send_to(format!("{room}|a|more {i}").as_bytes(), group)
+            .unwrap();
+        if sh
+            .out_within("status=", Duration::from_millis(100))
+            .is_some()
+        {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended, "listener did not stop on a closed stdout");
+    sh.expect_out("status=0");
+    assert!(sh.wait().success());
 }

@@ -118,3 +118,34 @@ fn ttl_1_never_crosses_the_router() {
         h4.stdout()
     );
 }
+
+/// The shipped IPv6 room works between hosts, and its hop limit keeps it on the segment
+/// unless raised.
+#[test]
+fn ipv6_room_across_hosts_and_hop_limit() {
+    require_netns();
+    let lan = Lan::up();
+    let room = "room6";
+    let h2 = listener(&lan, "h2", room);
+    let h4 = listener(&lan, "h4", room);
+    for (hops, text) in [("1", "hop one"), ("2", "hop two")] {
+        let st = Proc::mcchat(
+            "h1",
+            Some(&lan.ns("h1")),
+            &[
+                "send", room, "--name", "h1", "--ttl", hops, "--iface", "eth0", text,
+            ],
+            &[],
+        )
+        .wait();
+        assert!(st.success());
+    }
+    h2.expect_out("h1: hop one");
+    h2.expect_out("h1: hop two");
+    h4.expect_out("h1: hop two");
+    assert!(
+        !h4.stdout().iter().any(|l| l.contains("hop one")),
+        "{:?}",
+        h4.stdout()
+    );
+}

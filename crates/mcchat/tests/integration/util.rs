@@ -71,7 +71,16 @@ fn collect(stream: impl Read + Send + 'static) -> Arc<Lines> {
 
 impl Lines {
     fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String, Vec<String>> {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_within(what, WAIT, pred)
+    }
+
+    fn wait_for_within(
+        &self,
+        what: &str,
+        cap: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + cap;
         let mut state = self.state.lock().unwrap();
         loop {
             if let Some(l) = state.0.iter().find(|l| pred(l)) {
@@ -82,7 +91,9 @@ impl Lines {
             }
             let now = Instant::now();
             if now >= deadline {
-                eprintln!("timed out waiting for {what}");
+                if cap == WAIT {
+                    eprintln!("timed out waiting for {what}");
+                }
                 return Err(state.0.clone());
             }
             state = self.changed.wait_timeout(state, deadline - now).unwrap().0;
@@ -161,6 +172,13 @@ impl Proc {
         self.stdout
             .wait_for(needle, |l| l.contains(needle))
             .unwrap_or_else(|lines| self.fail(needle, "stdout", &lines))
+    }
+
+    /// Like [`Proc::expect_out`], but gives up quietly after `cap`.
+    pub fn out_within(&self, needle: &str, cap: Duration) -> Option<String> {
+        self.stdout
+            .wait_for_within(needle, cap, |l| l.contains(needle))
+            .ok()
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
