@@ -3,6 +3,7 @@
 //! - [`wire`]: the datagram format, `[@tags ]room|sender|text` (pure).
 //! - [`room`]: room names, derived groups and the validated [`room::Registry`] (pure).
 //! - [`config`]: where `rooms.toml` is looked for, and reading it.
+//! - [`daemon`]: the `[daemon]` table of `rooms.toml`, mcchatd's settings (pure).
 //! - [`presence`]: who is in a room, from join/leave/heartbeat datagrams (pure, time passed in).
 //! - [`sanitize`]: network text made safe for a terminal (pure).
 //! - [`ratelimit`]: a limiter for log lines about bad input (pure, time passed in).
@@ -12,6 +13,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod daemon;
 pub mod presence;
 pub mod ratelimit;
 pub mod room;

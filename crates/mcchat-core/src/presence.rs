@@ -4,7 +4,7 @@
 //! keyed by instance id, so a restarted peer (new id) is a new member and a renamed one is the
 //! same member. Bare datagrams have no id and never enter the roster.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::wire::{InstanceId, Kind};
@@ -47,6 +47,8 @@ pub enum Change {
 pub struct Roster {
     members: HashMap<InstanceId, Member>,
     departed: VecDeque<InstanceId>,
+    /// Members that went silent: announced again when they speak.
+    timed_out: HashSet<InstanceId>,
     timeout: Duration,
 }
 
@@ -62,6 +64,7 @@ impl Roster {
         Self {
             members: HashMap::new(),
             departed: VecDeque::new(),
+            timed_out: HashSet::new(),
             timeout,
         }
     }
@@ -76,6 +79,7 @@ impl Roster {
     ) -> Option<Change> {
         if kind == Kind::Leave {
             self.members.remove(&instance);
+            self.timed_out.remove(&instance);
             if self.departed.contains(&instance) {
                 return None;
             }
@@ -83,7 +87,7 @@ impl Roster {
             // A leave from a member we had not heard from yet is still news.
             return Some(Change::Left(name.to_owned()));
         }
-        if kind == Kind::Unknown {
+        if kind == Kind::Unknown || kind.is_relay_control() {
             return None;
         }
         if let Some(m) = self.members.get_mut(&instance) {
@@ -96,6 +100,7 @@ impl Roster {
         if self.departed.contains(&instance) || self.members.len() >= MAX_MEMBERS {
             return None;
         }
+        let returning = self.timed_out.remove(&instance);
         self.members.insert(
             instance,
             Member {
@@ -104,7 +109,7 @@ impl Roster {
                 last_seen: now,
             },
         );
-        (kind == Kind::Join).then(|| Change::Joined(name.to_owned()))
+        (kind == Kind::Join || returning).then(|| Change::Joined(name.to_owned()))
     }
 
     /// Removes members silent for longer than the timeout; returns their departures.
@@ -118,8 +123,12 @@ impl Roster {
             .collect();
         let mut changes = Vec::with_capacity(gone.len());
         for id in gone {
+            // Not remembered as departed: a member that was only silent (a suspended laptop,
+            // lost heartbeats) is welcome back when it speaks again.
             if let Some(m) = self.members.remove(&id) {
-                self.remember_departed(id);
+                if self.timed_out.len() < MAX_MEMBERS {
+                    self.timed_out.insert(id);
+                }
                 changes.push(Change::TimedOut(m.name));
             }
         }
@@ -203,6 +212,14 @@ mod tests {
             r.expire(t0 + Duration::from_secs(81)),
             vec![Change::TimedOut("bob".into())]
         );
+        // A silent member that speaks again is back, and announced.
+        let t1 = t0 + Duration::from_secs(90);
+        assert_eq!(
+            r.observe(A, "alice", Kind::Heartbeat, t1),
+            Some(Change::Joined("alice".into()))
+        );
+        assert_eq!(r.observe(A, "alice", Kind::Heartbeat, t1), None);
+        assert_eq!(r.members().len(), 1);
     }
 
     #[test]

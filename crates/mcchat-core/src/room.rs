@@ -11,6 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::Deserialize;
 
+use crate::daemon::{DaemonSettings, RawDaemon};
+
 /// Longest room name, in bytes (room names are ASCII).
 pub const MAX_ROOM_NAME: usize = 64;
 
@@ -86,6 +88,8 @@ pub struct Room {
     pub ttl: Option<u32>,
     /// Free text for `mcchat rooms`.
     pub description: Option<String>,
+    /// mcchatd stays joined to this room's group even with no subscribers.
+    pub keep: bool,
     /// Configured or derived.
     pub source: RoomSource,
 }
@@ -127,8 +131,8 @@ pub enum ConfigError {
         /// What the TOML parser said.
         message: String,
     },
-    /// A top-level key that is not `rooms`.
-    #[error("{origin}: unknown key {key:?} at the top level (expected `rooms`)")]
+    /// A top-level key that is not `rooms` or `daemon`.
+    #[error("{origin}: unknown key {key:?} at the top level (expected `rooms` or `daemon`)")]
     UnknownTopLevel {
         /// The file.
         origin: String,
@@ -140,6 +144,14 @@ pub enum ConfigError {
     RoomsNotTable {
         /// The file.
         origin: String,
+    },
+    /// The `[daemon]` table broke a rule.
+    #[error("{origin}: [daemon]: {problem}")]
+    Daemon {
+        /// The file.
+        origin: String,
+        /// What is wrong, naming the key.
+        problem: String,
     },
     /// A room table broke a rule.
     #[error("{origin}: room {room:?}: {problem}")]
@@ -177,12 +189,15 @@ struct RawRoom {
     ttl: Option<i64>,
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    keep: bool,
 }
 
-/// The validated set of configured rooms.
+/// The validated contents of a rooms file: the configured rooms and mcchatd's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registry {
     rooms: BTreeMap<RoomName, Room>,
+    daemon: DaemonSettings,
 }
 
 impl Registry {
@@ -198,7 +213,22 @@ impl Registry {
             }
         })?;
         let mut rooms = BTreeMap::new();
+        let mut daemon = DaemonSettings::default();
         for (key, value) in table {
+            if key == "daemon" {
+                let problem = |problem: String| ConfigError::Daemon {
+                    origin: origin.to_owned(),
+                    problem,
+                };
+                if !value.is_table() {
+                    return Err(problem("must be a table".to_owned()));
+                }
+                let raw: RawDaemon = value
+                    .try_into()
+                    .map_err(|e: toml::de::Error| problem(e.message().trim().to_owned()))?;
+                daemon = raw.validate().map_err(problem)?;
+                continue;
+            }
             if key != "rooms" {
                 return Err(ConfigError::UnknownTopLevel {
                     origin: origin.to_owned(),
@@ -219,7 +249,7 @@ impl Registry {
                 rooms.insert(room.name.clone(), room);
             }
         }
-        let registry = Self { rooms };
+        let registry = Self { rooms, daemon };
         registry.check_unique(origin)?;
         Ok(registry)
     }
@@ -251,6 +281,7 @@ impl Registry {
             group,
             ttl: None,
             description: None,
+            keep: false,
             source: RoomSource::Derived,
         })
     }
@@ -258,6 +289,16 @@ impl Registry {
     /// The configured rooms, by name.
     pub fn rooms(&self) -> impl Iterator<Item = &Room> {
         self.rooms.values()
+    }
+
+    /// The configured room called `name`, if any.
+    pub fn configured(&self, name: &str) -> Option<&Room> {
+        self.rooms.values().find(|r| r.name.as_str() == name)
+    }
+
+    /// mcchatd's settings from the `[daemon]` table (defaults where absent).
+    pub fn daemon(&self) -> &DaemonSettings {
+        &self.daemon
     }
 }
 
@@ -304,6 +345,7 @@ fn room_from_value(name: &str, value: toml::Value) -> Result<Room, String> {
         group: SocketAddr::new(ip, port),
         ttl,
         description: raw.description,
+        keep: raw.keep,
         source: RoomSource::Configured,
     })
 }
@@ -359,7 +401,7 @@ mod tests {
         let e = err(&format!("bogus = 1\n{SHIPPED}"));
         assert_eq!(
             e,
-            "rooms.toml: unknown key \"bogus\" at the top level (expected `rooms`)"
+            "rooms.toml: unknown key \"bogus\" at the top level (expected `rooms` or `daemon`)"
         );
     }
 
@@ -414,6 +456,53 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(err(text), want, "for {text:?}");
+        }
+    }
+
+    #[test]
+    fn daemon_table_is_validated() {
+        let reg = Registry::from_toml(
+            "[daemon]\nlisten = [\"127.0.0.1:6000\"]\nallow = [\"loopback\", \"192.0.2.0/24\"]\n\
+             lease_secs = 30\nadhoc_rooms = false\nstatus_socket = \"\"\n\
+             [rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nkeep = true",
+            "x",
+        )
+        .unwrap();
+        let d = reg.daemon();
+        assert_eq!(d.listen, vec!["127.0.0.1:6000".parse().unwrap()]);
+        assert_eq!(d.lease_secs, 30);
+        assert!(!d.adhoc_rooms);
+        assert_eq!(d.status_socket, None);
+        assert_eq!(d.allow.len(), 2);
+        assert!(reg.resolve("a").unwrap().keep);
+        assert_eq!(
+            Registry::from_toml("", "x").unwrap().daemon(),
+            &DaemonSettings::default()
+        );
+        let cases = [
+            (
+                "[daemon]\nbogus = 1",
+                "rooms.toml: [daemon]: unknown field `bogus`",
+            ),
+            (
+                "[daemon]\nlease_secs = 1",
+                "rooms.toml: [daemon]: key `lease_secs`: 1 is out of range; use 5-3600",
+            ),
+            (
+                "[daemon]\nallow = [\"everyone\"]",
+                "rooms.toml: [daemon]: key `allow`: \"everyone\" is not `loopback`, `connected` \
+                 or a network such as 192.0.2.0/24",
+            ),
+            (
+                "[daemon]\nlisten = [\"5554\"]",
+                "rooms.toml: [daemon]: key `listen`: \"5554\" is not an address:port such as \
+                 \"0.0.0.0:5554\" or \"[::]:5554\"",
+            ),
+            ("daemon = 1", "rooms.toml: [daemon]: must be a table"),
+        ];
+        for (text, want) in cases {
+            let e = err(text);
+            assert!(e.starts_with(want), "for {text:?}: {e}");
         }
     }
 

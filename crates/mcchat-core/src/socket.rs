@@ -325,6 +325,101 @@ where
     Ok(cleared)
 }
 
+/// Opens a unicast UDP socket bound to `addr` that can also send to multicast groups with
+/// `config`'s TTL, loopback and interface: mcchatd's relay socket. IPv6 sockets are IPv6-only,
+/// so an IPv4 and an IPv6 socket can share a port.
+pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocket, SocketError> {
+    let group = addr;
+    let fail = |action: &'static str| {
+        let iface = config.iface.label.clone();
+        move |cause: io::Error| {
+            let hint = hint_for(&cause);
+            SocketError::Setup {
+                action,
+                group,
+                iface,
+                cause,
+                hint,
+            }
+        }
+    };
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(fail("create a UDP socket"))?;
+    // Best effort: a larger buffer rides out bursts.
+    let _ = socket.set_recv_buffer_size(4 * RECV_BUFFER);
+    let _ = socket.set_send_buffer_size(4 * RECV_BUFFER);
+    if addr.is_ipv4() {
+        socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
+        socket
+            .set_multicast_ttl_v4(config.ttl)
+            .map_err(fail("set the TTL"))?;
+        socket
+            .set_multicast_loop_v4(config.loopback)
+            .map_err(fail("set multicast loopback"))?;
+        if let Some(ip) = config.iface.ipv4 {
+            socket
+                .set_multicast_if_v4(&ip)
+                .map_err(fail("set the outgoing interface"))?;
+        }
+    } else {
+        socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
+        socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
+        socket
+            .set_multicast_hops_v6(config.ttl)
+            .map_err(fail("set the hop limit"))?;
+        socket
+            .set_multicast_loop_v6(config.loopback)
+            .map_err(fail("set multicast loopback"))?;
+        if config.iface.index != 0 {
+            socket
+                .set_multicast_if_v6(config.iface.index)
+                .map_err(fail("set the outgoing interface"))?;
+        }
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(fail("set non-blocking mode"))?;
+    Ok(socket.into())
+}
+
+/// This host's addresses and the subnets they are on, from `getifaddrs(3)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalNetworks {
+    /// Every address of every interface.
+    pub addresses: Vec<IpAddr>,
+    /// The subnets of those addresses (address and netmask), host bits cleared.
+    pub subnets: Vec<ipnet::IpNet>,
+}
+
+/// Reads this host's addresses and subnets.
+pub fn local_networks() -> io::Result<LocalNetworks> {
+    let mut out = LocalNetworks::default();
+    for a in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
+        let (ip, prefix) =
+            if let (Some(ip), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+                (IpAddr::V4(ip.ip()), u32::from(m.ip()).count_ones())
+            } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+                (IpAddr::V6(ip.ip()), u128::from(m.ip()).count_ones())
+            } else {
+                continue;
+            };
+        out.addresses.push(ip);
+        // The prefix is at most 32 or 128 by construction, so this cannot fail.
+        if let Ok(net) = ipnet::IpNet::new(ip, prefix as u8) {
+            out.subnets.push(net.trunc());
+        }
+    }
+    Ok(out)
+}
+
 /// Remedies for the errors people meet in practice.
 fn hint_for(e: &io::Error) -> &'static str {
     match e.raw_os_error() {

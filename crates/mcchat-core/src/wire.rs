@@ -34,6 +34,19 @@ pub enum Kind {
     Leave,
     /// The sender is still in the room (`kind=hb`).
     Heartbeat,
+    /// Relay control, client to daemon: subscribe to the room, or renew (`kind=sub`).
+    Subscribe,
+    /// Relay control, client to daemon: end the subscription (`kind=unsub`).
+    Unsubscribe,
+    /// Relay control, daemon to client: prove you can receive at your address by sending
+    /// this `cookie` back (`kind=cookie`).
+    Challenge,
+    /// Relay control, daemon to client: the subscription is active for `lease` seconds
+    /// (`kind=subok`).
+    Subscribed,
+    /// Relay control, daemon to client: the subscription ended (room removed, daemon
+    /// stopping); the text says why (`kind=closed`).
+    Closed,
     /// A kind this version does not know: kept out of the chat, never an error.
     Unknown,
 }
@@ -47,8 +60,22 @@ impl Kind {
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Heartbeat => "hb",
+            Self::Subscribe => "sub",
+            Self::Unsubscribe => "unsub",
+            Self::Challenge => "cookie",
+            Self::Subscribed => "subok",
+            Self::Closed => "closed",
             Self::Unknown => return None,
         })
+    }
+
+    /// Whether this is relay control between a client and mcchatd, which never goes to a
+    /// multicast group.
+    pub fn is_relay_control(self) -> bool {
+        matches!(
+            self,
+            Self::Subscribe | Self::Unsubscribe | Self::Challenge | Self::Subscribed | Self::Closed
+        )
     }
 
     fn from_tag_value(value: &str) -> Self {
@@ -58,6 +85,11 @@ impl Kind {
             "join" => Self::Join,
             "leave" => Self::Leave,
             "hb" => Self::Heartbeat,
+            "sub" => Self::Subscribe,
+            "unsub" => Self::Unsubscribe,
+            "cookie" => Self::Challenge,
+            "subok" => Self::Subscribed,
+            "closed" => Self::Closed,
             _ => Self::Unknown,
         }
     }
@@ -75,6 +107,11 @@ impl Kind {
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Heartbeat => "heartbeat",
+            Self::Subscribe => "subscribe",
+            Self::Unsubscribe => "unsubscribe",
+            Self::Challenge => "challenge",
+            Self::Subscribed => "subscribed",
+            Self::Closed => "closed",
             Self::Unknown => "unknown",
         }
     }
@@ -738,6 +775,8 @@ mod tests {
             Just(Kind::Join),
             Just(Kind::Leave),
             Just(Kind::Heartbeat),
+            Just(Kind::Subscribe),
+            Just(Kind::Closed),
         ]
     }
 

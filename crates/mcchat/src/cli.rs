@@ -14,6 +14,7 @@ Examples:
   mcchat send room1 --name ci build ok  send one message and exit
   mcchat listen room1 --json            print the room as JSON lines
   mcchat rooms                          list the configured rooms
+  mcchat join room1 --via relay.lan     chat through mcchatd where multicast does not work
   tail -f build.log | mcchat join ci --name bot
 
 Exit status: 0 on success, 1 on an error (one line on stderr), 2 on a usage error.";
@@ -80,6 +81,14 @@ Examples:
   mcchat --rooms ./my-rooms.toml rooms")]
     Rooms,
 
+    /// Show what an mcchatd relays: rooms, subscribers, joined groups and counters
+    #[command(after_help = "\
+Examples:
+  mcchat status                      ask the local daemon (/run/mcchat/mcchatd.sock)
+  mcchat status --via relay.lan      ask a daemon over TCP (port 5554)
+  mcchat status --json | jq .counters")]
+    Status(StatusArgs),
+
     /// Print a shell completion script
     #[command(after_help = "\
 Examples:
@@ -101,12 +110,17 @@ Examples:
 #[derive(Debug, Clone, Args)]
 pub struct NetArgs {
     /// Interface (name or address) to join and send on [default: the system's choice]
-    #[arg(long, value_name = "NAME|ADDR")]
+    #[arg(long, value_name = "NAME|ADDR", conflicts_with = "via")]
     pub iface: Option<String>,
+
+    /// Reach the room through mcchatd at HOST[:PORT] (port 5554 by default) instead of
+    /// joining its multicast group: for networks that drop multicast
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub via: Option<String>,
 
     /// Multicast TTL / hop limit; 1 keeps messages on the local network
     /// [default: the room's `ttl`, else 1]
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255), conflicts_with = "via")]
     pub ttl: Option<u32>,
 }
 
@@ -157,6 +171,22 @@ pub struct ListenArgs {
 
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// `mcchat status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Ask the daemon at HOST[:PORT] over TCP
+    #[arg(long, value_name = "HOST[:PORT]", conflicts_with = "socket")]
+    pub via: Option<String>,
+
+    /// Ask the daemon on this Unix socket
+    #[arg(long, value_name = "PATH", default_value = mcchat_core::daemon::DEFAULT_STATUS_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Print the daemon's JSON document as is
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_room(s: &str) -> Result<RoomName, String> {

@@ -69,7 +69,8 @@ fn name(sender: &str, color: bool) -> String {
 pub(crate) fn message_line(m: &Received, color: bool) -> String {
     let text = sanitize::for_terminal(&m.text);
     let who = name(&m.sender, color);
-    let time = clock(m.ts_ms);
+    // Arrival time: a sender's clock may be wrong, or lie.
+    let time = clock(m.recv_ms);
     match m.kind {
         Kind::Action => format!("{time} * {who} {text}"),
         _ => format!("{time} {who}: {text}"),
@@ -139,7 +140,25 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
         }
     };
     // Serialising a struct of strings and integers cannot fail.
-    serde_json::to_string(&line).unwrap_or_default()
+    let json = serde_json::to_string(&line).unwrap_or_default();
+    escape_for_terminal(&json)
+}
+
+/// JSON escapes only characters below U+0020; DEL, the C1 controls (CSI is U+009B) and the
+/// bidirectional controls would still reach a terminal raw. Written as `\uXXXX` they are the
+/// same JSON string, and harmless.
+fn escape_for_terminal(json: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if sanitize::for_terminal(c.encode_utf8(&mut [0; 4])).len() != c.len_utf8() {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -153,6 +172,7 @@ mod tests {
             sender: sender.into(),
             text: text.into(),
             ts_ms: 1_763_900_000_123,
+            recv_ms: 1_763_900_000_123,
             from: Some("192.0.2.1:5555".parse().unwrap()),
             instance: None,
             seq: None,
@@ -190,5 +210,13 @@ mod tests {
         assert_eq!(v["from"], "192.0.2.1:5555");
         assert_eq!(v["kind"], "message");
         assert!(v["seq"].is_null());
+        let line = json_line(
+            &Event::Message(msg(Kind::Message, "b", "\u{9b}2J\u{202e}x\x7f")),
+            "r",
+            0,
+        );
+        assert!(line.contains(r#""text":"\u009b2J\u202ex\u007f""#), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["text"], "\u{9b}2J\u{202e}x\x7f");
     }
 }

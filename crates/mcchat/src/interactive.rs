@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use unicode_width::UnicodeWidthStr as _;
 
 use crate::display;
-use crate::session::{Event, Received, Session, now_ms};
+use crate::session::{Event, Received, Session, is_fatal, now_ms};
 use crate::shutdown_signal;
 
 const HELP: &str = "\
@@ -42,6 +42,7 @@ enum Command<'a> {
     Help,
     Quit,
     Nothing,
+    Usage(&'static str),
     Unknown(&'a str),
 }
 
@@ -59,6 +60,7 @@ fn parse_command(line: &str) -> Command<'_> {
     let (word, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
     match word {
         "me" if !arg.trim().is_empty() => Command::Me(arg),
+        "me" => Command::Usage("/me TEXT"),
         "who" | "names" => Command::Who,
         "stats" => Command::Stats,
         "help" | "?" => Command::Help,
@@ -78,7 +80,7 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
     let prompt = format!("[{}] ", session.room().name);
 
     let shutdown = shutdown_signal()?;
-    session.send(Kind::Join, "").await?;
+    session.enter().await?;
     let (tx, mut rx) = mpsc::channel(1);
     let thread = std::thread::Builder::new()
         .name("line-editor".into())
@@ -92,11 +94,18 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
             .print(line)
             .context("failed to write to the terminal")
     };
-    print(format!("{} — /help for commands", session.describe()))?;
+    // Before the loop, a failed write has nothing to clean up but the leave below.
+    let greeted = print(format!(
+        "joined {} — /help for commands",
+        session.describe()
+    ));
 
     tokio::pin!(shutdown);
     let mut editor_done = false;
     let result: Result<()> = loop {
+        if let Err(e) = &greeted {
+            break Err(anyhow::anyhow!("{e:#}"));
+        }
         let due = session.heartbeat_due();
         tokio::select! {
             r = &mut shutdown => break r,
@@ -119,21 +128,24 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
                     }
                 }
             },
-            event = session.recv() => match event {
-                Ok(ev) => print(display::event_line(&ev, now_ms(), color))?,
-                Err(e) => break Err(e),
-            },
-            () = tokio::time::sleep_until(due) => match session.tick().await {
-                Ok(events) => {
-                    for ev in events {
-                        print(display::event_line(&ev, now_ms(), color))?;
-                    }
+            event = session.recv() => {
+                if let Err(e) = event.and_then(|ev| print(display::event_line(&ev, now_ms(), color))) {
+                    break Err(e);
                 }
-                Err(e) => break Err(e),
-            },
+            }
+            () = tokio::time::sleep_until(due) => {
+                let shown = session.tick().await.and_then(|events| {
+                    events
+                        .iter()
+                        .try_for_each(|ev| print(display::event_line(ev, now_ms(), color)))
+                });
+                if let Err(e) = shown {
+                    break Err(e);
+                }
+            }
         }
     };
-    let left = session.send(Kind::Leave, "").await;
+    let left = session.leave().await;
     if editor_done {
         // The thread has returned from readline (it got its answer or ended by itself).
         let _ = thread.join();
@@ -142,7 +154,7 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
         // about to exit, which ends the thread, but the terminal must be usable again.
         let _ =
             nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t);
-        println!();
+        let _ = writeln!(std::io::stdout());
     }
     session.log_drops();
     result?;
@@ -165,11 +177,13 @@ async fn handle_line(
         Command::Nothing => {}
         Command::Say(text) => match session.send(Kind::Message, text).await {
             Ok(sent) => show_sent(sent, print)?,
-            Err(e) => print(format!("mcchat: {e:#}"))?,
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) => print(format!("mcchat: not sent: {e:#}"))?,
         },
         Command::Me(text) => match session.send(Kind::Action, text).await {
             Ok(sent) => show_sent(sent, print)?,
-            Err(e) => print(format!("mcchat: {e:#}"))?,
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) => print(format!("mcchat: not sent: {e:#}"))?,
         },
         Command::Who => {
             let names = session.members();
@@ -194,6 +208,7 @@ async fn handle_line(
             ))?;
         }
         Command::Help => print(HELP.to_owned())?,
+        Command::Usage(usage) => print(format!("usage: {usage}"))?,
         Command::Quit => return Ok(false),
         Command::Unknown(word) => print(format!(
             "unknown command /{}; /help lists them (//text sends a line starting with '/')",
@@ -255,7 +270,7 @@ mod tests {
         assert_eq!(parse_command("hello"), Command::Say("hello"));
         assert_eq!(parse_command("//etc/passwd"), Command::Say("/etc/passwd"));
         assert_eq!(parse_command("/me waves"), Command::Me("waves"));
-        assert_eq!(parse_command("/me"), Command::Unknown("me"));
+        assert_eq!(parse_command("/me"), Command::Usage("/me TEXT"));
         assert_eq!(parse_command("/who"), Command::Who);
         assert_eq!(parse_command("/quit"), Command::Quit);
         assert_eq!(parse_command("/nope x"), Command::Unknown("nope"));

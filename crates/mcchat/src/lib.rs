@@ -6,6 +6,8 @@
 //! - `interactive`: the terminal front end (rustyline with an external printer).
 //! - `pipe`: the line-oriented front end for `join` without a terminal.
 //! - `output`: stdout that treats a closed pipe as a clean exit.
+//! - `via`: the client side of mcchatd's relay protocol (`--via`).
+//! - `status`: `mcchat status`, reading a daemon's status document.
 //!
 //! `main.rs` only parses arguments, sets up logging and maps errors to exit codes.
 
@@ -17,6 +19,8 @@ mod interactive;
 mod output;
 mod pipe;
 mod session;
+mod status;
+mod via;
 
 use std::io::IsTerminal as _;
 
@@ -47,11 +51,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             Stdout::new().write_bytes(&buf)
         }
         Command::Rooms => rooms(&load_rooms(&cli)?),
+        Command::Status(ref args) => status::run(args).await,
         Command::Send(ref args) => {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
             let name = resolve_name(args.name.clone())?;
-            let mut session = Session::open(room, &args.net, Some(name))?;
+            let mut session = open(room, &args.net, Some(name), false).await?;
             let text = args.text.join(" ");
             session.send(Kind::Message, &text).await?;
             Ok(())
@@ -59,10 +64,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Listen(ref args) => {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
-            let mut session = Session::open(room, &args.net, None)?;
+            let mut session = open(room, &args.net, None, true).await?;
             let shutdown = shutdown_signal()?;
-            eprintln!("mcchat: listening to {}", describe_listen(&session));
+            note(&format!("listening to {}", session.describe()));
             let result = listen(&mut session, args.json, shutdown).await;
+            session.leave().await.ok();
             session.log_drops();
             result
         }
@@ -70,7 +76,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
             let name = resolve_name(args.name.clone())?;
-            let session = Session::open(room, &args.net, Some(name))?;
+            let session = open(room, &args.net, Some(name), true).await?;
             if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
                 interactive::run(session).await
             } else {
@@ -80,15 +86,32 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Opens the room directly, or through mcchatd with `--via` (subscribing if `subscribe`).
+async fn open(
+    room: mcchat_core::room::Room,
+    net: &cli::NetArgs,
+    name: Option<String>,
+    subscribe: bool,
+) -> Result<Session> {
+    match &net.via {
+        Some(spec) => {
+            let daemon = via::resolve(spec).await?;
+            Session::open_via(room, daemon, name, subscribe).await
+        }
+        None => Session::open(room, net, name),
+    }
+}
+
+/// A status line for the user on stderr; a closed stderr is not worth failing for.
+pub(crate) fn note(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "mcchat: {line}");
+}
+
 fn load_rooms(cli: &Cli) -> Result<Loaded> {
     let loaded = config::load(cli.rooms.as_deref())?;
     tracing::debug!(origin = %loaded.origin, "rooms loaded");
     Ok(loaded)
-}
-
-fn describe_listen(session: &Session) -> String {
-    let room = session.room();
-    format!("{} on {}", room.name, room.group)
 }
 
 /// The sender name: the flag or `$MCCHAT_NAME` (clap already read both), else the login
@@ -157,23 +180,30 @@ async fn listen(
     let mut out = Stdout::new();
     let color = !json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tokio::pin!(shutdown);
+    let room = session.room().name.to_string();
+    let show = |out: &mut Stdout, event: &session::Event| {
+        let line = if json {
+            display::json_line(event, &room, now_ms())
+        } else {
+            display::event_line(event, now_ms(), color)
+        };
+        out.line(&line)
+    };
     loop {
+        let due = session.heartbeat_due();
         tokio::select! {
             r = &mut shutdown => return r,
-            event = session.recv() => {
-                let event = event?;
-                let line = if json {
-                    display::json_line(&event, session.room().name.as_str(), now_ms())
-                } else {
-                    display::event_line(&event, now_ms(), color)
-                };
-                out.line(&line)?;
+            event = session.recv() => show(&mut out, &event?)?,
+            () = tokio::time::sleep_until(due) => {
+                for event in session.tick().await? {
+                    show(&mut out, &event)?;
+                }
             }
         }
     }
 }
 
-/// A future that resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// A future that resolves on SIGINT, SIGTERM or SIGHUP. The handlers are installed when this is
 /// called, not when the future is first polled, so call it before announcing readiness: a
 /// signal that arrives in between must not kill the process without its leave message.
 fn shutdown_signal() -> Result<impl Future<Output = Result<()>>> {
@@ -181,10 +211,13 @@ fn shutdown_signal() -> Result<impl Future<Output = Result<()>>> {
     let mut term =
         signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("failed to install a SIGINT handler")?;
+    // The terminal closing (SIGHUP) is leaving too.
+    let mut hup = signal(SignalKind::hangup()).context("failed to install a SIGHUP handler")?;
     Ok(async move {
         tokio::select! {
             _ = term.recv() => tracing::debug!("SIGTERM"),
             _ = int.recv() => tracing::debug!("SIGINT"),
+            _ = hup.recv() => tracing::debug!("SIGHUP"),
         }
         Ok(())
     })

@@ -1,6 +1,7 @@
 //! `mcchat`: parses arguments, sets up logging, runs, and maps errors to exit codes
 //! (0 success, 1 error, 2 usage error from clap).
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -30,7 +31,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("mcchat: failed to start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "mcchat: failed to start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mcchat: {e:#}");
+            let _ = writeln!(std::io::stderr(), "mcchat: {e:#}");
             ExitCode::FAILURE
         }
     }

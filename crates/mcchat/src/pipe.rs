@@ -9,8 +9,8 @@ use tokio::task::JoinHandle;
 
 use crate::display;
 use crate::output::Stdout;
-use crate::session::{Event, Session, now_ms};
-use crate::shutdown_signal;
+use crate::session::{Event, Session, is_fatal, now_ms};
+use crate::{note, shutdown_signal};
 
 /// Longest stdin line accepted; longer ones are reported and skipped, so one runaway line
 /// cannot take all memory or flood the room.
@@ -74,8 +74,8 @@ pub(crate) async fn read_lines<R: AsyncRead + Unpin>(
 pub(crate) async fn run(mut session: Session) -> Result<()> {
     let mut out = Stdout::new();
     let shutdown = shutdown_signal()?;
-    session.send(Kind::Join, "").await?;
-    eprintln!("mcchat: {}", session.describe());
+    session.enter().await?;
+    note(&format!("joined {}", session.describe()));
 
     let (tx, mut rx) = mpsc::channel(64);
     let reader: JoinHandle<std::io::Result<()>> = tokio::spawn(read_lines(tokio::io::stdin(), tx));
@@ -93,15 +93,18 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
                         continue;
                     }
                     if let Err(e) = session.send(Kind::Message, &text).await {
-                        break Err(e);
+                        if is_fatal(&e) {
+                            break Err(e);
+                        }
+                        note(&format!("stdin line {line_no} not sent: {e:#}"));
                     }
                 }
                 Some(Line::TooLong(len)) => {
                     line_no += 1;
-                    eprintln!(
-                        "mcchat: stdin line {line_no} is {len} bytes, over the {MAX_LINE}-byte \
-                         limit; skipped it"
-                    );
+                    note(&format!(
+                        "stdin line {line_no} is {len} bytes, over the {MAX_LINE}-byte limit; \
+                         skipped it"
+                    ));
                 }
             },
             event = session.recv() => match event {
@@ -129,7 +132,7 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
     if let Ok(Err(e)) = reader.await {
         tracing::warn!(error = %e, "reading stdin failed");
     }
-    let left = session.send(Kind::Leave, "").await;
+    let left = session.leave().await;
     session.log_drops();
     result?;
     left.context("failed to send the leave message")?;

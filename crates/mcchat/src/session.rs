@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use crate::cli::NetArgs;
+use crate::via::Via;
 
 /// A message as the front ends show it, owned so it can cross threads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,9 @@ pub(crate) struct Received {
     pub(crate) text: String,
     /// The sender's timestamp, or the arrival time for bare datagrams (ms since the epoch).
     pub(crate) ts_ms: u64,
+    /// When it arrived here (ms since the epoch): what the terminal shows, since a sender's
+    /// clock may be wrong.
+    pub(crate) recv_ms: u64,
     /// The datagram's source address; `None` for this peer's own messages.
     pub(crate) from: Option<SocketAddr>,
     /// The sender's instance id, if tagged.
@@ -48,18 +52,29 @@ pub(crate) enum Event {
     Presence(Change),
 }
 
-/// A joined room.
+/// How a session reaches its room.
+enum Transport {
+    /// Joined to the group itself.
+    Direct { socket: UdpSocket, iface: String },
+    /// Through mcchatd, by unicast.
+    Via(Via),
+}
+
+/// A room, joined directly or through mcchatd.
 pub(crate) struct Session {
-    socket: UdpSocket,
+    transport: Transport,
     room: Room,
-    iface: String,
     name: String,
+    /// Whether this session takes part in presence (join, heartbeats, leave): `join` does,
+    /// `listen` and `send` do not.
+    presence: bool,
     instance: InstanceId,
     seq: u64,
     out: String,
     roster: Roster,
     drops: DropCounts,
     drop_log: LogLimiter,
+    error_log: LogLimiter,
     heartbeat_due: Instant,
 }
 
@@ -70,8 +85,25 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Whether a socket error means the socket itself is unusable. Everything else (no route
+/// after a Wi-Fi roam, a firewall's EPERM, a full buffer) passes: chat carries on.
+pub(crate) fn is_fatal(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .filter_map(std::io::Error::raw_os_error)
+        .any(|n| {
+            [
+                nix::errno::Errno::EBADF,
+                nix::errno::Errno::ENOTSOCK,
+                nix::errno::Errno::EFAULT,
+            ]
+            .iter()
+            .any(|e| *e as i32 == n)
+        })
+}
+
 impl Session {
-    /// Opens and joins `room`'s group. `name` is `None` for a listener that never sends.
+    /// Opens and joins `room`'s group directly.
     pub(crate) fn open(room: Room, net: &NetArgs, name: Option<String>) -> Result<Self> {
         let iface = match &net.iface {
             Some(spec) => Iface::resolve(spec)?,
@@ -83,8 +115,10 @@ impl Session {
             iface,
         };
         let joined = socket::open(room.group, &config)?;
+        let local = joined.socket.local_addr().ok();
         tracing::debug!(
             group = %room.group,
+            local = ?local,
             iface = %config.iface.label,
             ttl = config.ttl,
             multicast_all_cleared = joined.capabilities.multicast_all_cleared,
@@ -96,12 +130,40 @@ impl Session {
         }
         let socket = UdpSocket::from_std(joined.socket)
             .with_context(|| format!("failed to register the socket for {}", room.group))?;
+        let transport = Transport::Direct {
+            socket,
+            iface: config.iface.label,
+        };
+        Self::new(transport, room, name)
+    }
+
+    /// Reaches `room` through mcchatd at `daemon`; subscribes first when `subscribe` (join,
+    /// listen), so that this returns only once the daemon relays the room to us.
+    pub(crate) async fn open_via(
+        room: Room,
+        daemon: SocketAddr,
+        name: Option<String>,
+        subscribe: bool,
+    ) -> Result<Self> {
+        let via = Via::connect(daemon).await?;
+        let mut session = Self::new(Transport::Via(via), room, name)?;
+        if subscribe {
+            let room_name = session.room.name.to_string();
+            let sender = session.sender_for_control();
+            if let Transport::Via(via) = &mut session.transport {
+                via.subscribe(&room_name, &sender).await?;
+            }
+        }
+        Ok(session)
+    }
+
+    fn new(transport: Transport, room: Room, name: Option<String>) -> Result<Self> {
         let instance =
             InstanceId::random().context("failed to get random bytes for the instance id")?;
         Ok(Self {
-            socket,
+            transport,
             room,
-            iface: config.iface.label,
+            presence: name.is_some(),
             name: name.unwrap_or_default(),
             instance,
             seq: 0,
@@ -109,20 +171,37 @@ impl Session {
             roster: Roster::default(),
             drops: DropCounts::default(),
             drop_log: LogLimiter::default(),
+            error_log: LogLimiter::default(),
             heartbeat_due: Instant::now() + HEARTBEAT_INTERVAL,
         })
     }
 
+    /// The sender name on control datagrams: ours, or a placeholder for a listener.
+    fn sender_for_control(&self) -> String {
+        if self.name.is_empty() {
+            "listener".to_owned()
+        } else {
+            self.name.clone()
+        }
+    }
+
     /// One line saying where this session is, for the user.
     pub(crate) fn describe(&self) -> String {
-        let how = match self.room.source {
-            RoomSource::Configured => "from rooms.toml",
-            RoomSource::Derived => "derived from the room name",
-        };
-        format!(
-            "joined {} on {} ({how}) via {}",
-            self.room.name, self.room.group, self.iface
-        )
+        match &self.transport {
+            Transport::Direct { iface, .. } => {
+                let how = match self.room.source {
+                    RoomSource::Configured => "from rooms.toml",
+                    RoomSource::Derived => "derived from the room name",
+                };
+                format!(
+                    "{} on {} ({how}) via {iface}",
+                    self.room.name, self.room.group
+                )
+            }
+            Transport::Via(via) => {
+                format!("{} through mcchatd at {}", self.room.name, via.daemon())
+            }
+        }
     }
 
     /// The room.
@@ -146,6 +225,16 @@ impl Session {
     /// Dropped datagrams by reason.
     pub(crate) fn drops(&self) -> &DropCounts {
         &self.drops
+    }
+
+    async fn send_datagram(&mut self) -> std::io::Result<()> {
+        match &self.transport {
+            Transport::Direct { socket, .. } => {
+                socket.send_to(self.out.as_bytes(), self.room.group).await?;
+            }
+            Transport::Via(via) => via.send(self.out.as_bytes()).await?,
+        }
+        Ok(())
     }
 
     /// Sends `text` as `kind`, split into several datagrams if it does not fit in one.
@@ -175,16 +264,16 @@ impl Session {
                 &mut self.out,
             )
             .with_context(|| format!("cannot send to room {}", self.room.name))?;
-            self.socket
-                .send_to(self.out.as_bytes(), self.room.group)
+            self.send_datagram()
                 .await
-                .with_context(|| format!("failed to send to {}", self.room.group))?;
+                .with_context(|| format!("failed to send to room {}", self.room.name))?;
             sent.push(Received {
                 kind,
                 room: self.room.name.to_string(),
                 sender: self.name.clone(),
                 text: piece.to_owned(),
                 ts_ms,
+                recv_ms: ts_ms,
                 from: None,
                 instance: Some(self.instance),
                 seq: Some(self.seq),
@@ -205,15 +294,59 @@ impl Session {
         }
     }
 
-    /// When [`Session::tick`] should next run.
-    pub(crate) fn heartbeat_due(&self) -> Instant {
-        self.heartbeat_due
+    /// Says hello to the room (a `join`), if this session takes part in presence.
+    pub(crate) async fn enter(&mut self) -> Result<()> {
+        if self.presence {
+            self.send(Kind::Join, "").await?;
+        }
+        Ok(())
     }
 
-    /// Sends a heartbeat and expires silent members; returns who timed out.
+    /// Says goodbye (a `leave`) and ends a subscription through mcchatd.
+    pub(crate) async fn leave(&mut self) -> Result<()> {
+        let left = if self.presence {
+            self.send(Kind::Leave, "").await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        let room = self.room.name.to_string();
+        let sender = self.sender_for_control();
+        if let Transport::Via(via) = &mut self.transport {
+            via.unsubscribe(&room, &sender).await;
+        }
+        left
+    }
+
+    /// When [`Session::tick`] should next run.
+    pub(crate) fn heartbeat_due(&self) -> Instant {
+        match &self.transport {
+            Transport::Via(via) => self.heartbeat_due.min(via.renew_due()),
+            Transport::Direct { .. } => self.heartbeat_due,
+        }
+    }
+
+    /// Periodic work: a heartbeat (with presence), renewing a subscription through mcchatd,
+    /// and expiring silent members. Returns who timed out. Transient network errors are
+    /// logged, not returned: the session carries on.
     pub(crate) async fn tick(&mut self) -> Result<Vec<Event>> {
-        self.send(Kind::Heartbeat, "").await?;
-        self.heartbeat_due = Instant::now() + HEARTBEAT_INTERVAL;
+        let now = Instant::now();
+        if now >= self.heartbeat_due {
+            self.heartbeat_due = now + HEARTBEAT_INTERVAL;
+            if self.presence
+                && let Err(e) = self.send(Kind::Heartbeat, "").await
+            {
+                self.transient(e)?;
+            }
+        }
+        let room = self.room.name.to_string();
+        let sender = self.sender_for_control();
+        if let Transport::Via(via) = &mut self.transport
+            && now >= via.renew_due()
+            && let Err(e) = via.renew(&room, &sender).await
+        {
+            let e = anyhow::Error::new(e).context("failed to renew the subscription");
+            self.transient(e)?;
+        }
         Ok(self
             .roster
             .expire(std::time::Instant::now())
@@ -222,20 +355,37 @@ impl Session {
             .collect())
     }
 
+    /// Logs a transient error (rate limited) and swallows it; returns a fatal one.
+    fn transient(&mut self, e: anyhow::Error) -> Result<()> {
+        if is_fatal(&e) {
+            return Err(e);
+        }
+        if let Some(suppressed) = self.error_log.check(std::time::Instant::now()) {
+            tracing::warn!(error = %format!("{e:#}"), suppressed, "network error; carrying on");
+        }
+        Ok(())
+    }
+
     /// Waits for the next datagram worth showing. Malformed and foreign datagrams are counted
-    /// and skipped here; only socket errors end the wait with an error.
+    /// and skipped here, transient socket errors logged; only a fatal one, or mcchatd ending
+    /// the subscription, ends the wait with an error.
     pub(crate) async fn recv(&mut self) -> Result<Event> {
         let mut buf = [0u8; MAX_DATAGRAM + 1];
         loop {
-            let (len, from) = match self.socket.recv_from(&mut buf).await {
+            let r = match &self.transport {
+                Transport::Direct { socket, .. } => socket.recv_from(&mut buf).await,
+                Transport::Via(via) => via.recv(&mut buf).await,
+            };
+            let (len, from) = match r {
                 Ok(r) => r,
-                // An ICMP error for an earlier send, reported on this socket: not fatal.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("failed to receive on {}", self.room.group));
+                    let e = anyhow::Error::new(e)
+                        .context(format!("failed to receive in room {}", self.room.name));
+                    self.transient(e)?;
+                    continue;
                 }
             };
+            let recv_ms = now_ms();
             // A datagram longer than the buffer is truncated to it, which still reads as
             // oversize.
             let frame = match wire::decode(&buf[..len])
@@ -254,30 +404,39 @@ impl Session {
                 continue; // our own, looped back
             }
             let kind = frame.meta.kind;
+            if kind.is_relay_control() {
+                let room = self.room.name.to_string();
+                let sender = self.sender_for_control();
+                if let Transport::Via(via) = &mut self.transport {
+                    via.on_control(&frame, &room, &sender).await?;
+                }
+                continue;
+            }
             if let Some(instance) = frame.meta.instance {
                 let change =
                     self.roster
                         .observe(instance, frame.sender, kind, std::time::Instant::now());
-                if kind == Kind::Join && !self.name.is_empty() {
-                    // Answer a newcomer soon, with jitter so a full room does not answer at
-                    // once, so its /who is complete without waiting a whole interval.
-                    let jitter = Duration::from_millis(u64::from(getrandom_u16() % 500));
-                    self.heartbeat_due = self.heartbeat_due.min(Instant::now() + jitter);
-                }
                 if let Some(change) = change {
+                    if matches!(change, Change::Joined(_)) && self.presence {
+                        // Answer a newcomer soon, with jitter so a full room does not answer
+                        // at once, so its /who is complete without waiting a whole interval.
+                        let jitter = Duration::from_millis(u64::from(getrandom_u16() % 500));
+                        self.heartbeat_due = self.heartbeat_due.min(Instant::now() + jitter);
+                    }
                     return Ok(Event::Presence(change));
                 }
             }
             match kind {
                 Kind::Message | Kind::Action => {}
-                Kind::Join | Kind::Leave | Kind::Heartbeat | Kind::Unknown => continue,
+                _ => continue,
             }
             return Ok(Event::Message(Received {
                 kind,
                 room: frame.room.to_owned(),
                 sender: frame.sender.to_owned(),
                 text: frame.text.to_owned(),
-                ts_ms: frame.meta.ts_ms.unwrap_or_else(now_ms),
+                ts_ms: frame.meta.ts_ms.unwrap_or(recv_ms),
+                recv_ms,
                 from: Some(from),
                 instance: frame.meta.instance,
                 seq: frame.meta.seq,

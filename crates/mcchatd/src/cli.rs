@@ -1,0 +1,102 @@
+//! mcchatd's command line. Every flag that shadows a `[daemon]` key overrides the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::builder::TypedValueParser as _;
+use clap::{Parser, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  mcchatd                                  relay with the rooms file on the search path
+  mcchatd --rooms /etc/mcchat/rooms.toml --check-config
+  mcchatd --listen 0.0.0.0:5554 --allow connected --allow 192.0.2.0/24
+  systemctl reload mcchatd                 (SIGHUP) re-read rooms.toml
+
+Exit status: 0 on success (also after SIGTERM/SIGINT), 1 on an error, 2 on a usage error.";
+
+/// Relay mcchat rooms between unicast clients and their multicast groups.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mcchatd", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Rooms file (with an optional [daemon] table) instead of the search path
+    #[arg(long, value_name = "FILE")]
+    pub rooms: Option<PathBuf>,
+
+    /// Load and check the configuration, print a summary, and exit
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Relay address (UDP; TCP for status on the same port); repeat for several; overrides
+    /// `listen` in the file [default: 0.0.0.0:5554 and [::]:5554]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Who may use the relay: `loopback`, `connected` or a network; repeat for several;
+    /// overrides `allow` in the file [default: loopback and connected]
+    #[arg(long, value_name = "NET", value_parser = parse_allow)]
+    pub allow: Vec<mcchat_core::daemon::Allow>,
+
+    /// Subscription lease in seconds; overrides `lease_secs` in the file [default: 60]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(5..=3600))]
+    pub lease_secs: Option<u32>,
+
+    /// Most subscribers at once; overrides `max_subscribers` in the file [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_subscribers: Option<usize>,
+
+    /// Relay only the rooms in the file; overrides `adhoc_rooms` in the file
+    #[arg(long)]
+    pub no_adhoc_rooms: bool,
+
+    /// Local status socket, "" to disable; overrides `status_socket` in the file
+    /// [default: /run/mcchat/mcchatd.sock]
+    #[arg(long, value_name = "PATH", value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from))]
+    pub status_socket: Option<PathBuf>,
+
+    /// TTL / hop limit for datagrams sent to groups; overrides `ttl` in the file [default: 1]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub ttl: Option<u32>,
+
+    /// Interface (name or address) for group membership and sending; overrides `iface` in
+    /// the file [default: the system's choice]
+    #[arg(long, value_name = "NAME|ADDR")]
+    pub iface: Option<String>,
+
+    /// Log line format on stderr
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// More log detail (-v debug, -vv trace); RUST_LOG overrides
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only warnings and errors
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, one event per line.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_allow(s: &str) -> Result<mcchat_core::daemon::Allow, String> {
+    mcchat_core::daemon::parse_allow(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,85 @@
+//! What the relay has done, for `mcchat status` and logs.
+
+use std::collections::BTreeMap;
+
+use mcchat_core::wire::DropReason;
+use serde::Serialize;
+
+/// Why the daemon dropped a datagram or request. Every drop is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Drop {
+    /// Malformed (see the wire codec's reasons).
+    Malformed(DropReason),
+    /// The source is not in an allowed network.
+    NotAllowed,
+    /// The source went over its rate.
+    RateLimited,
+    /// A room not in the file while ad-hoc rooms are off.
+    UnknownRoom,
+    /// A subscribe without a valid cookie too short to answer with one.
+    RequestTooSmall,
+    /// Refused: the subscriber cap was reached.
+    TooManySubscribers,
+    /// Refused: the room cap was reached.
+    TooManyRooms,
+    /// A kind only the daemon sends (`cookie`, `subok`, `closed`) came from a client, or
+    /// relay control came from a group.
+    UnexpectedKind,
+    /// No relay socket of the room's address family.
+    NoSocketForFamily,
+    /// The kernel refused a send.
+    SendFailed,
+}
+
+impl Drop {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Malformed(r) => r.name(),
+            Self::NotAllowed => "not_allowed",
+            Self::RateLimited => "rate_limited",
+            Self::UnknownRoom => "unknown_room",
+            Self::RequestTooSmall => "request_too_small",
+            Self::TooManySubscribers => "too_many_subscribers",
+            Self::TooManyRooms => "too_many_rooms",
+            Self::UnexpectedKind => "unexpected_kind",
+            Self::NoSocketForFamily => "no_socket_for_family",
+            Self::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Counters {
+    /// Datagrams received on the relay port.
+    pub(crate) received_unicast: u64,
+    /// Datagrams received from groups.
+    pub(crate) received_multicast: u64,
+    /// Datagrams sent to a group for a unicast client.
+    pub(crate) relayed_to_group: u64,
+    /// Datagrams sent to subscribers (one per subscriber).
+    pub(crate) relayed_to_subscribers: u64,
+    /// The daemon's own forwards heard back from a group, and ignored.
+    pub(crate) own_forwards_ignored: u64,
+    /// Cookie challenges sent.
+    pub(crate) challenges: u64,
+    /// New subscriptions.
+    pub(crate) subscribed: u64,
+    /// Renewals.
+    pub(crate) renewed: u64,
+    /// Subscriptions ended by the client.
+    pub(crate) unsubscribed: u64,
+    /// Subscriptions whose lease ran out.
+    pub(crate) expired: u64,
+    /// Drops by reason.
+    pub(crate) dropped: BTreeMap<&'static str, u64>,
+}
+
+impl Counters {
+    /// Counts a drop; returns the new count for its reason.
+    pub(crate) fn drop(&mut self, why: Drop) -> u64 {
+        let n = self.dropped.entry(why.name()).or_insert(0);
+        *n += 1;
+        *n
+    }
+}

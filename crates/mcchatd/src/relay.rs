@@ -1,0 +1,808 @@
+//! The relay loop: one task that owns all state, fed by the relay sockets, by one receive task
+//! per joined group, by status requests, a one-second tick and signals.
+//!
+//! Unicast to multicast: a message datagram on the relay port goes, unchanged, once to its
+//! room's group and to the room's other subscribers. Multicast to unicast: a datagram heard on
+//! a joined group goes to the room's subscribers. The daemon's own forwards, heard back from
+//! the group through multicast loopback, are recognised by their source (one of this host's
+//! addresses and the relay port) and ignored, so nothing loops and nobody sees a message twice.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use ipnet::IpNet;
+use mcchat_core::daemon::Allow;
+use mcchat_core::ratelimit::LogLimiter;
+use mcchat_core::room::{Room, RoomName, RoomSource};
+use mcchat_core::socket::{self, Iface, MulticastConfig};
+use mcchat_core::wire::{self, Frame, Header, Kind, MAX_DATAGRAM, Meta};
+use tokio::net::UdpSocket;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::Cli;
+use crate::cookie::CookieJar;
+use crate::counters::{Counters, Drop};
+use crate::limiter::Limiter;
+use crate::notify;
+use crate::settings::{self, Settings};
+use crate::status::{self, RoomStatus, Status, StatusRequest, SubscriberStatus};
+use crate::subs::{Subscribed, Subscriptions};
+
+/// The sender name in datagrams the daemon itself writes.
+pub(crate) const DAEMON_NAME: &str = "mcchatd";
+
+/// How long shutdown may take before the daemon exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
+
+/// A datagram heard on a joined group.
+struct GroupDatagram {
+    room: RoomName,
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// A joined group: its receive task stops (and the membership is dropped) when `stop` is
+/// cancelled.
+struct Joined {
+    group: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// What ended the loop.
+enum Exit {
+    Signal(&'static str),
+    Cancelled,
+}
+
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+/// The relay and all its state.
+struct Relay {
+    cli: Cli,
+    settings: Settings,
+    relay4: Option<Arc<UdpSocket>>,
+    relay6: Option<Arc<UdpSocket>>,
+    relay_ports: HashSet<u16>,
+    local_addrs: HashSet<IpAddr>,
+    connected: Arc<Vec<IpNet>>,
+    subs: Subscriptions,
+    cookies: CookieJar,
+    relay_limit: Limiter,
+    sub_limit: Limiter,
+    joined: HashMap<RoomName, Joined>,
+    /// Rooms relayed or subscribed to, so status can show ad-hoc rooms too.
+    counters: Counters,
+    drop_log: LogLimiter,
+    started: Instant,
+    group_tx: mpsc::Sender<GroupDatagram>,
+    group_rx: mpsc::Receiver<GroupDatagram>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    out: String,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// Whether `ip` may use the relay.
+fn allowed(allow: &[Allow], connected: &[IpNet], ip: IpAddr) -> bool {
+    allow.iter().any(|a| a.matches(ip, connected))
+}
+
+fn multicast_config(settings: &Settings) -> Result<MulticastConfig> {
+    let iface = match &settings.daemon.iface {
+        Some(spec) => Iface::resolve(spec)?,
+        None => Iface::system_default(),
+    };
+    Ok(MulticastConfig {
+        ttl: settings.daemon.ttl,
+        loopback: true,
+        iface,
+    })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or `token` is cancelled.
+pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
+    let settings = settings::load(&cli)?;
+    let signals = Signals {
+        hup: signal(SignalKind::hangup()).context("failed to install a SIGHUP handler")?,
+        term: signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("failed to install a SIGINT handler")?,
+    };
+    let mcast = multicast_config(&settings)?;
+    let mut relay4 = None;
+    let mut relay6 = None;
+    let mut relay_ports = HashSet::new();
+    let mut tcp = Vec::new();
+    for addr in &settings.daemon.listen {
+        let sock = socket::open_relay(*addr, &mcast)?;
+        let sock = UdpSocket::from_std(sock)
+            .with_context(|| format!("failed to register the relay socket {addr}"))?;
+        let bound = sock.local_addr().unwrap_or(*addr);
+        relay_ports.insert(bound.port());
+        let listener = tokio::net::TcpListener::bind(bound)
+            .await
+            .with_context(|| format!("failed to listen for status on TCP {bound}"))?;
+        tracing::info!(%bound, "relaying on UDP, status on TCP");
+        tcp.push(listener);
+        let slot = if bound.is_ipv4() {
+            &mut relay4
+        } else {
+            &mut relay6
+        };
+        if slot.is_some() {
+            anyhow::bail!(
+                "two listen addresses of one family ({bound}); give one IPv4 and one IPv6 address"
+            );
+        }
+        *slot = Some(Arc::new(sock));
+    }
+    let nets = socket::local_networks().context("failed to list this host's addresses")?;
+    let (group_tx, group_rx) = mpsc::channel(1024);
+    let tracker = TaskTracker::new();
+    let d = &settings.daemon;
+    let mut relay = Relay {
+        relay4,
+        relay6,
+        relay_ports,
+        local_addrs: nets.addresses.iter().copied().collect(),
+        connected: Arc::new(nets.subnets),
+        subs: Subscriptions::new(d.max_subscribers, d.max_rooms),
+        cookies: CookieJar::random().context("failed to get random bytes for the cookie key")?,
+        relay_limit: Limiter::new(d.relay_rate, d.relay_burst),
+        sub_limit: Limiter::new(d.subscribe_rate, d.subscribe_burst),
+        joined: HashMap::new(),
+        counters: Counters::default(),
+        drop_log: LogLimiter::default(),
+        started: Instant::now(),
+        group_tx,
+        group_rx,
+        token: token.clone(),
+        tracker: tracker.clone(),
+        out: String::with_capacity(MAX_DATAGRAM),
+        settings,
+        cli,
+    };
+    let (status_tx, status_rx) = mpsc::channel::<StatusRequest>(16);
+    for listener in tcp {
+        let allow = relay.settings.daemon.allow.clone();
+        let connected = Arc::clone(&relay.connected);
+        let is_allowed = move |peer: SocketAddr| allowed(&allow, &connected, canonical(peer).ip());
+        tracker.spawn(status::serve_tcp(
+            listener,
+            status_tx.clone(),
+            is_allowed,
+            token.child_token(),
+            tracker.clone(),
+        ));
+    }
+    let unix_path = relay.settings.daemon.status_socket.clone();
+    let mut unix_bound = None;
+    if let Some(path) = &unix_path {
+        match status::bind_unix(path) {
+            Ok(listener) => {
+                tracing::info!(path = %path.display(), "status on Unix socket");
+                unix_bound = Some(path.clone());
+                tracker.spawn(status::serve_unix(
+                    listener,
+                    status_tx.clone(),
+                    token.child_token(),
+                    tracker.clone(),
+                ));
+            }
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "status socket not available; use `mcchat status --via HOST` or set status_socket"
+            ),
+        }
+    }
+    drop(status_tx);
+    relay.reconcile();
+    let rooms = relay.settings.registry.rooms().count();
+    tracing::info!(rooms, origin = %relay.settings.origin, "mcchatd ready");
+    notify::ready(&format!("relaying {rooms} configured rooms"));
+
+    let exit = relay.run_loop(signals, status_rx).await;
+    notify::stopping();
+    let why = match exit {
+        Exit::Signal(s) => s,
+        Exit::Cancelled => "cancelled",
+    };
+    tracing::info!(
+        signal = why,
+        subscribers = relay.subs.total(),
+        "shutting down"
+    );
+    relay.shutdown().await;
+    status::unlink(unix_bound);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn recv_on(sock: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match sock {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Relay {
+    async fn run_loop(
+        &mut self,
+        mut signals: Signals,
+        mut status_rx: mpsc::Receiver<StatusRequest>,
+    ) -> Exit {
+        let mut buf4 = vec![0u8; MAX_DATAGRAM + 1];
+        let mut buf6 = vec![0u8; MAX_DATAGRAM + 1];
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watchdog = notify::watchdog_interval();
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        let relay4 = self.relay4.clone();
+        let relay6 = self.relay6.clone();
+        loop {
+            tokio::select! {
+                () = self.token.cancelled() => return Exit::Cancelled,
+                _ = signals.term.recv() => return Exit::Signal("SIGTERM"),
+                _ = signals.int.recv() => return Exit::Signal("SIGINT"),
+                _ = signals.hup.recv() => self.reload(),
+                r = recv_on(relay4.as_deref(), &mut buf4) => self.on_relay_recv(r, &buf4).await,
+                r = recv_on(relay6.as_deref(), &mut buf6) => self.on_relay_recv(r, &buf6).await,
+                Some(d) = self.group_rx.recv() => self.on_group(d).await,
+                Some(req) = status_rx.recv() => {
+                    let _ = req.send(self.status_json());
+                }
+                _ = tick.tick() => self.expire().await,
+                _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
+            }
+        }
+    }
+
+    async fn on_relay_recv(&mut self, r: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
+        match r {
+            Ok((len, from)) => {
+                self.on_unicast(&buf[..len.min(buf.len())], canonical(from))
+                    .await
+            }
+            // ICMP errors for earlier sends surface here; they are not the socket's end.
+            Err(error) => {
+                if self.drop_log.check(Instant::now()).is_some() {
+                    tracing::debug!(%error, "relay socket receive error");
+                }
+            }
+        }
+    }
+
+    fn count_drop(&mut self, why: Drop, from: SocketAddr) {
+        let count = self.counters.drop(why);
+        if let Some(suppressed) = self.drop_log.check(Instant::now()) {
+            tracing::debug!(%from, reason = why.name(), count, suppressed, "dropped");
+        }
+    }
+
+    /// Resolves a room name under the current rules, or says why not.
+    fn room(&self, name: &str) -> Option<Room> {
+        let room = self.settings.registry.resolve(name).ok()?;
+        (room.source == RoomSource::Configured || self.settings.daemon.adhoc_rooms).then_some(room)
+    }
+
+    fn socket_for(&self, addr: SocketAddr) -> Option<&Arc<UdpSocket>> {
+        if addr.is_ipv4() {
+            self.relay4.as_ref()
+        } else {
+            self.relay6.as_ref()
+        }
+    }
+
+    async fn send(&mut self, data: &[u8], to: SocketAddr) -> bool {
+        let Some(sock) = self.socket_for(to) else {
+            self.count_drop(Drop::NoSocketForFamily, to);
+            return false;
+        };
+        match sock.send_to(data, to).await {
+            Ok(_) => true,
+            Err(error) => {
+                let count = self.counters.drop(Drop::SendFailed);
+                if let Some(suppressed) = self.drop_log.check(Instant::now()) {
+                    tracing::warn!(%to, %error, count, suppressed, "send failed");
+                }
+                false
+            }
+        }
+    }
+
+    /// A datagram on the relay port.
+    async fn on_unicast(&mut self, data: &[u8], from: SocketAddr) {
+        self.counters.received_unicast += 1;
+        if !allowed(&self.settings.daemon.allow, &self.connected, from.ip()) {
+            self.count_drop(Drop::NotAllowed, from);
+            return;
+        }
+        let frame = match wire::decode(data) {
+            Ok(f) => f,
+            Err(reason) => return self.count_drop(Drop::Malformed(reason), from),
+        };
+        let now = Instant::now();
+        match frame.meta.kind {
+            Kind::Subscribe | Kind::Unsubscribe => {
+                if !self.sub_limit.allow(from.ip(), now) {
+                    return self.count_drop(Drop::RateLimited, from);
+                }
+                if frame.meta.kind == Kind::Subscribe {
+                    self.on_subscribe(&frame, data.len(), from).await;
+                } else {
+                    self.on_unsubscribe(&frame, from);
+                }
+            }
+            Kind::Challenge | Kind::Subscribed | Kind::Closed => {
+                self.count_drop(Drop::UnexpectedKind, from);
+            }
+            _ => {
+                if !self.relay_limit.allow(from.ip(), now) {
+                    return self.count_drop(Drop::RateLimited, from);
+                }
+                let Some(room) = self.room(frame.room) else {
+                    return self.count_drop(Drop::UnknownRoom, from);
+                };
+                if self.send(data, room.group).await {
+                    self.counters.relayed_to_group += 1;
+                }
+                let subscribers: Vec<SocketAddr> = self
+                    .subs
+                    .subscribers(&room.name)
+                    .filter(|a| *a != from)
+                    .collect();
+                self.fan_out(data, &subscribers).await;
+            }
+        }
+    }
+
+    async fn fan_out(&mut self, data: &[u8], to: &[SocketAddr]) {
+        for addr in to {
+            if self.send(data, *addr).await {
+                self.counters.relayed_to_subscribers += 1;
+            }
+        }
+    }
+
+    /// Writes a daemon datagram for `room` into `self.out`.
+    fn control(&mut self, kind: Kind, room: &str, extra: &[(&str, &str)], text: &str) -> bool {
+        let header = Header {
+            meta: Meta {
+                kind,
+                ..Meta::default()
+            },
+            extra,
+        };
+        wire::encode(&header, room, DAEMON_NAME, text, &mut self.out).is_ok()
+    }
+
+    async fn reply(&mut self, to: SocketAddr) {
+        let out = std::mem::take(&mut self.out);
+        self.send(out.as_bytes(), to).await;
+        self.out = out;
+    }
+
+    async fn on_subscribe(&mut self, frame: &Frame<'_>, request_len: usize, from: SocketAddr) {
+        let Some(room) = self.room(frame.room) else {
+            return self.count_drop(Drop::UnknownRoom, from);
+        };
+        let valid = frame
+            .tags
+            .get("cookie")
+            .is_some_and(|c| self.cookies.verify(&c, from, now_secs()));
+        if !valid {
+            // Return-routability first: answer with a cookie, never with more bytes than the
+            // request carried, so a spoofed source cannot be used for amplification.
+            let cookie = self.cookies.issue(from, now_secs());
+            if !self.control(
+                Kind::Challenge,
+                room.name.as_str(),
+                &[("cookie", &cookie)],
+                "",
+            ) {
+                return;
+            }
+            if self.out.len() > request_len {
+                return self.count_drop(Drop::RequestTooSmall, from);
+            }
+            self.counters.challenges += 1;
+            return self.reply(from).await;
+        }
+        let lease = Duration::from_secs(u64::from(self.settings.daemon.lease_secs));
+        let outcome = self
+            .subs
+            .subscribe(&room.name, from, frame.sender, Instant::now(), lease);
+        match outcome {
+            Subscribed::Added { first } => {
+                self.counters.subscribed += 1;
+                tracing::info!(room = %room.name, %from, name = frame.sender, "subscribed");
+                if first {
+                    self.reconcile();
+                }
+            }
+            Subscribed::Renewed => self.counters.renewed += 1,
+            Subscribed::TooManySubscribers | Subscribed::TooManyRooms => {
+                let why = if outcome == Subscribed::TooManyRooms {
+                    Drop::TooManyRooms
+                } else {
+                    Drop::TooManySubscribers
+                };
+                self.count_drop(why, from);
+                if self.control(Kind::Closed, room.name.as_str(), &[], why.name()) {
+                    self.reply(from).await;
+                }
+                return;
+            }
+        }
+        // A join that failed in reconcile closed the room again: then there is nothing to
+        // confirm (the subscriber was told).
+        if !self.subs.subscribers(&room.name).any(|a| a == from) {
+            return;
+        }
+        let lease = self.settings.daemon.lease_secs.to_string();
+        if self.control(
+            Kind::Subscribed,
+            room.name.as_str(),
+            &[("lease", &lease)],
+            "",
+        ) {
+            self.reply(from).await;
+        }
+    }
+
+    fn on_unsubscribe(&mut self, frame: &Frame<'_>, from: SocketAddr) {
+        let valid = frame
+            .tags
+            .get("cookie")
+            .is_some_and(|c| self.cookies.verify(&c, from, now_secs()));
+        let Ok(room) = RoomName::new(frame.room) else {
+            return;
+        };
+        if !valid {
+            // Without the cookie anyone could end anyone's subscription.
+            return self.count_drop(Drop::Malformed(wire::DropReason::BadTags), from);
+        }
+        if self.subs.unsubscribe(&room, from) {
+            self.counters.unsubscribed += 1;
+            tracing::info!(%room, %from, "unsubscribed");
+            self.reconcile();
+        }
+    }
+
+    /// A datagram heard on a joined group.
+    async fn on_group(&mut self, d: GroupDatagram) {
+        self.counters.received_multicast += 1;
+        let from = canonical(d.from);
+        if self.relay_ports.contains(&from.port()) && self.local_addrs.contains(&from.ip()) {
+            self.counters.own_forwards_ignored += 1;
+            return;
+        }
+        let frame =
+            match wire::decode(&d.data).and_then(|f| f.check_room(d.room.as_str()).map(|()| f)) {
+                Ok(f) => f,
+                Err(reason) => return self.count_drop(Drop::Malformed(reason), from),
+            };
+        if frame.meta.kind.is_relay_control() {
+            return self.count_drop(Drop::UnexpectedKind, from);
+        }
+        let subscribers: Vec<SocketAddr> = self.subs.subscribers(&d.room).collect();
+        self.fan_out(&d.data, &subscribers).await;
+    }
+
+    /// Lapses expired subscriptions and leaves groups nobody needs.
+    async fn expire(&mut self) {
+        let lapsed = self.subs.expire(Instant::now());
+        if lapsed.is_empty() {
+            return;
+        }
+        for l in &lapsed {
+            tracing::info!(room = %l.room, addr = %l.addr, name = %l.name, "subscription expired");
+        }
+        self.counters.expired += lapsed.len() as u64;
+        self.reconcile();
+    }
+
+    /// The rooms whose groups the daemon should be in: those with subscribers and the
+    /// configured rooms marked `keep`.
+    fn wanted(&self) -> HashMap<RoomName, SocketAddr> {
+        let mut wanted: HashMap<RoomName, SocketAddr> = self
+            .settings
+            .registry
+            .rooms()
+            .filter(|r| r.keep)
+            .map(|r| (r.name.clone(), r.group))
+            .collect();
+        for name in self.subs.rooms() {
+            if let Some(room) = self.room(name.as_str()) {
+                wanted.insert(room.name, room.group);
+            }
+        }
+        wanted
+    }
+
+    /// Joins the groups that are wanted and leaves the rest.
+    fn reconcile(&mut self) {
+        let wanted = self.wanted();
+        let stale: Vec<RoomName> = self
+            .joined
+            .iter()
+            .filter(|(name, j)| wanted.get(*name) != Some(&j.group))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(j) = self.joined.remove(&name) {
+                j.stop.cancel();
+            }
+        }
+        for (name, group) in wanted {
+            if self.joined.contains_key(&name) {
+                continue;
+            }
+            if let Err(error) = self.join(&name, group) {
+                tracing::error!(room = %name, %group, error = %format!("{error:#}"), "cannot join group");
+                let dropped = self.subs.close_room(&name);
+                // They get no confirmation; their clients retry and report it.
+                tracing::warn!(room = %name, subscribers = dropped.len(), "room closed");
+            }
+        }
+    }
+
+    fn join(&mut self, name: &RoomName, group: SocketAddr) -> Result<()> {
+        let config = multicast_config(&self.settings)?;
+        let joined = socket::open(group, &config)?;
+        let sock = UdpSocket::from_std(joined.socket)?;
+        let stop = self.token.child_token();
+        let tx = self.group_tx.clone();
+        let room = name.clone();
+        let task_stop = stop.clone();
+        self.tracker.spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+            loop {
+                let r = tokio::select! {
+                    () = task_stop.cancelled() => break,
+                    r = sock.recv_from(&mut buf) => r,
+                };
+                match r {
+                    Ok((len, from)) => {
+                        let d = GroupDatagram {
+                            room: room.clone(),
+                            from,
+                            data: buf[..len].to_vec(),
+                        };
+                        if tx.send(d).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, room = %room, "group receive error"),
+                }
+            }
+            drop(sock);
+            tracing::info!(room = %room, %group, "left group");
+        });
+        tracing::info!(room = %name, %group, "joined group");
+        self.joined.insert(name.clone(), Joined { group, stop });
+        Ok(())
+    }
+
+    /// SIGHUP: re-read the rooms file; keep running on the old one if it is bad.
+    fn reload(&mut self) {
+        notify::reloading();
+        match settings::load(&self.cli) {
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "reload failed; keeping the running configuration");
+            }
+            Ok(new) => {
+                if new.daemon.listen != self.settings.daemon.listen
+                    || new.daemon.status_socket != self.settings.daemon.status_socket
+                {
+                    tracing::warn!("`listen` and `status_socket` changes take effect on restart");
+                }
+                let d = &new.daemon;
+                self.relay_limit.set_rate(d.relay_rate, d.relay_burst);
+                self.sub_limit.set_rate(d.subscribe_rate, d.subscribe_burst);
+                self.subs.set_limits(d.max_subscribers, d.max_rooms);
+                let old_rooms: HashMap<RoomName, SocketAddr> = self
+                    .subs
+                    .rooms()
+                    .filter_map(|n| self.room(n.as_str()).map(|r| (r.name, r.group)))
+                    .collect();
+                self.settings = new;
+                if let Ok(nets) = socket::local_networks() {
+                    self.local_addrs = nets.addresses.into_iter().collect();
+                    self.connected = Arc::new(nets.subnets);
+                }
+                // Rooms that vanished or moved to another group: their subscribers are told.
+                let mut closed = Vec::new();
+                for (name, group) in old_rooms {
+                    if self.room(name.as_str()).map(|r| r.group) != Some(group) {
+                        closed.push(name);
+                    }
+                }
+                for name in &closed {
+                    let addrs = self.subs.close_room(name);
+                    tracing::info!(room = %name, subscribers = addrs.len(), "room removed");
+                    if self.control(Kind::Closed, name.as_str(), &[], "room removed") {
+                        let out = std::mem::take(&mut self.out);
+                        for a in addrs {
+                            if let Some(sock) = self.socket_for(a) {
+                                let _ = sock.try_send_to(out.as_bytes(), a);
+                            }
+                        }
+                        self.out = out;
+                    }
+                }
+                self.reconcile();
+                tracing::info!(
+                    rooms = self.settings.registry.rooms().count(),
+                    origin = %self.settings.origin,
+                    "reloaded"
+                );
+            }
+        }
+        notify::ready("reloaded");
+    }
+
+    /// Tells every subscriber the daemon is going, leaves every group, and waits (bounded)
+    /// for the tasks to end.
+    async fn shutdown(&mut self) {
+        let all: Vec<(RoomName, SocketAddr)> =
+            self.subs.all().map(|(r, a)| (r.clone(), a)).collect();
+        let tell = async {
+            for (room, addr) in all {
+                if self.control(Kind::Closed, room.as_str(), &[], "mcchatd is stopping") {
+                    let out = std::mem::take(&mut self.out);
+                    if let Some(sock) = self.socket_for(addr) {
+                        let _ = sock.send_to(out.as_bytes(), addr).await;
+                    }
+                    self.out = out;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE / 2, tell).await;
+        self.token.cancel();
+        self.joined.clear();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE / 2, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop in time");
+        }
+    }
+
+    fn status_json(&self) -> String {
+        let now = Instant::now();
+        let mut names: Vec<RoomName> = self
+            .settings
+            .registry
+            .rooms()
+            .map(|r| r.name.clone())
+            .collect();
+        for n in self.subs.rooms().chain(self.joined.keys()) {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names.sort();
+        let rooms = names
+            .iter()
+            .filter_map(|n| {
+                let room = self.settings.registry.resolve(n.as_str()).ok()?;
+                let mut subscribers: Vec<SubscriberStatus> = self
+                    .subs
+                    .subs(n)
+                    .map(|(addr, sub)| SubscriberStatus {
+                        addr: addr.to_string(),
+                        name: sub.name.clone(),
+                        expires_in_secs: sub.expires.saturating_duration_since(now).as_secs(),
+                    })
+                    .collect();
+                subscribers.sort_by(|a, b| a.addr.cmp(&b.addr));
+                Some(RoomStatus {
+                    name: n.to_string(),
+                    group: room.group.to_string(),
+                    configured: room.source == RoomSource::Configured,
+                    keep: room.keep,
+                    joined: self.joined.contains_key(n),
+                    subscribers,
+                })
+            })
+            .collect();
+        let mut joined_groups: Vec<String> =
+            self.joined.values().map(|j| j.group.to_string()).collect();
+        joined_groups.sort();
+        let status = Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_secs: self.started.elapsed().as_secs(),
+            rooms_file: self.settings.origin.to_string(),
+            listen: self
+                .settings
+                .daemon
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            subscribers: self.subs.total(),
+            joined_groups,
+            rooms,
+            counters: self.counters.clone(),
+        };
+        serde_json::to_string(&status).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// `--check-config`: a summary of what would run.
+pub fn check_config(cli: &Cli) -> Result<String> {
+    let s = settings::load(cli)?;
+    let d = &s.daemon;
+    let rooms: Vec<String> = s
+        .registry
+        .rooms()
+        .map(|r| {
+            format!(
+                "{} {}{}",
+                r.name,
+                r.group,
+                if r.keep { " keep" } else { "" }
+            )
+        })
+        .collect();
+    let status: Option<PathBuf> = d.status_socket.clone();
+    Ok(format!(
+        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}",
+        s.origin,
+        if rooms.is_empty() {
+            "(none)".to_owned()
+        } else {
+            rooms.join(", ")
+        },
+        d.listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        d.allow
+            .iter()
+            .map(|a| match a {
+                Allow::Loopback => "loopback".to_owned(),
+                Allow::Connected => "connected".to_owned(),
+                Allow::Net(n) => n.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        if d.adhoc_rooms { "on" } else { "off" },
+        d.lease_secs,
+        d.max_subscribers,
+        d.max_rooms,
+        d.ttl,
+        status.map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+    ))
+}

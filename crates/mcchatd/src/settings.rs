@@ -1,0 +1,92 @@
+//! The settled configuration: the rooms file, with flags layered over its `[daemon]` table.
+//! `--check-config`, start-up and SIGHUP reload all go through [`load`].
+
+use anyhow::Result;
+use mcchat_core::config::{self, Origin};
+use mcchat_core::daemon::DaemonSettings;
+use mcchat_core::room::Registry;
+
+use crate::cli::Cli;
+
+/// Everything the relay runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The rooms (and the raw `[daemon]` table, superseded by `daemon`).
+    pub(crate) registry: Registry,
+    /// The daemon settings after flags.
+    pub(crate) daemon: DaemonSettings,
+    /// Where the rooms came from.
+    pub(crate) origin: Origin,
+}
+
+/// Loads the rooms file the flags or search path name, and applies the flags.
+pub(crate) fn load(cli: &Cli) -> Result<Settings> {
+    let loaded = config::load(cli.rooms.as_deref())?;
+    let daemon = apply_flags(loaded.registry.daemon().clone(), cli);
+    Ok(Settings {
+        registry: loaded.registry,
+        daemon,
+        origin: loaded.origin,
+    })
+}
+
+fn apply_flags(mut d: DaemonSettings, cli: &Cli) -> DaemonSettings {
+    if !cli.listen.is_empty() {
+        d.listen.clone_from(&cli.listen);
+    }
+    if !cli.allow.is_empty() {
+        d.allow.clone_from(&cli.allow);
+    }
+    if let Some(v) = cli.lease_secs {
+        d.lease_secs = v;
+    }
+    if let Some(v) = cli.max_subscribers {
+        d.max_subscribers = v;
+    }
+    if cli.no_adhoc_rooms {
+        d.adhoc_rooms = false;
+    }
+    if let Some(p) = &cli.status_socket {
+        d.status_socket = (!p.as_os_str().is_empty()).then(|| p.clone());
+    }
+    if let Some(v) = cli.ttl {
+        d.ttl = v;
+    }
+    if let Some(v) = &cli.iface {
+        d.iface = Some(v.clone());
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = DaemonSettings {
+            lease_secs: 30,
+            ttl: 3,
+            ..DaemonSettings::default()
+        };
+        let cli = Cli::parse_from([
+            "mcchatd",
+            "--lease-secs",
+            "90",
+            "--listen",
+            "127.0.0.1:7000",
+            "--no-adhoc-rooms",
+            "--status-socket",
+            "",
+        ]);
+        assert_ne!(file.lease_secs, 90);
+        let d = apply_flags(file, &cli);
+        assert_eq!(d.lease_secs, 90);
+        assert_eq!(d.ttl, 3, "not given: the file's value stays");
+        assert_eq!(d.listen, vec!["127.0.0.1:7000".parse().unwrap()]);
+        assert!(!d.adhoc_rooms);
+        assert_eq!(d.status_socket, None);
+    }
+}
