@@ -387,6 +387,25 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
     Ok(socket.into())
 }
 
+/// A TCP listener on `addr` (mcchatd's status port). IPv6 listeners are IPv6-only, so an
+/// IPv4 and an IPv6 listener can share a port, as the relay's UDP sockets do.
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// This host's addresses and the subnets they are on, from `getifaddrs(3)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalNetworks {

@@ -56,7 +56,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             let _ = writeln!(std::io::stderr(), "mcchatd: {e:#}");
             ExitCode::FAILURE
         }

@@ -145,8 +145,8 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
             .with_context(|| format!("failed to register the relay socket {addr}"))?;
         let bound = sock.local_addr().unwrap_or(*addr);
         relay_ports.insert(bound.port());
-        let listener = tokio::net::TcpListener::bind(bound)
-            .await
+        let listener = socket::tcp_listener(bound)
+            .and_then(tokio::net::TcpListener::from_std)
             .with_context(|| format!("failed to listen for status on TCP {bound}"))?;
         tracing::info!(%bound, "relaying on UDP, status on TCP");
         tcp.push(listener);

@@ -7,4 +7,5 @@ mod chat;
 mod cli;
 mod lan;
 mod pty;
+mod relay;
 mod util;

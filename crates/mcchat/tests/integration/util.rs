@@ -46,6 +46,26 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mcchat")
 }
 
+/// The `mcchatd` binary, built beside `mcchat` (scripts/test.sh builds every binary first).
+pub fn daemon_bin() -> PathBuf {
+    let p = Path::new(bin()).with_file_name("mcchatd");
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/test.sh (it builds all binaries)",
+        p.display()
+    );
+    p
+}
+
+/// The rooms file shipped in the repository: spawned processes use it rather than whatever
+/// a developer has in ~/.config or /etc, so tests are hermetic.
+pub fn shipped_rooms() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../rooms.toml")
+        .display()
+        .to_string()
+}
+
 /// Lines a child wrote, shared with the thread reading them.
 #[derive(Default)]
 struct Lines {
@@ -80,11 +100,23 @@ impl Lines {
         cap: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<String, Vec<String>> {
+        self.wait_lines(what, cap, |lines| lines.iter().any(|l| pred(l)))
+            .map(|lines| lines.into_iter().find(|l| pred(l)).unwrap_or_default())
+    }
+
+    /// Waits until `pred` holds for all lines so far; Err(lines) if the stream ended or the
+    /// cap passed first.
+    fn wait_lines(
+        &self,
+        what: &str,
+        cap: Duration,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Result<Vec<String>, Vec<String>> {
         let deadline = Instant::now() + cap;
         let mut state = self.state.lock().unwrap();
         loop {
-            if let Some(l) = state.0.iter().find(|l| pred(l)) {
-                return Ok(l.clone());
+            if pred(&state.0) {
+                return Ok(state.0.clone());
             }
             if state.1 {
                 return Err(state.0.clone());
@@ -133,13 +165,32 @@ impl Proc {
         };
         cmd.args(args)
             .env_remove("MCCHAT_NAME")
-            .env_remove("MCCHAT_ROOMS")
+            .env("MCCHAT_ROOMS", shipped_rooms())
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
         Self::spawn(label, cmd)
+    }
+
+    /// Runs `mcchatd ARGS` (optionally in namespace `ns`) and waits until it is ready.
+    pub fn daemon(ns: Option<&str>, args: &[&str]) -> Self {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(daemon_bin());
+                c
+            }
+            None => Command::new(daemon_bin()),
+        };
+        cmd.args(args)
+            .env("MCCHAT_ROOMS", shipped_rooms())
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET");
+        let p = Self::spawn("mcchatd", cmd);
+        p.expect_err("mcchatd ready");
+        p
     }
 
     pub fn spawn(label: &str, mut cmd: Command) -> Self {
@@ -179,6 +230,24 @@ impl Proc {
         self.stdout
             .wait_for_within(needle, cap, |l| l.contains(needle))
             .ok()
+    }
+
+    /// Waits for the `n`th (1-based) stderr line containing `needle`; returns it.
+    pub fn expect_err_nth(&self, needle: &str, n: usize) -> String {
+        let nth = |lines: &[String]| {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+                .cloned()
+        };
+        match self
+            .stderr
+            .wait_lines(needle, WAIT, |lines| nth(lines).is_some())
+        {
+            Ok(lines) => nth(&lines).unwrap_or_default(),
+            Err(lines) => self.fail(&format!("{n}x {needle}"), "stderr", &lines),
+        }
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
@@ -249,7 +318,7 @@ pub fn run(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) 
     let mut cmd = Command::new(bin());
     cmd.args(args)
         .env_remove("MCCHAT_NAME")
-        .env_remove("MCCHAT_ROOMS")
+        .env("MCCHAT_ROOMS", shipped_rooms())
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
     for (k, v) in env {

@@ -1,0 +1,560 @@
+//! mcchatd and `mcchat --via`: the real daemon and the real peers over real sockets.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+
+use mcchat_core::room::{RoomName, derive_group};
+use mcchat_core::wire::{self, Header, Kind, Meta};
+use nix::sys::signal::Signal;
+
+use crate::util::{Lan, Proc, TempDir, WAIT, daemon_bin, require_netns, run, unique};
+
+/// The relay address a daemon started with `--listen 127.0.0.1:0` reports.
+fn relay_addr(d: &Proc) -> SocketAddr {
+    let line = d.expect_err("relaying on UDP");
+    let addr = line.rsplit("bound=").next().unwrap_or_default();
+    addr.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no address in {line:?}"))
+}
+
+fn local_daemon(extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--status-socket", ""];
+    args.extend_from_slice(extra);
+    let d = Proc::daemon(None, &args);
+    let addr = relay_addr(&d);
+    (d, addr)
+}
+
+/// A hand-driven relay client, to test the protocol itself.
+struct Raw {
+    sock: UdpSocket,
+    daemon: SocketAddr,
+    cookie: Option<String>,
+}
+
+impl Raw {
+    fn new(bind: &str, daemon: SocketAddr) -> Self {
+        let sock = UdpSocket::bind((bind.parse::<IpAddr>().unwrap(), 0)).unwrap();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        Self {
+            sock,
+            daemon,
+            cookie: None,
+        }
+    }
+
+    fn request(&self, kind: Kind, room: &str, pad: usize) -> Vec<u8> {
+        let mut tags: Vec<(&str, &str)> = Vec::new();
+        let pad = "x".repeat(pad);
+        if let Some(c) = &self.cookie {
+            tags.push(("cookie", c));
+        }
+        if !pad.is_empty() {
+            tags.push(("pad", &pad));
+        }
+        let header = Header {
+            meta: Meta {
+                kind,
+                ..Meta::default()
+            },
+            extra: &tags,
+        };
+        let mut out = String::new();
+        wire::encode(&header, room, "raw", "", &mut out).unwrap();
+        out.into_bytes()
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, self.daemon).unwrap();
+    }
+
+    fn recv(&self) -> Vec<u8> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = self
+            .sock
+            .recv_from(&mut buf)
+            .expect("an answer from mcchatd");
+        assert_eq!(from, self.daemon);
+        buf[..n].to_vec()
+    }
+
+    /// Nothing is waiting to be read.
+    fn nothing_queued(&self) -> bool {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 2048];
+        let empty = self.sock.recv_from(&mut buf).is_err();
+        self.sock.set_nonblocking(false).unwrap();
+        empty
+    }
+
+    fn expect(&self, kind: Kind) -> Vec<u8> {
+        let d = self.recv();
+        let f = wire::decode(&d).unwrap();
+        assert_eq!(f.meta.kind, kind, "{}", String::from_utf8_lossy(&d));
+        d
+    }
+
+    /// The full handshake: padded request, challenge, request with the cookie, confirmation.
+    fn subscribe(&mut self, room: &str) {
+        self.send(&self.request(Kind::Subscribe, room, 200));
+        let challenge = self.expect(Kind::Challenge);
+        let f = wire::decode(&challenge).unwrap();
+        self.cookie = Some(f.tags.get("cookie").unwrap().into_owned());
+        self.send(&self.request(Kind::Subscribe, room, 0));
+        self.expect(Kind::Subscribed);
+    }
+}
+
+fn status(addr: SocketAddr) -> serde_json::Value {
+    let (st, out, err) = run(&["status", "--via", &addr.to_string(), "--json"], &[]);
+    assert!(st.success(), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn group_hex(group: SocketAddr) -> String {
+    let SocketAddr::V4(g) = group else {
+        panic!("{group}")
+    };
+    format!("{:08X}", u32::from_ne_bytes(g.ip().octets()))
+}
+
+fn igmp_has(group: SocketAddr) -> bool {
+    std::fs::read_to_string("/proc/net/igmp")
+        .unwrap()
+        .contains(&group_hex(group))
+}
+
+#[test]
+fn via_and_direct_peers_chat_both_ways_without_duplicates() {
+    require_netns();
+    let (_d, addr) = local_daemon(&[]);
+    let via = addr.to_string();
+    let room = unique("relay");
+    let mut direct =
+        Proc::mcchat("direct", None, &["join", &room, "--name", "direct"], &[]).ready();
+    let mut remote = Proc::mcchat(
+        "remote",
+        None,
+        &["join", &room, "--name", "remote", "--via", &via],
+        &[],
+    )
+    .ready();
+    let listener =
+        Proc::mcchat("remote2", None, &["listen", &room, "--via", &via], &[]).listening();
+    direct.expect_out("-- remote joined");
+    direct.say("from the lan");
+    remote.expect_out("direct: from the lan");
+    listener.expect_out("direct: from the lan");
+    remote.say("from afar");
+    direct.expect_out("remote: from afar");
+    listener.expect_out("remote: from afar");
+    // Everyone leaves; then every line is in, and none is there twice.
+    remote.close_stdin();
+    assert!(remote.wait().success());
+    direct.expect_out("-- remote left");
+    listener.expect_out("-- remote left");
+    direct.close_stdin();
+    assert!(direct.wait().success());
+    listener.expect_out("-- direct left");
+    let count = |p: &Proc, needle: &str| p.stdout().iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count(&remote, "direct: from the lan"),
+        1,
+        "{:?}",
+        remote.stdout()
+    );
+    assert_eq!(
+        count(&remote, "from afar"),
+        0,
+        "own message echoed: {:?}",
+        remote.stdout()
+    );
+    assert_eq!(
+        count(&direct, "remote: from afar"),
+        1,
+        "{:?}",
+        direct.stdout()
+    );
+    assert_eq!(
+        count(&listener, "direct: from the lan"),
+        1,
+        "{:?}",
+        listener.stdout()
+    );
+    assert_eq!(
+        count(&listener, "remote: from afar"),
+        1,
+        "{:?}",
+        listener.stdout()
+    );
+    let s = status(addr);
+    assert!(
+        s["counters"]["own_forwards_ignored"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
+}
+
+/// The kernel's view (/proc/net/igmp) follows the subscribers: joined with the first,
+/// kept while any remains, left when the last unsubscribes or its lease runs out.
+#[test]
+fn group_membership_follows_subscribers() {
+    require_netns();
+    let (d, addr) = local_daemon(&["--lease-secs", "5"]);
+    let room = unique("memb");
+    let group = derive_group(&RoomName::new(&room).unwrap());
+    assert!(!igmp_has(group), "not joined before anyone subscribes");
+    let mut a = Raw::new("127.0.0.1", addr);
+    a.subscribe(&room);
+    d.expect_err(&format!("joined group room={room}"));
+    assert!(igmp_has(group), "joined with the first subscriber");
+    let mut b = Raw::new("127.0.0.1", addr);
+    b.subscribe(&room);
+    a.send(&a.request(Kind::Unsubscribe, &room, 0));
+    d.expect_err(&format!("unsubscribed room={room}"));
+    assert!(igmp_has(group), "still joined for the second subscriber");
+    // b never renews: its 5 s lease runs out.
+    d.expect_err(&format!("subscription expired room={room}"));
+    d.expect_err(&format!("left group room={room}"));
+    assert!(!igmp_has(group), "left when the last lease ran out");
+}
+
+#[test]
+fn challenge_is_never_larger_than_the_request() {
+    require_netns();
+    let (_d, addr) = local_daemon(&[]);
+    let room = unique("amp");
+    let mut c = Raw::new("127.0.0.1", addr);
+    // Too small to carry a challenge: no answer at all.
+    let small = c.request(Kind::Subscribe, &room, 0);
+    c.send(&small);
+    let padded = c.request(Kind::Subscribe, &room, 200);
+    c.send(&padded);
+    let challenge = c.expect(Kind::Challenge);
+    assert!(
+        challenge.len() <= padded.len(),
+        "{} > {}",
+        challenge.len(),
+        padded.len()
+    );
+    assert!(c.nothing_queued(), "the small request was answered");
+    // A forged cookie gets another challenge, no subscription.
+    c.cookie = Some("1.000000000000000000000000".into());
+    let forged = c.request(Kind::Subscribe, &room, 200);
+    c.send(&forged);
+    let again = c.expect(Kind::Challenge);
+    assert!(again.len() <= forged.len());
+    let s = status(addr);
+    assert_eq!(s["counters"]["dropped"]["request_too_small"], 1, "{s}");
+    assert_eq!(s["subscribers"], 0, "{s}");
+    assert_eq!(s["counters"]["challenges"], 2, "{s}");
+    c.subscribe(&room);
+    assert_eq!(status(addr)["subscribers"], 1);
+}
+
+#[test]
+fn rate_limits_hold_per_source() {
+    require_netns();
+    let dir = TempDir::new();
+    let rooms = dir.write(
+        "rooms.toml",
+        "[daemon]\nrelay_rate = 20\nrelay_burst = 20\n",
+    );
+    let (_d, addr) = local_daemon(&["--rooms", &rooms]);
+    let room = unique("rate");
+    let l = Proc::mcchat("listener", None, &["listen", &room], &[]).listening();
+    let flood = UdpSocket::bind("127.0.0.2:0").unwrap();
+    for i in 0..200 {
+        flood
+            .send_to(format!("{room}|flood|n{i}").as_bytes(), addr)
+            .unwrap();
+    }
+    let marker = UdpSocket::bind("127.0.0.3:0").unwrap();
+    marker
+        .send_to(format!("{room}|ok|marker").as_bytes(), addr)
+        .unwrap();
+    l.expect_out("ok: marker");
+    let got = l.stdout().iter().filter(|l| l.contains("flood: ")).count();
+    assert!(
+        (20..=40).contains(&got),
+        "{got} of 200 flooded datagrams relayed"
+    );
+    let s = status(addr);
+    let limited = s["counters"]["dropped"]["rate_limited"].as_u64().unwrap();
+    assert_eq!(limited as usize + got, 200, "{s}");
+}
+
+#[test]
+fn malformed_flood_does_not_stop_service() {
+    require_netns();
+    let (_d, addr) = local_daemon(&[]);
+    let room = unique("flood");
+    let l = Proc::mcchat(
+        "listener",
+        None,
+        &["listen", &room, "--via", &addr.to_string()],
+        &[],
+    )
+    .listening();
+    let bad = UdpSocket::bind("127.0.0.4:0").unwrap();
+    let garbage: [&[u8]; 5] = [
+        b"\xff\xfe",
+        b"no fields",
+        b"@x",
+        b"room|\x07|t",
+        &[b'y'; 1400],
+    ];
+    for i in 0..20_000 {
+        let _ = bad.send_to(garbage[i % garbage.len()], addr);
+    }
+    let good = UdpSocket::bind("127.0.0.5:0").unwrap();
+    good.send_to(format!("{room}|good|still relayed").as_bytes(), addr)
+        .unwrap();
+    l.expect_out("good: still relayed");
+    let s = status(addr);
+    let dropped: u64 = s["counters"]["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(dropped > 1000, "{s}");
+}
+
+#[test]
+fn reload_adds_and_removes_rooms_and_keeps_the_old_file_on_error() {
+    require_netns();
+    let dir = TempDir::new();
+    let port = 30000 + std::process::id() % 20000;
+    let write = |text: &str| dir.write("rooms.toml", text);
+    let rooms = write(&format!(
+        "[rooms.olda]\ngroup = \"239.255.63.1\"\nport = {port}\n"
+    ));
+    let (mut d, addr) = local_daemon(&["--rooms", &rooms, "--no-adhoc-rooms"]);
+    let mut c = Raw::new("127.0.0.1", addr);
+    c.subscribe("olda");
+    d.expect_err("joined group room=olda");
+    write(&format!(
+        "[rooms.newb]\ngroup = \"239.255.63.2\"\nport = {port}\nkeep = true\n"
+    ));
+    d.signal(Signal::SIGHUP);
+    let closed = c.expect(Kind::Closed);
+    assert!(String::from_utf8_lossy(&closed).ends_with("|room removed"));
+    d.expect_err("left group room=olda");
+    d.expect_err("joined group room=newb");
+    d.expect_err("reloaded");
+    let s = status(addr);
+    assert_eq!(
+        s["joined_groups"],
+        serde_json::json!([format!("239.255.63.2:{port}")]),
+        "{s}"
+    );
+    write("[rooms.broken]\ngroup = \"10.0.0.1\"\n");
+    d.signal(Signal::SIGHUP);
+    let line = d.expect_err("reload failed");
+    assert!(
+        line.contains("not a multicast address") || line.contains("missing field"),
+        "{line}"
+    );
+    d.expect_err_nth("mcchatd ready", 1);
+    let s = status(addr);
+    assert_eq!(
+        s["joined_groups"],
+        serde_json::json!([format!("239.255.63.2:{port}")]),
+        "{s}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait().success());
+    d.expect_err("stopped");
+}
+
+#[test]
+fn shutdown_tells_subscribers_and_exits_0() {
+    require_netns();
+    let (mut d, addr) = local_daemon(&[]);
+    let room = unique("stop");
+    let mut c = Raw::new("127.0.0.1", addr);
+    c.subscribe(&room);
+    let started = std::time::Instant::now();
+    d.signal(Signal::SIGTERM);
+    let closed = c.expect(Kind::Closed);
+    assert!(String::from_utf8_lossy(&closed).ends_with("|mcchatd is stopping"));
+    assert!(d.wait().success());
+    // Reported, not asserted: speed belongs in benchmarks.
+    eprintln!("mcchatd stopped {:?} after SIGTERM", started.elapsed());
+    d.expect_err(&format!("left group room={room}"));
+}
+
+#[test]
+fn systemd_notifications_are_sent() {
+    require_netns();
+    let dir = TempDir::new();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut cmd = std::process::Command::new(daemon_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--status-socket", ""])
+        .env("MCCHAT_ROOMS", crate::util::shipped_rooms())
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "200000");
+    let mut d = Proc::spawn("mcchatd", cmd);
+    let next = |want: &str| loop {
+        let mut buf = [0u8; 512];
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("waiting for {want}: {e}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.lines().any(|l| l == want) {
+            return msg;
+        }
+        assert!(
+            msg.contains("WATCHDOG=1"),
+            "unexpected {msg:?} while waiting for {want}"
+        );
+    };
+    let ready = next("READY=1");
+    assert!(ready.contains("STATUS="), "{ready}");
+    d.expect_err("mcchatd ready");
+    next("WATCHDOG=1");
+    d.signal(Signal::SIGHUP);
+    let reloading = next("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    next("READY=1");
+    d.signal(Signal::SIGTERM);
+    next("STOPPING=1");
+    assert!(d.wait().success());
+}
+
+/// 10,000 subscribers (the default cap) are accepted and all get a message; one more is
+/// refused.
+#[test]
+fn ten_thousand_subscribers_are_served() {
+    require_netns();
+    const N: usize = 10_000;
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let want = (N as u64 + 1000).min(hard);
+    if soft < want {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, hard)
+            .unwrap();
+    }
+    assert!(
+        want >= N as u64 + 100,
+        "the hard open-file limit {hard} is too low for this test"
+    );
+    let dir = TempDir::new();
+    let rooms = dir.write(
+        "rooms.toml",
+        "[daemon]\nsubscribe_rate = 100000\nsubscribe_burst = 100000\n",
+    );
+    let (_d, addr) = local_daemon(&["--rooms", &rooms]);
+    let room = unique("many");
+    let mut clients: Vec<Raw> = (0..N).map(|_| Raw::new("127.0.0.1", addr)).collect();
+    // In batches, so the daemon's receive buffer is never the bottleneck being tested.
+    for batch in clients.chunks_mut(500) {
+        for c in batch.iter() {
+            c.send(&c.request(Kind::Subscribe, &room, 200));
+        }
+        for c in batch.iter_mut() {
+            let ch = c.expect(Kind::Challenge);
+            c.cookie = Some(
+                wire::decode(&ch)
+                    .unwrap()
+                    .tags
+                    .get("cookie")
+                    .unwrap()
+                    .into_owned(),
+            );
+        }
+        for c in batch.iter() {
+            c.send(&c.request(Kind::Subscribe, &room, 0));
+        }
+        for c in batch.iter() {
+            c.expect(Kind::Subscribed);
+        }
+    }
+    let mut extra = Raw::new("127.0.0.1", addr);
+    extra.send(&extra.request(Kind::Subscribe, &room, 200));
+    let ch = extra.expect(Kind::Challenge);
+    extra.cookie = Some(
+        wire::decode(&ch)
+            .unwrap()
+            .tags
+            .get("cookie")
+            .unwrap()
+            .into_owned(),
+    );
+    extra.send(&extra.request(Kind::Subscribe, &room, 0));
+    let refused = extra.expect(Kind::Closed);
+    assert!(String::from_utf8_lossy(&refused).ends_with("|too_many_subscribers"));
+    let (st, _, err) = run(&["send", &room, "--name", "bulk", "to everyone"], &[]);
+    assert!(st.success(), "{err}");
+    for c in &clients {
+        let d = c.recv();
+        assert!(String::from_utf8_lossy(&d).ends_with("|bulk|to everyone"));
+    }
+    let s = status(addr);
+    assert_eq!(s["subscribers"], N, "{}", s["counters"]);
+}
+
+/// Across the LAN: hosts that do not use multicast chat with those that do, and the allow
+/// list decides who may use the relay.
+#[test]
+fn via_clients_across_the_lan_and_the_allow_list() {
+    require_netns();
+    let lan = Lan::up();
+    let _d1 = Proc::daemon(Some(&lan.ns("h1")), &["--status-socket", ""]);
+    let room = unique("lanrelay");
+    let mut direct = Proc::mcchat(
+        "h2",
+        Some(&lan.ns("h2")),
+        &["join", &room, "--name", "h2"],
+        &[],
+    )
+    .ready();
+    let mut remote = Proc::mcchat(
+        "h3",
+        Some(&lan.ns("h3")),
+        &["join", &room, "--name", "h3", "--via", "198.51.100.1"],
+        &[],
+    )
+    .ready();
+    direct.expect_out("-- h3 joined");
+    direct.say("hello h3");
+    remote.expect_out("h2: hello h3");
+    remote.say("hello h2");
+    direct.expect_out("h3: hello h2");
+    // h4 is on the other segment: not a connected subnet of h1, so not allowed.
+    let mut h4 = Proc::mcchat(
+        "h4",
+        Some(&lan.ns("h4")),
+        &["listen", &room, "--via", "198.51.100.1"],
+        &[],
+    );
+    assert_eq!(h4.wait().code(), Some(1));
+    h4.expect_err("no answer from mcchatd at 198.51.100.1:5554");
+    // A daemon on h3 that allows segment B serves h4.
+    let _d3 = Proc::daemon(
+        Some(&lan.ns("h3")),
+        &[
+            "--status-socket",
+            "",
+            "--allow",
+            "connected",
+            "--allow",
+            "203.0.113.0/24",
+        ],
+    );
+    let far = Proc::mcchat(
+        "h4",
+        Some(&lan.ns("h4")),
+        &["listen", &room, "--via", "198.51.100.3"],
+        &[],
+    )
+    .listening();
+    direct.say("reaching the far segment");
+    far.expect_out("h2: reaching the far segment");
+    remote.close_stdin();
+    assert!(remote.wait().success());
+    direct.expect_out("-- h3 left");
+}
