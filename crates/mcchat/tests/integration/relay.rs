@@ -558,3 +558,121 @@ fn via_clients_across_the_lan_and_the_allow_list() {
     assert!(remote.wait().success());
     direct.expect_out("-- h3 left");
 }
+
+#[test]
+fn status_over_the_unix_socket_json_logs_and_check_config() {
+    require_netns();
+    let dir = TempDir::new();
+    let sock = dir.path().join("mcchatd.sock").display().to_string();
+    let d = Proc::daemon(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            &sock,
+            "--log-format",
+            "json",
+        ],
+    );
+    let first = d.expect_err("relaying on UDP");
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v["level"], "INFO", "{first}");
+    let (st, out, err) = run(&["status", "--socket", &sock], &[]);
+    assert!(st.success(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("mcchatd 0.1.0 up "), "{out}");
+    assert!(lines[1].starts_with("ROOM "), "{out}");
+    assert!(
+        out.contains("room1                239.255.77.1:5555          no     0"),
+        "{out}"
+    );
+    assert!(out.contains("dropped: none"), "{out}");
+    drop(d);
+
+    let (st, out, err) = {
+        let o = std::process::Command::new(daemon_bin())
+            .args(["--check-config", "--rooms", &crate::util::shipped_rooms()])
+            .output()
+            .unwrap();
+        (
+            o.status,
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(st.success(), "{err}");
+    assert!(
+        out.contains(": ok\nrooms: room1 239.255.77.1:5555, room2"),
+        "{out}"
+    );
+    let bad = dir.write("bad.toml", "[daemon]\nlease_secs = 1\n");
+    let o = std::process::Command::new(daemon_bin())
+        .args(["--check-config", "--rooms", &bad])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!("mcchatd: {bad}: [daemon]: key `lease_secs`: 1 is out of range; use 5-3600\n")
+    );
+}
+
+/// scripts/install.sh stages the binaries, the unit, the rooms file, the man page and
+/// completions, and checks the configuration it installed.
+#[test]
+fn install_script_stages_everything() {
+    let dir = TempDir::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bin_dir = std::path::Path::new(crate::util::bin())
+        .parent()
+        .unwrap()
+        .to_owned();
+    let o = std::process::Command::new("bash")
+        .arg(root.join("scripts/install.sh"))
+        .arg("--no-build")
+        .env("DESTDIR", dir.path())
+        .env("BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "usr/local/bin/mcchat",
+        "usr/local/bin/mcchatd",
+        "etc/mcchat/rooms.toml",
+        "usr/local/share/man/man1/mcchat.1",
+        "usr/local/share/bash-completion/completions/mcchat",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} not installed");
+    }
+    let unit =
+        std::fs::read_to_string(dir.path().join("etc/systemd/system/mcchatd.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/mcchatd --rooms /etc/mcchat/rooms.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+        "WatchdogSec=30s",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line:?}");
+    }
+    // A second install keeps an edited rooms file.
+    std::fs::write(dir.path().join("etc/mcchat/rooms.toml"), "# edited\n").unwrap();
+    let o = std::process::Command::new("bash")
+        .arg(root.join("scripts/install.sh"))
+        .arg("--no-build")
+        .env("DESTDIR", dir.path())
+        .env("BIN_DIR", &bin_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("etc/mcchat/rooms.toml")).unwrap(),
+        "# edited\n"
+    );
+    assert!(dir.path().join("etc/mcchat/rooms.toml.dist").is_file());
+}
