@@ -17,6 +17,7 @@ pub const BUILTIN_ROOMS: &str = include_str!("../../../rooms.toml");
 pub const SYSTEM_PATH: &str = "/etc/mcchat/rooms.toml";
 
 /// How the rooms file was chosen.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
     /// `--rooms FILE`.

@@ -91,6 +91,23 @@ impl Default for DaemonSettings {
     }
 }
 
+/// The TOML type of every `[daemon]` key, for errors that name the key.
+pub(crate) const KEY_TYPES: &[(&str, &str)] = &[
+    ("listen", "array"),
+    ("allow", "array"),
+    ("adhoc_rooms", "boolean"),
+    ("lease_secs", "integer"),
+    ("max_subscribers", "integer"),
+    ("max_rooms", "integer"),
+    ("relay_rate", "integer"),
+    ("relay_burst", "integer"),
+    ("subscribe_rate", "integer"),
+    ("subscribe_burst", "integer"),
+    ("status_socket", "string"),
+    ("ttl", "integer"),
+    ("iface", "string"),
+];
+
 /// The `[daemon]` table as written; every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

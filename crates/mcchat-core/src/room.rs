@@ -223,6 +223,7 @@ impl Registry {
                 if !value.is_table() {
                     return Err(problem("must be a table".to_owned()));
                 }
+                check_types(&value, crate::daemon::KEY_TYPES).map_err(problem)?;
                 let raw: RawDaemon = value
                     .try_into()
                     .map_err(|e: toml::de::Error| problem(e.message().trim().to_owned()))?;
@@ -307,6 +308,16 @@ fn room_from_value(name: &str, value: toml::Value) -> Result<Room, String> {
     if !value.is_table() {
         return Err("must be a table with `group` and `port`".to_owned());
     }
+    check_types(
+        &value,
+        &[
+            ("group", "string"),
+            ("port", "integer"),
+            ("ttl", "integer"),
+            ("description", "string"),
+            ("keep", "boolean"),
+        ],
+    )?;
     let raw: RawRoom = value.try_into().map_err(|e: toml::de::Error| {
         let msg = e.message().trim().to_owned();
         if msg.starts_with("unknown field") {
@@ -348,6 +359,35 @@ fn room_from_value(name: &str, value: toml::Value) -> Result<Room, String> {
         keep: raw.keep,
         source: RoomSource::Configured,
     })
+}
+
+/// Checks the TOML types of known keys, so a wrong type is reported with its key (serde's
+/// message would not name it).
+pub(crate) fn check_types(value: &toml::Value, expected: &[(&str, &str)]) -> Result<(), String> {
+    let Some(table) = value.as_table() else {
+        return Ok(());
+    };
+    for (key, want) in expected {
+        if let Some(v) = table.get(*key)
+            && v.type_str() != *want
+        {
+            let article = if want.starts_with(['a', 'i']) {
+                "an"
+            } else {
+                "a"
+            };
+            return Err(format!(
+                "key `{key}`: expected {article} {want}, found {} {}",
+                if v.type_str().starts_with(['a', 'i']) {
+                    "an"
+                } else {
+                    "a"
+                },
+                v.type_str()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// 1-based line and column of a byte offset.

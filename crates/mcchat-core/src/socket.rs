@@ -153,6 +153,9 @@ pub enum SocketError {
         /// Why it failed, with a remedy.
         reason: String,
     },
+    /// A link-scoped IPv6 group without `--iface`.
+    #[error("{0} is a link-local group: pick the link with --iface NAME")]
+    NeedsInterface(SocketAddr),
     /// An IPv4 room on an interface without an IPv4 address.
     #[error("cannot send to {group} on {iface}: the interface has no IPv4 address")]
     NoIpv4 {
@@ -294,12 +297,13 @@ where
 {
     socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
     let index = config.iface.index;
-    // Link-local scoped groups (ffx2::) need the interface as the bind scope.
-    let scope = if ip.segments()[0] & 0x000f == 2 {
-        index
-    } else {
-        0
-    };
+    // Interface- and link-local groups (ffx1::, ffx2::) exist per link: the kernel needs the
+    // interface as the bind scope, and there is no sensible default.
+    let link_scoped = matches!(ip.segments()[0] & 0x000f, 1 | 2);
+    if link_scoped && index == 0 {
+        return Err(SocketError::NeedsInterface(group));
+    }
+    let scope = if link_scoped { index } else { 0 };
     let bind_ip = if cfg!(target_os = "linux") {
         ip
     } else {

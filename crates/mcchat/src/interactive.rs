@@ -80,6 +80,9 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
     let prompt = format!("[{}] ", session.room().name);
 
     let shutdown = shutdown_signal()?;
+    if let Ok(log_printer) = editor.create_external_printer() {
+        crate::log::to_printer(log_printer);
+    }
     session.enter().await?;
     let (tx, mut rx) = mpsc::channel(1);
     let thread = std::thread::Builder::new()
@@ -156,6 +159,7 @@ pub(crate) async fn run(mut session: Session) -> Result<()> {
             nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t);
         let _ = writeln!(std::io::stdout());
     }
+    crate::log::to_stderr();
     session.log_drops();
     result?;
     left.context("failed to send the leave message")?;

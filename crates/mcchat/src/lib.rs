@@ -6,6 +6,7 @@
 //! - `interactive`: the terminal front end (rustyline with an external printer).
 //! - `pipe`: the line-oriented front end for `join` without a terminal.
 //! - `output`: stdout that treats a closed pipe as a clean exit.
+//! - `log`: where diagnostics go (stderr, or above the prompt on a terminal).
 //! - `via`: the client side of mcchatd's relay protocol (`--via`).
 //! - `status`: `mcchat status`, reading a daemon's status document.
 //!
@@ -16,6 +17,7 @@
 pub mod cli;
 mod display;
 mod interactive;
+mod log;
 mod output;
 mod pipe;
 mod session;
@@ -30,6 +32,7 @@ use mcchat_core::config::{self, Loaded};
 use mcchat_core::wire::Kind;
 
 use crate::cli::{Cli, Command};
+pub use crate::log::{LogWriter, log_writer};
 use crate::output::Stdout;
 pub use crate::output::StdoutClosed;
 use crate::session::{Session, now_ms};

@@ -75,10 +75,6 @@ impl Terminal {
         }
     }
 
-    fn contents(&self) -> String {
-        self.screen.state.lock().unwrap().0.screen().contents()
-    }
-
     /// Waits until the screen's text satisfies `pred`; returns the text.
     fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         self.wait_screen(what, |screen| pred(&screen.contents()))
@@ -123,15 +119,34 @@ impl Terminal {
         })
     }
 
+    /// Waits (capped) for the program to exit: the pty reader seeing the end is the signal.
     fn wait_exit(&mut self) -> bool {
-        self.wait_for("the program exiting", |_| self.screen_closed());
+        let deadline = Instant::now() + WAIT;
+        let mut state = self.screen.state.lock().unwrap();
+        while !state.1 {
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "the program did not exit:\n{}",
+                state.0.screen().contents()
+            );
+            state = self
+                .screen
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap()
+                .0;
+        }
+        drop(state);
         self.child.wait().unwrap().success()
     }
+}
 
-    fn screen_closed(&self) -> bool {
-        // Called with the lock not held by wait_for's caller thread: try_lock avoids a
-        // re-entrant lock while wait_for holds it.
-        self.screen.state.try_lock().map(|s| s.1).unwrap_or(true)
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        // A failed test must not leave the peer running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -192,7 +207,6 @@ fn typed_line_stays_intact_while_messages_arrive() {
     term.type_keys("\x04"); // Ctrl-D on an empty line
     assert!(term.wait_exit());
     bob.expect_out("-- alice left");
-    let _ = term.contents();
 }
 
 #[test]

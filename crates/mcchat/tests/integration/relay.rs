@@ -676,3 +676,56 @@ fn install_script_stages_everything() {
     );
     assert!(dir.path().join("etc/mcchat/rooms.toml.dist").is_file());
 }
+
+/// An IPv6 room through the daemon: its IPv6 relay socket sends to the IPv6 group, and an
+/// IPv6 client is served too.
+#[test]
+fn ipv6_rooms_and_clients_are_relayed() {
+    require_netns();
+    let d = Proc::daemon(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "[::1]:0",
+            "--status-socket",
+            "",
+        ],
+    );
+    let addrs: Vec<SocketAddr> = ["127.0.0.1", "[::1]"]
+        .iter()
+        .map(|ip| {
+            let line = d.expect_err(&format!("bound={ip}:"));
+            line.rsplit("bound=")
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let direct = Proc::mcchat("direct6", None, &["listen", "room6"], &[]).listening();
+    let via6 = Proc::mcchat(
+        "via6",
+        None,
+        &["listen", "room6", "--via", &addrs[1].to_string()],
+        &[],
+    )
+    .listening();
+    let (st, _, err) = run(
+        &[
+            "send",
+            "room6",
+            "--name",
+            "v4client",
+            "--via",
+            &addrs[0].to_string(),
+            "over v4 to a v6 group",
+        ],
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    direct.expect_out("v4client: over v4 to a v6 group");
+    via6.expect_out("v4client: over v4 to a v6 group");
+}

@@ -273,6 +273,10 @@ impl Proc {
         self.stdout.snapshot()
     }
 
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.snapshot()
+    }
+
     pub fn say(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").unwrap();
