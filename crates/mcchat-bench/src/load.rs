@@ -1,0 +1,260 @@
+//! The load tools: a paced sender, a counting receiver with a latency histogram, and relay
+//! subscribers. Plain blocking sockets on their own threads: the tools must not be what
+//! limits the figures.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use hdrhistogram::Histogram;
+use mcchat_core::socket::{self, MulticastConfig};
+use mcchat_core::wire::{self, Header, Kind, Meta};
+
+/// The room every benchmark uses.
+pub(crate) const ROOM: &str = "room1";
+
+/// Wall-clock nanoseconds: sender and receiver are on one host, so their clocks agree.
+pub(crate) fn now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// One benchmark datagram of exactly `size` bytes: `room1|b|SEQ NS xxxx`.
+pub(crate) fn message(seq: u64, size: usize, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    out.clear();
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{ROOM}|b|{seq:012} {:020} ", now_ns());
+    out.resize(size.max(out.len()), b'x');
+}
+
+fn parse(d: &[u8]) -> Option<(u64, u64)> {
+    let text = d.splitn(3, |b| *b == b'|').nth(2)?;
+    let seq = std::str::from_utf8(text.get(..12)?).ok()?.parse().ok()?;
+    let ns = std::str::from_utf8(text.get(13..33)?).ok()?.parse().ok()?;
+    Some((seq, ns))
+}
+
+/// What a sender did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sent {
+    pub(crate) count: u64,
+    pub(crate) secs: f64,
+}
+
+/// Sends to `to` at `rate` datagrams a second (0: flat out) for `secs`, from `from`.
+pub(crate) fn send(to: SocketAddr, rate: u64, secs: f64, size: usize) -> Result<Sent> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("bind the sender")?;
+    sock.set_multicast_ttl_v4(1)?;
+    let mut buf = Vec::with_capacity(size);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut seq = 0u64;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if rate > 0 {
+            let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
+            if due > now {
+                let wait = due - now;
+                if wait > Duration::from_micros(200) {
+                    std::thread::sleep(wait - Duration::from_micros(100));
+                }
+                continue;
+            }
+        }
+        seq += 1;
+        message(seq, size, &mut buf);
+        // A full socket buffer (ENOBUFS/EAGAIN) is loss the receiver will count.
+        let _ = sock.send_to(&buf, to);
+    }
+    Ok(Sent {
+        count: seq,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Sends one datagram to `to`; returns when it was stamped (wall-clock ns).
+pub(crate) fn single(to: SocketAddr, size: usize) -> Result<u64> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("bind the sender")?;
+    sock.set_multicast_ttl_v4(1)?;
+    let mut buf = Vec::with_capacity(size);
+    let ns = now_ns();
+    message(0, size, &mut buf);
+    sock.send_to(&buf, to)?;
+    Ok(ns)
+}
+
+/// What a receiver saw.
+#[derive(Debug, Clone)]
+pub(crate) struct Received {
+    pub(crate) count: u64,
+    pub(crate) latency_us: Histogram<u64>,
+}
+
+/// A receiver joined to `group`, counting until `stop` is set and it has been idle for
+/// `idle`.
+pub(crate) struct Receiver {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<Received>>,
+}
+
+impl Receiver {
+    /// Joins `group` (returns once joined) and counts in a thread.
+    pub(crate) fn start(group: SocketAddr, idle: Duration) -> Result<Self> {
+        let joined = socket::open(group, &MulticastConfig::default())?;
+        let sock: UdpSocket = joined.socket;
+        sock.set_nonblocking(false)?;
+        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut buf = [0u8; 2048];
+            let mut count = 0u64;
+            let mut last = Instant::now();
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) => {
+                        last = Instant::now();
+                        if let Some((_seq, ns)) = parse(&buf[..n]) {
+                            count += 1;
+                            let lat = now_ns().saturating_sub(ns) / 1000;
+                            let _ = hist.record(lat.max(1));
+                        }
+                    }
+                    Err(_) => {
+                        if flag.load(Ordering::Relaxed) && last.elapsed() >= idle {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(Received {
+                count,
+                latency_us: hist,
+            })
+        });
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops once idle and returns the counts.
+    pub(crate) fn finish(self) -> Result<Received> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.join() {
+            Ok(r) => r,
+            Err(_) => bail!("receiver thread panicked"),
+        }
+    }
+}
+
+/// A hand-driven relay subscriber.
+pub(crate) struct Subscriber {
+    sock: UdpSocket,
+}
+
+fn request(kind: Kind, cookie: Option<&str>) -> Vec<u8> {
+    let pad = "x".repeat(200);
+    let mut tags: Vec<(&str, &str)> = vec![("pad", &pad)];
+    if let Some(c) = cookie {
+        tags.push(("cookie", c));
+    }
+    let header = Header {
+        meta: Meta {
+            kind,
+            ..Meta::default()
+        },
+        extra: &tags,
+    };
+    let mut out = String::new();
+    let _ = wire::encode(&header, ROOM, "bench", "", &mut out);
+    out.into_bytes()
+}
+
+/// Subscribes `n` sockets to the relay at `daemon`, in batches.
+pub(crate) fn subscribe(daemon: SocketAddr, n: usize) -> Result<Vec<Subscriber>> {
+    let mut subs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a subscriber")?;
+        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // The kernel stamps each datagram on arrival: the fan-out time is the daemon's, not
+        // the time this process takes to read 10,000 sockets one after another.
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+            .context("SO_TIMESTAMPNS")?;
+        subs.push(Subscriber { sock });
+    }
+    let mut buf = [0u8; 2048];
+    for batch in subs.chunks(500) {
+        for s in batch {
+            s.sock.send_to(&request(Kind::Subscribe, None), daemon)?;
+        }
+        let mut cookies = Vec::with_capacity(batch.len());
+        for s in batch {
+            let n = s.sock.recv(&mut buf).context("no challenge from mcchatd")?;
+            let f = wire::decode(&buf[..n]).map_err(|r| anyhow::anyhow!("bad challenge: {r}"))?;
+            cookies.push(f.tags.get("cookie").map(|c| c.into_owned()).unwrap_or_default());
+        }
+        for (s, c) in batch.iter().zip(&cookies) {
+            s.sock.send_to(&request(Kind::Subscribe, Some(c)), daemon)?;
+        }
+        for s in batch {
+            let n = s.sock.recv(&mut buf).context("no confirmation from mcchatd")?;
+            if wire::decode(&buf[..n]).map(|f| f.meta.kind) != Ok(Kind::Subscribed) {
+                bail!("subscription refused: {}", String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    }
+    Ok(subs)
+}
+
+/// Reads `per_sub` datagrams on every subscriber; returns the latest kernel arrival stamp
+/// (wall-clock ns) and the number delivered.
+pub(crate) fn drain(subs: &[Subscriber], per_sub: usize) -> (u64, u64) {
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+    let mut buf = [0u8; 2048];
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut last = 0u64;
+    let mut delivered = 0u64;
+    for s in subs {
+        for _ in 0..per_sub {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let Ok(msg) = recvmsg::<()>(s.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            else {
+                break;
+            };
+            delivered += 1;
+            for c in msg.cmsgs().into_iter().flatten() {
+                if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                    let ns = (ts.tv_sec() as u64).saturating_mul(1_000_000_000) + ts.tv_nsec() as u64;
+                    last = last.max(ns);
+                }
+            }
+        }
+    }
+    (last, delivered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_the_size_and_parse_back() {
+        let mut buf = Vec::new();
+        message(42, 64, &mut buf);
+        assert_eq!(buf.len(), 64);
+        let (seq, ns) = parse(&buf).unwrap();
+        assert_eq!(seq, 42);
+        assert!(ns > 0);
+        assert!(wire::decode(&buf).is_ok());
+    }
+}

@@ -1,0 +1,194 @@
+//! `mcbench`: the load tools and benchmark suite behind scripts/bench.sh. Not part of the
+//! products: it drives them from outside, over real sockets, in a network namespace.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod load;
+mod suite;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use serde_json::Value;
+
+/// Runs the benchmark suite (inside scripts/bench.sh's network namespace).
+#[derive(Debug, Parser)]
+#[command(name = "mcbench")]
+struct Cli {
+    /// A short smoke pass: fewer, shorter runs
+    #[arg(long)]
+    quick: bool,
+    /// The mcchatd binary
+    #[arg(long)]
+    mcchatd: PathBuf,
+    /// The mcchat binary
+    #[arg(long)]
+    mcchat: PathBuf,
+    /// The reference peers' directory (node-relay.js)
+    #[arg(long)]
+    peers: PathBuf,
+    /// Where criterion wrote its estimates
+    #[arg(long)]
+    criterion: PathBuf,
+    /// The JSON results file
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Refuses to send a packet unless this process is in a namespace with only `lo`.
+fn require_netns() -> Result<()> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev").context("read /proc/self/net/dev")?;
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    if ifaces != ["lo"] {
+        bail!("refusing to run outside a network namespace with only lo ({ifaces:?}); use scripts/bench.sh");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = require_netns().and_then(|()| {
+        let opts = suite::Opts {
+            quick: cli.quick,
+            mcchatd: cli.mcchatd,
+            mcchat: cli.mcchat,
+            peers: cli.peers,
+            out: cli.out.clone(),
+            criterion: cli.criterion,
+        };
+        let mut results = suite::run(&opts)?;
+        results["meta"] = serde_json::json!({
+            "date": jiff_free_date(),
+            "cores": std::thread::available_parallelism().map_or(0, usize::from),
+            "quick": cli.quick,
+        });
+        std::fs::write(&cli.out, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("write {}", cli.out.display()))?;
+        print!("{}", table(&results));
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcbench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn jiff_free_date() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%dT%H:%M:%SZ")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn med(v: &Value) -> Option<f64> {
+    v["median"].as_f64().or_else(|| v.as_f64())
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+fn range(v: &Value) -> String {
+    match (v["min"].as_f64(), v["max"].as_f64(), v["runs"].as_u64()) {
+        (Some(a), Some(b), Some(n)) if n > 1 => format!(" ({}-{})", fmt(Some(a)), fmt(Some(b))),
+        _ => String::new(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
+/// The results as one table: each figure for mcchat, node-relay.js and the kernel, with
+/// ratios.
+fn table(r: &Value) -> String {
+    let mut o = String::new();
+    let cell = |v: &Value| format!("{}{}", fmt(med(v)), range(v));
+    // Writing to a String cannot fail; the results are ignored for that reason.
+    let _ = writeln!(o, "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}", "figure", "mcchatd", "node-relay.js", "kernel (no relay)", "mc/node", "mc/kern");
+    let t = &r["throughput_msgs_per_s"];
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}",
+        "relay throughput, msg/s at <0.1% loss",
+        cell(&t["mcchatd"]),
+        cell(&t["node"]),
+        cell(&t["kernel"]),
+        ratio(med(&t["mcchatd"]), med(&t["node"])),
+        ratio(med(&t["mcchatd"]), med(&t["kernel"])),
+    );
+    for rate in ["10000", "50000"] {
+        for q in ["p50_us", "p99_us", "p999_us"] {
+            let l = |who: &str| &r["latency"][who][rate][q];
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}",
+                format!("latency {q} at {rate} msg/s"),
+                cell(l("mcchatd")),
+                cell(l("node")),
+                cell(l("kernel")),
+                ratio(med(l("mcchatd")), med(l("node"))),
+                ratio(med(l("mcchatd")), med(l("kernel"))),
+            );
+        }
+    }
+    let c = &r["cpu_s_per_million"];
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}",
+        "CPU s per million relayed (40,000 msg/s)",
+        cell(&c["mcchatd"]),
+        cell(&c["node"]),
+        "-",
+        ratio(med(&c["mcchatd"]), med(&c["node"])),
+        "-",
+    );
+    if let Some(f) = r["fanout"].as_object() {
+        let mut keys: Vec<&String> = f.keys().collect();
+        keys.sort_by_key(|k| k.parse::<u64>().unwrap_or(0));
+        for n in keys {
+            let _ = writeln!(o, "{:<44} {:>22}", format!("fan-out to {n}: ms until the last has it"), cell(&f[n]["time_to_last_ms"]));
+            let _ = writeln!(o, "{:<44} {:>22}", format!("fan-out to {n}: deliveries/s"), cell(&f[n]["deliveries_per_s"]));
+        }
+    }
+    let m = &r["memory"];
+    let idle = m["idle_rss_kib"].as_f64();
+    let with = m["rss_kib_with_subscribers"].as_f64();
+    let n = m["subscribers"].as_f64();
+    let _ = writeln!(o, "{:<44} {:>22}", "mcchatd RSS idle, KiB", fmt(idle));
+    let _ = writeln!(o, "{:<44} {:>22}", format!("mcchatd RSS with {} subscribers, KiB", fmt(n)), fmt(with));
+    let per = match (idle, with, n) {
+        (Some(i), Some(w), Some(n)) if n > 0.0 => Some((w - i) / n * 1024.0),
+        _ => None,
+    };
+    let _ = writeln!(o, "{:<44} {:>22}", "mcchatd bytes per subscriber", fmt(per));
+    let _ = writeln!(o, "{:<44} {:>22}", "mcchat join: ms to ready", cell(&r["mcchat_join_ready_ms"]));
+    let _ = writeln!(o, "{:<44} {:>22}", "mcchat join: RSS KiB", cell(&m["mcchat_join_rss_kib"]));
+    if let Some(codec) = r["codec_ns"].as_object() {
+        for (k, v) in codec {
+            let _ = writeln!(o, "{:<44} {:>22}", format!("codec {k}, ns"), fmt(v.as_f64()));
+        }
+    }
+    o
+}

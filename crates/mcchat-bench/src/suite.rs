@@ -1,0 +1,350 @@
+//! The benchmark suite: starts the relays, drives the load tools, and reports each figure
+//! for mcchat, for node-relay.js and for the kernel's own path, with ratios. Runs only inside
+//! the namespace scripts/bench.sh makes (it checks).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use crate::load::{self, Receiver};
+
+/// The room's group: what receivers join and the no-relay path sends to.
+const GROUP: &str = "239.255.77.1:5555";
+/// Where the relay under test listens.
+const RELAY: &str = "127.0.0.1:5554";
+/// Loss that still counts as "no loss" when searching for the highest rate.
+const MAX_LOSS: f64 = 0.001;
+/// Datagram size for throughput and latency (the issue's figure: 64 bytes).
+const SIZE: usize = 64;
+
+/// Options from the command line.
+pub(crate) struct Opts {
+    pub(crate) quick: bool,
+    pub(crate) mcchatd: PathBuf,
+    pub(crate) mcchat: PathBuf,
+    pub(crate) peers: PathBuf,
+    pub(crate) out: PathBuf,
+    pub(crate) criterion: PathBuf,
+}
+
+/// A relay process under test.
+struct Relay {
+    name: &'static str,
+    child: Option<Child>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Relay {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Spawns `cmd` and waits for a line containing `ready` on stdout or stderr.
+fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Relay> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(ready) => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                bail!("{name} did not report ready");
+            }
+        }
+    }
+    Ok(Relay {
+        name,
+        child: Some(child),
+    })
+}
+
+fn mcchatd(opts: &Opts, rooms: &Path) -> Result<Relay> {
+    let mut cmd = Command::new(&opts.mcchatd);
+    cmd.args(["--listen", RELAY, "--status-socket", "", "--rooms"]).arg(rooms);
+    spawn_ready("mcchatd", cmd, "mcchatd ready")
+}
+
+fn node_relay(opts: &Opts) -> Result<Option<Relay>> {
+    let script = opts.peers.join("node-relay.js");
+    if Command::new("node").arg("--version").output().is_err() || !script.exists() {
+        return Ok(None);
+    }
+    let mut cmd = Command::new("node");
+    cmd.arg(&script)
+        .env("RELAY_PORT", "5554")
+        .env("RELAY_HOST", "127.0.0.1")
+        .env("MCAST_IF", "127.0.0.1");
+    spawn_ready("node-relay.js", cmd, "relay listening").map(Some)
+}
+
+/// No relay: the sender speaks to the group itself.
+fn kernel() -> Relay {
+    Relay {
+        name: "kernel",
+        child: None,
+    }
+}
+
+fn target_of(relay: &Relay) -> SocketAddr {
+    let addr = if relay.child.is_some() { RELAY } else { GROUP };
+    addr.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5554)))
+}
+
+/// One run at `rate` for `secs`: (achieved offered rate, loss, receiver).
+fn trial(relay: &Relay, rate: u64, secs: f64) -> Result<(f64, f64, load::Received)> {
+    let group: SocketAddr = GROUP.parse()?;
+    let rx = Receiver::start(group, Duration::from_millis(150))?;
+    let sent = load::send(target_of(relay), rate, secs, SIZE)?;
+    let got = rx.finish()?;
+    let loss = 1.0 - (got.count as f64 / sent.count.max(1) as f64);
+    Ok((sent.count as f64 / sent.secs, loss.max(0.0), got))
+}
+
+/// The highest offered rate with under 0.1% loss: doubling, then bisection.
+fn max_rate(relay: &Relay, secs: f64, steps: u32) -> Result<f64> {
+    let mut ok = 0f64;
+    let mut rate = 20_000u64;
+    let mut bad = None;
+    while rate <= 2_000_000 {
+        let (achieved, loss, _) = trial(relay, rate, secs)?;
+        if loss < MAX_LOSS && achieved > rate as f64 * 0.95 {
+            ok = achieved;
+            rate *= 2;
+        } else {
+            bad = Some(rate);
+            break;
+        }
+    }
+    let Some(mut hi) = bad else { return Ok(ok) };
+    let mut lo = (ok as u64).max(1);
+    for _ in 0..steps {
+        let mid = (lo + hi) / 2;
+        let (achieved, loss, _) = trial(relay, mid, secs)?;
+        if loss < MAX_LOSS && achieved > mid as f64 * 0.95 {
+            lo = mid;
+            ok = ok.max(achieved);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(ok)
+}
+
+/// Median, min and max.
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    let median = v.get(v.len() / 2).copied().unwrap_or(0.0);
+    json!({
+        "median": median,
+        "min": v.first().copied().unwrap_or(0.0),
+        "max": v.last().copied().unwrap_or(0.0),
+        "runs": v.len(),
+    })
+}
+
+fn proc_stat(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    // USER_HZ is 100 on every Linux architecture that matters here.
+    Some((ticks / 100.0, rss_kib))
+}
+
+fn rooms_file(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("bench-rooms.toml");
+    std::fs::write(
+        &path,
+        "[daemon]\nrelay_rate = 1000000\nrelay_burst = 1000000\nsubscribe_rate = 1000000\n\
+         subscribe_burst = 1000000\nmax_subscribers = 20000\n\n\
+         [rooms.room1]\ngroup = \"239.255.77.1\"\nport = 5555\n",
+    )?;
+    Ok(path)
+}
+
+/// Runs everything; returns the results document.
+pub(crate) fn run(opts: &Opts) -> Result<Value> {
+    let dir = opts.out.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    std::fs::create_dir_all(&dir)?;
+    let rooms = rooms_file(&dir)?;
+    let (runs, secs, steps) = if opts.quick { (1, 0.25, 2) } else { (3, 1.0, 5) };
+    let mut results = BTreeMap::<String, Value>::new();
+
+    // 1. Throughput, each relay alone on the machine in turn.
+    let mut throughput = BTreeMap::new();
+    let mut relays: Vec<(&str, Box<dyn Fn() -> Result<Option<Relay>>>)> = vec![
+        ("kernel", Box::new(|| Ok(Some(kernel())))),
+        ("mcchatd", Box::new(|| mcchatd(opts, &rooms).map(Some))),
+        ("node", Box::new(|| node_relay(opts))),
+    ];
+    let mut latency = BTreeMap::new();
+    let mut cpu = BTreeMap::new();
+    for (name, start) in relays.drain(..) {
+        let Some(relay) = start()? else {
+            eprintln!("bench: node-relay.js not run: Node.js or {} missing", opts.peers.display());
+            continue;
+        };
+        eprintln!("bench: throughput of {}", relay.name);
+        let mut v = Vec::new();
+        for _ in 0..runs {
+            v.push(max_rate(&relay, secs, steps)?);
+        }
+        throughput.insert(name, summary(v));
+        // 2. Latency at fixed rates.
+        let mut by_rate = BTreeMap::new();
+        for rate in [10_000u64, 50_000] {
+            let (mut p50, mut p99, mut p999, mut loss) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..runs {
+                let (_, l, got) = trial(&relay, rate, secs)?;
+                p50.push(got.latency_us.value_at_quantile(0.5) as f64);
+                p99.push(got.latency_us.value_at_quantile(0.99) as f64);
+                p999.push(got.latency_us.value_at_quantile(0.999) as f64);
+                loss.push(l);
+            }
+            by_rate.insert(
+                rate.to_string(),
+                json!({"p50_us": summary(p50), "p99_us": summary(p99), "p999_us": summary(p999), "loss": summary(loss)}),
+            );
+        }
+        latency.insert(name, by_rate);
+        // 4. CPU per million relayed at 40,000 msg/s.
+        if let Some(pid) = relay.pid() {
+            let mut v = Vec::new();
+            for _ in 0..runs {
+                let before = proc_stat(pid).map_or(0.0, |s| s.0);
+                let (achieved, _, got) = trial(&relay, 40_000, secs.max(0.5))?;
+                let after = proc_stat(pid).map_or(0.0, |s| s.0);
+                let _ = achieved;
+                v.push((after - before) / got.count.max(1) as f64 * 1e6);
+            }
+            cpu.insert(name, summary(v));
+        }
+    }
+    results.insert("throughput_msgs_per_s".into(), json!(throughput));
+    results.insert("latency".into(), json!(latency));
+    results.insert("cpu_s_per_million".into(), json!(cpu));
+
+    // 3. Fan-out and 4. memory, through mcchatd.
+    let mut fanout = BTreeMap::new();
+    let mut memory = BTreeMap::new();
+    let sizes: &[usize] = if opts.quick { &[1, 100, 1000] } else { &[1, 100, 10_000] };
+    for &n in sizes {
+        let relay = mcchatd(opts, &rooms)?;
+        let pid = relay.pid().unwrap_or(0);
+        if n == 1 {
+            memory.insert("idle_rss_kib", json!(proc_stat(pid).map_or(0, |s| s.1)));
+        }
+        let subs = load::subscribe(RELAY.parse()?, n)?;
+        if n == *sizes.last().unwrap_or(&1) {
+            let rss = proc_stat(pid).map_or(0, |s| s.1);
+            memory.insert("subscribers", json!(n));
+            memory.insert("rss_kib_with_subscribers", json!(rss));
+        }
+        let (mut last_ms, mut rate) = (vec![], vec![]);
+        for _ in 0..runs {
+            // One message: how long until the last subscriber has it.
+            let one = load::single(GROUP.parse()?, SIZE)?;
+            let (last, got) = load::drain(&subs, 1);
+            if got < n as u64 {
+                eprintln!("bench: fan-out to {n}: {got} delivered");
+            }
+            last_ms.push(last.saturating_sub(one) as f64 / 1e6);
+            // A burst: deliveries per second.
+            let burst = (20_000 / n).clamp(5, 1000);
+            let first = load::now_ns();
+            for _ in 0..burst {
+                load::single(GROUP.parse()?, SIZE)?;
+            }
+            let (last, got) = load::drain(&subs, burst);
+            rate.push(got as f64 / (last.saturating_sub(first).max(1) as f64 / 1e9));
+        }
+        fanout.insert(
+            n.to_string(),
+            json!({"time_to_last_ms": summary(last_ms), "deliveries_per_s": summary(rate)}),
+        );
+        drop(relay);
+    }
+    results.insert("fanout".into(), json!(fanout));
+
+    // 4. The CLI: start-up to ready, and its RSS.
+    let (mut ready_ms, mut rss) = (vec![], vec![]);
+    for _ in 0..if opts.quick { 3 } else { 10 } {
+        let t0 = Instant::now();
+        let mut child = Command::new(&opts.mcchat)
+            .args(["join", "startup", "--name", "bench"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start mcchat")?;
+        let mut err = BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        while err.read_line(&mut line)? > 0 && !line.contains("mcchat: joined") {
+            line.clear();
+        }
+        ready_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        rss.push(proc_stat(child.id()).map_or(0, |s| s.1) as f64);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    memory.insert("mcchat_join_rss_kib", summary(rss));
+    results.insert("mcchat_join_ready_ms".into(), summary(ready_ms));
+    results.insert("memory".into(), json!(memory));
+
+    // 5. Codec micro-benchmarks, if criterion ran.
+    let mut codec = BTreeMap::new();
+    for name in ["decode_tagged", "decode_bare", "encode_tagged"] {
+        let p = opts.criterion.join("codec").join(name).join("new/estimates.json");
+        if let Ok(text) = std::fs::read_to_string(&p)
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+        {
+            codec.insert(name, v["mean"]["point_estimate"].clone());
+        }
+    }
+    results.insert("codec_ns".into(), json!(codec));
+    Ok(json!(results))
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# bench.sh — measures mcchat side by side with node-relay.js and the kernel's own multicast
+# path, in one run, inside a private network namespace (only lo; nothing leaves the machine).
+#
+# Usage: scripts/bench.sh [--quick]
+#   --quick   a smoke pass of a few seconds (CI runs it so the benchmarks cannot rot)
+#
+# Prints one table (each figure for mcchat, node-relay.js and the kernel, with ratios) and
+# writes it as JSON to target/bench/results.json. Method and a real run: docs/PERFORMANCE.md.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+quick=()
+for arg in "$@"; do
+    case $arg in
+        --quick) quick=(--quick) ;;
+        --inner) ;;
+        *)
+            echo "bench.sh: unknown argument '$arg' (see the header of this script)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+if [[ ${1:-} == --inner || ${2:-} == --inner ]]; then
+    ip link set lo up
+    ip link set lo multicast on
+    ip route add 224.0.0.0/4 dev lo src 127.0.0.1
+    exec target/release/mcbench "${quick[@]}" \
+        --mcchatd target/release/mcchatd --mcchat target/release/mcchat \
+        --peers "$root/../shared/peers" --criterion target/criterion \
+        --out target/bench/results.json
+fi
+
+"$root/scripts/deps.sh"
+cargo build --release --locked -p mcchat -p mcchatd -p mcchat-bench
+if ((${#quick[@]})); then
+    cargo bench --locked -p mcchat-core --bench codec -- --warm-up-time 0.1 --measurement-time 0.3 \
+        >/dev/null
+else
+    cargo bench --locked -p mcchat-core --bench codec -- --warm-up-time 1 --measurement-time 3 \
+        >/dev/null
+fi
+if ! command -v node >/dev/null 2>&1; then
+    echo "bench.sh: Node.js not found: node-relay.js is left out; mcchat and the kernel are still measured"
+fi
+mkdir -p target/bench
+if (($(id -u) == 0)); then
+    ns=(unshare --net)
+else
+    ns=(unshare --user --map-root-user --net)
+fi
+"${ns[@]}" bash "$root/scripts/bench.sh" "${quick[@]}" --inner
