@@ -179,8 +179,11 @@ fn request(kind: Kind, cookie: Option<&str>) -> Vec<u8> {
 /// Subscribes `n` sockets to the relay at `daemon`, in batches.
 pub(crate) fn subscribe(daemon: SocketAddr, n: usize) -> Result<Vec<Subscriber>> {
     let mut subs = Vec::with_capacity(n);
-    for _ in 0..n {
-        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a subscriber")?;
+    for i in 0..n {
+        // Fifty subscribers per host address: mcchatd allows 64 per source.
+        let host = i / 50;
+        let ip = Ipv4Addr::new(127, 1, (host / 250) as u8, (1 + host % 250) as u8);
+        let sock = UdpSocket::bind((ip, 0)).context("bind a subscriber")?;
         sock.set_read_timeout(Some(Duration::from_secs(5)))?;
         // The kernel stamps each datagram on arrival: the fan-out time is the daemon's, not
         // the time this process takes to read 10,000 sockets one after another.
@@ -197,15 +200,26 @@ pub(crate) fn subscribe(daemon: SocketAddr, n: usize) -> Result<Vec<Subscriber>>
         for s in batch {
             let n = s.sock.recv(&mut buf).context("no challenge from mcchatd")?;
             let f = wire::decode(&buf[..n]).map_err(|r| anyhow::anyhow!("bad challenge: {r}"))?;
-            cookies.push(f.tags.get("cookie").map(|c| c.into_owned()).unwrap_or_default());
+            cookies.push(
+                f.tags
+                    .get("cookie")
+                    .map(|c| c.into_owned())
+                    .unwrap_or_default(),
+            );
         }
         for (s, c) in batch.iter().zip(&cookies) {
             s.sock.send_to(&request(Kind::Subscribe, Some(c)), daemon)?;
         }
         for s in batch {
-            let n = s.sock.recv(&mut buf).context("no confirmation from mcchatd")?;
+            let n = s
+                .sock
+                .recv(&mut buf)
+                .context("no confirmation from mcchatd")?;
             if wire::decode(&buf[..n]).map(|f| f.meta.kind) != Ok(Kind::Subscribed) {
-                bail!("subscription refused: {}", String::from_utf8_lossy(&buf[..n]));
+                bail!(
+                    "subscription refused: {}",
+                    String::from_utf8_lossy(&buf[..n])
+                );
             }
         }
     }
@@ -227,14 +241,19 @@ pub(crate) fn drain(subs: &[Subscriber], per_sub: usize) -> (u64, u64) {
     for s in subs {
         for _ in 0..per_sub {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let Ok(msg) = recvmsg::<()>(s.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            else {
+            let Ok(msg) = recvmsg::<()>(
+                s.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            ) else {
                 break;
             };
             delivered += 1;
             for c in msg.cmsgs().into_iter().flatten() {
                 if let ControlMessageOwned::ScmTimestampns(ts) = c {
-                    let ns = (ts.tv_sec() as u64).saturating_mul(1_000_000_000) + ts.tv_nsec() as u64;
+                    let ns =
+                        (ts.tv_sec() as u64).saturating_mul(1_000_000_000) + ts.tv_nsec() as u64;
                     last = last.max(ns);
                 }
             }

@@ -48,7 +48,9 @@ fn require_netns() -> Result<()> {
         .map(str::trim)
         .collect();
     if ifaces != ["lo"] {
-        bail!("refusing to run outside a network namespace with only lo ({ifaces:?}); use scripts/bench.sh");
+        bail!(
+            "refusing to run outside a network namespace with only lo ({ifaces:?}); use scripts/bench.sh"
+        );
     }
     Ok(())
 }
@@ -126,7 +128,11 @@ fn table(r: &Value) -> String {
     let mut o = String::new();
     let cell = |v: &Value| format!("{}{}", fmt(med(v)), range(v));
     // Writing to a String cannot fail; the results are ignored for that reason.
-    let _ = writeln!(o, "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}", "figure", "mcchatd", "node-relay.js", "kernel (no relay)", "mc/node", "mc/kern");
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}",
+        "figure", "mcchatd", "node-relay.js", "kernel (no relay)", "mc/node", "mc/kern"
+    );
     let t = &r["throughput_msgs_per_s"];
     let _ = writeln!(
         o,
@@ -168,8 +174,18 @@ fn table(r: &Value) -> String {
         let mut keys: Vec<&String> = f.keys().collect();
         keys.sort_by_key(|k| k.parse::<u64>().unwrap_or(0));
         for n in keys {
-            let _ = writeln!(o, "{:<44} {:>22}", format!("fan-out to {n}: ms until the last has it"), cell(&f[n]["time_to_last_ms"]));
-            let _ = writeln!(o, "{:<44} {:>22}", format!("fan-out to {n}: deliveries/s"), cell(&f[n]["deliveries_per_s"]));
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22}",
+                format!("fan-out to {n}: ms until the last has it"),
+                cell(&f[n]["time_to_last_ms"])
+            );
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22}",
+                format!("fan-out to {n}: deliveries/s"),
+                cell(&f[n]["deliveries_per_s"])
+            );
         }
     }
     let m = &r["memory"];
@@ -177,17 +193,37 @@ fn table(r: &Value) -> String {
     let with = m["rss_kib_with_subscribers"].as_f64();
     let n = m["subscribers"].as_f64();
     let _ = writeln!(o, "{:<44} {:>22}", "mcchatd RSS idle, KiB", fmt(idle));
-    let _ = writeln!(o, "{:<44} {:>22}", format!("mcchatd RSS with {} subscribers, KiB", fmt(n)), fmt(with));
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22}",
+        format!("mcchatd RSS with {} subscribers, KiB", fmt(n)),
+        fmt(with)
+    );
     let per = match (idle, with, n) {
         (Some(i), Some(w), Some(n)) if n > 0.0 => Some((w - i) / n * 1024.0),
         _ => None,
     };
     let _ = writeln!(o, "{:<44} {:>22}", "mcchatd bytes per subscriber", fmt(per));
-    let _ = writeln!(o, "{:<44} {:>22}", "mcchat join: ms to ready", cell(&r["mcchat_join_ready_ms"]));
-    let _ = writeln!(o, "{:<44} {:>22}", "mcchat join: RSS KiB", cell(&m["mcchat_join_rss_kib"]));
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22}",
+        "mcchat join: ms to ready",
+        cell(&r["mcchat_join_ready_ms"])
+    );
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22}",
+        "mcchat join: RSS KiB",
+        cell(&m["mcchat_join_rss_kib"])
+    );
     if let Some(codec) = r["codec_ns"].as_object() {
         for (k, v) in codec {
-            let _ = writeln!(o, "{:<44} {:>22}", format!("codec {k}, ns"), fmt(v.as_f64()));
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22}",
+                format!("codec {k}, ns"),
+                fmt(v.as_f64())
+            );
         }
     }
     o

@@ -57,12 +57,22 @@ impl Relay {
 
 /// Spawns `cmd` and waits for a line containing `ready` on stdout or stderr.
 fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Relay> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
     let (tx, rx) = mpsc::channel::<String>();
     for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -94,7 +104,8 @@ fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Rela
 
 fn mcchatd(opts: &Opts, rooms: &Path) -> Result<Relay> {
     let mut cmd = Command::new(&opts.mcchatd);
-    cmd.args(["--listen", RELAY, "--status-socket", "", "--rooms"]).arg(rooms);
+    cmd.args(["--listen", RELAY, "--status-socket", "", "--rooms"])
+        .arg(rooms);
     spawn_ready("mcchatd", cmd, "mcchatd ready")
 }
 
@@ -121,7 +132,8 @@ fn kernel() -> Relay {
 
 fn target_of(relay: &Relay) -> SocketAddr {
     let addr = if relay.child.is_some() { RELAY } else { GROUP };
-    addr.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5554)))
+    addr.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5554)))
 }
 
 /// One run at `rate` for `secs`: (achieved offered rate, loss, receiver).
@@ -208,10 +220,17 @@ fn rooms_file(dir: &Path) -> Result<PathBuf> {
 
 /// Runs everything; returns the results document.
 pub(crate) fn run(opts: &Opts) -> Result<Value> {
-    let dir = opts.out.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = opts
+        .out
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     std::fs::create_dir_all(&dir)?;
     let rooms = rooms_file(&dir)?;
-    let (runs, secs, steps) = if opts.quick { (1, 0.25, 2) } else { (3, 1.0, 5) };
+    let (runs, secs, steps) = if opts.quick {
+        (1, 0.25, 2)
+    } else {
+        (3, 1.0, 5)
+    };
     let mut results = BTreeMap::<String, Value>::new();
 
     // 1. Throughput, each relay alone on the machine in turn.
@@ -225,7 +244,10 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     let mut cpu = BTreeMap::new();
     for (name, start) in relays.drain(..) {
         let Some(relay) = start()? else {
-            eprintln!("bench: node-relay.js not run: Node.js or {} missing", opts.peers.display());
+            eprintln!(
+                "bench: node-relay.js not run: Node.js or {} missing",
+                opts.peers.display()
+            );
             continue;
         };
         eprintln!("bench: throughput of {}", relay.name);
@@ -271,7 +293,11 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     // 3. Fan-out and 4. memory, through mcchatd.
     let mut fanout = BTreeMap::new();
     let mut memory = BTreeMap::new();
-    let sizes: &[usize] = if opts.quick { &[1, 100, 1000] } else { &[1, 100, 10_000] };
+    let sizes: &[usize] = if opts.quick {
+        &[1, 100, 1000]
+    } else {
+        &[1, 100, 10_000]
+    };
     for &n in sizes {
         let relay = mcchatd(opts, &rooms)?;
         let pid = relay.pid().unwrap_or(0);
@@ -338,7 +364,11 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     // 5. Codec micro-benchmarks, if criterion ran.
     let mut codec = BTreeMap::new();
     for name in ["decode_tagged", "decode_bare", "encode_tagged"] {
-        let p = opts.criterion.join("codec").join(name).join("new/estimates.json");
+        let p = opts
+            .criterion
+            .join("codec")
+            .join(name)
+            .join("new/estimates.json");
         if let Ok(text) = std::fs::read_to_string(&p)
             && let Ok(v) = serde_json::from_str::<Value>(&text)
         {

@@ -16,8 +16,14 @@ fn codec(c: &mut Criterion) {
         extra: &[],
     };
     let mut tagged = String::new();
-    wire::encode(&header, "room1", "alice", "hello, how is everyone doing today?", &mut tagged)
-        .unwrap_or_default();
+    wire::encode(
+        &header,
+        "room1",
+        "alice",
+        "hello, how is everyone doing today?",
+        &mut tagged,
+    )
+    .unwrap_or_default();
     let bare = "room1|alice|hello, how is everyone doing today?";
 
     let mut g = c.benchmark_group("codec");

@@ -359,6 +359,9 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
     let _ = socket.set_send_buffer_size(4 * RECV_BUFFER);
     if addr.is_ipv4() {
         socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
+        // It joins no group, so with IP_MULTICAST_ALL off it hears no multicast at all: a
+        // room whose port equals the relay port cannot feed the daemon its own forwards.
+        let _ = socket.set_multicast_all_v4(false);
         socket
             .set_multicast_ttl_v4(config.ttl)
             .map_err(fail("set the TTL"))?;
@@ -373,6 +376,7 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
     } else {
         socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
         socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
+        let _ = socket.set_multicast_all_v6(false);
         socket
             .set_multicast_hops_v6(config.ttl)
             .map_err(fail("set the hop limit"))?;
@@ -389,6 +393,17 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
         .set_nonblocking(true)
         .map_err(fail("set non-blocking mode"))?;
     Ok(socket.into())
+}
+
+/// Sets the TTL (IPv4) or hop limit (IPv6) of multicast sent from `socket`: mcchatd sends
+/// each room's datagrams with that room's TTL.
+pub fn set_multicast_ttl(socket: &impl std::os::fd::AsFd, ipv6: bool, ttl: u32) -> io::Result<()> {
+    let s = socket2::SockRef::from(socket);
+    if ipv6 {
+        s.set_multicast_hops_v6(ttl)
+    } else {
+        s.set_multicast_ttl_v4(ttl)
+    }
 }
 
 /// A TCP listener on `addr` (mcchatd's status port). IPv6 listeners are IPv6-only, so an

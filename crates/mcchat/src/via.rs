@@ -165,6 +165,10 @@ impl Via {
                 self.send_request(Kind::Subscribe, room, sender).await?;
             }
             Kind::Subscribed => {
+                // Each confirmation carries a fresh cookie: keep the newest.
+                if let Some(cookie) = frame.tags.get("cookie") {
+                    self.cookie = Some(cookie.into_owned());
+                }
                 if let Some(secs) = frame.tags.get("lease").and_then(|l| l.parse::<u64>().ok()) {
                     self.lease = Duration::from_secs(secs.clamp(3, 3600));
                 }

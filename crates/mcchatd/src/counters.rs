@@ -29,6 +29,14 @@ pub(crate) enum Drop {
     NoSocketForFamily,
     /// The kernel refused a send.
     SendFailed,
+    /// An unsubscribe without a valid cookie.
+    BadCookie,
+    /// One source holds its share of subscriptions already.
+    TooManyFromSource,
+    /// Port 0, an unspecified or multicast source, or the daemon's own relay socket.
+    BadSource,
+    /// A datagram from a group the daemon has since left or re-joined.
+    StaleGroup,
 }
 
 impl Drop {
@@ -44,6 +52,10 @@ impl Drop {
             Self::UnexpectedKind => "unexpected_kind",
             Self::NoSocketForFamily => "no_socket_for_family",
             Self::SendFailed => "send_failed",
+            Self::BadCookie => "bad_cookie",
+            Self::TooManyFromSource => "too_many_from_source",
+            Self::BadSource => "bad_source",
+            Self::StaleGroup => "stale_group",
         }
     }
 }

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-/// Sources tracked at once. Beyond this, idle sources are forgotten; if none is idle, new
-/// sources are refused until some are.
+/// Sources tracked at once. Idle sources are swept once a second; if the table is still
+/// full, a new source evicts an arbitrary old one rather than being refused, so a flood of
+/// spoofed sources cannot lock out newcomers (it only forgets some buckets early).
 pub(crate) const MAX_SOURCES: usize = 65_536;
 
 #[derive(Debug, Clone, Copy)]
@@ -47,11 +48,11 @@ impl Limiter {
 
     /// Takes one token for `ip`; false if it has none left.
     pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.cap {
-            self.forget_idle(now);
-            if self.buckets.len() >= self.cap {
-                return false;
-            }
+        if !self.buckets.contains_key(&ip)
+            && self.buckets.len() >= self.cap
+            && let Some(victim) = self.buckets.keys().next().copied()
+        {
+            self.buckets.remove(&victim);
         }
         let (rate, burst) = (self.rate, self.burst);
         let b = self.buckets.entry(ip).or_insert(Bucket {
@@ -69,8 +70,9 @@ impl Limiter {
         }
     }
 
-    /// Drops buckets that have refilled completely: they hold no information.
-    fn forget_idle(&mut self, now: Instant) {
+    /// Drops buckets that have refilled completely: they hold no information. Called on the
+    /// daemon's one-second tick.
+    pub(crate) fn forget_idle(&mut self, now: Instant) {
         let (rate, burst) = (self.rate, self.burst);
         self.buckets.retain(|_, b| {
             let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
@@ -111,15 +113,11 @@ mod tests {
             assert!(l.allow(IpAddr::from([192, 0, 2, i]), t0));
         }
         assert!(
-            !l.allow("192.0.2.9".parse().unwrap(), t0),
-            "full, nobody idle"
+            l.allow("192.0.2.9".parse().unwrap(), t0),
+            "full: a newcomer evicts someone"
         );
         assert_eq!(l.len(), 4);
-        let later = t0 + Duration::from_secs(5);
-        assert!(
-            l.allow("192.0.2.9".parse().unwrap(), later),
-            "idle ones forgotten"
-        );
-        assert_eq!(l.len(), 1);
+        l.forget_idle(t0 + Duration::from_secs(5));
+        assert_eq!(l.len(), 0, "idle ones forgotten");
     }
 }

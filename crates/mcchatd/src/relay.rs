@@ -44,6 +44,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
 /// A datagram heard on a joined group.
 struct GroupDatagram {
     room: RoomName,
+    generation: u64,
     from: SocketAddr,
     data: Vec<u8>,
 }
@@ -52,8 +53,12 @@ struct GroupDatagram {
 /// cancelled.
 struct Joined {
     group: SocketAddr,
+    generation: u64,
     stop: CancellationToken,
 }
+
+/// The allow list and the connected subnets, read by the status listeners.
+type SharedNets = Arc<std::sync::RwLock<(Vec<Allow>, Vec<IpNet>)>>;
 
 /// What ended the loop.
 enum Exit {
@@ -79,7 +84,22 @@ struct Relay {
     subs: Subscriptions,
     cookies: CookieJar,
     relay_limit: Limiter,
+    /// Subscribe requests without a valid cookie, per source address.
     sub_limit: Limiter,
+    /// Requests with a valid cookie (renewals, unsubscribes), per source address.
+    renew_limit: Limiter,
+    /// Bumped on every join, so datagrams a left group's task still had queued are told
+    /// apart from the new membership's.
+    generation: u64,
+    /// The TTL each relay socket currently sends multicast with.
+    ttl4: u32,
+    ttl6: u32,
+    /// When the host's addresses were last read.
+    nets_read: Instant,
+    /// The allow list and connected subnets, shared with the status listeners.
+    shared_nets: SharedNets,
+    /// Subscribers to tell that their room closed, from the last reconcile.
+    pending_closed: Vec<(RoomName, Vec<SocketAddr>, String)>,
     joined: HashMap<RoomName, Joined>,
     /// Rooms relayed or subscribed to, so status can show ad-hoc rooms too.
     counters: Counters,
@@ -171,11 +191,21 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         relay6,
         relay_ports,
         local_addrs: nets.addresses.iter().copied().collect(),
-        connected: Arc::new(nets.subnets),
+        connected: Arc::new(nets.subnets.clone()),
         subs: Subscriptions::new(d.max_subscribers, d.max_rooms),
         cookies: CookieJar::random().context("failed to get random bytes for the cookie key")?,
         relay_limit: Limiter::new(d.relay_rate, d.relay_burst),
         sub_limit: Limiter::new(d.subscribe_rate, d.subscribe_burst),
+        renew_limit: Limiter::new(d.subscribe_rate, d.subscribe_burst),
+        generation: 0,
+        ttl4: d.ttl,
+        ttl6: d.ttl,
+        nets_read: Instant::now(),
+        shared_nets: Arc::new(std::sync::RwLock::new((
+            d.allow.clone(),
+            nets.subnets.clone(),
+        ))),
+        pending_closed: Vec::new(),
         joined: HashMap::new(),
         counters: Counters::default(),
         drop_log: LogLimiter::default(),
@@ -189,14 +219,20 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         cli,
     };
     let (status_tx, status_rx) = mpsc::channel::<StatusRequest>(16);
+    let slots = status::slots();
     for listener in tcp {
-        let allow = relay.settings.daemon.allow.clone();
-        let connected = Arc::clone(&relay.connected);
-        let is_allowed = move |peer: SocketAddr| allowed(&allow, &connected, canonical(peer).ip());
+        let nets = Arc::clone(&relay.shared_nets);
+        let is_allowed = move |peer: SocketAddr| {
+            let nets = nets
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            allowed(&nets.0, &nets.1, canonical(peer).ip())
+        };
         tracker.spawn(status::serve_tcp(
             listener,
             status_tx.clone(),
             is_allowed,
+            Arc::clone(&slots),
             token.child_token(),
             tracker.clone(),
         ));
@@ -211,6 +247,7 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
                 tracker.spawn(status::serve_unix(
                     listener,
                     status_tx.clone(),
+                    Arc::clone(&slots),
                     token.child_token(),
                     tracker.clone(),
                 ));
@@ -272,7 +309,7 @@ impl Relay {
                 () = self.token.cancelled() => return Exit::Cancelled,
                 _ = signals.term.recv() => return Exit::Signal("SIGTERM"),
                 _ = signals.int.recv() => return Exit::Signal("SIGINT"),
-                _ = signals.hup.recv() => self.reload(),
+                _ = signals.hup.recv() => self.reload().await,
                 r = recv_on(relay4.as_deref(), &mut buf4) => self.on_relay_recv(r, &buf4).await,
                 r = recv_on(relay6.as_deref(), &mut buf6) => self.on_relay_recv(r, &buf6).await,
                 Some(d) = self.group_rx.recv() => self.on_group(d).await,
@@ -341,6 +378,13 @@ impl Relay {
     /// A datagram on the relay port.
     async fn on_unicast(&mut self, data: &[u8], from: SocketAddr) {
         self.counters.received_unicast += 1;
+        if from.port() == 0 || from.ip().is_unspecified() || from.ip().is_multicast() {
+            return self.count_drop(Drop::BadSource, from);
+        }
+        if self.relay_ports.contains(&from.port()) && self.local_addrs.contains(&from.ip()) {
+            // Our own relay socket (another daemon on this host, or a loop): never relay it.
+            return self.count_drop(Drop::BadSource, from);
+        }
         if !allowed(&self.settings.daemon.allow, &self.connected, from.ip()) {
             self.count_drop(Drop::NotAllowed, from);
             return;
@@ -352,13 +396,21 @@ impl Relay {
         let now = Instant::now();
         match frame.meta.kind {
             Kind::Subscribe | Kind::Unsubscribe => {
-                if !self.sub_limit.allow(from.ip(), now) {
+                // Requests with a valid cookie come from the address itself; only they may
+                // use its renewal bucket, so a spoofer cannot drain it and lapse a victim.
+                let verified = self.cookie_ok(&frame, from);
+                let limiter = if verified {
+                    &mut self.renew_limit
+                } else {
+                    &mut self.sub_limit
+                };
+                if !limiter.allow(from.ip(), now) {
                     return self.count_drop(Drop::RateLimited, from);
                 }
                 if frame.meta.kind == Kind::Subscribe {
                     self.on_subscribe(&frame, data.len(), from).await;
                 } else {
-                    self.on_unsubscribe(&frame, from);
+                    self.on_unsubscribe(&frame, from).await;
                 }
             }
             Kind::Challenge | Kind::Subscribed | Kind::Closed => {
@@ -371,6 +423,10 @@ impl Relay {
                 let Some(room) = self.room(frame.room) else {
                     return self.count_drop(Drop::UnknownRoom, from);
                 };
+                self.use_ttl(
+                    room.group.is_ipv6(),
+                    room.ttl.unwrap_or(self.settings.daemon.ttl),
+                );
                 if self.send(data, room.group).await {
                     self.counters.relayed_to_group += 1;
                 }
@@ -380,6 +436,25 @@ impl Relay {
                     .filter(|a| *a != from)
                     .collect();
                 self.fan_out(data, &subscribers).await;
+            }
+        }
+    }
+
+    /// Sends multicast with `ttl` from then on (a room's own `ttl`, else the daemon's); a
+    /// syscall only when it changes.
+    fn use_ttl(&mut self, ipv6: bool, ttl: u32) {
+        let (current, sock) = if ipv6 {
+            (&mut self.ttl6, self.relay6.as_ref())
+        } else {
+            (&mut self.ttl4, self.relay4.as_ref())
+        };
+        if *current == ttl {
+            return;
+        }
+        if let Some(sock) = sock {
+            match socket::set_multicast_ttl(sock.as_ref(), ipv6, ttl) {
+                Ok(()) => *current = ttl,
+                Err(error) => tracing::warn!(%error, ttl, "cannot set the multicast TTL"),
             }
         }
     }
@@ -410,15 +485,18 @@ impl Relay {
         self.out = out;
     }
 
+    fn cookie_ok(&self, frame: &Frame<'_>, from: SocketAddr) -> bool {
+        frame
+            .tags
+            .get("cookie")
+            .is_some_and(|c| self.cookies.verify(&c, from, now_secs()))
+    }
+
     async fn on_subscribe(&mut self, frame: &Frame<'_>, request_len: usize, from: SocketAddr) {
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from);
         };
-        let valid = frame
-            .tags
-            .get("cookie")
-            .is_some_and(|c| self.cookies.verify(&c, from, now_secs()));
-        if !valid {
+        if !self.cookie_ok(frame, from) {
             // Return-routability first: answer with a cookie, never with more bytes than the
             // request carried, so a spoofed source cannot be used for amplification.
             let cookie = self.cookies.issue(from, now_secs());
@@ -446,14 +524,17 @@ impl Relay {
                 tracing::info!(room = %room.name, %from, name = frame.sender, "subscribed");
                 if first {
                     self.reconcile();
+                    self.flush_closed().await;
                 }
             }
             Subscribed::Renewed => self.counters.renewed += 1,
-            Subscribed::TooManySubscribers | Subscribed::TooManyRooms => {
-                let why = if outcome == Subscribed::TooManyRooms {
-                    Drop::TooManyRooms
-                } else {
-                    Drop::TooManySubscribers
+            Subscribed::TooManySubscribers
+            | Subscribed::TooManyRooms
+            | Subscribed::TooManyFromSource => {
+                let why = match outcome {
+                    Subscribed::TooManyRooms => Drop::TooManyRooms,
+                    Subscribed::TooManyFromSource => Drop::TooManyFromSource,
+                    _ => Drop::TooManySubscribers,
                 };
                 self.count_drop(why, from);
                 if self.control(Kind::Closed, room.name.as_str(), &[], why.name()) {
@@ -478,22 +559,20 @@ impl Relay {
         }
     }
 
-    fn on_unsubscribe(&mut self, frame: &Frame<'_>, from: SocketAddr) {
-        let valid = frame
-            .tags
-            .get("cookie")
-            .is_some_and(|c| self.cookies.verify(&c, from, now_secs()));
-        let Ok(room) = RoomName::new(frame.room) else {
-            return;
-        };
-        if !valid {
+    async fn on_unsubscribe(&mut self, frame: &Frame<'_>, from: SocketAddr) {
+        if !self.cookie_ok(frame, from) {
             // Without the cookie anyone could end anyone's subscription.
-            return self.count_drop(Drop::Malformed(wire::DropReason::BadTags), from);
+            return self.count_drop(Drop::BadCookie, from);
         }
+        // The codec checked the room name already.
+        let Ok(room) = RoomName::new(frame.room) else {
+            return self.count_drop(Drop::Malformed(wire::DropReason::BadRoom), from);
+        };
         if self.subs.unsubscribe(&room, from) {
             self.counters.unsubscribed += 1;
             tracing::info!(%room, %from, "unsubscribed");
             self.reconcile();
+            self.flush_closed().await;
         }
     }
 
@@ -501,6 +580,9 @@ impl Relay {
     async fn on_group(&mut self, d: GroupDatagram) {
         self.counters.received_multicast += 1;
         let from = canonical(d.from);
+        if self.joined.get(&d.room).map(|j| j.generation) != Some(d.generation) {
+            return self.count_drop(Drop::StaleGroup, from);
+        }
         if self.relay_ports.contains(&from.port()) && self.local_addrs.contains(&from.ip()) {
             self.counters.own_forwards_ignored += 1;
             return;
@@ -519,7 +601,25 @@ impl Relay {
 
     /// Lapses expired subscriptions and leaves groups nobody needs.
     async fn expire(&mut self) {
-        let lapsed = self.subs.expire(Instant::now());
+        let now = Instant::now();
+        self.relay_limit.forget_idle(now);
+        self.sub_limit.forget_idle(now);
+        self.renew_limit.forget_idle(now);
+        // Addresses change (DHCP, Wi-Fi, VPN): the allow list's `connected` and the
+        // own-forward check follow within ten seconds.
+        if now.duration_since(self.nets_read) >= Duration::from_secs(10) {
+            self.nets_read = now;
+            if let Ok(nets) = socket::local_networks() {
+                self.local_addrs = nets.addresses.into_iter().collect();
+                *self
+                    .shared_nets
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    (self.settings.daemon.allow.clone(), nets.subnets.clone());
+                self.connected = Arc::new(nets.subnets);
+            }
+        }
+        let lapsed = self.subs.expire(now);
         if lapsed.is_empty() {
             return;
         }
@@ -528,6 +628,7 @@ impl Relay {
         }
         self.counters.expired += lapsed.len() as u64;
         self.reconcile();
+        self.flush_closed().await;
     }
 
     /// The rooms whose groups the daemon should be in: those with subscribers and the
@@ -567,11 +668,32 @@ impl Relay {
                 continue;
             }
             if let Err(error) = self.join(&name, group) {
-                tracing::error!(room = %name, %group, error = %format!("{error:#}"), "cannot join group");
+                let error = format!("{error:#}");
+                tracing::error!(room = %name, %group, %error, "cannot join group");
                 let dropped = self.subs.close_room(&name);
-                // They get no confirmation; their clients retry and report it.
-                tracing::warn!(room = %name, subscribers = dropped.len(), "room closed");
+                if !dropped.is_empty() {
+                    self.pending_closed.push((
+                        name,
+                        dropped,
+                        format!("mcchatd cannot join the group: {error}"),
+                    ));
+                }
             }
+        }
+    }
+
+    /// Tells the subscribers of rooms that closed during the last reconcile.
+    async fn flush_closed(&mut self) {
+        for (room, addrs, why) in std::mem::take(&mut self.pending_closed) {
+            tracing::info!(%room, subscribers = addrs.len(), reason = %why, "room closed");
+            if !self.control(Kind::Closed, room.as_str(), &[], &why) {
+                continue;
+            }
+            let out = std::mem::take(&mut self.out);
+            for a in addrs {
+                self.send(out.as_bytes(), a).await;
+            }
+            self.out = out;
         }
     }
 
@@ -582,6 +704,8 @@ impl Relay {
         let stop = self.token.child_token();
         let tx = self.group_tx.clone();
         let room = name.clone();
+        self.generation += 1;
+        let generation = self.generation;
         let task_stop = stop.clone();
         self.tracker.spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM + 1];
@@ -594,6 +718,7 @@ impl Relay {
                     Ok((len, from)) => {
                         let d = GroupDatagram {
                             room: room.clone(),
+                            generation,
                             from,
                             data: buf[..len].to_vec(),
                         };
@@ -608,12 +733,19 @@ impl Relay {
             tracing::info!(room = %room, %group, "left group");
         });
         tracing::info!(room = %name, %group, "joined group");
-        self.joined.insert(name.clone(), Joined { group, stop });
+        self.joined.insert(
+            name.clone(),
+            Joined {
+                group,
+                generation,
+                stop,
+            },
+        );
         Ok(())
     }
 
     /// SIGHUP: re-read the rooms file; keep running on the old one if it is bad.
-    fn reload(&mut self) {
+    async fn reload(&mut self) {
         notify::reloading();
         match settings::load(&self.cli) {
             Err(error) => {
@@ -625,41 +757,46 @@ impl Relay {
                 {
                     tracing::warn!("`listen` and `status_socket` changes take effect on restart");
                 }
+                if new.daemon.ttl != self.settings.daemon.ttl
+                    || new.daemon.iface != self.settings.daemon.iface
+                {
+                    tracing::warn!("`ttl` and `iface` changes take effect on restart");
+                }
                 let d = &new.daemon;
                 self.relay_limit.set_rate(d.relay_rate, d.relay_burst);
                 self.sub_limit.set_rate(d.subscribe_rate, d.subscribe_burst);
+                self.renew_limit
+                    .set_rate(d.subscribe_rate, d.subscribe_burst);
                 self.subs.set_limits(d.max_subscribers, d.max_rooms);
                 let old_rooms: HashMap<RoomName, SocketAddr> = self
                     .subs
                     .rooms()
                     .filter_map(|n| self.room(n.as_str()).map(|r| (r.name, r.group)))
                     .collect();
+                let keep_ttl = (self.settings.daemon.ttl, self.settings.daemon.iface.clone());
                 self.settings = new;
+                (self.settings.daemon.ttl, self.settings.daemon.iface) = keep_ttl;
                 if let Ok(nets) = socket::local_networks() {
                     self.local_addrs = nets.addresses.into_iter().collect();
                     self.connected = Arc::new(nets.subnets);
                 }
+                *self
+                    .shared_nets
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = (
+                    self.settings.daemon.allow.clone(),
+                    self.connected.as_ref().clone(),
+                );
                 // Rooms that vanished or moved to another group: their subscribers are told.
-                let mut closed = Vec::new();
                 for (name, group) in old_rooms {
                     if self.room(name.as_str()).map(|r| r.group) != Some(group) {
-                        closed.push(name);
-                    }
-                }
-                for name in &closed {
-                    let addrs = self.subs.close_room(name);
-                    tracing::info!(room = %name, subscribers = addrs.len(), "room removed");
-                    if self.control(Kind::Closed, name.as_str(), &[], "room removed") {
-                        let out = std::mem::take(&mut self.out);
-                        for a in addrs {
-                            if let Some(sock) = self.socket_for(a) {
-                                let _ = sock.try_send_to(out.as_bytes(), a);
-                            }
-                        }
-                        self.out = out;
+                        let addrs = self.subs.close_room(&name);
+                        self.pending_closed
+                            .push((name, addrs, "room removed".to_owned()));
                     }
                 }
                 self.reconcile();
+                self.flush_closed().await;
                 tracing::info!(
                     rooms = self.settings.registry.rooms().count(),
                     origin = %self.settings.origin,

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, oneshot};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +55,15 @@ pub(crate) type StatusRequest = oneshot::Sender<String>;
 /// How long a status client may take to read the answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Status connections served at once; more are closed at once, so status can never crowd
+/// out relaying (each answer is built by the relay loop).
+pub(crate) const MAX_STATUS_CLIENTS: usize = 8;
+
+/// The connection slots shared by the TCP and Unix listeners.
+pub(crate) fn slots() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_STATUS_CLIENTS))
+}
+
 async fn answer<W: tokio::io::AsyncWrite + Unpin>(
     mut w: W,
     requests: &mpsc::Sender<StatusRequest>,
@@ -77,6 +88,7 @@ pub(crate) async fn serve_tcp(
     listener: TcpListener,
     requests: mpsc::Sender<StatusRequest>,
     allowed: impl Fn(SocketAddr) -> bool + Send + 'static,
+    slots: Arc<Semaphore>,
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -87,8 +99,15 @@ pub(crate) async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) if allowed(peer) => {
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::debug!(%peer, "status: too many clients at once");
+                    continue;
+                };
                 let requests = requests.clone();
-                tracker.spawn(async move { answer(stream, &requests).await });
+                tracker.spawn(async move {
+                    answer(stream, &requests).await;
+                    drop(permit);
+                });
             }
             Ok((_, peer)) => tracing::debug!(%peer, "status request from a network not allowed"),
             Err(error) => {
@@ -104,6 +123,7 @@ pub(crate) async fn serve_tcp(
 pub(crate) async fn serve_unix(
     listener: UnixListener,
     requests: mpsc::Sender<StatusRequest>,
+    slots: Arc<Semaphore>,
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -114,8 +134,14 @@ pub(crate) async fn serve_unix(
         };
         match accepted {
             Ok((stream, _)) => {
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    continue;
+                };
                 let requests = requests.clone();
-                tracker.spawn(async move { answer(stream, &requests).await });
+                tracker.spawn(async move {
+                    answer(stream, &requests).await;
+                    drop(permit);
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "status socket: accept failed");
@@ -125,14 +151,19 @@ pub(crate) async fn serve_unix(
     }
 }
 
-/// Binds the Unix status socket, replacing a stale one.
+/// Binds the Unix status socket, replacing a stale one. It is world-writable (connecting
+/// needs write permission): status is read-only and holds nothing secret, so any local user
+/// may run `mcchat status`.
 pub(crate) fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
 }
 
 /// Removes the Unix status socket on the way out.

@@ -5,7 +5,7 @@
 //! `max_rooms` rooms with subscribers.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mcchat_core::room::RoomName;
@@ -30,6 +30,21 @@ pub(crate) enum Subscribed {
     TooManySubscribers,
     /// Refused: `max_rooms` rooms already have subscribers.
     TooManyRooms,
+    /// Refused: this source (an IPv4 address, an IPv6 /64) holds its share already.
+    TooManyFromSource,
+}
+
+/// Subscriptions one source may hold: enough for a host with many users and rooms, far too
+/// few for one host to take the daemon's caps for itself.
+pub(crate) const MAX_PER_SOURCE: usize = 64;
+
+/// What counts as one source: an IPv4 address, or an IPv6 /64 (one host can have many
+/// addresses in its prefix).
+fn source_key(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) => IpAddr::V4(ip),
+        IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from(u128::from(ip) & !0xffff_ffff_ffff_ffff)),
+    }
 }
 
 /// A subscription that ended on its own.
@@ -44,6 +59,7 @@ pub(crate) struct Lapsed {
 #[derive(Debug)]
 pub(crate) struct Subscriptions {
     rooms: HashMap<RoomName, HashMap<SocketAddr, Sub>>,
+    per_source: HashMap<IpAddr, usize>,
     total: usize,
     max_subscribers: usize,
     max_rooms: usize,
@@ -53,6 +69,7 @@ impl Subscriptions {
     pub(crate) fn new(max_subscribers: usize, max_rooms: usize) -> Self {
         Self {
             rooms: HashMap::new(),
+            per_source: HashMap::new(),
             total: 0,
             max_subscribers,
             max_rooms,
@@ -85,6 +102,10 @@ impl Subscriptions {
         if self.total >= self.max_subscribers {
             return Subscribed::TooManySubscribers;
         }
+        let key = source_key(addr);
+        if self.per_source.get(&key).copied().unwrap_or(0) >= MAX_PER_SOURCE {
+            return Subscribed::TooManyFromSource;
+        }
         let first = !self.rooms.contains_key(room);
         if first && self.rooms.len() >= self.max_rooms {
             return Subscribed::TooManyRooms;
@@ -97,6 +118,7 @@ impl Subscriptions {
             },
         );
         self.total += 1;
+        *self.per_source.entry(key).or_insert(0) += 1;
         Subscribed::Added { first }
     }
 
@@ -108,11 +130,22 @@ impl Subscriptions {
         let removed = subs.remove(&addr).is_some();
         if removed {
             self.total -= 1;
+            Self::release(&mut self.per_source, addr);
         }
         if subs.is_empty() {
             self.rooms.remove(room);
         }
         removed
+    }
+
+    fn release(per_source: &mut HashMap<IpAddr, usize>, addr: SocketAddr) {
+        let key = source_key(addr);
+        if let Some(n) = per_source.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                per_source.remove(&key);
+            }
+        }
     }
 
     /// Removes subscriptions whose lease has run out.
@@ -133,6 +166,9 @@ impl Subscriptions {
             !subs.is_empty()
         });
         self.total -= lapsed.len();
+        for l in &lapsed {
+            Self::release(&mut self.per_source, l.addr);
+        }
         lapsed
     }
 
@@ -140,6 +176,9 @@ impl Subscriptions {
     pub(crate) fn close_room(&mut self, room: &RoomName) -> Vec<SocketAddr> {
         let subs = self.rooms.remove(room).unwrap_or_default();
         self.total -= subs.len();
+        for addr in subs.keys() {
+            Self::release(&mut self.per_source, *addr);
+        }
         subs.into_keys().collect()
     }
 
@@ -277,5 +316,44 @@ mod tests {
         );
         assert_eq!(s.close_room(&room("a")).len(), 2);
         assert_eq!(s.total(), 1);
+    }
+
+    #[test]
+    fn one_source_cannot_take_everything() {
+        let t0 = Instant::now();
+        let mut s = Subscriptions::new(10_000, 10_000);
+        for port in 0..MAX_PER_SOURCE as u16 {
+            assert!(matches!(
+                s.subscribe(&room("r"), addr(port), "x", t0, LEASE),
+                Subscribed::Added { .. }
+            ));
+        }
+        assert_eq!(
+            s.subscribe(&room("r"), addr(9999), "x", t0, LEASE),
+            Subscribed::TooManyFromSource
+        );
+        // Another address in the same IPv6 /64 is the same source.
+        let v6 = |last: u16, port| {
+            SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last), port))
+        };
+        let mut s = Subscriptions::new(10_000, 10_000);
+        for i in 0..MAX_PER_SOURCE as u16 {
+            s.subscribe(&room("r"), v6(i, 1), "x", t0, LEASE);
+        }
+        assert_eq!(
+            s.subscribe(&room("r"), v6(999, 1), "x", t0, LEASE),
+            Subscribed::TooManyFromSource
+        );
+        // Leaving frees the share.
+        assert!(s.unsubscribe(&room("r"), v6(0, 1)));
+        assert!(matches!(
+            s.subscribe(&room("r"), v6(999, 1), "x", t0, LEASE),
+            Subscribed::Added { .. }
+        ));
+        assert_eq!(s.expire(t0 + LEASE).len(), MAX_PER_SOURCE);
+        assert!(matches!(
+            s.subscribe(&room("r"), v6(5, 1), "x", t0 + LEASE, LEASE),
+            Subscribed::Added { .. }
+        ));
     }
 }
