@@ -235,15 +235,15 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
 
     // 1. Throughput, each relay alone on the machine in turn.
     let mut throughput = BTreeMap::new();
-    let mut relays: Vec<(&str, Box<dyn Fn() -> Result<Option<Relay>>>)> = vec![
-        ("kernel", Box::new(|| Ok(Some(kernel())))),
-        ("mcchatd", Box::new(|| mcchatd(opts, &rooms).map(Some))),
-        ("node", Box::new(|| node_relay(opts))),
-    ];
     let mut latency = BTreeMap::new();
     let mut cpu = BTreeMap::new();
-    for (name, start) in relays.drain(..) {
-        let Some(relay) = start()? else {
+    for name in ["kernel", "mcchatd", "node"] {
+        let relay = match name {
+            "kernel" => Some(kernel()),
+            "mcchatd" => Some(mcchatd(opts, &rooms)?),
+            _ => node_relay(opts)?,
+        };
+        let Some(relay) = relay else {
             eprintln!(
                 "bench: node-relay.js not run: Node.js or {} missing",
                 opts.peers.display()

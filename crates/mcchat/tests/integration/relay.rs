@@ -451,7 +451,12 @@ fn ten_thousand_subscribers_are_served() {
     let room = unique("many");
     // 10,000 subscribers on 200 hosts (the daemon allows 64 per source address).
     let mut clients: Vec<Raw> = (0..N)
-        .map(|i| Raw::new(&format!("127.0.{}.{}", 10 + i / 50 / 250, 1 + (i / 50) % 250), addr))
+        .map(|i| {
+            Raw::new(
+                &format!("127.0.{}.{}", 10 + i / 50 / 250, 1 + (i / 50) % 250),
+                addr,
+            )
+        })
         .collect();
     // In batches, so the daemon's receive buffer is never the bottleneck being tested.
     for batch in clients.chunks_mut(500) {
