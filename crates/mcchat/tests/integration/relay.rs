@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
 
 use mcchat_core::room::{RoomName, derive_group};
 use mcchat_core::wire::{self, Header, Kind, Meta};
@@ -256,10 +257,7 @@ fn challenge_is_never_larger_than_the_request() {
 fn rate_limits_hold_per_source() {
     require_netns();
     let dir = TempDir::new();
-    let rooms = dir.write(
-        "rooms.toml",
-        "[daemon]\nrelay_rate = 20\nrelay_burst = 20\n",
-    );
+    let rooms = dir.write("rooms.toml", "[daemon]\nrelay_rate = 1\nrelay_burst = 20\n");
     let (_d, addr) = local_daemon(&["--rooms", &rooms]);
     let room = unique("rate");
     let l = Proc::mcchat("listener", None, &["listen", &room], &[]).listening();
@@ -275,13 +273,14 @@ fn rate_limits_hold_per_source() {
         .unwrap();
     l.expect_out("ok: marker");
     let got = l.stdout().iter().filter(|l| l.contains("flood: ")).count();
+    // The burst of 20, plus a token for each second the sending took.
     assert!(
-        (20..=40).contains(&got),
+        (20..=25).contains(&got),
         "{got} of 200 flooded datagrams relayed"
     );
     let s = status(addr);
     let limited = s["counters"]["dropped"]["rate_limited"].as_u64().unwrap();
-    assert_eq!(limited as usize + got, 200, "{s}");
+    assert!(limited >= 170, "{s}");
 }
 
 #[test]
@@ -297,6 +296,7 @@ fn malformed_flood_does_not_stop_service() {
     )
     .listening();
     let bad = UdpSocket::bind("127.0.0.4:0").unwrap();
+    let good = UdpSocket::bind("127.0.0.5:0").unwrap();
     let garbage: [&[u8]; 5] = [
         b"\xff\xfe",
         b"no fields",
@@ -304,13 +304,40 @@ fn malformed_flood_does_not_stop_service() {
         b"room|\x07|t",
         &[b'y'; 1400],
     ];
+    // Good datagrams all through the flood: service goes on during it, not just after.
     for i in 0..20_000 {
         let _ = bad.send_to(garbage[i % garbage.len()], addr);
+        if i % 2000 == 0 {
+            good.send_to(format!("{room}|good|during {i}").as_bytes(), addr)
+                .unwrap();
+        }
     }
-    let good = UdpSocket::bind("127.0.0.5:0").unwrap();
-    good.send_to(format!("{room}|good|still relayed").as_bytes(), addr)
-        .unwrap();
-    l.expect_out("good: still relayed");
+    // The kernel may drop some of them while the daemon's socket is full; most get through.
+    let mut seen = 0;
+    for i in (0..20_000).step_by(2000) {
+        if l.out_within(&format!("good: during {i}"), Duration::from_millis(500))
+            .is_some()
+        {
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 5,
+        "only {seen} of 10 good datagrams relayed during the flood"
+    );
+    // And after it, every one (retried a bounded number of times in case the queue is full).
+    let mut after = false;
+    for i in 0..20 {
+        good.send_to(format!("{room}|good|after {i}").as_bytes(), addr)
+            .unwrap();
+        if l.out_within(&format!("good: after {i}"), Duration::from_millis(500))
+            .is_some()
+        {
+            after = true;
+            break;
+        }
+    }
+    assert!(after, "nothing relayed after the flood");
     let s = status(addr);
     let dropped: u64 = s["counters"]["dropped"]
         .as_object()
@@ -356,7 +383,6 @@ fn reload_adds_and_removes_rooms_and_keeps_the_old_file_on_error() {
         line.contains("not a multicast address") || line.contains("missing field"),
         "{line}"
     );
-    d.expect_err_nth("mcchatd ready", 1);
     let s = status(addr);
     assert_eq!(
         s["joined_groups"],
@@ -565,6 +591,23 @@ fn via_clients_across_the_lan_and_the_allow_list() {
     remote.close_stdin();
     assert!(remote.wait().success());
     direct.expect_out("-- h3 left");
+    direct.close_stdin();
+    assert!(direct.wait().success());
+    let count = |p: &Proc, needle: &str| p.stdout().iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count(&remote, "h2: hello h3"), 1, "{:?}", remote.stdout());
+    assert_eq!(
+        count(&remote, "hello h2"),
+        0,
+        "own message echoed: {:?}",
+        remote.stdout()
+    );
+    assert_eq!(count(&direct, "h3: hello h2"), 1, "{:?}", direct.stdout());
+    assert_eq!(
+        count(&far, "h2: reaching the far segment"),
+        1,
+        "{:?}",
+        far.stdout()
+    );
 }
 
 #[test]
@@ -714,7 +757,10 @@ fn ipv6_rooms_and_clients_are_relayed() {
         })
         .collect();
     let direct = Proc::mcchat("direct6", None, &["listen", "room6"], &[]).listening();
-    let via6 = Proc::mcchat(
+    // /proc/net/igmp6 counts the sockets in the group: the daemon adds one while it relays.
+    let group = "ff15000000000000000000006d630001";
+    let before = igmp6_users(group);
+    let mut via6 = Proc::mcchat(
         "via6",
         None,
         &["listen", "room6", "--via", &addrs[1].to_string()],
@@ -736,4 +782,130 @@ fn ipv6_rooms_and_clients_are_relayed() {
     assert!(st.success(), "{err}");
     direct.expect_out("v4client: over v4 to a v6 group");
     via6.expect_out("v4client: over v4 to a v6 group");
+    d.expect_err("joined group room=room6");
+    assert_eq!(igmp6_users(group), before + 1, "the daemon joined (igmp6)");
+    via6.signal(Signal::SIGTERM);
+    assert!(via6.wait().success());
+    d.expect_err("left group room=room6");
+    assert_eq!(igmp6_users(group), before, "the daemon left (igmp6)");
+}
+
+#[test]
+fn subscribe_requests_are_rate_limited_per_source() {
+    require_netns();
+    let (_d, addr) = local_daemon(&[]);
+    let room = unique("subrate");
+    let c = Raw::new("127.0.0.6", addr);
+    for _ in 0..60 {
+        c.send(&c.request(Kind::Subscribe, &room, 200));
+    }
+    // Another source is not affected.
+    let mut other = Raw::new("127.0.0.7", addr);
+    other.subscribe(&room);
+    let s = status(addr);
+    let limited = s["counters"]["dropped"]["rate_limited"].as_u64().unwrap();
+    let challenged = s["counters"]["challenges"].as_u64().unwrap() - 1;
+    // Burst 20 at 10/s: about 20 answered, the rest dropped.
+    assert!((20..=30).contains(&challenged), "{s}");
+    assert_eq!(limited + challenged, 60, "{s}");
+}
+
+fn igmp6_users(group: &str) -> u32 {
+    std::fs::read_to_string("/proc/net/igmp6")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(group))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u32>().ok())
+        .sum()
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it creates stay there).
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// An IPv4/UDP packet with a forged source, for a raw socket.
+fn spoofed(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only")
+    };
+    let udp_len = 8 + payload.len();
+    let mut p = Vec::with_capacity(20 + udp_len);
+    // Version/IHL, TOS, total length, id, DF, TTL, UDP, checksum (the kernel fills length,
+    // id and checksum with IP_HDRINCL).
+    p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // no UDP checksum (allowed for IPv4)
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A subscribe with a forged source (h3's address, sent from h2) is answered at h3 with no
+/// more bytes than it carried; one too short to carry the answer is not answered at all.
+#[test]
+fn spoofed_subscribe_is_never_amplified() {
+    require_netns();
+    let lan = Lan::up();
+    let _d = Proc::daemon(Some(&lan.ns("h1")), &["--status-socket", ""]);
+    let daemon: SocketAddr = "198.51.100.1:5554".parse().unwrap();
+    let victim = in_netns(&lan.ns("h3"), || UdpSocket::bind("198.51.100.3:0").unwrap());
+    victim.set_read_timeout(Some(WAIT)).unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    let raw = in_netns(&lan.ns("h2"), || {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(255)),
+        )
+        .unwrap()
+    });
+    let forge = Raw::new("127.0.0.1", daemon);
+    let small = forge.request(Kind::Subscribe, "room1", 0);
+    let padded = forge.request(Kind::Subscribe, "room1", 200);
+    for payload in [&small, &padded] {
+        let packet = spoofed(victim_addr, daemon, payload);
+        raw.send_to(&packet, &SocketAddr::new(daemon.ip(), 0).into())
+            .unwrap();
+    }
+    let mut buf = [0u8; 2048];
+    let (n, from) = victim
+        .recv_from(&mut buf)
+        .expect("the challenge reaches the forged source");
+    assert_eq!(from, daemon);
+    assert!(
+        n <= padded.len(),
+        "{n} bytes answered to a {}-byte request",
+        padded.len()
+    );
+    assert_eq!(wire::decode(&buf[..n]).unwrap().meta.kind, Kind::Challenge);
+    victim.set_nonblocking(true).unwrap();
+    assert!(
+        victim.recv_from(&mut buf).is_err(),
+        "the short request was answered"
+    );
+    // No subscription came of it: a spoofer cannot answer the challenge.
+    let st = Proc::mcchat(
+        "status",
+        Some(&lan.ns("h2")),
+        &["status", "--via", "198.51.100.1", "--json"],
+        &[],
+    );
+    let mut st = st;
+    assert!(st.wait().success());
+    let s: serde_json::Value = serde_json::from_str(&st.stdout().join("")).unwrap();
+    assert_eq!(s["subscribers"], 0, "{s}");
+    assert_eq!(s["counters"]["dropped"]["request_too_small"], 1, "{s}");
 }

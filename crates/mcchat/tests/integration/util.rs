@@ -232,24 +232,6 @@ impl Proc {
             .ok()
     }
 
-    /// Waits for the `n`th (1-based) stderr line containing `needle`; returns it.
-    pub fn expect_err_nth(&self, needle: &str, n: usize) -> String {
-        let nth = |lines: &[String]| {
-            lines
-                .iter()
-                .filter(|l| l.contains(needle))
-                .nth(n - 1)
-                .cloned()
-        };
-        match self
-            .stderr
-            .wait_lines(needle, WAIT, |lines| nth(lines).is_some())
-        {
-            Ok(lines) => nth(&lines).unwrap_or_default(),
-            Err(lines) => self.fail(&format!("{n}x {needle}"), "stderr", &lines),
-        }
-    }
-
     /// Waits for a stderr line containing `needle`; returns it.
     pub fn expect_err(&self, needle: &str) -> String {
         self.stderr
