@@ -192,7 +192,7 @@ pub(crate) fn subscribe(daemon: SocketAddr, n: usize) -> Result<Vec<Subscriber>>
         subs.push(Subscriber { sock });
     }
     let mut buf = [0u8; 2048];
-    for batch in subs.chunks(500) {
+    for batch in subs.chunks(100) {
         for s in batch {
             s.sock.send_to(&request(Kind::Subscribe, None), daemon)?;
         }

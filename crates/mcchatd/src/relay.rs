@@ -38,6 +38,10 @@ use crate::subs::{Subscribed, Subscriptions};
 /// The sender name in datagrams the daemon itself writes.
 pub(crate) const DAEMON_NAME: &str = "mcchatd";
 
+/// Datagrams handled per wake-up of a relay socket before the loop looks at its other
+/// inputs again (fairness against batching).
+const RECV_BATCH: usize = 64;
+
 /// How long shutdown may take before the daemon exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
 
@@ -310,9 +314,19 @@ impl Relay {
                 _ = signals.term.recv() => return Exit::Signal("SIGTERM"),
                 _ = signals.int.recv() => return Exit::Signal("SIGINT"),
                 _ = signals.hup.recv() => self.reload().await,
-                r = recv_on(relay4.as_deref(), &mut buf4) => self.on_relay_recv(r, &buf4).await,
-                r = recv_on(relay6.as_deref(), &mut buf6) => self.on_relay_recv(r, &buf6).await,
-                Some(d) = self.group_rx.recv() => self.on_group(d).await,
+                r = recv_on(relay4.as_deref(), &mut buf4) => {
+                    self.on_relay_recv(r, relay4.as_ref(), &mut buf4).await;
+                }
+                r = recv_on(relay6.as_deref(), &mut buf6) => {
+                    self.on_relay_recv(r, relay6.as_ref(), &mut buf6).await;
+                }
+                Some(d) = self.group_rx.recv() => {
+                    self.on_group(d).await;
+                    for _ in 1..RECV_BATCH {
+                        let Ok(d) = self.group_rx.try_recv() else { break };
+                        self.on_group(d).await;
+                    }
+                }
                 Some(req) = status_rx.recv() => {
                     let _ = req.send(self.status_json());
                 }
@@ -322,18 +336,34 @@ impl Relay {
         }
     }
 
-    async fn on_relay_recv(&mut self, r: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
-        match r {
-            Ok((len, from)) => {
-                self.on_unicast(&buf[..len.min(buf.len())], canonical(from))
-                    .await
-            }
-            // ICMP errors for earlier sends surface here; they are not the socket's end.
-            Err(error) => {
-                if self.drop_log.check(Instant::now()).is_some() {
-                    tracing::debug!(%error, "relay socket receive error");
+    /// Handles one received datagram, then whatever else is already queued on the same
+    /// socket (up to a bound), so a burst costs one wake-up rather than one per datagram.
+    async fn on_relay_recv(
+        &mut self,
+        r: std::io::Result<(usize, SocketAddr)>,
+        sock: Option<&Arc<UdpSocket>>,
+        buf: &mut [u8],
+    ) {
+        let mut next = r;
+        for handled in 1.. {
+            match next {
+                Ok((len, from)) => {
+                    let len = len.min(buf.len());
+                    self.on_unicast(&buf[..len], canonical(from)).await;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // ICMP errors for earlier sends surface here; they are not the socket's end.
+                Err(error) => {
+                    if self.drop_log.check(Instant::now()).is_some() {
+                        tracing::debug!(%error, "relay socket receive error");
+                    }
                 }
             }
+            // Read the next one only if it will be handled: a datagram read is never dropped.
+            let Some(sock) = sock.filter(|_| handled < RECV_BATCH) else {
+                return;
+            };
+            next = sock.try_recv_from(buf);
         }
     }
 
