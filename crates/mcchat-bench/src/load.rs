@@ -94,6 +94,10 @@ pub(crate) fn single(to: SocketAddr, size: usize) -> Result<u64> {
 #[derive(Debug, Clone)]
 pub(crate) struct Received {
     pub(crate) count: u64,
+    /// Datagrams whose sequence number had been seen already.
+    pub(crate) duplicates: u64,
+    /// Datagrams that arrived after a later one.
+    pub(crate) reordered: u64,
     pub(crate) latency_us: Histogram<u64>,
 }
 
@@ -117,12 +121,30 @@ impl Receiver {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut buf = [0u8; 2048];
             let mut count = 0u64;
+            let mut duplicates = 0u64;
+            let mut reordered = 0u64;
+            let mut highest = 0u64;
+            // One bit per sequence number seen.
+            let mut seen: Vec<u64> = Vec::new();
             let mut last = Instant::now();
             loop {
                 match sock.recv(&mut buf) {
                     Ok(n) => {
                         last = Instant::now();
-                        if let Some((_seq, ns)) = parse(&buf[..n]) {
+                        if let Some((seq, ns)) = parse(&buf[..n]) {
+                            let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+                            if seen.len() <= word {
+                                seen.resize(word + 1, 0);
+                            }
+                            if seen[word] & bit != 0 {
+                                duplicates += 1;
+                                continue;
+                            }
+                            seen[word] |= bit;
+                            if seq < highest {
+                                reordered += 1;
+                            }
+                            highest = highest.max(seq);
                             count += 1;
                             let lat = now_ns().saturating_sub(ns) / 1000;
                             let _ = hist.record(lat.max(1));
@@ -137,6 +159,8 @@ impl Receiver {
             }
             Ok(Received {
                 count,
+                duplicates,
+                reordered,
                 latency_us: hist,
             })
         });

@@ -142,6 +142,12 @@ fn trial(relay: &Relay, rate: u64, secs: f64) -> Result<(f64, f64, load::Receive
     let rx = Receiver::start(group, Duration::from_millis(150))?;
     let sent = load::send(target_of(relay), rate, secs, SIZE)?;
     let got = rx.finish()?;
+    if got.duplicates > 0 || got.reordered > 0 {
+        eprintln!(
+            "bench: {} at {rate}/s: {} duplicates, {} out of order",
+            relay.name, got.duplicates, got.reordered
+        );
+    }
     let loss = 1.0 - (got.count as f64 / sent.count.max(1) as f64);
     Ok((sent.count as f64 / sent.secs, loss.max(0.0), got))
 }
