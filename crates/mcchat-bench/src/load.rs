@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use hdrhistogram::Histogram;
 use mcchat_core::socket::{self, MulticastConfig};
-use mcchat_core::wire::{self, Header, Kind, Meta};
+use mcchat_core::wire::{self, Kind};
 
 /// The room every benchmark uses.
 pub(crate) const ROOM: &str = "room1";
@@ -183,20 +183,15 @@ pub(crate) struct Subscriber {
 }
 
 fn request(kind: Kind, cookie: Option<&str>) -> Vec<u8> {
-    let pad = "x".repeat(200);
-    let mut tags: Vec<(&str, &str)> = vec![("pad", &pad)];
-    if let Some(c) = cookie {
-        tags.push(("cookie", c));
-    }
-    let header = Header {
-        meta: Meta {
-            kind,
-            ..Meta::default()
-        },
-        extra: &tags,
-    };
     let mut out = String::new();
-    let _ = wire::encode(&header, ROOM, "bench", "", &mut out);
+    let _ = wire::relay_request(
+        kind,
+        ROOM,
+        "bench",
+        cookie,
+        wire::MIN_RELAY_REQUEST,
+        &mut out,
+    );
     out.into_bytes()
 }
 

@@ -185,26 +185,8 @@ pub fn open(group: SocketAddr, config: &MulticastConfig) -> Result<MulticastSock
     if !group.ip().is_multicast() {
         return Err(SocketError::NotMulticast(group));
     }
-    let fail = |action: &'static str| {
-        let iface = config.iface.label.clone();
-        move |cause: io::Error| {
-            let hint = hint_for(&cause);
-            SocketError::Setup {
-                action,
-                group,
-                iface,
-                cause,
-                hint,
-            }
-        }
-    };
-    let domain = if group.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(fail("create a UDP socket"))?;
+    let fail = failer(group, config);
+    let socket = udp_socket(group).map_err(fail("create a UDP socket"))?;
     socket
         .set_reuse_address(true)
         .map_err(fail("set SO_REUSEADDR"))?;
@@ -333,27 +315,8 @@ where
 /// `config`'s TTL, loopback and interface: mcchatd's relay socket. IPv6 sockets are IPv6-only,
 /// so an IPv4 and an IPv6 socket can share a port.
 pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocket, SocketError> {
-    let group = addr;
-    let fail = |action: &'static str| {
-        let iface = config.iface.label.clone();
-        move |cause: io::Error| {
-            let hint = hint_for(&cause);
-            SocketError::Setup {
-                action,
-                group,
-                iface,
-                cause,
-                hint,
-            }
-        }
-    };
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(fail("create a UDP socket"))?;
+    let fail = failer(addr, config);
+    let socket = udp_socket(addr).map_err(fail("create a UDP socket"))?;
     // Best effort: a larger buffer rides out bursts.
     let _ = socket.set_recv_buffer_size(4 * RECV_BUFFER);
     let _ = socket.set_send_buffer_size(4 * RECV_BUFFER);
@@ -456,6 +419,37 @@ pub fn local_networks() -> io::Result<LocalNetworks> {
         }
     }
     Ok(out)
+}
+
+/// A UDP socket of `addr`'s family.
+fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
+}
+
+/// Makes `SocketError::Setup`s for one socket: `fail("bind")` is a `map_err` argument that
+/// names the action, the address and the interface, with a remedy where one is known.
+fn failer(
+    addr: SocketAddr,
+    config: &MulticastConfig,
+) -> impl Fn(&'static str) -> Box<dyn FnOnce(io::Error) -> SocketError> + '_ {
+    move |action| {
+        let iface = config.iface.label.clone();
+        Box::new(move |cause: io::Error| {
+            let hint = hint_for(&cause);
+            SocketError::Setup {
+                action,
+                group: addr,
+                iface,
+                cause,
+                hint,
+            }
+        })
+    }
 }
 
 /// Remedies for the errors people meet in practice.

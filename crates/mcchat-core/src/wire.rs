@@ -583,6 +583,44 @@ fn write_tags(header: &Header<'_>, out: &mut String) -> Result<(), EncodeError> 
     Ok(())
 }
 
+/// Clients pad a relay `sub`/`unsub` to this many bytes, so mcchatd's challenge, which is
+/// never longer than the request it answers, always fits (docs/PROTOCOL.md 4.2).
+pub const MIN_RELAY_REQUEST: usize = 256;
+
+/// Writes a relay request (`kind` is [`Kind::Subscribe`] or [`Kind::Unsubscribe`]) for
+/// `room` into `out`, with the cookie if there is one, padded with a `pad` tag to at least
+/// `pad_to` bytes (0: no padding; clients use [`MIN_RELAY_REQUEST`]).
+pub fn relay_request(
+    kind: Kind,
+    room: &str,
+    sender: &str,
+    cookie: Option<&str>,
+    pad_to: usize,
+    out: &mut String,
+) -> Result<(), EncodeError> {
+    let encode = |tags: &[(&str, &str)], out: &mut String| {
+        let header = Header {
+            meta: Meta {
+                kind,
+                ..Meta::default()
+            },
+            extra: tags,
+        };
+        encode(&header, room, sender, "", out)
+    };
+    let tags: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", *c)).collect();
+    encode(&tags, out)?;
+    // `;pad=V` after the `kind` tag.
+    let pad_overhead = ";pad=".len();
+    if out.len() + pad_overhead < pad_to {
+        let pad = "x".repeat(pad_to - out.len() - pad_overhead);
+        let mut padded = tags.clone();
+        padded.push(("pad", &pad));
+        encode(&padded, out)?;
+    }
+    Ok(())
+}
+
 /// Splits `text` into pieces that each fit in one datagram next to `overhead` bytes of tags,
 /// room and sender. Cuts at the last space of a piece when that keeps at least half of it,
 /// else at a character boundary; no character is split and, with the spaces at the cuts kept
@@ -753,6 +791,39 @@ mod tests {
                 max: MAX_DATAGRAM
             }
         );
+    }
+
+    #[test]
+    fn relay_requests_are_padded_and_carry_the_cookie() {
+        let mut out = String::new();
+        relay_request(
+            Kind::Subscribe,
+            "room1",
+            "alice",
+            None,
+            MIN_RELAY_REQUEST,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.len(), MIN_RELAY_REQUEST, "{out}");
+        let f = decode(out.as_bytes()).unwrap();
+        assert_eq!(f.meta.kind, Kind::Subscribe);
+        assert!(f.tags.get("cookie").is_none());
+        relay_request(
+            Kind::Unsubscribe,
+            "r",
+            "a",
+            Some("abc.def"),
+            MIN_RELAY_REQUEST,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.len(), MIN_RELAY_REQUEST, "{out}");
+        let f = decode(out.as_bytes()).unwrap();
+        assert_eq!(f.meta.kind, Kind::Unsubscribe);
+        assert_eq!(f.tags.get("cookie").as_deref(), Some("abc.def"));
+        relay_request(Kind::Subscribe, "r", "a", None, 0, &mut out).unwrap();
+        assert_eq!(out, "@kind=sub r|a|");
     }
 
     #[test]

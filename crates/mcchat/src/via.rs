@@ -7,13 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use mcchat_core::daemon::DEFAULT_RELAY_PORT;
-use mcchat_core::wire::{self, Frame, Header, Kind, Meta};
+use mcchat_core::wire::{self, Frame, Kind};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
-
-/// A subscribe without a valid cookie is padded to this size, so the daemon's challenge
-/// (never larger than the request) always fits.
-pub(crate) const MIN_SUBSCRIBE: usize = 256;
 
 /// Attempts, and the wait for an answer to each, before giving up on the daemon.
 const ATTEMPTS: u32 = 3;
@@ -100,7 +96,15 @@ impl Via {
     }
 
     fn request(&mut self, kind: Kind, room: &str, sender: &str) -> Result<()> {
-        request(kind, room, sender, self.cookie.as_deref(), &mut self.out)
+        wire::relay_request(
+            kind,
+            room,
+            sender,
+            self.cookie.as_deref(),
+            wire::MIN_RELAY_REQUEST,
+            &mut self.out,
+        )?;
+        Ok(())
     }
 
     async fn send_request(&mut self, kind: Kind, room: &str, sender: &str) -> Result<()> {
@@ -200,37 +204,6 @@ impl Via {
     }
 }
 
-/// Writes a `sub` or `unsub` request into `out`, padded to [`MIN_SUBSCRIBE`] bytes.
-fn request(
-    kind: Kind,
-    room: &str,
-    sender: &str,
-    cookie: Option<&str>,
-    out: &mut String,
-) -> Result<()> {
-    let encode = |tags: &[(&str, &str)], out: &mut String| {
-        let header = Header {
-            meta: Meta {
-                kind,
-                ..Meta::default()
-            },
-            extra: tags,
-        };
-        wire::encode(&header, room, sender, "", out)
-    };
-    let tags: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", *c)).collect();
-    encode(&tags, out)?;
-    // `;pad=V` after the `kind` tag.
-    let pad_overhead = ";pad=".len();
-    if out.len() + pad_overhead < MIN_SUBSCRIBE {
-        let pad = "x".repeat(MIN_SUBSCRIBE - out.len() - pad_overhead);
-        let mut padded = tags.clone();
-        padded.push(("pad", &pad));
-        encode(&padded, out)?;
-    }
-    Ok(())
-}
-
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
@@ -238,28 +211,6 @@ fn far_future() -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_are_padded_and_carry_the_cookie() {
-        let mut out = String::new();
-        request(Kind::Subscribe, "room1", "alice", None, &mut out).unwrap();
-        assert_eq!(out.len(), MIN_SUBSCRIBE, "{out}");
-        let f = wire::decode(out.as_bytes()).unwrap();
-        assert_eq!(f.meta.kind, Kind::Subscribe);
-        assert!(f.tags.get("cookie").is_none());
-        request(
-            Kind::Unsubscribe,
-            "room1",
-            "alice",
-            Some("abc.def"),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out.len(), MIN_SUBSCRIBE, "{out}");
-        let f = wire::decode(out.as_bytes()).unwrap();
-        assert_eq!(f.meta.kind, Kind::Unsubscribe);
-        assert_eq!(f.tags.get("cookie").as_deref(), Some("abc.def"));
-    }
 
     #[tokio::test]
     async fn via_addresses_resolve() {

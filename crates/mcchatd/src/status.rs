@@ -83,6 +83,24 @@ async fn answer<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+/// Answers one status client on its own task, if a slot is free; otherwise closes it.
+fn spawn_answer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    stream: W,
+    slots: &Arc<Semaphore>,
+    requests: &mpsc::Sender<StatusRequest>,
+    tracker: &TaskTracker,
+) {
+    let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+        tracing::debug!("status: too many clients at once");
+        return;
+    };
+    let requests = requests.clone();
+    tracker.spawn(async move {
+        answer(stream, &requests).await;
+        drop(permit);
+    });
+}
+
 /// Serves status on TCP until `token` is cancelled; `allowed` decides who may ask.
 pub(crate) async fn serve_tcp(
     listener: TcpListener,
@@ -99,15 +117,7 @@ pub(crate) async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) if allowed(peer) => {
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    tracing::debug!(%peer, "status: too many clients at once");
-                    continue;
-                };
-                let requests = requests.clone();
-                tracker.spawn(async move {
-                    answer(stream, &requests).await;
-                    drop(permit);
-                });
+                spawn_answer(stream, &slots, &requests, &tracker)
             }
             Ok((_, peer)) => tracing::debug!(%peer, "status request from a network not allowed"),
             Err(error) => {
@@ -133,16 +143,7 @@ pub(crate) async fn serve_unix(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    continue;
-                };
-                let requests = requests.clone();
-                tracker.spawn(async move {
-                    answer(stream, &requests).await;
-                    drop(permit);
-                });
-            }
+            Ok((stream, _)) => spawn_answer(stream, &slots, &requests, &tracker),
             Err(error) => {
                 tracing::warn!(%error, "status socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

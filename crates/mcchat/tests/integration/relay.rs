@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use mcchat_core::room::{RoomName, derive_group};
-use mcchat_core::wire::{self, Header, Kind, Meta};
+use mcchat_core::wire::{self, Kind};
 use nix::sys::signal::Signal;
 
 use crate::util::{Lan, Proc, TempDir, WAIT, daemon_bin, require_netns, run, unique};
@@ -45,24 +45,10 @@ impl Raw {
         }
     }
 
-    fn request(&self, kind: Kind, room: &str, pad: usize) -> Vec<u8> {
-        let mut tags: Vec<(&str, &str)> = Vec::new();
-        let pad = "x".repeat(pad);
-        if let Some(c) = &self.cookie {
-            tags.push(("cookie", c));
-        }
-        if !pad.is_empty() {
-            tags.push(("pad", &pad));
-        }
-        let header = Header {
-            meta: Meta {
-                kind,
-                ..Meta::default()
-            },
-            extra: &tags,
-        };
+    /// A request padded to `pad_to` bytes (0: none).
+    fn request(&self, kind: Kind, room: &str, pad_to: usize) -> Vec<u8> {
         let mut out = String::new();
-        wire::encode(&header, room, "raw", "", &mut out).unwrap();
+        wire::relay_request(kind, room, "raw", self.cookie.as_deref(), pad_to, &mut out).unwrap();
         out.into_bytes()
     }
 
@@ -101,7 +87,7 @@ impl Raw {
 
     /// The full handshake: padded request, challenge, request with the cookie, confirmation.
     fn subscribe(&mut self, room: &str) {
-        self.send(&self.request(Kind::Subscribe, room, 200));
+        self.send(&self.request(Kind::Subscribe, room, wire::MIN_RELAY_REQUEST));
         let challenge = self.expect(Kind::Challenge);
         let f = wire::decode(&challenge).unwrap();
         self.cookie = Some(f.tags.get("cookie").unwrap().into_owned());
@@ -232,7 +218,7 @@ fn challenge_is_never_larger_than_the_request() {
     // Too small to carry a challenge: no answer at all.
     let small = c.request(Kind::Subscribe, &room, 0);
     c.send(&small);
-    let padded = c.request(Kind::Subscribe, &room, 200);
+    let padded = c.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST);
     c.send(&padded);
     let challenge = c.expect(Kind::Challenge);
     assert!(
@@ -244,7 +230,7 @@ fn challenge_is_never_larger_than_the_request() {
     assert!(c.nothing_queued(), "the small request was answered");
     // A forged cookie gets another challenge, no subscription.
     c.cookie = Some("1.000000000000000000000000".into());
-    let forged = c.request(Kind::Subscribe, &room, 200);
+    let forged = c.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST);
     c.send(&forged);
     let again = c.expect(Kind::Challenge);
     assert!(again.len() <= forged.len());
@@ -491,7 +477,7 @@ fn ten_thousand_subscribers_are_served() {
     // default) is not what this test is about.
     for batch in clients.chunks_mut(100) {
         for c in batch.iter() {
-            c.send(&c.request(Kind::Subscribe, &room, 200));
+            c.send(&c.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST));
         }
         for c in batch.iter_mut() {
             let ch = c.expect(Kind::Challenge);
@@ -512,7 +498,7 @@ fn ten_thousand_subscribers_are_served() {
         }
     }
     let mut extra = Raw::new("127.0.0.1", addr);
-    extra.send(&extra.request(Kind::Subscribe, &room, 200));
+    extra.send(&extra.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST));
     let ch = extra.expect(Kind::Challenge);
     extra.cookie = Some(
         wire::decode(&ch)
@@ -801,7 +787,7 @@ fn subscribe_requests_are_rate_limited_per_source() {
     let room = unique("subrate");
     let c = Raw::new("127.0.0.6", addr);
     for _ in 0..60 {
-        c.send(&c.request(Kind::Subscribe, &room, 200));
+        c.send(&c.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST));
     }
     // Another source is not affected.
     let mut other = Raw::new("127.0.0.7", addr);
@@ -878,7 +864,7 @@ fn spoofed_subscribe_is_never_amplified() {
     });
     let forge = Raw::new("127.0.0.1", daemon);
     let small = forge.request(Kind::Subscribe, "room1", 0);
-    let padded = forge.request(Kind::Subscribe, "room1", 200);
+    let padded = forge.request(Kind::Subscribe, "room1", wire::MIN_RELAY_REQUEST);
     for payload in [&small, &padded] {
         let packet = spoofed(victim_addr, daemon, payload);
         raw.send_to(&packet, &SocketAddr::new(daemon.ip(), 0).into())
