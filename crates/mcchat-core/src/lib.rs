@@ -6,6 +6,8 @@
 //! - [`daemon`]: the `[daemon]` table of `rooms.toml`, mcchatd's settings (pure).
 //! - [`presence`]: who is in a room, from join/leave/heartbeat datagrams (pure, time passed in).
 //! - [`sanitize`]: network text made safe for a terminal (pure).
+//! - [`repair`]: gap detection, NACKs with suppression, in-order release and the sender's
+//!   repair buffer (pure, time passed in).
 //! - [`ratelimit`]: a limiter for log lines about bad input (pure, time passed in).
 //! - [`socket`]: multicast socket setup with socket2, the only module here that does I/O on
 //!   the network. It hands out std sockets; async runtimes are the binaries' business.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod presence;
 pub mod ratelimit;
+pub mod repair;
 pub mod room;
 pub mod sanitize;
 pub mod socket;
