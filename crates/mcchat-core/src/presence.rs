@@ -136,6 +136,11 @@ impl Roster {
         changes
     }
 
+    /// The name `instance` last used, if it is a member.
+    pub fn name_of(&self, instance: InstanceId) -> Option<&str> {
+        self.members.get(&instance).map(|m| m.name.as_str())
+    }
+
     /// The members, sorted by name.
     pub fn members(&self) -> Vec<&Member> {
         let mut v: Vec<&Member> = self.members.values().collect();

@@ -370,6 +370,11 @@ impl<M> Receiver<M> {
             .min()
     }
 
+    /// Whether `instance` is being followed.
+    pub fn knows(&self, instance: InstanceId) -> bool {
+        self.senders.contains_key(&instance)
+    }
+
     /// Forgets a sender that said goodbye (or went silent): it has nothing more to repair.
     pub fn forget(&mut self, instance: InstanceId) {
         self.senders.remove(&instance);
@@ -450,7 +455,7 @@ impl<M> SendBuffer<M> {
 
     /// The messages to retransmit for `ranges`, skipping those repaired within the last
     /// `min_interval` (one loss seen by many receivers is repaired once).
-    pub fn repairs(&mut self, ranges: &[RangeInclusive<u64>], now: Instant) -> Vec<&M> {
+    pub fn repairs(&mut self, ranges: &[RangeInclusive<u64>], now: Instant) -> Vec<(u64, &M)> {
         let (min, max_age) = (self.min_interval, self.max_age);
         while self
             .buf
@@ -468,7 +473,7 @@ impl<M> SendBuffer<M> {
                 continue;
             }
             *last = Some(now);
-            out.push(&*msg);
+            out.push((*seq, &*msg));
         }
         out
     }
@@ -650,8 +655,11 @@ mod tests {
                 let p = packets[id as usize].clone();
                 if dest == usize::MAX {
                     if let Packet::Nack(nack) = p {
-                        let repairs: Vec<u64> =
-                            tx.repairs(&nack.ranges, now).into_iter().copied().collect();
+                        let repairs: Vec<u64> = tx
+                            .repairs(&nack.ranges, now)
+                            .into_iter()
+                            .map(|(s, _)| s)
+                            .collect();
                         for seq in repairs {
                             send(
                                 &mut queue,
@@ -854,7 +862,7 @@ mod tests {
         }
         assert_eq!(
             b.repairs(&[1..=4], t0),
-            vec![&3, &4],
+            vec![(3, &3), (4, &4)],
             "1 and 2 fell out of the buffer"
         );
         assert!(
@@ -863,7 +871,7 @@ mod tests {
         );
         assert_eq!(
             b.repairs(&[3..=3], t0 + Duration::from_millis(30)),
-            vec![&3]
+            vec![(3, &3)]
         );
         assert!(
             b.repairs(&[3..=5], t0 + Duration::from_secs(4)).is_empty(),

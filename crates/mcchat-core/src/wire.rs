@@ -35,6 +35,9 @@ pub enum Kind {
     Leave,
     /// The sender is still in the room (`kind=hb`).
     Heartbeat,
+    /// A receiver asks for messages it missed: `for` (an instance id) and `seqs` (ranges
+    /// such as `5-7,9`) say which (`kind=nack`).
+    Nack,
     /// Relay control, client to daemon: subscribe to the room, or renew (`kind=sub`).
     Subscribe,
     /// Relay control, client to daemon: end the subscription (`kind=unsub`).
@@ -61,6 +64,7 @@ impl Kind {
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Heartbeat => "hb",
+            Self::Nack => "nack",
             Self::Subscribe => "sub",
             Self::Unsubscribe => "unsub",
             Self::Challenge => "cookie",
@@ -86,6 +90,7 @@ impl Kind {
             "join" => Self::Join,
             "leave" => Self::Leave,
             "hb" => Self::Heartbeat,
+            "nack" => Self::Nack,
             "sub" => Self::Subscribe,
             "unsub" => Self::Unsubscribe,
             "cookie" => Self::Challenge,
@@ -108,6 +113,7 @@ impl Kind {
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Heartbeat => "heartbeat",
+            Self::Nack => "nack",
             Self::Subscribe => "subscribe",
             Self::Unsubscribe => "unsubscribe",
             Self::Challenge => "challenge",
@@ -135,8 +141,8 @@ impl InstanceId {
         getrandom::u64().map(Self).map_err(std::io::Error::other)
     }
 
-    /// Parses exactly 16 lowercase or uppercase hex digits.
-    fn parse(s: &str) -> Option<Self> {
+    /// Parses exactly 16 lowercase or uppercase hex digits (as in the `id` and `for` tags).
+    pub fn parse(s: &str) -> Option<Self> {
         if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
@@ -719,7 +725,7 @@ mod tests {
 
     #[test]
     fn unknown_tags_and_kinds_are_not_errors() {
-        let f = decode(b"@future=1;kind=nack;+vendor.example/x=\\s room1|a|").unwrap();
+        let f = decode(b"@future=1;kind=fec;+vendor.example/x=\\s room1|a|").unwrap();
         assert_eq!(f.meta.kind, Kind::Unknown);
         assert_eq!(f.tags.get("future").as_deref(), Some("1"));
         assert_eq!(f.tags.get("+vendor.example/x").as_deref(), Some(" "));

@@ -92,7 +92,19 @@ pub(crate) fn event_line(event: &Event, now_ms: u64, color: bool) -> String {
     match event {
         Event::Message(m) => message_line(m, color),
         Event::Presence(c) => presence_line(c, now_ms, color),
+        Event::Lost { sender, count } => {
+            let what = if *count == 1 { "message" } else { "messages" };
+            format!(
+                "{} -- {count} {what} from {} could not be repaired and were lost",
+                clock(now_ms),
+                name(sender, color)
+            )
+        }
     }
+}
+
+fn lost_text(count: u64) -> String {
+    format!("{count} lost")
 }
 
 /// One `listen --json` object.
@@ -121,6 +133,16 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
             kind: m.kind.name(),
             id: m.instance.map(|i| i.to_string()),
             seq: m.seq,
+        },
+        Event::Lost { sender, count } => JsonLine {
+            room,
+            sender,
+            text: &lost_text(*count),
+            ts: rfc3339(now_ms),
+            from: None,
+            kind: "lost",
+            id: None,
+            seq: None,
         },
         Event::Presence(c) => {
             let (sender, kind) = match c {

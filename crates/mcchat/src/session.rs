@@ -8,8 +8,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
+use std::collections::VecDeque;
+
 use mcchat_core::presence::{Change, HEARTBEAT_INTERVAL, Roster};
 use mcchat_core::ratelimit::LogLimiter;
+use mcchat_core::repair::{self, Delivery, Nack, RepairConfig, SendBuffer};
 use mcchat_core::room::{Room, RoomSource};
 use mcchat_core::socket::{self, Iface, MulticastConfig};
 use mcchat_core::wire::{self, DropCounts, Header, InstanceId, Kind, MAX_DATAGRAM, Meta};
@@ -50,7 +53,36 @@ pub(crate) enum Event {
     Message(Received),
     /// Somebody came or went.
     Presence(Change),
+    /// `count` messages from `sender` could not be repaired.
+    Lost { sender: String, count: u64 },
 }
+
+/// Back-off jitter for NACKs: splitmix64, seeded once from the OS.
+struct Jitter(u64);
+
+impl Jitter {
+    fn fraction(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What a sender keeps of each message to repair it: kind, timestamp, text.
+type Sent = (Kind, u64, String);
+
+/// Messages kept for repair, and for how long: longer than receivers wait for a repair.
+const SEND_BUFFER: usize = 1024;
+const SEND_BUFFER_AGE: Duration = Duration::from_secs(6);
+/// How soon after a message the first tail-probe heartbeat goes out; each next one waits
+/// twice as long.
+const TAIL_PROBE: Duration = Duration::from_millis(200);
+/// Tail-probe heartbeats after a burst.
+const TAIL_PROBES: u8 = 5;
+/// One loss seen by many receivers is repaired once within this.
+const REPAIR_INTERVAL: Duration = Duration::from_millis(20);
 
 /// How a session reaches its room.
 enum Transport {
@@ -76,6 +108,15 @@ pub(crate) struct Session {
     drop_log: LogLimiter,
     error_log: LogLimiter,
     heartbeat_due: Instant,
+    /// Gap detection, NACKs and in-order release for every sender heard.
+    repair: repair::Receiver<Received>,
+    /// This peer's recent messages, to answer NACKs.
+    sent: SendBuffer<Sent>,
+    jitter: Jitter,
+    /// Events ready to hand out (a repair can release several at once).
+    pending: VecDeque<Event>,
+    /// Heartbeats still to send soon after a burst, so a loss at its tail is found quickly.
+    tail_probes: u8,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -173,6 +214,11 @@ impl Session {
             drop_log: LogLimiter::default(),
             error_log: LogLimiter::default(),
             heartbeat_due: Instant::now() + HEARTBEAT_INTERVAL,
+            repair: repair::Receiver::new(RepairConfig::default()),
+            sent: SendBuffer::new(SEND_BUFFER, SEND_BUFFER_AGE, REPAIR_INTERVAL),
+            jitter: Jitter(instance.0 ^ 0x5eed),
+            pending: VecDeque::new(),
+            tail_probes: 0,
         })
     }
 
@@ -264,6 +310,20 @@ impl Session {
                 &mut self.out,
             )
             .with_context(|| format!("cannot send to room {}", self.room.name))?;
+            if matches!(kind, Kind::Message | Kind::Action) {
+                self.sent.push(
+                    self.seq,
+                    (kind, ts_ms, piece.to_owned()),
+                    std::time::Instant::now(),
+                );
+                // Heartbeats 0.2, 0.4, 0.8, 1.6 and 3.2 s after the last message carry its
+                // sequence number: receivers that lost the tail of a burst find out then, not
+                // 15 s later, even if some of the probes are lost too.
+                if self.presence {
+                    self.tail_probes = TAIL_PROBES;
+                    self.heartbeat_due = self.heartbeat_due.min(Instant::now() + TAIL_PROBE);
+                }
+            }
             self.send_datagram()
                 .await
                 .with_context(|| format!("failed to send to room {}", self.room.name))?;
@@ -280,6 +340,86 @@ impl Session {
             });
         }
         Ok(sent)
+    }
+
+    /// Sends a NACK for `nack`, and answers the ones addressed to us with repairs.
+    async fn send_nack(&mut self, nack: &Nack) -> Result<()> {
+        let seqs = repair::format_ranges(&nack.ranges);
+        let target = nack.instance.to_string();
+        let header = Header {
+            meta: Meta {
+                instance: Some(self.instance),
+                seq: Some(self.seq),
+                ts_ms: Some(now_ms()),
+                kind: Kind::Nack,
+            },
+            extra: &[("for", &target), ("seqs", &seqs)],
+        };
+        let sender = self.sender_for_control();
+        wire::encode(&header, self.room.name.as_str(), &sender, "", &mut self.out)?;
+        self.send_datagram().await?;
+        Ok(())
+    }
+
+    /// Answers a NACK: repairs if it asks for our messages, else holds back our own NACK
+    /// for the same numbers (suppression).
+    async fn on_nack(&mut self, frame: &wire::Frame<'_>) -> Result<()> {
+        let target = frame.tags.get("for").and_then(|f| InstanceId::parse(&f));
+        let ranges = frame
+            .tags
+            .get("seqs")
+            .and_then(|s| repair::parse_ranges(&s));
+        let (Some(target), Some(ranges)) = (target, ranges) else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        if target != self.instance {
+            self.repair.on_nack_seen(
+                &Nack {
+                    instance: target,
+                    ranges,
+                },
+                now,
+            );
+            return Ok(());
+        }
+        let repairs: Vec<(u64, Sent)> = self
+            .sent
+            .repairs(&ranges, now)
+            .into_iter()
+            .map(|(seq, m)| (seq, m.clone()))
+            .collect();
+        for (seq, (kind, ts, text)) in repairs {
+            let header = Header {
+                meta: Meta {
+                    instance: Some(self.instance),
+                    seq: Some(seq),
+                    ts_ms: Some(ts),
+                    kind,
+                },
+                extra: &[("repair", "1")],
+            };
+            let name = self.name.clone();
+            wire::encode(
+                &header,
+                self.room.name.as_str(),
+                &name,
+                &text,
+                &mut self.out,
+            )?;
+            if let Err(e) = self.send_datagram().await {
+                self.transient(anyhow::Error::new(e).context("failed to send a repair"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lost_event(&self, instance: InstanceId, count: u64) -> Event {
+        let sender = self
+            .roster
+            .name_of(instance)
+            .map_or_else(|| format!("sender {instance}"), str::to_owned);
+        Event::Lost { sender, count }
     }
 
     fn header(&self, kind: Kind, seq: u64, ts_ms: u64) -> Header<'static> {
@@ -331,7 +471,12 @@ impl Session {
     pub(crate) async fn tick(&mut self) -> Result<Vec<Event>> {
         let now = Instant::now();
         if now >= self.heartbeat_due {
-            self.heartbeat_due = now + HEARTBEAT_INTERVAL;
+            self.heartbeat_due = if self.tail_probes > 0 {
+                self.tail_probes -= 1;
+                now + TAIL_PROBE * 2u32.pow(u32::from(TAIL_PROBES - self.tail_probes))
+            } else {
+                now + HEARTBEAT_INTERVAL
+            };
             if self.presence
                 && let Err(e) = self.send(Kind::Heartbeat, "").await
             {
@@ -347,12 +492,46 @@ impl Session {
             let e = anyhow::Error::new(e).context("failed to renew the subscription");
             self.transient(e)?;
         }
-        Ok(self
-            .roster
-            .expire(std::time::Instant::now())
-            .into_iter()
-            .map(Event::Presence)
-            .collect())
+        let mut events = self.repair_events().await?;
+        events.extend(
+            self.roster
+                .expire(std::time::Instant::now())
+                .into_iter()
+                .map(Event::Presence),
+        );
+        Ok(events)
+    }
+
+    /// Runs the repair timers and queues what they release, for [`Session::recv`].
+    async fn repair_tick(&mut self) -> Result<()> {
+        let events = self.repair_events().await?;
+        self.pending.extend(events);
+        Ok(())
+    }
+
+    /// Repair: sends the NACKs that are due; returns what giving up on old gaps releases.
+    async fn repair_events(&mut self) -> Result<Vec<Event>> {
+        let (nacks, deliveries) = self.repair.poll(std::time::Instant::now());
+        for nack in &nacks {
+            // A long list of gaps goes out in several NACKs, each well under a datagram.
+            for chunk in nack.ranges.chunks(32) {
+                let part = Nack {
+                    instance: nack.instance,
+                    ranges: chunk.to_vec(),
+                };
+                if let Err(e) = self.send_nack(&part).await {
+                    self.transient(e)?;
+                }
+            }
+        }
+        Ok(deliveries.into_iter().map(|d| self.delivery(d)).collect())
+    }
+
+    fn delivery(&self, d: Delivery<Received>) -> Event {
+        match d {
+            Delivery::Message(m) => Event::Message(m),
+            Delivery::Lost { instance, count } => self.lost_event(instance, count),
+        }
     }
 
     /// Logs a transient error (rate limited) and swallows it; returns a fatal one.
@@ -372,9 +551,23 @@ impl Session {
     pub(crate) async fn recv(&mut self) -> Result<Event> {
         let mut buf = [0u8; MAX_DATAGRAM + 1];
         loop {
-            let r = match &self.transport {
-                Transport::Direct { socket, .. } => socket.recv_from(&mut buf).await,
-                Transport::Via(via) => via.recv(&mut buf).await,
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            // Repair timers run while waiting: a gap found here must be NACKed in
+            // milliseconds, whatever the front end's own timers are.
+            let repair_due = self.repair.next_deadline().map(Instant::from_std);
+            let r = tokio::select! {
+                r = async {
+                    match &self.transport {
+                        Transport::Direct { socket, .. } => socket.recv_from(&mut buf).await,
+                        Transport::Via(via) => via.recv(&mut buf).await,
+                    }
+                } => r,
+                () = sleep_until_opt(repair_due) => {
+                    self.repair_tick().await?;
+                    continue;
+                }
             };
             let (len, from) = match r {
                 Ok(r) => r,
@@ -412,25 +605,7 @@ impl Session {
                 }
                 continue;
             }
-            if let Some(instance) = frame.meta.instance {
-                let change =
-                    self.roster
-                        .observe(instance, frame.sender, kind, std::time::Instant::now());
-                if let Some(change) = change {
-                    if matches!(change, Change::Joined(_)) && self.presence {
-                        // Answer a newcomer soon, with jitter so a full room does not answer
-                        // at once, so its /who is complete without waiting a whole interval.
-                        let jitter = Duration::from_millis(u64::from(getrandom_u16() % 500));
-                        self.heartbeat_due = self.heartbeat_due.min(Instant::now() + jitter);
-                    }
-                    return Ok(Event::Presence(change));
-                }
-            }
-            match kind {
-                Kind::Message | Kind::Action => {}
-                _ => continue,
-            }
-            return Ok(Event::Message(Received {
+            let received = Received {
                 kind,
                 room: frame.room.to_owned(),
                 sender: frame.sender.to_owned(),
@@ -440,7 +615,49 @@ impl Session {
                 from: Some(from),
                 instance: frame.meta.instance,
                 seq: frame.meta.seq,
-            }));
+            };
+            let Some(instance) = frame.meta.instance else {
+                // A bare datagram: shown as it comes; it cannot be repaired.
+                if matches!(kind, Kind::Message | Kind::Action) {
+                    return Ok(Event::Message(received));
+                }
+                continue;
+            };
+            let now = std::time::Instant::now();
+            let change = self.roster.observe(instance, frame.sender, kind, now);
+            if let Some(change) = change {
+                if matches!(change, Change::Joined(_)) && self.presence {
+                    // Answer a newcomer soon, with jitter so a full room does not answer
+                    // at once, so its /who is complete without waiting a whole interval.
+                    let jitter = Duration::from_millis(u64::from(getrandom_u16() % 500));
+                    self.heartbeat_due = self.heartbeat_due.min(Instant::now() + jitter);
+                }
+                self.pending.push_back(Event::Presence(change));
+            }
+            let Self { repair, jitter, .. } = self;
+            let mut jitter = || jitter.fraction();
+            match (kind, frame.meta.seq) {
+                (Kind::Nack, _) => self.on_nack(&frame).await?,
+                (Kind::Message | Kind::Action, Some(seq)) => {
+                    if !repair.knows(instance) && started_recently(seq, received.ts_ms, recv_ms) {
+                        // Its join was lost, but it started moments ago: follow it from its
+                        // first message, so what was lost before this one is repaired too.
+                        repair.on_latest(instance, 0, now, &mut jitter);
+                    }
+                    let deliveries = repair.on_message(instance, seq, received, now, &mut jitter);
+                    for d in deliveries {
+                        let event = self.delivery(d);
+                        self.pending.push_back(event);
+                    }
+                }
+                (Kind::Message | Kind::Action, None) => {
+                    self.pending.push_back(Event::Message(received));
+                }
+                (Kind::Join | Kind::Heartbeat | Kind::Leave, Some(latest)) => {
+                    repair.on_latest(instance, latest, now, &mut jitter);
+                }
+                _ => {}
+            }
         }
     }
 
@@ -459,6 +676,21 @@ impl Session {
                 "dropped datagrams"
             );
         }
+    }
+}
+
+/// Whether a sender first heard through message `seq`, sent at `ts_ms`, started so recently
+/// that everything it sent is still in its repair buffer: a low sequence number, sent within
+/// the last few seconds (by clocks a LAN keeps within that).
+fn started_recently(seq: u64, ts_ms: u64, now_ms: u64) -> bool {
+    seq <= 64 && now_ms.abs_diff(ts_ms) < 4_000
+}
+
+/// Sleeps until `due`, or forever if there is none.
+async fn sleep_until_opt(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

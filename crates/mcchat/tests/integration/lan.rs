@@ -149,3 +149,82 @@ fn ipv6_room_across_hosts_and_hop_limit() {
         h4.stdout()
     );
 }
+
+/// Drops a share of the room's datagrams arriving at `host`, with nftables (netem is not
+/// available here); returns how to read how many it dropped.
+fn lossy(lan: &Lan, host: &str, percent: u32) -> impl Fn() -> u64 {
+    let ns = lan.ns(host);
+    let nft = move |args: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "nft"])
+            .args(args.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    nft("add table inet mcloss");
+    nft("add chain inet mcloss in { type filter hook input priority 0 ; }");
+    nft(&format!(
+        "add rule inet mcloss in udp dport 5555 numgen random mod 100 < {percent} counter drop"
+    ));
+    move || {
+        let listing = nft("list table inet mcloss");
+        listing
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Messages lost on one receiver's link are repaired: it ends with every message exactly once,
+/// in order, while the other receiver needed no repair.
+#[test]
+fn loss_on_a_receivers_link_is_repaired() {
+    require_netns();
+    let lan = Lan::up();
+    let dropped = lossy(&lan, "h3", 30);
+    let room = "room1";
+    let clean =
+        Proc::mcchat("h2", Some(&lan.ns("h2")), &["listen", room, "--json"], &[]).listening();
+    let lossy_rx =
+        Proc::mcchat("h3", Some(&lan.ns("h3")), &["listen", room, "--json"], &[]).listening();
+    let mut sender = peer(&lan, "h1", room, &[]);
+    const N: usize = 300;
+    for i in 1..=N {
+        sender.say(&format!("m{i:04}"));
+    }
+    let last = format!("m{N:04}");
+    clean.expect_out(&last);
+    lossy_rx.expect_out(&last);
+    let texts = |p: &Proc| -> Vec<String> {
+        p.stdout()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "message")
+            .map(|v| v["text"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    // Wait until every one is in (repairs may still be under way when the last arrives).
+    let want: Vec<String> = (1..=N).map(|i| format!("m{i:04}")).collect();
+    for i in 1..=N {
+        lossy_rx.expect_out(&format!("\"m{i:04}\""));
+    }
+    assert!(dropped() > 20, "loss really happened: {}", dropped());
+    assert_eq!(texts(&lossy_rx), want, "exactly once, in order");
+    assert_eq!(texts(&clean), want);
+    assert!(
+        !lossy_rx
+            .stdout()
+            .iter()
+            .any(|l| l.contains("\"kind\":\"lost\""))
+    );
+    sender.close_stdin();
+    assert!(sender.wait().success());
+}
