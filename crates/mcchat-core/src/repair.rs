@@ -112,6 +112,27 @@ pub struct Receiver<M> {
     stats: RepairStats,
 }
 
+/// splitmix64 (Steele, Lea, Flood 2014): a small, seedable generator for back-off jitter
+/// (and for the tests' reproducible loss injector). Not for anything secret.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A fraction in `[0, 1)`.
+    pub fn fraction(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// A source of back-off jitter: a fraction in `[0, 1)`.
 pub trait Jitter {
     /// The next fraction.
@@ -520,19 +541,15 @@ mod tests {
 
     use super::*;
 
-    /// splitmix64: a seeded, reproducible random source for the loss injector.
-    struct Rng(u64);
+    /// The loss injector's random source, seeded (the seed is printed).
+    struct Rng(SplitMix64);
 
     impl Rng {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+            self.0.next_u64()
         }
         fn fraction(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+            self.0.fraction()
         }
     }
 
@@ -567,7 +584,7 @@ mod tests {
         outage: Option<(u64, u64)>,
     ) -> Outcome {
         eprintln!("seed {seed}");
-        let mut rng = Rng(seed);
+        let mut rng = Rng(SplitMix64(seed));
         let t0 = Instant::now();
         let ms = |x: u64| t0 + Duration::from_millis(x);
         let config = RepairConfig::default();

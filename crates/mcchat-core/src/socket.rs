@@ -244,26 +244,59 @@ where
             .join_multicast_v4(&ip, &Ipv4Addr::UNSPECIFIED)
             .map_err(fail("join the group"))?;
     } else {
-        let Some(addr) = iface.ipv4 else {
-            return Err(SocketError::NoIpv4 {
-                group,
-                iface: iface.label.clone(),
-            });
-        };
         socket
             .join_multicast_v4_n(&ip, &InterfaceIndexOrAddress::Index(iface.index))
             .map_err(fail("join the group"))?;
-        socket
-            .set_multicast_if_v4(&addr)
-            .map_err(fail("set the outgoing interface"))?;
     }
-    socket
-        .set_multicast_ttl_v4(config.ttl)
-        .map_err(fail("set the TTL"))?;
-    socket
-        .set_multicast_loop_v4(config.loopback)
-        .map_err(fail("set multicast loopback"))?;
+    set_send_options(socket, group, config, fail)?;
     Ok(cleared)
+}
+
+/// The options of what a socket sends to groups: outgoing interface, TTL / hop limit,
+/// loopback. Shared by room sockets and mcchatd's relay sockets.
+fn set_send_options<F, E>(
+    socket: &Socket,
+    addr: SocketAddr,
+    config: &MulticastConfig,
+    fail: &F,
+) -> Result<(), SocketError>
+where
+    F: Fn(&'static str) -> E,
+    E: FnOnce(io::Error) -> SocketError,
+{
+    let iface = &config.iface;
+    if addr.is_ipv4() {
+        if iface.index != 0 {
+            let Some(ip) = iface.ipv4 else {
+                return Err(SocketError::NoIpv4 {
+                    group: addr,
+                    iface: iface.label.clone(),
+                });
+            };
+            socket
+                .set_multicast_if_v4(&ip)
+                .map_err(fail("set the outgoing interface"))?;
+        }
+        socket
+            .set_multicast_ttl_v4(config.ttl)
+            .map_err(fail("set the TTL"))?;
+        socket
+            .set_multicast_loop_v4(config.loopback)
+            .map_err(fail("set multicast loopback"))?;
+    } else {
+        if iface.index != 0 {
+            socket
+                .set_multicast_if_v6(iface.index)
+                .map_err(fail("set the outgoing interface"))?;
+        }
+        socket
+            .set_multicast_hops_v6(config.ttl)
+            .map_err(fail("set the hop limit"))?;
+        socket
+            .set_multicast_loop_v6(config.loopback)
+            .map_err(fail("set multicast loopback"))?;
+    }
+    Ok(())
 }
 
 fn setup_v6<F, E>(
@@ -297,17 +330,7 @@ where
     socket
         .join_multicast_v6(&ip, index)
         .map_err(fail("join the group"))?;
-    if index != 0 {
-        socket
-            .set_multicast_if_v6(index)
-            .map_err(fail("set the outgoing interface"))?;
-    }
-    socket
-        .set_multicast_hops_v6(config.ttl)
-        .map_err(fail("set the hop limit"))?;
-    socket
-        .set_multicast_loop_v6(config.loopback)
-        .map_err(fail("set multicast loopback"))?;
+    set_send_options(socket, group, config, fail)?;
     Ok(cleared)
 }
 
@@ -320,38 +343,18 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
     // Best effort: a larger buffer rides out bursts.
     let _ = socket.set_recv_buffer_size(4 * RECV_BUFFER);
     let _ = socket.set_send_buffer_size(4 * RECV_BUFFER);
-    if addr.is_ipv4() {
-        socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
-        // It joins no group, so with IP_MULTICAST_ALL off it hears no multicast at all: a
-        // room whose port equals the relay port cannot feed the daemon its own forwards.
-        let _ = socket.set_multicast_all_v4(false);
-        socket
-            .set_multicast_ttl_v4(config.ttl)
-            .map_err(fail("set the TTL"))?;
-        socket
-            .set_multicast_loop_v4(config.loopback)
-            .map_err(fail("set multicast loopback"))?;
-        if let Some(ip) = config.iface.ipv4 {
-            socket
-                .set_multicast_if_v4(&ip)
-                .map_err(fail("set the outgoing interface"))?;
-        }
-    } else {
+    if addr.is_ipv6() {
         socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
-        socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
-        let _ = socket.set_multicast_all_v6(false);
-        socket
-            .set_multicast_hops_v6(config.ttl)
-            .map_err(fail("set the hop limit"))?;
-        socket
-            .set_multicast_loop_v6(config.loopback)
-            .map_err(fail("set multicast loopback"))?;
-        if config.iface.index != 0 {
-            socket
-                .set_multicast_if_v6(config.iface.index)
-                .map_err(fail("set the outgoing interface"))?;
-        }
     }
+    socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
+    // It joins no group, so with IP_MULTICAST_ALL off it hears no multicast at all: a room
+    // whose port equals the relay port cannot feed the daemon its own forwards.
+    let _ = if addr.is_ipv4() {
+        socket.set_multicast_all_v4(false)
+    } else {
+        socket.set_multicast_all_v6(false)
+    };
+    set_send_options(&socket, addr, config, &fail)?;
     socket
         .set_nonblocking(true)
         .map_err(fail("set non-blocking mode"))?;

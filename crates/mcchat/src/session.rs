@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 use mcchat_core::presence::{Change, HEARTBEAT_INTERVAL, Roster};
 use mcchat_core::ratelimit::LogLimiter;
-use mcchat_core::repair::{self, Delivery, Nack, RepairConfig, SendBuffer};
+use mcchat_core::repair::{self, Delivery, Nack, RepairConfig, SendBuffer, SplitMix64};
 use mcchat_core::room::{Room, RoomSource};
 use mcchat_core::socket::{self, Iface, MulticastConfig};
 use mcchat_core::wire::{self, DropCounts, Header, InstanceId, Kind, MAX_DATAGRAM, Meta};
@@ -57,19 +57,6 @@ pub(crate) enum Event {
     Lost { sender: String, count: u64 },
 }
 
-/// Back-off jitter for NACKs: splitmix64, seeded once from the OS.
-struct Jitter(u64);
-
-impl Jitter {
-    fn fraction(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// What a sender keeps of each message to repair it: kind, timestamp, text.
 type Sent = (Kind, u64, String);
 
@@ -112,7 +99,8 @@ pub(crate) struct Session {
     repair: repair::Receiver<Received>,
     /// This peer's recent messages, to answer NACKs.
     sent: SendBuffer<Sent>,
-    jitter: Jitter,
+    /// Back-off jitter for NACKs, seeded from the instance id (itself from the OS).
+    jitter: SplitMix64,
     /// Events ready to hand out (a repair can release several at once).
     pending: VecDeque<Event>,
     /// Heartbeats still to send soon after a burst, so a loss at its tail is found quickly.
@@ -216,7 +204,7 @@ impl Session {
             heartbeat_due: Instant::now() + HEARTBEAT_INTERVAL,
             repair: repair::Receiver::new(RepairConfig::default()),
             sent: SendBuffer::new(SEND_BUFFER, SEND_BUFFER_AGE, REPAIR_INTERVAL),
-            jitter: Jitter(instance.0 ^ 0x5eed),
+            jitter: SplitMix64(instance.0),
             pending: VecDeque::new(),
             tail_probes: 0,
         })
