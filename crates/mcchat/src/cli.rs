@@ -135,6 +135,11 @@ pub struct JoinArgs {
     #[arg(short, long, env = "MCCHAT_NAME", value_parser = parse_name)]
     pub name: Option<String>,
 
+    /// How long your messages can still be repaired for others who lost them, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub repair_window: u64,
+
     #[command(flatten)]
     pub net: NetArgs,
 }

@@ -79,7 +79,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
             let name = resolve_name(args.name.clone())?;
-            let session = open(room, &args.net, Some(name), true).await?;
+            let mut session = open(room, &args.net, Some(name), true).await?;
+            session.set_repair_window(std::time::Duration::from_secs(args.repair_window));
             if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
                 interactive::run(session).await
             } else {

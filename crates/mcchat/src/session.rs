@@ -60,14 +60,17 @@ pub(crate) enum Event {
 /// What a sender keeps of each message to repair it: kind, timestamp, text.
 type Sent = (Kind, u64, String);
 
-/// Messages kept for repair, and for how long: longer than receivers wait for a repair.
+/// Messages kept for repair, and for how long by default (`mcchat join --repair-window`):
+/// long enough to repair an outage of several seconds once a tail probe gets through.
 const SEND_BUFFER: usize = 1024;
-const SEND_BUFFER_AGE: Duration = Duration::from_secs(6);
+const SEND_BUFFER_AGE: Duration = Duration::from_secs(30);
 /// How soon after a message the first tail-probe heartbeat goes out; each next one waits
 /// twice as long.
 const TAIL_PROBE: Duration = Duration::from_millis(200);
-/// Tail-probe heartbeats after a burst.
-const TAIL_PROBES: u8 = 5;
+/// ... but at least once a second.
+const TAIL_PROBE_MAX: Duration = Duration::from_secs(1);
+/// Tail-probe heartbeats after a burst: 0.2, 0.6, 1.4, then every second up to 10.4 s.
+const TAIL_PROBES: u8 = 12;
 /// One loss seen by many receivers is repaired once within this.
 const REPAIR_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -304,9 +307,9 @@ impl Session {
                     (kind, ts_ms, piece.to_owned()),
                     std::time::Instant::now(),
                 );
-                // Heartbeats 0.2, 0.4, 0.8, 1.6 and 3.2 s after the last message carry its
-                // sequence number: receivers that lost the tail of a burst find out then, not
-                // 15 s later, even if some of the probes are lost too.
+                // Heartbeats 0.2, 0.6, 1.4 s and then every second for 10 s after the last
+                // message carry its sequence number: receivers that lost the tail of a burst
+                // (or were cut off for a few seconds) find out then, not 15 s later.
                 if self.presence {
                     self.tail_probes = TAIL_PROBES;
                     self.heartbeat_due = self.heartbeat_due.min(Instant::now() + TAIL_PROBE);
@@ -422,6 +425,11 @@ impl Session {
         }
     }
 
+    /// How long this peer's messages stay available for repair.
+    pub(crate) fn set_repair_window(&mut self, window: Duration) {
+        self.sent = SendBuffer::new(SEND_BUFFER, window, REPAIR_INTERVAL);
+    }
+
     /// Says hello to the room (a `join`), if this session takes part in presence.
     pub(crate) async fn enter(&mut self) -> Result<()> {
         if self.presence {
@@ -461,7 +469,8 @@ impl Session {
         if now >= self.heartbeat_due {
             self.heartbeat_due = if self.tail_probes > 0 {
                 self.tail_probes -= 1;
-                now + TAIL_PROBE * 2u32.pow(u32::from(TAIL_PROBES - self.tail_probes))
+                let step = TAIL_PROBE * 2u32.pow(u32::from(TAIL_PROBES - self.tail_probes));
+                now + step.min(TAIL_PROBE_MAX)
             } else {
                 now + HEARTBEAT_INTERVAL
             };

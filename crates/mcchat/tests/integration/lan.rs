@@ -228,3 +228,173 @@ fn loss_on_a_receivers_link_is_repaired() {
     sender.close_stdin();
     assert!(sender.wait().success());
 }
+
+/// The texts of `kind: message` lines a `listen --json` printed, by sender.
+fn messages_by_sender(p: &Proc) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut by = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for line in p.stdout() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["kind"] == "message" {
+            by.entry(v["sender"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .push(v["text"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    by
+}
+
+/// Three senders, 1000 messages each at 200 msg/s, four receivers on three hosts, `percent`
+/// random loss on h3's link: every receiver gets every message exactly once, in order.
+fn three_senders_four_receivers(percent: u32) {
+    require_netns();
+    let lan = Lan::up();
+    let dropped = lossy(&lan, "h3", percent);
+    let room = "room1";
+    let listen = |host: &str| {
+        Proc::mcchat(host, Some(&lan.ns(host)), &["listen", room, "--json"], &[]).listening()
+    };
+    let receivers = [listen("h1"), listen("h2"), listen("h3"), listen("h3")];
+    let mut senders: Vec<Proc> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|h| peer(&lan, h, room, &[]))
+        .collect();
+    const N: usize = 1000;
+    // 200 msg/s per sender, paced in 10 ms steps (the load's shape, not synchronisation).
+    let start = std::time::Instant::now();
+    for i in 1..=N {
+        for (k, s) in senders.iter_mut().enumerate() {
+            s.say(&format!("s{}-m{i:04}", k + 1));
+        }
+        if i % 2 == 0 {
+            let due = start + std::time::Duration::from_millis(5 * i as u64);
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let sent_at = std::time::Instant::now();
+    for r in &receivers {
+        for k in 1..=3 {
+            r.expect_out(&format!("\"s{k}-m{N:04}\""));
+        }
+    }
+    eprintln!("all delivered {:?} after the last send", sent_at.elapsed());
+    assert!(dropped() > 100, "loss really happened: {}", dropped());
+    for (idx, r) in receivers.iter().enumerate() {
+        // Every message of every sender, including the receiver's own host's.
+        for k in 1..=3 {
+            let want: Vec<String> = (1..=N).map(|i| format!("s{k}-m{i:04}")).collect();
+            let name = format!("h{k}");
+            let got = messages_by_sender(r).remove(&name).unwrap_or_default();
+            if got != want {
+                let missing = want.iter().filter(|w| !got.contains(w)).count();
+                panic!(
+                    "receiver {idx}, sender {name}: {} messages, {missing} missing, in order: {}",
+                    got.len(),
+                    got.windows(2).all(|w| w[0] < w[1])
+                );
+            }
+        }
+        assert!(
+            !r.stdout().iter().any(|l| l.contains("\"kind\":\"lost\"")),
+            "receiver {idx}"
+        );
+    }
+    for s in &mut senders {
+        s.close_stdin();
+        assert!(s.wait().success());
+    }
+}
+
+#[test]
+fn three_senders_ten_percent_loss() {
+    three_senders_four_receivers(10);
+}
+
+#[test]
+fn three_senders_thirty_percent_loss() {
+    three_senders_four_receivers(30);
+}
+
+/// Drops everything for the room arriving at `host` until the returned guard is dropped.
+struct Outage {
+    ns: String,
+}
+
+impl Outage {
+    fn start(lan: &Lan, host: &str) -> Self {
+        let ns = lan.ns(host);
+        for args in [
+            "add table inet mcout",
+            "add chain inet mcout in { type filter hook input priority -1 ; }",
+            "add rule inet mcout in udp dport 5555 drop",
+        ] {
+            let st = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "nft"])
+                .args(args.split_whitespace())
+                .status()
+                .unwrap();
+            assert!(st.success(), "nft {args}");
+        }
+        Self { ns }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "nft", "delete", "table", "inet", "mcout",
+            ])
+            .status();
+    }
+}
+
+/// A 3 s outage on a receiver's link is repaired once it ends; an 8 s one, longer than the
+/// sender keeps messages for repair, ends with the loss reported once.
+#[test]
+fn outages_are_repaired_or_reported_once() {
+    require_netns();
+    let lan = Lan::up();
+    let room = "room1";
+    let rx = Proc::mcchat("h3", Some(&lan.ns("h3")), &["listen", room, "--json"], &[]).listening();
+    // A 6 s repair window, so the second outage can outlast it in a test of seconds.
+    let mut tx = peer(&lan, "h1", room, &["--repair-window", "6"]);
+    tx.say("before");
+    rx.expect_out("\"before\"");
+
+    let outage = Outage::start(&lan, "h3");
+    for i in 1..=50 {
+        tx.say(&format!("short{i:02}"));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3)); // the outage's length
+    drop(outage);
+    // The first of the sender's tail-probe heartbeats to get through shows the gap.
+    rx.expect_out("\"short50\"");
+    let got = messages_by_sender(&rx).remove("h1").unwrap_or_default();
+    let want: Vec<String> = std::iter::once("before".to_owned())
+        .chain((1..=50).map(|i| format!("short{i:02}")))
+        .collect();
+    assert_eq!(got, want);
+
+    let outage = Outage::start(&lan, "h3");
+    for i in 1..=20 {
+        tx.say(&format!("long{i:02}"));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(8)); // longer than the 6 s repair window
+    drop(outage);
+    tx.say("after");
+    rx.expect_out("\"after\"");
+    let lost: Vec<String> = rx
+        .stdout()
+        .into_iter()
+        .filter(|l| l.contains("\"kind\":\"lost\""))
+        .collect();
+    assert_eq!(lost.len(), 1, "reported once: {lost:?}");
+    assert!(lost[0].contains("\"text\":\"20 lost\""), "{}", lost[0]);
+    let got = messages_by_sender(&rx).remove("h1").unwrap_or_default();
+    assert_eq!(got.last().map(String::as_str), Some("after"));
+    assert!(!got.iter().any(|t| t.starts_with("long")));
+}
