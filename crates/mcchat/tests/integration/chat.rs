@@ -381,3 +381,29 @@ fn closed_stdout_is_a_clean_exit() {
     sh.expect_out("status=0");
     assert!(sh.wait().success());
 }
+
+/// The same tagged datagram twice (a duplicate from any path) is shown once; a restarted
+/// sender (new instance id, sequence numbers from 1 again) is not taken for duplicates.
+#[test]
+fn duplicates_are_shown_once_and_a_restart_is_not_a_duplicate() {
+    require_netns();
+    let room = unique("dup");
+    let l = listen(&room, &["--json"]);
+    let group = derived_group(&l);
+    let tx = raw_sender();
+    let ts = 1_763_900_000_000u64;
+    let first = format!("@id=00000000000000aa;seq=1;ts={ts} {room}|ann|hello once");
+    for _ in 0..3 {
+        tx.send_to(first.as_bytes(), group).unwrap();
+    }
+    let restarted = format!("@id=00000000000000bb;seq=1;ts={ts} {room}|ann|after a restart");
+    tx.send_to(restarted.as_bytes(), group).unwrap();
+    l.expect_out("after a restart");
+    let texts: Vec<String> = l
+        .stdout()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|v| v["text"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(texts, ["hello once", "after a restart"]);
+}
