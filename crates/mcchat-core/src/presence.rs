@@ -87,7 +87,9 @@ impl Roster {
             // A leave from a member we had not heard from yet is still news.
             return Some(Change::Left(name.to_owned()));
         }
-        if kind == Kind::Unknown || kind.is_relay_control() {
+        // A NACK comes from listeners too (which are not members), and relay control and
+        // unknown kinds say nothing about presence.
+        if matches!(kind, Kind::Unknown | Kind::Nack) || kind.is_relay_control() {
             return None;
         }
         if let Some(m) = self.members.get_mut(&instance) {
@@ -197,7 +199,8 @@ mod tests {
             None,
             "late datagram"
         );
-        assert_eq!(r.members().len(), 1);
+        assert_eq!(r.observe(InstanceId(9), "listener", Kind::Nack, t0), None);
+        assert_eq!(r.members().len(), 1, "a NACK does not make a member");
     }
 
     #[test]
