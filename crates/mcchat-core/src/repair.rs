@@ -110,6 +110,9 @@ pub struct Receiver<M> {
     config: RepairConfig,
     senders: HashMap<InstanceId, Sender<M>>,
     stats: RepairStats,
+    /// Deliveries produced outside `on_message` (a sender evicted, a long jump announced by
+    /// a heartbeat), handed out by the next `poll`.
+    released: Vec<Delivery<M>>,
 }
 
 /// splitmix64 (Steele, Lea, Flood 2014): a small, seedable generator for back-off jitter
@@ -152,6 +155,7 @@ impl<M> Receiver<M> {
             config,
             senders: HashMap::new(),
             stats: RepairStats::default(),
+            released: Vec::new(),
         }
     }
 
@@ -166,13 +170,27 @@ impl<M> Receiver<M> {
 
     fn sender(&mut self, instance: InstanceId, first_seq: u64, now: Instant) -> &mut Sender<M> {
         if !self.senders.contains_key(&instance) && self.senders.len() >= self.config.max_senders {
-            let quietest = self
+            // The quietest sender with nothing open goes first; if every one has a gap open,
+            // the quietest overall, with what it held delivered and its gaps reported lost.
+            let victim = self
                 .senders
                 .iter()
-                .min_by_key(|(_, s)| s.last_heard)
+                .min_by_key(|(_, s)| (!s.held.is_empty() || !s.missing.is_empty(), s.last_heard))
                 .map(|(id, _)| *id);
-            if let Some(id) = quietest {
-                self.senders.remove(&id);
+            if let Some(id) = victim
+                && let Some(mut old) = self.senders.remove(&id)
+            {
+                let lost = old.missing.len() as u64;
+                if lost > 0 {
+                    self.stats.lost += lost;
+                    self.released.push(Delivery::Lost {
+                        instance: id,
+                        count: lost,
+                    });
+                }
+                let held = std::mem::take(&mut old.held);
+                self.released
+                    .extend(held.into_values().map(Delivery::Message));
             }
         }
         // A sender first heard mid-stream starts there: history is not repair's job.
@@ -210,7 +228,7 @@ impl<M> Receiver<M> {
         let repaired = s.missing.remove(&seq).is_some();
         let mut out = Vec::new();
         let mut lost = 0;
-        if seq > s.highest.saturating_add(max_held as u64) {
+        if seq > s.next.saturating_add(max_held as u64) {
             // A jump no gap repair could bridge (or a hostile number): what is held goes out,
             // the rest is counted lost, and the sender is followed from here.
             let jumped = resync(s, seq, &mut out);
@@ -284,8 +302,25 @@ impl<M> Receiver<M> {
             return;
         };
         s.last_heard = now;
-        // Bounded, so a hostile number cannot make us track billions of gaps.
-        let latest = latest.min(s.highest.saturating_add(max_held));
+        if latest > s.next.saturating_add(max_held) {
+            // Too far behind to ask for everything (the sender keeps only its recent
+            // messages): what is held goes out, everything below the top window is given up
+            // at once, and only the top window is asked for.
+            let floor = latest - max_held + 1;
+            let mut out = Vec::new();
+            let lost = resync(s, floor, &mut out);
+            if lost > 0 {
+                out.push(Delivery::Lost {
+                    instance,
+                    count: lost,
+                });
+            }
+            self.stats.lost += lost;
+            self.released.extend(out);
+        }
+        let Some(s) = self.senders.get_mut(&instance) else {
+            return;
+        };
         for gap in s.highest.saturating_add(1).max(s.next)..=latest {
             s.missing.entry(gap).or_insert(Missing {
                 since: now,
@@ -297,17 +332,16 @@ impl<M> Receiver<M> {
     }
 
     /// Another receiver NACKed these: hold back our own NACK for them for a retry interval
-    /// (NACK suppression).
-    pub fn on_nack_seen(&mut self, nack: &Nack, now: Instant) {
-        let retry = self.config.retry;
+    /// (NACK suppression). Hearing others ask does not use up our own tries.
+    pub fn on_nack_seen(&mut self, nack: &Nack, now: Instant, jitter: &mut impl Jitter) {
+        let later = now + self.config.retry + self.config.backoff_max.mul_f64(jitter.fraction());
         let Some(s) = self.senders.get_mut(&nack.instance) else {
             return;
         };
         for range in &nack.ranges {
             for (_, m) in s.missing.range_mut(range.clone()) {
-                if m.due > now {
-                    m.due = now + retry;
-                    m.attempts += 1;
+                if m.due > now && m.due < later {
+                    m.due = later;
                     self.stats.nacks_suppressed += 1;
                 }
             }
@@ -315,14 +349,19 @@ impl<M> Receiver<M> {
     }
 
     /// Timer work: the NACKs due now, and what giving up on old gaps releases.
-    pub fn poll(&mut self, now: Instant) -> (Vec<Nack>, Vec<Delivery<M>>) {
-        let (retry, max_attempts, hold_max) = (
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        jitter: &mut impl Jitter,
+    ) -> (Vec<Nack>, Vec<Delivery<M>>) {
+        let (retry, max_attempts, hold_max, backoff) = (
             self.config.retry,
             self.config.max_attempts,
             self.config.hold_max,
+            self.config.backoff_max,
         );
         let mut nacks = Vec::new();
-        let mut delivered = Vec::new();
+        let mut delivered = std::mem::take(&mut self.released);
         let mut lost_total = 0;
         for (instance, s) in &mut self.senders {
             // Give up, in order, on the first gap once it has had its chances.
@@ -355,16 +394,21 @@ impl<M> Receiver<M> {
                 });
                 lost_total += lost;
             }
-            // Ask for what is due.
+            // Ask for what is due. Every round is jittered (once per sender, so what is asked
+            // together stays together): receivers behind one loss do not all ask again in
+            // the same millisecond, and suppression keeps working after the first round.
+            let again = now + retry + backoff.mul_f64(jitter.fraction());
             let mut ranges: Vec<RangeInclusive<u64>> = Vec::new();
             for (&seq, m) in &mut s.missing {
                 if m.due > now || m.attempts >= max_attempts {
                     continue;
                 }
                 m.attempts += 1;
-                m.due = now + retry;
+                m.due = again;
                 match ranges.last_mut() {
-                    Some(r) if r.end().saturating_add(1) == seq => *r = *r.start()..=seq,
+                    Some(r) if r.end().saturating_add(1) == seq && seq - r.start() < MAX_RANGE => {
+                        *r = *r.start()..=seq;
+                    }
                     _ => ranges.push(seq..=seq),
                 }
             }
@@ -383,11 +427,24 @@ impl<M> Receiver<M> {
 
     /// When [`Receiver::poll`] next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let hold = self.config.hold_max;
+        let (hold, max_attempts) = (self.config.hold_max, self.config.max_attempts);
+        if !self.released.is_empty() {
+            return Some(Instant::now());
+        }
         self.senders
             .values()
-            .flat_map(|s| s.missing.values())
-            .map(|m| m.due.min(m.since + hold))
+            .flat_map(|s| {
+                s.missing.values().enumerate().map(move |(i, m)| {
+                    // A gap out of tries is given up at its due time only if it is the first
+                    // one; the others wait for their hold time. Anything else would wake the
+                    // caller for nothing, again and again.
+                    if m.attempts < max_attempts || i == 0 {
+                        m.due.min(m.since + hold)
+                    } else {
+                        m.since + hold
+                    }
+                })
+            })
             .min()
     }
 
@@ -500,7 +557,11 @@ impl<M> SendBuffer<M> {
     }
 }
 
-/// Parses `5-7,9` into ranges (at most 64, each no wider than 4096, ascending).
+/// The widest range a NACK carries.
+pub const MAX_RANGE: u64 = 4096;
+
+/// Parses `5-7,9` into ranges (at most 64, each no wider than 4096, ascending and
+/// disjoint); anything else is refused whole.
 pub fn parse_ranges(s: &str) -> Option<Vec<RangeInclusive<u64>>> {
     let mut out = Vec::new();
     for part in s.split(',') {
@@ -511,7 +572,10 @@ pub fn parse_ranges(s: &str) -> Option<Vec<RangeInclusive<u64>>> {
                 (v, v)
             }
         };
-        if b < a || b - a >= 4096 || out.len() >= 64 {
+        let after_previous = out
+            .last()
+            .is_none_or(|r: &RangeInclusive<u64>| a > *r.end());
+        if b < a || b - a >= MAX_RANGE || out.len() >= 64 || !after_previous {
             return None;
         }
         out.push(a..=b);
@@ -703,12 +767,12 @@ mod tests {
                         }
                     }
                     Packet::Heartbeat(latest) => r.on_latest(A, latest, now, &mut jitter),
-                    Packet::Nack(nack) => r.on_nack_seen(&nack, now),
+                    Packet::Nack(nack) => r.on_nack_seen(&nack, now, &mut jitter),
                 }
                 continue;
             }
             for i in 0..receivers {
-                let (out, deliveries) = rx[i].poll(now);
+                let (out, deliveries) = rx[i].poll(now, &mut || rng.fraction());
                 for d in deliveries {
                     match d {
                         Delivery::Message(m) => delivered[i].push(m),
@@ -850,6 +914,102 @@ mod tests {
             r.on_message(A, u64::MAX, 9, t0, &mut j),
             vec![],
             "never valid"
+        );
+    }
+
+    #[test]
+    fn heartbeats_far_ahead_keep_memory_bounded_and_report_once() {
+        let t0 = Instant::now();
+        let config = RepairConfig::default();
+        let mut r: Receiver<u64> = Receiver::new(config);
+        let mut j = || 0.5;
+        r.on_message(A, 1, 1, t0, &mut j);
+        for k in 1..=100u64 {
+            r.on_latest(A, k * 5000, t0, &mut j);
+        }
+        assert!(r.senders[&A].missing.len() <= config.max_held, "bounded");
+        let (nacks, released) = r.poll(t0 + Duration::from_secs(1), &mut j);
+        // Only the top window is asked for; everything below was reported lost at once.
+        assert!(
+            nacks
+                .iter()
+                .all(|n| n.ranges.iter().all(|x| x.end() - x.start() < MAX_RANGE))
+        );
+        assert!(matches!(released.first(), Some(Delivery::Lost { .. })));
+    }
+
+    #[test]
+    fn nack_ranges_must_be_ascending_and_disjoint() {
+        assert!(parse_ranges("2,2").is_none());
+        assert!(parse_ranges("5-9,7").is_none());
+        assert!(parse_ranges("9,5").is_none());
+        assert_eq!(parse_ranges("1-3,5").unwrap(), vec![1..=3, 5..=5]);
+    }
+
+    #[test]
+    fn hearing_others_does_not_use_up_our_tries_and_timers_do_not_spin() {
+        let t0 = Instant::now();
+        let config = RepairConfig::default();
+        let mut r: Receiver<u64> = Receiver::new(config);
+        let mut j = || 0.5;
+        r.on_message(A, 1, 1, t0, &mut j);
+        r.on_message(A, 5, 5, t0, &mut j);
+        let nack = Nack {
+            instance: A,
+            ranges: vec![2..=4],
+        };
+        for _ in 0..100 {
+            r.on_nack_seen(&nack, t0, &mut j);
+        }
+        assert!(r.senders[&A].missing.values().all(|m| m.attempts == 0));
+        // Run the timers to the end: every wake-up is in the future, and the gap ends as
+        // one "lost" notice followed by the held message.
+        let mut now = t0;
+        let mut released = Vec::new();
+        let mut wakeups = 0;
+        while let Some(next) = r.next_deadline() {
+            assert!(next >= now, "a deadline in the past would spin");
+            now = next;
+            let (_, out) = r.poll(now, &mut j);
+            released.extend(out);
+            wakeups += 1;
+            assert!(wakeups < 200, "too many wake-ups");
+        }
+        assert_eq!(
+            released,
+            vec![
+                Delivery::Lost {
+                    instance: A,
+                    count: 3
+                },
+                Delivery::Message(5)
+            ]
+        );
+    }
+
+    #[test]
+    fn evicting_a_sender_flushes_what_it_held() {
+        let t0 = Instant::now();
+        let config = RepairConfig {
+            max_senders: 1,
+            ..RepairConfig::default()
+        };
+        let mut r: Receiver<u64> = Receiver::new(config);
+        let mut j = || 0.5;
+        r.on_message(A, 1, 1, t0, &mut j);
+        r.on_message(A, 3, 3, t0, &mut j);
+        let b = InstanceId(0xb);
+        r.on_message(b, 1, 100, t0, &mut j);
+        let (_, released) = r.poll(t0, &mut j);
+        assert_eq!(
+            released,
+            vec![
+                Delivery::Lost {
+                    instance: A,
+                    count: 1
+                },
+                Delivery::Message(3)
+            ]
         );
     }
 

@@ -71,6 +71,9 @@ const TAIL_PROBE: Duration = Duration::from_millis(200);
 const TAIL_PROBE_MAX: Duration = Duration::from_secs(1);
 /// Tail-probe heartbeats after a burst: 0.2, 0.6, 1.4, then every second up to 10.4 s.
 const TAIL_PROBES: u8 = 12;
+/// Repairs answered per NACK, and per second over all NACKs.
+const MAX_REPAIRS_PER_NACK: usize = 128;
+const REPAIRS_PER_SECOND: u32 = 2000;
 /// One loss seen by many receivers is repaired once within this.
 const REPAIR_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -108,6 +111,8 @@ pub(crate) struct Session {
     pending: VecDeque<Event>,
     /// Heartbeats still to send soon after a burst, so a loss at its tail is found quickly.
     tail_probes: u8,
+    /// Retransmissions allowed per second.
+    repair_budget: LogLimiter,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -210,6 +215,7 @@ impl Session {
             jitter: SplitMix64(instance.0),
             pending: VecDeque::new(),
             tail_probes: 0,
+            repair_budget: LogLimiter::new(REPAIRS_PER_SECOND, Duration::from_secs(1)),
         })
     }
 
@@ -365,12 +371,14 @@ impl Session {
         };
         let now = std::time::Instant::now();
         if target != self.instance {
-            self.repair.on_nack_seen(
+            let Self { repair, jitter, .. } = self;
+            repair.on_nack_seen(
                 &Nack {
                     instance: target,
                     ranges,
                 },
                 now,
+                &mut || jitter.fraction(),
             );
             return Ok(());
         }
@@ -378,9 +386,15 @@ impl Session {
             .sent
             .repairs(&ranges, now)
             .into_iter()
+            .take(MAX_REPAIRS_PER_NACK)
             .map(|(seq, m)| (seq, m.clone()))
             .collect();
         for (seq, (kind, ts, text)) in repairs {
+            // A budget over all NACKs, so a confused or hostile receiver cannot make this
+            // peer flood the room with retransmissions.
+            if self.repair_budget.check(now).is_none() {
+                break;
+            }
             let header = Header {
                 meta: Meta {
                     instance: Some(self.instance),
@@ -489,26 +503,26 @@ impl Session {
             let e = anyhow::Error::new(e).context("failed to renew the subscription");
             self.transient(e)?;
         }
-        let mut events = self.repair_events().await?;
-        events.extend(
-            self.roster
-                .expire(std::time::Instant::now())
-                .into_iter()
-                .map(Event::Presence),
-        );
-        Ok(events)
+        // Repair releases go through `pending`, in order with what recv already holds.
+        self.repair_tick().await?;
+        Ok(self
+            .roster
+            .expire(std::time::Instant::now())
+            .into_iter()
+            .map(Event::Presence)
+            .collect())
     }
 
-    /// Runs the repair timers and queues what they release, for [`Session::recv`].
+    /// Repair timers: what giving up on old gaps releases is queued for [`Session::recv`]
+    /// first, in order and before any await (so a cancelled caller loses nothing); then the
+    /// NACKs that are due are sent.
     async fn repair_tick(&mut self) -> Result<()> {
-        let events = self.repair_events().await?;
-        self.pending.extend(events);
-        Ok(())
-    }
-
-    /// Repair: sends the NACKs that are due; returns what giving up on old gaps releases.
-    async fn repair_events(&mut self) -> Result<Vec<Event>> {
-        let (nacks, deliveries) = self.repair.poll(std::time::Instant::now());
+        let Self { repair, jitter, .. } = self;
+        let (nacks, deliveries) = repair.poll(std::time::Instant::now(), &mut || jitter.fraction());
+        for d in deliveries {
+            let event = self.delivery(d);
+            self.pending.push_back(event);
+        }
         for nack in &nacks {
             // A long list of gaps goes out in several NACKs, each well under a datagram.
             for chunk in nack.ranges.chunks(32) {
@@ -521,7 +535,7 @@ impl Session {
                 }
             }
         }
-        Ok(deliveries.into_iter().map(|d| self.delivery(d)).collect())
+        Ok(())
     }
 
     fn delivery(&self, d: Delivery<Received>) -> Event {
@@ -635,6 +649,12 @@ impl Session {
             let mut jitter = || jitter.fraction();
             match (kind, frame.meta.seq) {
                 (Kind::Nack, _) => self.on_nack(&frame).await?,
+                (Kind::Message | Kind::Action, Some(_))
+                    if !repair.knows(instance) && frame.tags.get("repair").is_some() =>
+                {
+                    // A repair for someone else, from a sender we have not followed: it is
+                    // history, not where this sender stands.
+                }
                 (Kind::Message | Kind::Action, Some(seq)) => {
                     if !repair.knows(instance) && started_recently(seq, received.ts_ms, recv_ms) {
                         // Its join was lost, but it started moments ago: follow it from its
