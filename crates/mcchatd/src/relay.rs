@@ -510,8 +510,15 @@ impl Relay {
     }
 
     async fn reply(&mut self, to: SocketAddr) {
+        self.send_out(&[to]).await;
+    }
+
+    /// Sends the datagram in `self.out` (written by [`Relay::control`]) to each of `to`.
+    async fn send_out(&mut self, to: &[SocketAddr]) {
         let out = std::mem::take(&mut self.out);
-        self.send(out.as_bytes(), to).await;
+        for addr in to {
+            self.send(out.as_bytes(), *addr).await;
+        }
         self.out = out;
     }
 
@@ -716,14 +723,9 @@ impl Relay {
     async fn flush_closed(&mut self) {
         for (room, addrs, why) in std::mem::take(&mut self.pending_closed) {
             tracing::info!(%room, subscribers = addrs.len(), reason = %why, "room closed");
-            if !self.control(Kind::Closed, room.as_str(), &[], &why) {
-                continue;
+            if self.control(Kind::Closed, room.as_str(), &[], &why) {
+                self.send_out(&addrs).await;
             }
-            let out = std::mem::take(&mut self.out);
-            for a in addrs {
-                self.send(out.as_bytes(), a).await;
-            }
-            self.out = out;
         }
     }
 
@@ -845,11 +847,7 @@ impl Relay {
         let tell = async {
             for (room, addr) in all {
                 if self.control(Kind::Closed, room.as_str(), &[], "mcchatd is stopping") {
-                    let out = std::mem::take(&mut self.out);
-                    if let Some(sock) = self.socket_for(addr) {
-                        let _ = sock.send_to(out.as_bytes(), addr).await;
-                    }
-                    self.out = out;
+                    self.send_out(&[addr]).await;
                 }
             }
         };

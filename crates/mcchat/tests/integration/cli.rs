@@ -25,12 +25,7 @@ fn run_in(dir: &TempDir, args: &[&str]) -> (std::process::ExitStatus, String, St
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::util::output(cmd)
 }
 
 #[test]

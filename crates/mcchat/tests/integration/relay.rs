@@ -631,30 +631,22 @@ fn status_over_the_unix_socket_json_logs_and_check_config() {
     assert!(out.contains("dropped: none"), "{out}");
     drop(d);
 
-    let (st, out, err) = {
-        let o = std::process::Command::new(daemon_bin())
-            .args(["--check-config", "--rooms", &crate::util::shipped_rooms()])
-            .output()
-            .unwrap();
-        (
-            o.status,
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
+    let check = |rooms: &str| {
+        let mut cmd = std::process::Command::new(daemon_bin());
+        cmd.args(["--check-config", "--rooms", rooms]);
+        crate::util::output(cmd)
     };
+    let (st, out, err) = check(&crate::util::shipped_rooms());
     assert!(st.success(), "{err}");
     assert!(
         out.contains(": ok\nrooms: room1 239.255.77.1:5555, room2"),
         "{out}"
     );
     let bad = dir.write("bad.toml", "[daemon]\nlease_secs = 1\n");
-    let o = std::process::Command::new(daemon_bin())
-        .args(["--check-config", "--rooms", &bad])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    let (st, _, err) = check(&bad);
+    assert_eq!(st.code(), Some(1));
     assert_eq!(
-        String::from_utf8_lossy(&o.stderr),
+        err,
         format!("mcchatd: {bad}: [daemon]: key `lease_secs`: 1 is out of range; use 5-3600\n")
     );
 }

@@ -310,6 +310,11 @@ pub fn run(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) 
     for (k, v) in env {
         cmd.env(k, v);
     }
+    output(cmd)
+}
+
+/// Runs `cmd` to completion; returns (status, stdout, stderr).
+pub fn output(mut cmd: Command) -> (ExitStatus, String, String) {
     let out = cmd.output().unwrap();
     (
         out.status,
