@@ -73,8 +73,12 @@ inner() {
 
     export MCCHAT_TEST_NETNS=1
     export MCCHAT_LAN_SCRIPT=$root/scripts/lan.sh
+    # Whatever a test's mcchatd writes by default (history) stays out of the user's home.
+    XDG_STATE_HOME=$(mktemp -d)
+    export XDG_STATE_HOME
+    unset STATE_DIRECTORY
     # Tear down any LAN a test left behind (the PID namespace would end its smcrouted anyway).
-    trap '"$MCCHAT_LAN_SCRIPT" down-all >/dev/null 2>&1 || true' EXIT
+    trap '"$MCCHAT_LAN_SCRIPT" down-all >/dev/null 2>&1 || true; rm -rf "$XDG_STATE_HOME"' EXIT
 
     local rc=0
     if have_nextest; then

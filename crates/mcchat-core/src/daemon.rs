@@ -5,9 +5,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+
+use crate::room::{parse_age, parse_history_count};
 
 /// The relay port mcchatd listens on by default.
 pub const DEFAULT_RELAY_PORT: u16 = 5554;
@@ -66,6 +69,17 @@ pub struct DaemonSettings {
     pub ttl: u32,
     /// Interface for group membership and sending; `None` for the system's choice.
     pub iface: Option<String>,
+    /// Bytes of recent messages kept to repair for senders that have gone (0: off).
+    pub repair_cache_bytes: usize,
+    /// How long a message stays in the repair cache.
+    pub repair_window: Duration,
+    /// Where the history database lives. `None`: the service's state directory
+    /// (`$STATE_DIRECTORY`), else `$XDG_STATE_HOME/mcchat`. Empty: no history.
+    pub state_dir: Option<PathBuf>,
+    /// Messages kept per room unless the room says otherwise (0: none).
+    pub history_count: u64,
+    /// Age after which messages leave history unless the room says otherwise.
+    pub history_age: Duration,
 }
 
 impl Default for DaemonSettings {
@@ -87,6 +101,11 @@ impl Default for DaemonSettings {
             status_socket: Some(PathBuf::from(DEFAULT_STATUS_SOCKET)),
             ttl: 1,
             iface: None,
+            repair_cache_bytes: 16 << 20,
+            repair_window: Duration::from_secs(30),
+            state_dir: None,
+            history_count: 10_000,
+            history_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -106,6 +125,11 @@ pub(crate) const KEY_TYPES: &[(&str, &str)] = &[
     ("status_socket", "string"),
     ("ttl", "integer"),
     ("iface", "string"),
+    ("repair_cache_bytes", "integer"),
+    ("repair_window_secs", "integer"),
+    ("state_dir", "string"),
+    ("history_count", "integer"),
+    ("history_age", "string"),
 ];
 
 /// The `[daemon]` table as written; every key optional.
@@ -125,6 +149,11 @@ pub(crate) struct RawDaemon {
     status_socket: Option<String>,
     ttl: Option<i64>,
     iface: Option<String>,
+    repair_cache_bytes: Option<i64>,
+    repair_window_secs: Option<i64>,
+    state_dir: Option<String>,
+    history_count: Option<i64>,
+    history_age: Option<String>,
 }
 
 fn ranged(key: &str, v: Option<i64>, lo: i64, hi: i64, default: i64) -> Result<i64, String> {
@@ -240,6 +269,29 @@ impl RawDaemon {
             status_socket,
             ttl: int("ttl", self.ttl, 1, 255, d.ttl as usize)? as u32,
             iface: self.iface.filter(|s| !s.is_empty()),
+            repair_cache_bytes: int(
+                "repair_cache_bytes",
+                self.repair_cache_bytes,
+                0,
+                1 << 30,
+                d.repair_cache_bytes,
+            )?,
+            repair_window: Duration::from_secs(int(
+                "repair_window_secs",
+                self.repair_window_secs,
+                1,
+                3600,
+                d.repair_window.as_secs() as usize,
+            )? as u64),
+            state_dir: self.state_dir.map(PathBuf::from),
+            history_count: match self.history_count {
+                None => d.history_count,
+                Some(n) => parse_history_count(n).map_err(|e| format!("key `history_count`: {e}"))?,
+            },
+            history_age: match self.history_age {
+                None => d.history_age,
+                Some(s) => parse_age(&s).map_err(|e| format!("key `history_age`: {e}"))?,
+            },
         })
     }
 }

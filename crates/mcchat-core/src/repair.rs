@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use crate::wire::InstanceId;
+use crate::wire::{Frame, InstanceId};
 
 /// The knobs of repair. The defaults repair a loss within about 50 ms when one round
 /// suffices, and give up after about 3 s.
@@ -69,6 +69,16 @@ pub struct Nack {
     pub instance: InstanceId,
     /// Which, as sorted, disjoint ranges.
     pub ranges: Vec<RangeInclusive<u64>>,
+}
+
+impl Nack {
+    /// The NACK a `kind=nack` datagram carries in its `for` and `seqs` tags; `None` if either
+    /// is missing or malformed (such a NACK is ignored whole).
+    pub fn from_frame(frame: &Frame<'_>) -> Option<Self> {
+        let instance = frame.tags.get("for").and_then(|f| InstanceId::parse(&f))?;
+        let ranges = frame.tags.get("seqs").and_then(|s| parse_ranges(&s))?;
+        Some(Self { instance, ranges })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -556,6 +566,10 @@ impl<M> SendBuffer<M> {
         out
     }
 }
+
+/// The tag that marks a retransmission (`repair=1`). Senders leave room for it when they
+/// split text, so a repair of the longest message still fits in one datagram.
+pub const REPAIR_TAG: (&str, &str) = ("repair", "1");
 
 /// The widest range a NACK carries.
 pub const MAX_RANGE: u64 = 4096;

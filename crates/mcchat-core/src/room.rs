@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -90,6 +91,11 @@ pub struct Room {
     pub description: Option<String>,
     /// mcchatd stays joined to this room's group even with no subscribers.
     pub keep: bool,
+    /// History kept by mcchatd: at most this many messages (0: none), overriding the
+    /// `[daemon]` default.
+    pub history_count: Option<u64>,
+    /// History kept by mcchatd: messages at most this old, overriding the `[daemon]` default.
+    pub history_age: Option<Duration>,
     /// Configured or derived.
     pub source: RoomSource,
 }
@@ -191,6 +197,10 @@ struct RawRoom {
     description: Option<String>,
     #[serde(default)]
     keep: bool,
+    #[serde(default)]
+    history_count: Option<i64>,
+    #[serde(default)]
+    history_age: Option<String>,
 }
 
 /// The validated contents of a rooms file: the configured rooms and mcchatd's settings.
@@ -283,6 +293,8 @@ impl Registry {
             ttl: None,
             description: None,
             keep: false,
+            history_count: None,
+            history_age: None,
             source: RoomSource::Derived,
         })
     }
@@ -316,6 +328,8 @@ fn room_from_value(name: &str, value: toml::Value) -> Result<Room, String> {
             ("ttl", "integer"),
             ("description", "string"),
             ("keep", "boolean"),
+            ("history_count", "integer"),
+            ("history_age", "string"),
         ],
     )?;
     let raw: RawRoom = value.try_into().map_err(|e: toml::de::Error| {
@@ -351,14 +365,46 @@ fn room_from_value(name: &str, value: toml::Value) -> Result<Room, String> {
                 .ok_or_else(|| format!("key `ttl`: {t} is out of range; use 1-255"))
         })
         .transpose()?;
+    let history_count = raw
+        .history_count
+        .map(|n| parse_history_count(n).map_err(|e| format!("key `history_count`: {e}")))
+        .transpose()?;
+    let history_age = raw
+        .history_age
+        .map(|s| parse_age(&s).map_err(|e| format!("key `history_age`: {e}")))
+        .transpose()?;
     Ok(Room {
         name,
         group: SocketAddr::new(ip, port),
         ttl,
         description: raw.description,
         keep: raw.keep,
+        history_count,
+        history_age,
         source: RoomSource::Configured,
     })
+}
+
+/// The most messages of one room mcchatd keeps in history.
+pub const MAX_HISTORY_COUNT: u64 = 100_000_000;
+
+/// Checks a `history_count`.
+pub fn parse_history_count(n: i64) -> Result<u64, String> {
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_HISTORY_COUNT)
+        .ok_or_else(|| format!("{n} is out of range; use 0-{MAX_HISTORY_COUNT} (0 keeps none)"))
+}
+
+/// Parses a duration such as `30d`, `12h` or `90s` (humantime's syntax): a `history_age`,
+/// or `mcchat history --since`.
+pub fn parse_age(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write it like \"30d\", \"12h\" or \"90s\""))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} is zero; give a positive duration such as \"30d\""));
+    }
+    Ok(d)
 }
 
 /// Checks the TOML types of known keys, so a wrong type is reported with its key (serde's

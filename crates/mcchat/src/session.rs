@@ -283,7 +283,11 @@ impl Session {
     /// Sends `text` as `kind`, split into several datagrams if it does not fit in one.
     /// Returns what was sent, for the front end to show.
     pub(crate) async fn send(&mut self, kind: Kind, text: &str) -> Result<Vec<Received>> {
-        let widest = self.header(kind, u64::MAX, u64::MAX);
+        // The widest header this text may ever be sent with: its repair, which adds a tag.
+        let widest = Header {
+            extra: &[repair::REPAIR_TAG],
+            ..self.header(kind, u64::MAX, u64::MAX)
+        };
         let overhead = wire::overhead(&widest, self.room.name.as_str(), &self.name)?;
         let pieces = if text.is_empty() {
             vec![text]
@@ -361,27 +365,16 @@ impl Session {
     /// Answers a NACK: repairs if it asks for our messages, else holds back our own NACK
     /// for the same numbers (suppression).
     async fn on_nack(&mut self, frame: &wire::Frame<'_>) -> Result<()> {
-        let target = frame.tags.get("for").and_then(|f| InstanceId::parse(&f));
-        let ranges = frame
-            .tags
-            .get("seqs")
-            .and_then(|s| repair::parse_ranges(&s));
-        let (Some(target), Some(ranges)) = (target, ranges) else {
+        let Some(nack) = Nack::from_frame(frame) else {
             return Ok(());
         };
         let now = std::time::Instant::now();
-        if target != self.instance {
+        if nack.instance != self.instance {
             let Self { repair, jitter, .. } = self;
-            repair.on_nack_seen(
-                &Nack {
-                    instance: target,
-                    ranges,
-                },
-                now,
-                &mut || jitter.fraction(),
-            );
+            repair.on_nack_seen(&nack, now, &mut || jitter.fraction());
             return Ok(());
         }
+        let ranges = nack.ranges;
         let repairs: Vec<(u64, Sent)> = self
             .sent
             .repairs(&ranges, now)
@@ -402,16 +395,21 @@ impl Session {
                     ts_ms: Some(ts),
                     kind,
                 },
-                extra: &[("repair", "1")],
+                extra: &[repair::REPAIR_TAG],
             };
             let name = self.name.clone();
-            wire::encode(
+            // Cannot fail for what `send` split (it left room for the tag); if it ever
+            // did, that one repair is skipped rather than the session ended.
+            if let Err(e) = wire::encode(
                 &header,
                 self.room.name.as_str(),
                 &name,
                 &text,
                 &mut self.out,
-            )?;
+            ) {
+                tracing::debug!(error = %e, seq, "cannot encode a repair");
+                continue;
+            }
             if let Err(e) = self.send_datagram().await {
                 self.transient(anyhow::Error::new(e).context("failed to send a repair"))?;
             }
@@ -650,7 +648,7 @@ impl Session {
             match (kind, frame.meta.seq) {
                 (Kind::Nack, _) => self.on_nack(&frame).await?,
                 (Kind::Message | Kind::Action, Some(_))
-                    if !repair.knows(instance) && frame.tags.get("repair").is_some() =>
+                    if !repair.knows(instance) && frame.tags.get(repair::REPAIR_TAG.0).is_some() =>
                 {
                     // A repair for someone else, from a sender we have not followed: it is
                     // history, not where this sender stands.

@@ -63,6 +63,16 @@ pub struct Cli {
     #[arg(long, value_name = "NAME|ADDR")]
     pub iface: Option<String>,
 
+    /// Directory for the history database, "" for no history; overrides `state_dir` in the
+    /// file [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mcchat or
+    /// ~/.local/state/mcchat]
+    #[arg(long, value_name = "DIR", value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from))]
+    pub state_dir: Option<PathBuf>,
+
+    /// Keep no room history (the same as --state-dir "")
+    #[arg(long, conflicts_with = "state_dir")]
+    pub no_history: bool,
+
     /// Log line format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -8,15 +8,19 @@
 //! - `cookie`: stateless return-routability cookies (pure).
 //! - `limiter`: per-source token buckets (pure).
 //! - `counters`: what was relayed and dropped, by reason.
+//! - `cache`: recent messages, to repair for senders that have gone (pure).
+//! - `history`: room history in SQLite, written on its own thread.
 //! - [`relay`]: the loop that owns the state and does the I/O.
 //! - `status`: the status document, served on TCP and a Unix socket.
 //! - `notify`: systemd readiness, reload, stop and watchdog notifications.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod cache;
 pub mod cli;
 mod cookie;
 mod counters;
+mod history;
 mod limiter;
 mod notify;
 pub mod relay;

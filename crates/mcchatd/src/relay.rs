@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use mcchat_core::daemon::Allow;
 use mcchat_core::ratelimit::LogLimiter;
+use mcchat_core::repair::{Nack, REPAIR_TAG};
 use mcchat_core::room::{Room, RoomName, RoomSource};
 use mcchat_core::socket::{self, Iface, MulticastConfig};
 use mcchat_core::wire::{self, Frame, Header, Kind, MAX_DATAGRAM, Meta};
@@ -26,13 +27,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::{Outgoing, RepairCache};
 use crate::cli::Cli;
 use crate::cookie::CookieJar;
 use crate::counters::{Counters, Drop};
+use crate::history::{History, Policy, Record, Retention};
 use crate::limiter::Limiter;
 use crate::notify;
 use crate::settings::{self, Settings};
-use crate::status::{self, RoomStatus, Status, StatusRequest, SubscriberStatus};
+use crate::status::{
+    self, HistoryStatus, RoomStatus, Services, Status, StatusRequest, SubscriberStatus,
+};
 use crate::subs::{Subscribed, Subscriptions};
 
 /// The sender name in datagrams the daemon itself writes.
@@ -107,6 +112,13 @@ struct Relay {
     joined: HashMap<RoomName, Joined>,
     /// Rooms relayed or subscribed to, so status can show ad-hoc rooms too.
     counters: Counters,
+    /// Recent messages, to repair for senders that have gone and for subscribers.
+    cache: RepairCache,
+    /// Room history; `None` when off.
+    history: Option<History>,
+    /// What history keeps of each room.
+    policy: Policy,
+    history_log: LogLimiter,
     drop_log: LogLimiter,
     started: Instant,
     group_tx: mpsc::Sender<GroupDatagram>,
@@ -114,6 +126,69 @@ struct Relay {
     token: CancellationToken,
     tracker: TaskTracker,
     out: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether a datagram is a retransmission.
+fn is_repair(frame: &Frame<'_>) -> bool {
+    frame.tags.get(REPAIR_TAG.0).is_some()
+}
+
+/// Sleeps until `due`, or forever if there is none.
+async fn sleep_until_opt(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// History retention for every room, from the settings.
+fn history_policy(settings: &Settings) -> Policy {
+    let d = &settings.daemon;
+    let default = Retention {
+        count: d.history_count,
+        age: d.history_age,
+    };
+    let rooms = settings
+        .registry
+        .rooms()
+        .map(|r| {
+            let keep = Retention {
+                count: r.history_count.unwrap_or(default.count),
+                age: r.history_age.unwrap_or(default.age),
+            };
+            (r.name.to_string(), keep)
+        })
+        .collect();
+    Policy { rooms, default }
+}
+
+/// Opens history where the settings say. A location the operator chose must work; the
+/// default one failing (no home directory, read-only) only turns history off, with a warning.
+fn open_history(settings: &Settings, policy: &Policy) -> Result<Option<History>> {
+    let Some((dir, chosen)) = settings::state_dir(&settings.daemon) else {
+        tracing::info!("history is off");
+        return Ok(None);
+    };
+    match History::open(&dir, policy.clone()) {
+        Ok(h) => {
+            tracing::info!(path = %h.path().display(), "history on");
+            Ok(Some(h))
+        }
+        Err(e) if chosen => Err(anyhow::Error::new(e).context(format!(
+            "cannot keep history in {}; fix the directory, or set state_dir = \"\" (--no-history) to run without history",
+            dir.display()
+        ))),
+        Err(error) => {
+            tracing::warn!(%error, "history is off: the default state directory is not usable; set state_dir");
+            Ok(None)
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -187,6 +262,8 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         *slot = Some(Arc::new(sock));
     }
     let nets = socket::local_networks().context("failed to list this host's addresses")?;
+    let policy = history_policy(&settings);
+    let history = open_history(&settings, &policy)?;
     let (group_tx, group_rx) = mpsc::channel(1024);
     let tracker = TaskTracker::new();
     let d = &settings.daemon;
@@ -212,6 +289,10 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         pending_closed: Vec::new(),
         joined: HashMap::new(),
         counters: Counters::default(),
+        cache: RepairCache::new(d.repair_cache_bytes, d.repair_window),
+        history,
+        policy,
+        history_log: LogLimiter::default(),
         drop_log: LogLimiter::default(),
         started: Instant::now(),
         group_tx,
@@ -223,6 +304,10 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         cli,
     };
     let (status_tx, status_rx) = mpsc::channel::<StatusRequest>(16);
+    let services = Services {
+        status: status_tx,
+        history: relay.history.as_ref().map(History::reader),
+    };
     let slots = status::slots();
     for listener in tcp {
         let nets = Arc::clone(&relay.shared_nets);
@@ -234,7 +319,7 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         };
         tracker.spawn(status::serve_tcp(
             listener,
-            status_tx.clone(),
+            services.clone(),
             is_allowed,
             Arc::clone(&slots),
             token.child_token(),
@@ -250,7 +335,7 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
                 unix_bound = Some(path.clone());
                 tracker.spawn(status::serve_unix(
                     listener,
-                    status_tx.clone(),
+                    services.clone(),
                     Arc::clone(&slots),
                     token.child_token(),
                     tracker.clone(),
@@ -263,7 +348,7 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
             ),
         }
     }
-    drop(status_tx);
+    drop(services);
     relay.reconcile();
     let rooms = relay.settings.registry.rooms().count();
     tracing::info!(rooms, origin = %relay.settings.origin, "mcchatd ready");
@@ -281,6 +366,9 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         "shutting down"
     );
     relay.shutdown().await;
+    if let Some(h) = &mut relay.history {
+        h.close();
+    }
     status::unlink(unix_bound);
     tracing::info!("stopped");
     Ok(())
@@ -309,6 +397,7 @@ impl Relay {
         let relay4 = self.relay4.clone();
         let relay6 = self.relay6.clone();
         loop {
+            let cache_due = self.cache.next_deadline();
             tokio::select! {
                 () = self.token.cancelled() => return Exit::Cancelled,
                 _ = signals.term.recv() => return Exit::Signal("SIGTERM"),
@@ -329,6 +418,10 @@ impl Relay {
                 }
                 Some(req) = status_rx.recv() => {
                     let _ = req.send(self.status_json());
+                }
+                () = sleep_until_opt(cache_due) => {
+                    let out = self.cache.poll(Instant::now());
+                    self.send_repairs(out).await;
                 }
                 _ = tick.tick() => self.expire().await,
                 _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
@@ -453,6 +546,24 @@ impl Relay {
                 let Some(room) = self.room(frame.room) else {
                     return self.count_drop(Drop::UnknownRoom, from);
                 };
+                if frame.meta.kind == Kind::Nack {
+                    // A subscriber's NACK: answered from the cache when it holds all of it;
+                    // otherwise it goes on to the sender as well.
+                    if let Some(nack) = Nack::from_frame(&frame) {
+                        let (found, complete) =
+                            self.cache.answer(&room.name, nack.instance, &nack.ranges);
+                        for data in found {
+                            self.send(&data, from).await;
+                        }
+                        if complete {
+                            return;
+                        }
+                    }
+                } else {
+                    self.cache
+                        .observe(&room.name, &frame.meta, is_repair(&frame), data, now);
+                    self.record(&room.name, &frame);
+                }
                 self.use_ttl(
                     room.group.is_ipv6(),
                     room.ttl.unwrap_or(self.settings.daemon.ttl),
@@ -632,8 +743,70 @@ impl Relay {
         if frame.meta.kind.is_relay_control() {
             return self.count_drop(Drop::UnexpectedKind, from);
         }
+        let now = Instant::now();
+        if frame.meta.kind == Kind::Nack {
+            if let Some(nack) = Nack::from_frame(&frame) {
+                let out = self.cache.on_nack(&d.room, nack.instance, &nack.ranges, now);
+                self.send_repairs(out).await;
+            }
+        } else {
+            self.cache
+                .observe(&d.room, &frame.meta, is_repair(&frame), &d.data, now);
+            self.record(&d.room, &frame);
+        }
         let subscribers: Vec<SocketAddr> = self.subs.subscribers(&d.room).collect();
         self.fan_out(&d.data, &subscribers).await;
+    }
+
+    /// Sends what the repair cache produced: to the room's group, and leave repeats to its
+    /// subscribers too.
+    async fn send_repairs(&mut self, out: Vec<Outgoing>) {
+        for o in out {
+            let Some(room) = self.room(o.room.as_str()) else {
+                continue;
+            };
+            self.use_ttl(
+                room.group.is_ipv6(),
+                room.ttl.unwrap_or(self.settings.daemon.ttl),
+            );
+            self.send(&o.data, room.group).await;
+            if o.to_subscribers {
+                let subscribers: Vec<SocketAddr> = self.subs.subscribers(&room.name).collect();
+                self.fan_out(&o.data, &subscribers).await;
+            }
+        }
+    }
+
+    /// Queues a chat message for history, if its room keeps any.
+    fn record(&mut self, room: &RoomName, frame: &Frame<'_>) {
+        if !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
+            return;
+        }
+        let Some(history) = &mut self.history else {
+            return;
+        };
+        if self.policy.for_room(room.as_str()).count == 0 {
+            return;
+        }
+        let record = Record {
+            room: room.to_string(),
+            kind: frame.meta.kind.name().to_owned(),
+            sender: frame.sender.to_owned(),
+            text: frame.text.to_owned(),
+            id: frame.meta.instance.map(|i| i.to_string()),
+            seq: frame.meta.seq,
+            ts_ms: frame.meta.ts_ms,
+            recv_ms: now_ms(),
+        };
+        if !history.store(record)
+            && let Some(suppressed) = self.history_log.check(Instant::now())
+        {
+            tracing::warn!(
+                dropped = history.stats().dropped,
+                suppressed,
+                "history writer is behind; messages not stored"
+            );
+        }
     }
 
     /// Lapses expired subscriptions and leaves groups nobody needs.
@@ -668,14 +841,16 @@ impl Relay {
         self.flush_closed().await;
     }
 
-    /// The rooms whose groups the daemon should be in: those with subscribers and the
-    /// configured rooms marked `keep`.
+    /// The rooms whose groups the daemon should be in: those with subscribers, the
+    /// configured rooms marked `keep`, and, while history is on, the configured rooms that
+    /// keep history.
     fn wanted(&self) -> HashMap<RoomName, SocketAddr> {
+        let recording = self.history.is_some();
         let mut wanted: HashMap<RoomName, SocketAddr> = self
             .settings
             .registry
             .rooms()
-            .filter(|r| r.keep)
+            .filter(|r| r.keep || (recording && self.policy.for_room(r.name.as_str()).count > 0))
             .map(|r| (r.name.clone(), r.group))
             .collect();
         for name in self.subs.rooms() {
@@ -698,6 +873,7 @@ impl Relay {
         for name in stale {
             if let Some(j) = self.joined.remove(&name) {
                 j.stop.cancel();
+                self.cache.forget_room(&name);
             }
         }
         for (name, group) in wanted {
@@ -800,6 +976,15 @@ impl Relay {
                 self.renew_limit
                     .set_rate(d.subscribe_rate, d.subscribe_burst);
                 self.subs.set_limits(d.max_subscribers, d.max_rooms);
+                self.cache
+                    .set_bounds(d.repair_cache_bytes, d.repair_window, Instant::now());
+                if d.state_dir != self.settings.daemon.state_dir {
+                    tracing::warn!("`state_dir` changes take effect on restart");
+                }
+                self.policy = history_policy(&new);
+                if let Some(h) = &self.history {
+                    h.set_policy(self.policy.clone());
+                }
                 let old_rooms: HashMap<RoomName, SocketAddr> = self
                     .subs
                     .rooms()
@@ -919,6 +1104,11 @@ impl Relay {
             joined_groups,
             rooms,
             counters: self.counters.clone(),
+            repair_cache: self.cache.stats(),
+            history: self.history.as_ref().map(|h| HistoryStatus {
+                path: h.path().display().to_string(),
+                stats: h.stats(),
+            }),
         };
         serde_json::to_string(&status).unwrap_or_else(|_| "{}".to_owned())
     }
@@ -941,8 +1131,17 @@ pub fn check_config(cli: &Cli) -> Result<String> {
         })
         .collect();
     let status: Option<PathBuf> = d.status_socket.clone();
+    let history = match settings::state_dir(d) {
+        None => "off".to_owned(),
+        Some((dir, _)) => format!(
+            "{} (default: last {} messages, at most {} old, per room)",
+            dir.join(crate::history::FILE_NAME).display(),
+            d.history_count,
+            humantime::format_duration(d.history_age),
+        ),
+    };
     Ok(format!(
-        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}",
+        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}\nrepair cache: {} bytes, {} s\nhistory: {}",
         s.origin,
         if rooms.is_empty() {
             "(none)".to_owned()
@@ -969,5 +1168,8 @@ pub fn check_config(cli: &Cli) -> Result<String> {
         d.max_rooms,
         d.ttl,
         status.map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+        d.repair_cache_bytes,
+        d.repair_window.as_secs(),
+        history,
     ))
 }

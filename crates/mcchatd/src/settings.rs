@@ -1,6 +1,8 @@
 //! The settled configuration: the rooms file, with flags layered over its `[daemon]` table.
 //! `--check-config`, start-up and SIGHUP reload all go through [`load`].
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use mcchat_core::config::{self, Origin};
 use mcchat_core::daemon::DaemonSettings;
@@ -55,7 +57,30 @@ fn apply_flags(mut d: DaemonSettings, cli: &Cli) -> DaemonSettings {
     if let Some(v) = &cli.iface {
         d.iface = Some(v.clone());
     }
+    if let Some(p) = &cli.state_dir {
+        d.state_dir = Some(p.clone());
+    }
+    if cli.no_history {
+        d.state_dir = Some(PathBuf::new());
+    }
     d
+}
+
+/// Where history lives, and whether the operator chose it (then failing to open it is an
+/// error; the default location failing only turns history off). `None`: history is off.
+pub(crate) fn state_dir(d: &DaemonSettings) -> Option<(PathBuf, bool)> {
+    if let Some(p) = &d.state_dir {
+        return (!p.as_os_str().is_empty()).then(|| (p.clone(), true));
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    // systemd's StateDirectory= may list several, separated by colons: the first is ours.
+    if let Some(dirs) = std::env::var_os("STATE_DIRECTORY").filter(|v| !v.is_empty()) {
+        let first = dirs.to_string_lossy().split(':').next().map(PathBuf::from);
+        return first.map(|p| (p, false));
+    }
+    env("XDG_STATE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".local/state")))
+        .map(|base| (base.join("mcchat"), false))
 }
 
 #[cfg(test)]

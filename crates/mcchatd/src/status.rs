@@ -1,21 +1,28 @@
-//! The status document and the listeners that serve it: TCP on the relay port (the TCP
-//! handshake proves the address, so answering cannot reflect or amplify) and a local Unix
-//! socket. A client connects and reads one JSON document; the daemon closes the connection.
+//! The status document and room history, and the listeners that serve them: TCP on the
+//! relay port (the TCP handshake proves the address, so answering cannot reflect or amplify)
+//! and a local Unix socket.
+//!
+//! A client connects and may send one request line: `status`, or a JSON history query
+//! `{"history":{"room":"room1","limit":20}}`. It reads one JSON document back and the daemon
+//! closes the connection. A client that sends nothing within [`REQUEST_WAIT`] gets the
+//! status, so `nc HOST 5554 </dev/null` still works.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UnixListener};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::CacheStats;
 use crate::counters::Counters;
+use crate::history::{self, HistoryStats, Query, Reader};
 
 /// One subscriber, as status shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -47,7 +54,37 @@ pub(crate) struct Status {
     pub(crate) joined_groups: Vec<String>,
     pub(crate) rooms: Vec<RoomStatus>,
     pub(crate) counters: Counters,
+    pub(crate) repair_cache: CacheStats,
+    /// `None` when history is off.
+    pub(crate) history: Option<HistoryStatus>,
 }
+
+/// History, as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct HistoryStatus {
+    pub(crate) path: String,
+    #[serde(flatten)]
+    pub(crate) stats: HistoryStats,
+}
+
+/// What the listeners answer with: status from the relay loop, history from the database.
+#[derive(Debug, Clone)]
+pub(crate) struct Services {
+    pub(crate) status: mpsc::Sender<StatusRequest>,
+    pub(crate) history: Option<Reader>,
+}
+
+/// One request line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    history: Query,
+}
+
+/// How long the daemon waits for a request line before it sends the status.
+pub(crate) const REQUEST_WAIT: Duration = Duration::from_millis(100);
+/// The longest request line.
+const MAX_REQUEST: u64 = 4096;
 
 /// A request for the current status, answered by the relay loop.
 pub(crate) type StatusRequest = oneshot::Sender<String>;
@@ -64,15 +101,27 @@ pub(crate) fn slots() -> Arc<Semaphore> {
     Arc::new(Semaphore::new(MAX_STATUS_CLIENTS))
 }
 
-async fn answer<W: tokio::io::AsyncWrite + Unpin>(
-    mut w: W,
-    requests: &mpsc::Sender<StatusRequest>,
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: S,
+    services: &Services,
 ) {
-    let (tx, rx) = oneshot::channel();
-    if requests.send(tx).await.is_err() {
-        return;
-    }
-    let Ok(doc) = rx.await else { return };
+    let (r, mut w) = tokio::io::split(stream);
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST));
+    // Nothing within the wait, EOF or an empty line all mean "status".
+    let _ = tokio::time::timeout(REQUEST_WAIT, reader.read_until(b'\n', &mut line)).await;
+    let line = String::from_utf8_lossy(&line);
+    let line = line.trim();
+    let doc = if line.is_empty() || line == "status" {
+        let (tx, rx) = oneshot::channel();
+        if services.status.send(tx).await.is_err() {
+            return;
+        }
+        let Ok(doc) = rx.await else { return };
+        doc
+    } else {
+        history_answer(line, services.history.as_ref()).await
+    };
     let write = async {
         w.write_all(doc.as_bytes()).await?;
         w.write_all(b"\n").await?;
@@ -83,20 +132,52 @@ async fn answer<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+fn error_doc(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// Answers a history request line: the messages, or `{"error": ...}` saying what was wrong.
+async fn history_answer(line: &str, history: Option<&Reader>) -> String {
+    let request: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_doc(&format!(
+                "bad request ({e}); send `status` or {{\"history\":{{\"room\":\"NAME\"}}}}"
+            ));
+        }
+    };
+    let Some(history) = history else {
+        return error_doc("history is off on this daemon (state_dir is \"\" or not writable)");
+    };
+    let room = request.history.room.clone();
+    if let Some(limit) = request.history.limit
+        && limit > history::MAX_QUERY
+    {
+        return error_doc(&format!("limit {limit} is too large; use at most {}", history::MAX_QUERY));
+    }
+    match history.query(request.history).await {
+        Ok(messages) => serde_json::json!({ "room": room, "messages": messages }).to_string(),
+        Err(e) => {
+            tracing::warn!(error = %e, "history query failed");
+            error_doc(&format!("history query failed: {e}"))
+        }
+    }
+}
+
 /// Answers one status client on its own task, if a slot is free; otherwise closes it.
-fn spawn_answer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
-    stream: W,
+fn spawn_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     slots: &Arc<Semaphore>,
-    requests: &mpsc::Sender<StatusRequest>,
+    services: &Services,
     tracker: &TaskTracker,
 ) {
     let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
         tracing::debug!("status: too many clients at once");
         return;
     };
-    let requests = requests.clone();
+    let services = services.clone();
     tracker.spawn(async move {
-        answer(stream, &requests).await;
+        answer(stream, &services).await;
         drop(permit);
     });
 }
@@ -104,7 +185,7 @@ fn spawn_answer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
 /// Serves status on TCP until `token` is cancelled; `allowed` decides who may ask.
 pub(crate) async fn serve_tcp(
     listener: TcpListener,
-    requests: mpsc::Sender<StatusRequest>,
+    services: Services,
     allowed: impl Fn(SocketAddr) -> bool + Send + 'static,
     slots: Arc<Semaphore>,
     token: CancellationToken,
@@ -117,7 +198,7 @@ pub(crate) async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) if allowed(peer) => {
-                spawn_answer(stream, &slots, &requests, &tracker)
+                spawn_answer(stream, &slots, &services, &tracker)
             }
             Ok((_, peer)) => tracing::debug!(%peer, "status request from a network not allowed"),
             Err(error) => {
@@ -132,7 +213,7 @@ pub(crate) async fn serve_tcp(
 /// Serves status on a Unix socket until `token` is cancelled.
 pub(crate) async fn serve_unix(
     listener: UnixListener,
-    requests: mpsc::Sender<StatusRequest>,
+    services: Services,
     slots: Arc<Semaphore>,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -143,7 +224,7 @@ pub(crate) async fn serve_unix(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => spawn_answer(stream, &slots, &requests, &tracker),
+            Ok((stream, _)) => spawn_answer(stream, &slots, &services, &tracker),
             Err(error) => {
                 tracing::warn!(%error, "status socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

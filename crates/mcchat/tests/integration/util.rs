@@ -150,6 +150,8 @@ pub struct Proc {
     stdin: Option<ChildStdin>,
     stdout: Arc<Lines>,
     stderr: Arc<Lines>,
+    /// A daemon's own state directory (history), removed with it.
+    state: Option<TempDir>,
 }
 
 impl Proc {
@@ -174,7 +176,8 @@ impl Proc {
         Self::spawn(label, cmd)
     }
 
-    /// Runs `mcchatd ARGS` (optionally in namespace `ns`) and waits until it is ready.
+    /// Runs `mcchatd ARGS` (optionally in namespace `ns`) and waits until it is ready. Its
+    /// history goes to a fresh directory of its own unless ARGS name one (`--state-dir`).
     pub fn daemon(ns: Option<&str>, args: &[&str]) -> Self {
         let mut cmd = match ns {
             Some(ns) => {
@@ -184,11 +187,14 @@ impl Proc {
             }
             None => Command::new(daemon_bin()),
         };
+        let state = TempDir::new();
         cmd.args(args)
             .env("MCCHAT_ROOMS", shipped_rooms())
+            .env("STATE_DIRECTORY", state.path())
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET");
-        let p = Self::spawn("mcchatd", cmd);
+        let mut p = Self::spawn("mcchatd", cmd);
+        p.state = Some(state);
         p.expect_err("mcchatd ready");
         p
     }
@@ -206,6 +212,7 @@ impl Proc {
             child,
             stdout,
             stderr,
+            state: None,
         }
     }
 

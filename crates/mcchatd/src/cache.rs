@@ -1,0 +1,535 @@
+//! The daemon's repair cache: recent messages of the rooms it relays, so it can repair for
+//! senders that have gone (NORM, RFC 5740, calls this a repair server) and answer its `--via`
+//! subscribers' NACKs itself, without a round trip to the sender.
+//!
+//! A sender that is still there repairs its own messages; the daemon stands by. For a NACK
+//! about a sender it saw leave, it answers at once. For any other it waits [`STANDBY`] and
+//! answers only what the sender has not repaired by then, so a sender that crashed, was
+//! killed or lost its link is covered too, and a live one is not doubled.
+//!
+//! Pure: the relay loop passes the time in and sends what comes out. Memory is bounded by a
+//! byte budget over all rooms and by age, oldest first.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use mcchat_core::repair::REPAIR_TAG;
+use mcchat_core::room::RoomName;
+use mcchat_core::wire::{InstanceId, Kind, MAX_DATAGRAM, Meta};
+
+/// How long a NACK about a sender not known to have left waits for that sender's own repair.
+/// A live sender answers within a LAN round trip; receivers ask again every 100 ms.
+pub(crate) const STANDBY: Duration = Duration::from_millis(200);
+/// One message is not repaired twice within this, however many receivers ask.
+const MIN_INTERVAL: Duration = Duration::from_millis(20);
+/// Repairs one NACK may draw from the cache.
+pub(crate) const MAX_REPAIRS_PER_NACK: usize = 128;
+/// Standby repairs waiting at once; beyond it new ones are refused (a NACK flood cannot grow
+/// the daemon).
+const MAX_PENDING: usize = 4096;
+/// After a sender's `leave`, the daemon repeats it this long after: a receiver that lost the
+/// tail of the sender's messages and the leave itself learns the last sequence number from a
+/// repeat and asks for the rest.
+const LEAVE_REPEATS: [Duration; 3] = [
+    Duration::from_millis(300),
+    Duration::from_millis(1000),
+    Duration::from_millis(2500),
+];
+/// What one cached message costs beyond its bytes (maps, queue slot, room name), for the
+/// budget.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// A datagram for the relay loop to send to a room's group (and, for repeats of a leave, to
+/// its subscribers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Outgoing {
+    pub(crate) room: RoomName,
+    pub(crate) data: Box<[u8]>,
+    /// Also to the room's `--via` subscribers (leave repeats), not only to the group.
+    pub(crate) to_subscribers: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The datagram as a repair: the original bytes with the repair tag added.
+    data: Box<[u8]>,
+    /// When anyone (the sender or this daemon) last repaired it.
+    repaired: Option<Instant>,
+    /// When a NACK asked for it, if a standby repair is waiting.
+    asked: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct SenderCache {
+    messages: BTreeMap<u64, Entry>,
+    left: bool,
+    /// The leave datagram and when to repeat it next.
+    leave: Option<(Box<[u8]>, usize, Instant)>,
+}
+
+type SenderKey = (RoomName, InstanceId);
+
+/// Counters, for status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct CacheStats {
+    /// Messages held now.
+    pub(crate) messages: usize,
+    /// Bytes held now, with overhead.
+    pub(crate) bytes: usize,
+    /// Messages evicted for the byte budget before their age ran out.
+    pub(crate) evicted_for_space: u64,
+    /// Repairs sent to a group for a sender that did not.
+    pub(crate) repairs_to_group: u64,
+    /// Repairs sent straight to a `--via` subscriber.
+    pub(crate) repairs_to_subscribers: u64,
+    /// Standby repairs not needed because the sender repaired first.
+    pub(crate) standby_skipped: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct RepairCache {
+    max_bytes: usize,
+    max_age: Duration,
+    senders: HashMap<SenderKey, SenderCache>,
+    /// Every cached message in the order stored, for eviction.
+    order: VecDeque<(SenderKey, u64, Instant)>,
+    /// Standby repairs: when due, which message.
+    pending: Vec<(Instant, SenderKey, u64)>,
+    stats: CacheStats,
+}
+
+/// `data` as a repair: the repair tag added in front of the existing tags. `None` if it
+/// already is one or there is no room left for the tag (then the original is kept as it is).
+fn as_repair(data: &[u8]) -> Box<[u8]> {
+    let (key, value) = REPAIR_TAG;
+    let tag = format!("{key}={value}");
+    let mut out = Vec::with_capacity(data.len() + tag.len() + 1);
+    match data.strip_prefix(b"@") {
+        Some(rest) => {
+            out.push(b'@');
+            out.extend_from_slice(tag.as_bytes());
+            out.push(b';');
+            out.extend_from_slice(rest);
+        }
+        None => {
+            out.push(b'@');
+            out.extend_from_slice(tag.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(data);
+        }
+    }
+    if out.len() > MAX_DATAGRAM {
+        return data.into();
+    }
+    out.into_boxed_slice()
+}
+
+impl RepairCache {
+    /// A cache of at most `max_bytes`, each message kept at most `max_age` (0 bytes: off).
+    pub(crate) fn new(max_bytes: usize, max_age: Duration) -> Self {
+        Self {
+            max_bytes,
+            max_age,
+            senders: HashMap::new(),
+            order: VecDeque::new(),
+            pending: Vec::new(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Changes the bounds (on reload); evicts what no longer fits.
+    pub(crate) fn set_bounds(&mut self, max_bytes: usize, max_age: Duration, now: Instant) {
+        self.max_bytes = max_bytes;
+        self.max_age = max_age;
+        self.evict(now);
+    }
+
+    /// Takes note of a datagram the daemon relayed or heard in `room`: caches messages,
+    /// notes repairs and leaves. `is_repair` says whether it carried the repair tag.
+    pub(crate) fn observe(
+        &mut self,
+        room: &RoomName,
+        meta: &Meta,
+        is_repair: bool,
+        data: &[u8],
+        now: Instant,
+    ) {
+        let Some(instance) = meta.instance else {
+            return;
+        };
+        match (meta.kind, meta.seq) {
+            (Kind::Message | Kind::Action, Some(seq)) if self.max_bytes > 0 => {
+                let key = (room.clone(), instance);
+                if let Some(entry) = self
+                    .senders
+                    .get_mut(&key)
+                    .and_then(|s| s.messages.get_mut(&seq))
+                {
+                    if is_repair {
+                        entry.repaired = Some(now);
+                    }
+                    return;
+                }
+                let data = if is_repair { data.into() } else { as_repair(data) };
+                self.stats.bytes += data.len() + ENTRY_OVERHEAD + room.as_str().len();
+                self.stats.messages += 1;
+                let sender = self.senders.entry(key.clone()).or_default();
+                sender.messages.insert(
+                    seq,
+                    Entry {
+                        data,
+                        repaired: is_repair.then_some(now),
+                        asked: None,
+                    },
+                );
+                self.order.push_back((key, seq, now));
+                self.evict(now);
+            }
+            (Kind::Leave, _) => {
+                if let Some(sender) = self.senders.get_mut(&(room.clone(), instance))
+                    && !sender.left
+                {
+                    sender.left = true;
+                    sender.leave = Some((as_repair(data), 0, now + LEAVE_REPEATS[0]));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A NACK heard on a group: repairs to send now (the sender has left), while the rest wait
+    /// for the sender in standby.
+    pub(crate) fn on_nack(
+        &mut self,
+        room: &RoomName,
+        instance: InstanceId,
+        ranges: &[RangeInclusive<u64>],
+        now: Instant,
+    ) -> Vec<Outgoing> {
+        let key = (room.clone(), instance);
+        let Some(sender) = self.senders.get_mut(&key) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut taken = 0;
+        for range in ranges {
+            for (seq, entry) in sender.messages.range_mut(range.clone()) {
+                if taken == MAX_REPAIRS_PER_NACK {
+                    return out;
+                }
+                taken += 1;
+                if entry
+                    .repaired
+                    .is_some_and(|t| now.saturating_duration_since(t) < MIN_INTERVAL)
+                {
+                    continue;
+                }
+                if sender.left {
+                    entry.repaired = Some(now);
+                    self.stats.repairs_to_group += 1;
+                    out.push(Outgoing {
+                        room: room.clone(),
+                        data: entry.data.clone(),
+                        to_subscribers: false,
+                    });
+                } else if entry.asked.is_none() && self.pending.len() < MAX_PENDING {
+                    entry.asked = Some(now);
+                    self.pending.push((now + STANDBY, key.clone(), *seq));
+                }
+            }
+        }
+        out
+    }
+
+    /// A NACK from a `--via` subscriber: what the cache holds of it (to send to that
+    /// subscriber alone), and whether that is all of it. Not limited by the repair
+    /// interval: each subscriber's loss is its own.
+    pub(crate) fn answer(
+        &mut self,
+        room: &RoomName,
+        instance: InstanceId,
+        ranges: &[RangeInclusive<u64>],
+    ) -> (Vec<Box<[u8]>>, bool) {
+        let wanted: u64 = ranges
+            .iter()
+            .map(|r| r.end().saturating_sub(*r.start()).saturating_add(1))
+            .sum();
+        let Some(sender) = self.senders.get(&(room.clone(), instance)) else {
+            return (Vec::new(), false);
+        };
+        let found: Vec<Box<[u8]>> = ranges
+            .iter()
+            .flat_map(|r| sender.messages.range(r.clone()))
+            .take(MAX_REPAIRS_PER_NACK)
+            .map(|(_, e)| e.data.clone())
+            .collect();
+        self.stats.repairs_to_subscribers += found.len() as u64;
+        let complete = found.len() as u64 == wanted;
+        (found, complete)
+    }
+
+    /// Standby repairs and leave repeats that are due.
+    pub(crate) fn poll(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].0 > now {
+                i += 1;
+                continue;
+            }
+            let (_, key, seq) = self.pending.swap_remove(i);
+            let Some(entry) = self
+                .senders
+                .get_mut(&key)
+                .and_then(|s| s.messages.get_mut(&seq))
+            else {
+                continue;
+            };
+            let asked = entry.asked.take();
+            if entry.repaired.is_some_and(|t| asked.is_some_and(|a| t >= a)) {
+                self.stats.standby_skipped += 1;
+                continue;
+            }
+            entry.repaired = Some(now);
+            self.stats.repairs_to_group += 1;
+            out.push(Outgoing {
+                room: key.0.clone(),
+                data: entry.data.clone(),
+                to_subscribers: false,
+            });
+        }
+        for ((room, _), sender) in &mut self.senders {
+            let Some((data, n, due)) = &mut sender.leave else {
+                continue;
+            };
+            if *due > now {
+                continue;
+            }
+            out.push(Outgoing {
+                room: room.clone(),
+                data: data.clone(),
+                to_subscribers: true,
+            });
+            *n += 1;
+            match LEAVE_REPEATS.get(*n) {
+                Some(after) => *due = *due - LEAVE_REPEATS[*n - 1] + *after,
+                None => sender.leave = None,
+            }
+        }
+        self.senders
+            .retain(|_, s| !s.messages.is_empty() || s.leave.is_some());
+        self.evict(now);
+        out
+    }
+
+    /// When [`RepairCache::poll`] next has something to do.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let standby = self.pending.iter().map(|p| p.0).min();
+        let leaves = self
+            .senders
+            .values()
+            .filter_map(|s| s.leave.as_ref().map(|l| l.2))
+            .min();
+        standby.into_iter().chain(leaves).min()
+    }
+
+    /// Drops everything of `room` (it was removed or left).
+    pub(crate) fn forget_room(&mut self, room: &RoomName) {
+        self.senders.retain(|(r, _), _| r != room);
+        self.order.retain(|((r, _), _, _)| r != room);
+        self.pending.retain(|(_, (r, _), _)| r != room);
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        let mut stats = self.stats;
+        stats.messages = 0;
+        stats.bytes = 0;
+        for ((room, _), s) in &self.senders {
+            for e in s.messages.values() {
+                stats.messages += 1;
+                stats.bytes += e.data.len() + ENTRY_OVERHEAD + room.as_str().len();
+            }
+        }
+        self.stats = stats;
+    }
+
+    /// Evicts messages older than the age limit, then the oldest until the budget holds.
+    fn evict(&mut self, now: Instant) {
+        while let Some((_, _, stored)) = self.order.front() {
+            let old = now.saturating_duration_since(*stored) > self.max_age;
+            let over = self.stats.bytes > self.max_bytes;
+            if !old && !over {
+                break;
+            }
+            if over && !old {
+                self.stats.evicted_for_space += 1;
+            }
+            let Some((key, seq, _)) = self.order.pop_front() else {
+                break;
+            };
+            let Some(sender) = self.senders.get_mut(&key) else {
+                continue;
+            };
+            if let Some(e) = sender.messages.remove(&seq) {
+                self.stats.messages -= 1;
+                self.stats.bytes -= e.data.len() + ENTRY_OVERHEAD + key.0.as_str().len();
+            }
+            if sender.messages.is_empty() && sender.leave.is_none() {
+                self.senders.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mcchat_core::wire::{self, Header};
+
+    use super::*;
+
+    fn room() -> RoomName {
+        RoomName::new("room1").unwrap()
+    }
+
+    fn datagram(kind: Kind, seq: u64, text: &str) -> (Meta, Vec<u8>) {
+        let meta = Meta {
+            instance: Some(InstanceId(7)),
+            seq: Some(seq),
+            ts_ms: Some(1),
+            kind,
+        };
+        let mut out = String::new();
+        wire::encode(
+            &Header { meta, extra: &[] },
+            "room1",
+            "alice",
+            text,
+            &mut out,
+        )
+        .unwrap();
+        (meta, out.into_bytes())
+    }
+
+    fn filled(n: u64, now: Instant) -> RepairCache {
+        let mut c = RepairCache::new(1 << 20, Duration::from_secs(30));
+        for seq in 1..=n {
+            let (meta, data) = datagram(Kind::Message, seq, &format!("m{seq}"));
+            c.observe(&room(), &meta, false, &data, now);
+        }
+        c
+    }
+
+    #[test]
+    fn repairs_decode_as_the_original_with_the_repair_tag() {
+        let now = Instant::now();
+        let mut c = filled(3, now);
+        let (meta, data) = datagram(Kind::Leave, 3, "");
+        c.observe(&room(), &meta, false, &data, now);
+        let out = c.on_nack(&room(), InstanceId(7), &[2..=2], now);
+        assert_eq!(out.len(), 1, "the sender left: answered at once");
+        let f = wire::decode(&out[0].data).unwrap();
+        assert_eq!((f.meta.seq, f.text), (Some(2), "m2"));
+        assert_eq!(f.tags.get("repair").as_deref(), Some("1"));
+        // Nothing is known of another sender.
+        assert!(c.on_nack(&room(), InstanceId(8), &[1..=1], now).is_empty());
+    }
+
+    #[test]
+    fn a_live_sender_is_given_time_to_repair_itself() {
+        let t0 = Instant::now();
+        let mut c = filled(5, t0);
+        assert!(c.on_nack(&room(), InstanceId(7), &[2..=3], t0).is_empty());
+        assert_eq!(c.next_deadline(), Some(t0 + STANDBY));
+        // The sender repairs 2; the daemon sends only 3.
+        let (meta, data) = datagram(Kind::Message, 2, "m2");
+        c.observe(&room(), &meta, true, &data, t0 + STANDBY / 2);
+        assert!(c.poll(t0 + STANDBY / 2).is_empty(), "not due yet");
+        let out = c.poll(t0 + STANDBY);
+        assert_eq!(out.len(), 1);
+        assert_eq!(wire::decode(&out[0].data).unwrap().meta.seq, Some(3));
+        assert_eq!(c.stats().standby_skipped, 1);
+        assert_eq!(c.next_deadline(), None);
+    }
+
+    #[test]
+    fn many_nacks_for_one_loss_make_one_repair() {
+        let t0 = Instant::now();
+        let mut c = filled(5, t0);
+        for i in 0..20 {
+            c.on_nack(
+                &room(),
+                InstanceId(7),
+                &[4..=4],
+                t0 + Duration::from_millis(i),
+            );
+        }
+        assert_eq!(c.poll(t0 + STANDBY * 2).len(), 1);
+    }
+
+    #[test]
+    fn leave_is_repeated_three_times_then_stops() {
+        let t0 = Instant::now();
+        let mut c = filled(2, t0);
+        let (meta, data) = datagram(Kind::Leave, 2, "");
+        c.observe(&room(), &meta, false, &data, t0);
+        let mut repeats = 0;
+        let mut now = t0;
+        while let Some(due) = c.next_deadline() {
+            assert!(due > now || repeats == 0);
+            now = due;
+            repeats += c.poll(now).len();
+            assert!(repeats <= 3);
+        }
+        assert_eq!(repeats, 3);
+        assert_eq!(now, t0 + Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn via_subscribers_are_answered_from_the_cache() {
+        let now = Instant::now();
+        let mut c = filled(10, now);
+        let (found, complete) = c.answer(&room(), InstanceId(7), &[2..=4, 9..=9]);
+        assert_eq!((found.len(), complete), (4, true));
+        let (found, complete) = c.answer(&room(), InstanceId(7), &[9..=12]);
+        assert_eq!((found.len(), complete), (2, false), "11 and 12 were never seen");
+        let (found, complete) = c.answer(&RoomName::new("x").unwrap(), InstanceId(7), &[1..=1]);
+        assert_eq!((found.len(), complete), (0, false));
+    }
+
+    #[test]
+    fn memory_stays_within_the_budget_and_age() {
+        let t0 = Instant::now();
+        let budget = 64 * 1024;
+        let mut c = RepairCache::new(budget, Duration::from_secs(30));
+        let text = "x".repeat(1000);
+        for seq in 1..=10_000 {
+            let (meta, data) = datagram(Kind::Message, seq, &text);
+            c.observe(&room(), &meta, false, &data, t0);
+            assert!(c.stats().bytes <= budget);
+        }
+        assert!(c.stats().messages > 40, "{:?}", c.stats());
+        assert!(c.stats().evicted_for_space > 9000);
+        // Hostile NACKs for everything cost a bounded number of lookups and pending slots.
+        let out = c.on_nack(&room(), InstanceId(7), &[1..=4096], t0);
+        assert!(out.is_empty());
+        assert!(c.pending.len() <= MAX_REPAIRS_PER_NACK);
+        c.poll(t0 + Duration::from_secs(31));
+        assert_eq!(c.stats().messages, 0, "aged out");
+        assert!(c.senders.is_empty());
+    }
+
+    #[test]
+    fn a_tag_that_would_not_fit_leaves_the_original() {
+        let long = vec![b'x'; MAX_DATAGRAM];
+        assert_eq!(&*as_repair(&long), &long[..]);
+        assert_eq!(&*as_repair(b"a|b|c"), b"@repair=1 a|b|c");
+        assert_eq!(&*as_repair(b"@id=1 a|b|c"), b"@repair=1;id=1 a|b|c");
+    }
+}

@@ -1,0 +1,571 @@
+//! Room history in SQLite, so a restart loses nothing and a late joiner can catch up.
+//!
+//! One writer thread owns the write connection: the relay loop hands it records over a
+//! bounded channel and never waits for the disk; the thread commits whatever has queued in
+//! one transaction (WAL mode, so a commit is one append and readers never block it). A query
+//! first sends a flush through the same channel, so it sees every message the relay loop
+//! handled before it, then reads on its own connection.
+//!
+//! Durability: WAL with `synchronous = NORMAL`. A committed transaction survives the process
+//! being killed at any point (it is in the WAL file); a power cut may lose the last commits
+//! before a checkpoint, never corrupt the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// Records queued for the writer at most; beyond it new ones are dropped and counted (the
+/// disk is far behind: about 2 MiB of chat text waiting).
+const QUEUE: usize = 16_384;
+/// Records committed in one transaction at most.
+const BATCH: usize = 4096;
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// Messages one query returns at most.
+pub(crate) const MAX_QUERY: u32 = 10_000;
+/// The file, under the state directory.
+pub(crate) const FILE_NAME: &str = "history.sqlite3";
+
+/// Why history could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HistoryError {
+    #[error("cannot create the state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("history database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot start the history writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the history writer has stopped")]
+    Stopped,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub(crate) room: String,
+    /// `message` or `action`.
+    pub(crate) kind: String,
+    pub(crate) sender: String,
+    pub(crate) text: String,
+    /// The sender's instance id (hex), for deduplication; `None` for bare datagrams.
+    pub(crate) id: Option<String>,
+    pub(crate) seq: Option<u64>,
+    /// The sender's clock, ms since the epoch.
+    pub(crate) ts_ms: Option<u64>,
+    /// When the daemon received it, ms since the epoch.
+    pub(crate) recv_ms: u64,
+}
+
+/// What to keep of a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Retention {
+    pub(crate) count: u64,
+    pub(crate) age: Duration,
+}
+
+/// Retention for every room: the configured ones, and a default for the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Policy {
+    pub(crate) rooms: HashMap<String, Retention>,
+    pub(crate) default: Retention,
+}
+
+impl Policy {
+    pub(crate) fn for_room(&self, room: &str) -> Retention {
+        self.rooms.get(room).copied().unwrap_or(self.default)
+    }
+}
+
+/// A history request, as a client sends it (one JSON line on the status connection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Query {
+    pub(crate) room: String,
+    /// Only messages received at or after this (ms since the epoch).
+    #[serde(default)]
+    pub(crate) since_ms: Option<u64>,
+    /// Only messages whose text contains this, ignoring ASCII case.
+    #[serde(default)]
+    pub(crate) grep: Option<String>,
+    /// The last this many (at most [`MAX_QUERY`]).
+    #[serde(default)]
+    pub(crate) limit: Option<u32>,
+}
+
+enum Cmd {
+    Store(Record),
+    Policy(Policy),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Counters, for status.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct HistoryStats {
+    /// Records dropped because the writer was too far behind.
+    pub(crate) dropped: u64,
+}
+
+/// The relay loop's handle on history.
+#[derive(Debug)]
+pub(crate) struct History {
+    path: PathBuf,
+    tx: Option<SyncSender<Cmd>>,
+    writer: Option<JoinHandle<()>>,
+    stats: HistoryStats,
+}
+
+fn db_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> HistoryError + '_ {
+    move |source| HistoryError::Db {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// SQLite stores integers as i64; sequence numbers and times fit (they are far below 2^63),
+/// and anything larger is clamped rather than wrapped.
+fn to_sql(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Opens (creating if needed) the database in `dir` and its schema.
+fn open_db(path: &Path) -> Result<Connection, HistoryError> {
+    let err = db_err(path);
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(db_err(path))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db_err(path))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(db_err(path))?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY,
+            room TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            text TEXT NOT NULL,
+            instance TEXT,
+            seq INTEGER,
+            ts_ms INTEGER,
+            recv_ms INTEGER NOT NULL
+         );
+         CREATE UNIQUE INDEX IF NOT EXISTS messages_once
+            ON messages (room, instance, seq) WHERE instance IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id);
+         CREATE INDEX IF NOT EXISTS messages_by_age ON messages (recv_ms);",
+    )
+    .map_err(db_err(path))?;
+    Ok(conn)
+}
+
+impl History {
+    /// Opens the history in `dir` and starts its writer.
+    pub(crate) fn open(dir: &Path, policy: Policy) -> Result<Self, HistoryError> {
+        std::fs::create_dir_all(dir).map_err(|source| HistoryError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let conn = open_db(&path)?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let thread_path = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("history".into())
+            .spawn(move || Writer::new(conn, thread_path, policy).run(&rx))
+            .map_err(HistoryError::Thread)?;
+        Ok(Self {
+            path,
+            tx: Some(tx),
+            writer: Some(writer),
+            stats: HistoryStats::default(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn stats(&self) -> HistoryStats {
+        self.stats
+    }
+
+    /// Queues a record; never blocks. Returns false if it was dropped (the writer is far
+    /// behind or gone).
+    pub(crate) fn store(&mut self, record: Record) -> bool {
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Cmd::Store(record)).is_ok());
+        if !sent {
+            self.stats.dropped += 1;
+        }
+        sent
+    }
+
+    /// New retention rules (on reload).
+    pub(crate) fn set_policy(&self, policy: Policy) {
+        if let Some(tx) = &self.tx {
+            // A full queue delays the new policy to the next reload; it is not lost data.
+            let _ = tx.try_send(Cmd::Policy(policy));
+        }
+    }
+
+    /// A handle for queries, usable from other tasks.
+    pub(crate) fn reader(&self) -> Reader {
+        Reader {
+            path: self.path.clone(),
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Commits what is queued and stops the writer.
+    pub(crate) fn close(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take()
+            && w.join().is_err()
+        {
+            tracing::error!("the history writer panicked");
+        }
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads history on its own connection, after the writer has flushed.
+#[derive(Debug, Clone)]
+pub(crate) struct Reader {
+    path: PathBuf,
+    tx: Option<SyncSender<Cmd>>,
+}
+
+impl Reader {
+    /// The messages `q` asks for, oldest first.
+    pub(crate) async fn query(&self, q: Query) -> Result<Vec<Record>, HistoryError> {
+        let (done, flushed) = oneshot::channel();
+        let tx = self.tx.clone().ok_or(HistoryError::Stopped)?;
+        // The writer may be busy with a large batch: wait for queue space off the runtime.
+        tokio::task::spawn_blocking(move || tx.send(Cmd::Flush(done)))
+            .await
+            .map_err(|_| HistoryError::Stopped)?
+            .map_err(|_| HistoryError::Stopped)?;
+        flushed.await.map_err(|_| HistoryError::Stopped)?;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || read(&path, &q))
+            .await
+            .map_err(|_| HistoryError::Stopped)?
+    }
+}
+
+fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err(path))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(db_err(path))?;
+    let limit = q.limit.unwrap_or(100).min(MAX_QUERY);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT room, kind, sender, text, instance, seq, ts_ms, recv_ms FROM messages
+             WHERE room = ?1 AND recv_ms >= ?2
+               AND (?3 IS NULL OR instr(lower(text), lower(?3)) > 0)
+             ORDER BY id DESC LIMIT ?4",
+        )
+        .map_err(db_err(path))?;
+    let rows = stmt
+        .query_map(
+            params![
+                q.room,
+                to_sql(q.since_ms.unwrap_or(0)),
+                q.grep,
+                i64::from(limit)
+            ],
+            |r| {
+                Ok(Record {
+                    room: r.get(0)?,
+                    kind: r.get(1)?,
+                    sender: r.get(2)?,
+                    text: r.get(3)?,
+                    id: r.get(4)?,
+                    seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
+                    ts_ms: r.get::<_, Option<i64>>(6)?.map(from_sql),
+                    recv_ms: from_sql(r.get(7)?),
+                })
+            },
+        )
+        .map_err(db_err(path))?;
+    let mut out = rows
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err(path))?;
+    out.reverse();
+    Ok(out)
+}
+
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    policy: Policy,
+    pruned: Instant,
+    failures: u64,
+}
+
+impl Writer {
+    fn new(conn: Connection, path: PathBuf, policy: Policy) -> Self {
+        Self {
+            conn,
+            path,
+            policy,
+            pruned: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    fn run(mut self, rx: &Receiver<Cmd>) {
+        self.prune();
+        loop {
+            let first = match rx.recv_timeout(PRUNE_EVERY) {
+                Ok(cmd) => cmd,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.prune();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = Some(first);
+            while let Some(cmd) = next {
+                match cmd {
+                    Cmd::Store(r) => batch.push(r),
+                    Cmd::Policy(p) => self.policy = p,
+                    Cmd::Flush(done) => flushes.push(done),
+                }
+                next = if batch.len() < BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            self.commit(&batch);
+            for done in flushes {
+                let _ = done.send(());
+            }
+            if self.pruned.elapsed() >= PRUNE_EVERY {
+                self.prune();
+            }
+        }
+        self.prune();
+        // Fold the WAL into the database on a clean stop, so the directory holds one file.
+        let _ = self
+            .conn
+            .pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+
+    fn commit(&mut self, batch: &[Record]) {
+        if batch.is_empty() {
+            return;
+        }
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self.conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO messages
+                     (room, kind, sender, text, instance, seq, ts_ms, recv_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for r in batch {
+                    insert.execute(params![
+                        r.room,
+                        r.kind,
+                        r.sender,
+                        r.text,
+                        r.id,
+                        r.seq.map(to_sql),
+                        r.ts_ms.map(to_sql),
+                        to_sql(r.recv_ms),
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(error) = result {
+            self.failures += 1;
+            tracing::error!(
+                path = %self.path.display(),
+                %error,
+                records = batch.len(),
+                failures = self.failures,
+                "cannot write history; these messages are not stored"
+            );
+        }
+    }
+
+    /// Applies retention: by age, then by count, room by room.
+    fn prune(&mut self) {
+        self.pruned = Instant::now();
+        let now = now_ms();
+        let result = (|| -> rusqlite::Result<usize> {
+            let rooms: Vec<String> = {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached("SELECT DISTINCT room FROM messages")?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            };
+            let tx = self.conn.transaction()?;
+            let mut deleted = 0;
+            for room in rooms {
+                let keep = self.policy.for_room(&room);
+                let oldest = now.saturating_sub(u64::try_from(keep.age.as_millis()).unwrap_or(u64::MAX));
+                deleted += tx.execute(
+                    "DELETE FROM messages WHERE room = ?1 AND recv_ms < ?2",
+                    params![room, to_sql(oldest)],
+                )?;
+                deleted += tx.execute(
+                    "DELETE FROM messages WHERE room = ?1 AND id <= coalesce(
+                       (SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC
+                        LIMIT 1 OFFSET ?2), -1)",
+                    params![room, to_sql(keep.count)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(deleted)
+        })();
+        match result {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "history retention applied"),
+            Err(error) => tracing::warn!(path = %self.path.display(), %error, "history retention failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(room: &str, seq: u64, text: &str) -> Record {
+        Record {
+            room: room.into(),
+            kind: "message".into(),
+            sender: "alice".into(),
+            text: text.into(),
+            id: Some("00000000000000aa".into()),
+            seq: Some(seq),
+            ts_ms: Some(1),
+            recv_ms: now_ms(),
+        }
+    }
+
+    fn policy(count: u64) -> Policy {
+        Policy {
+            rooms: HashMap::new(),
+            default: Retention {
+                count,
+                age: Duration::from_secs(3600),
+            },
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mcchatd-history-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn query(room: &str) -> Query {
+        Query {
+            room: room.into(),
+            since_ms: None,
+            grep: None,
+            limit: Some(MAX_QUERY),
+        }
+    }
+
+    #[tokio::test]
+    async fn stores_once_reads_in_order_and_survives_reopening() {
+        let dir = temp_dir("basic");
+        let mut h = History::open(&dir, policy(1000)).unwrap();
+        for seq in 1..=5 {
+            assert!(h.store(record("room1", seq, &format!("Hello {seq}"))));
+        }
+        assert!(h.store(record("room1", 3, "a repair of 3")), "queued...");
+        let mut bare = record("room1", 0, "bare");
+        (bare.id, bare.seq) = (None, None);
+        assert!(h.store(bare.clone()));
+        assert!(h.store(bare));
+        assert!(h.store(record("room2", 1, "elsewhere")));
+        let got = h.reader().query(query("room1")).await.unwrap();
+        let texts: Vec<&str> = got.iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["Hello 1", "Hello 2", "Hello 3", "Hello 4", "Hello 5", "bare", "bare"],
+            "...but stored once; bare datagrams cannot be told apart and are all kept"
+        );
+        let mut q = query("room1");
+        q.grep = Some("HELLO 4".into());
+        assert_eq!(h.reader().query(q).await.unwrap().len(), 1);
+        let mut q = query("room1");
+        q.limit = Some(2);
+        let last: Vec<String> = h.reader().query(q).await.unwrap().into_iter().map(|r| r.text).collect();
+        assert_eq!(last, ["bare", "bare"]);
+        let mut q = query("room1");
+        q.since_ms = Some(now_ms() + 60_000);
+        assert!(h.reader().query(q).await.unwrap().is_empty());
+        h.close();
+        let h = History::open(&dir, policy(1000)).unwrap();
+        assert_eq!(h.reader().query(query("room1")).await.unwrap().len(), 7);
+        drop(h);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_newest_per_room() {
+        let dir = temp_dir("retention");
+        let mut h = History::open(&dir, policy(1000)).unwrap();
+        for seq in 1..=50 {
+            h.store(record("room1", seq, &seq.to_string()));
+        }
+        let mut old = record("room2", 1, "old");
+        old.recv_ms = 1;
+        h.store(old);
+        h.store(record("room2", 2, "new"));
+        h.reader().query(query("room1")).await.unwrap();
+        h.close();
+        let h = History::open(&dir, policy(10)).unwrap();
+        let got = h.reader().query(query("room1")).await.unwrap();
+        let seqs: Vec<u64> = got.iter().filter_map(|r| r.seq).collect();
+        assert_eq!(seqs, (41..=50).collect::<Vec<_>>());
+        let got = h.reader().query(query("room2")).await.unwrap();
+        assert_eq!(got.len(), 1, "older than an hour: gone");
+        assert_eq!(got[0].text, "new");
+        drop(h);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
