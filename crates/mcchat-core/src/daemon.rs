@@ -286,7 +286,9 @@ impl RawDaemon {
             state_dir: self.state_dir.map(PathBuf::from),
             history_count: match self.history_count {
                 None => d.history_count,
-                Some(n) => parse_history_count(n).map_err(|e| format!("key `history_count`: {e}"))?,
+                Some(n) => {
+                    parse_history_count(n).map_err(|e| format!("key `history_count`: {e}"))?
+                }
             },
             history_age: match self.history_age {
                 None => d.history_age,

@@ -399,10 +399,13 @@ pub fn parse_history_count(n: i64) -> Result<u64, String> {
 /// Parses a duration such as `30d`, `12h` or `90s` (humantime's syntax): a `history_age`,
 /// or `mcchat history --since`.
 pub fn parse_age(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}); write it like \"30d\", \"12h\" or \"90s\""))?;
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write it like \"30d\", \"12h\" or \"90s\"")
+    })?;
     if d.is_zero() {
-        return Err(format!("{s:?} is zero; give a positive duration such as \"30d\""));
+        return Err(format!(
+            "{s:?} is zero; give a positive duration such as \"30d\""
+        ));
     }
     Ok(d)
 }

@@ -89,6 +89,17 @@ Examples:
   mcchat status --json | jq .counters")]
     Status(StatusArgs),
 
+    /// Print a room's history, as kept by mcchatd
+    #[command(after_help = "\
+Examples:
+  mcchat history room1                       the last 100 messages (local daemon)
+  mcchat history room1 --since 2h --grep deploy
+  mcchat history room1 --via relay.lan --limit 1000 --json
+
+JSON lines have the keys of `mcchat listen --json`; `from` is null. Messages are shown in the
+order mcchatd received them, with the time it received them.")]
+    History(HistoryArgs),
+
     /// Print a shell completion script
     #[command(after_help = "\
 Examples:
@@ -139,6 +150,15 @@ pub struct JoinArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub repair_window: u64,
+
+    /// Show the room's last N messages from mcchatd's history first, 0 for none
+    /// [default: 20 when a daemon answers]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub history: Option<u32>,
+
+    /// The local mcchatd's socket, for history (with --via, the daemon there is asked)
+    #[arg(long, value_name = "PATH", default_value = mcchat_core::daemon::DEFAULT_STATUS_SOCKET)]
+    pub socket: PathBuf,
 
     #[command(flatten)]
     pub net: NetArgs,
@@ -194,6 +214,43 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// `mcchat history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Room name
+    #[arg(value_parser = parse_room)]
+    pub room: RoomName,
+
+    /// Only messages from the last DURATION, e.g. 90s, 15m, 2h, 7d
+    #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+    pub since: Option<std::time::Duration>,
+
+    /// Only messages whose text contains TEXT (ignoring ASCII case)
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+
+    /// The last N messages at most
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
+
+    /// One JSON object per line instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// Ask the daemon at HOST[:PORT] over TCP
+    #[arg(long, value_name = "HOST[:PORT]", conflicts_with = "socket")]
+    pub via: Option<String>,
+
+    /// Ask the daemon on this Unix socket
+    #[arg(long, value_name = "PATH", default_value = mcchat_core::daemon::DEFAULT_STATUS_SOCKET)]
+    pub socket: PathBuf,
+}
+
+fn parse_since(s: &str) -> Result<std::time::Duration, String> {
+    mcchat_core::room::parse_age(s)
+}
+
 fn parse_room(s: &str) -> Result<RoomName, String> {
     RoomName::new(s).map_err(|e| e.to_string())
 }
@@ -228,6 +285,9 @@ mod tests {
             &["mcchat", "join", "room1", "--name", "a|b"],
             &["mcchat", "join", "room1", "--ttl", "0"],
             &["mcchat", "send", "room1"],
+            &["mcchat", "history", "room1", "--since", "yesterday"],
+            &["mcchat", "history", "room1", "--limit", "0"],
+            &["mcchat", "join", "room1", "--history", "10001"],
         ] {
             let e = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");

@@ -8,14 +8,18 @@
 //! - `output`: stdout that treats a closed pipe as a clean exit.
 //! - `log`: where diagnostics go (stderr, or above the prompt on a terminal).
 //! - `via`: the client side of mcchatd's relay protocol (`--via`).
+//! - `daemon`: requests to mcchatd's status port (status, history).
 //! - `status`: `mcchat status`, reading a daemon's status document.
+//! - `history`: `mcchat history`, and the catch-up `join` shows first.
 //!
 //! `main.rs` only parses arguments, sets up logging and maps errors to exit codes.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cli;
+mod daemon;
 mod display;
+mod history;
 mod interactive;
 mod log;
 mod output;
@@ -55,6 +59,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rooms => rooms(&load_rooms(&cli)?),
         Command::Status(ref args) => status::run(args).await,
+        Command::History(ref args) => history::run(args).await,
         Command::Send(ref args) => {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
@@ -81,6 +86,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let name = resolve_name(args.name.clone())?;
             let mut session = open(room, &args.net, Some(name), true).await?;
             session.set_repair_window(std::time::Duration::from_secs(args.repair_window));
+            history::catch_up(&mut session, args).await;
             if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
                 interactive::run(session).await
             } else {

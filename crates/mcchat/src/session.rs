@@ -437,6 +437,29 @@ impl Session {
         }
     }
 
+    /// Queues messages from mcchatd's history to be shown before anything live, and counts
+    /// them as seen: a live copy or repair of one of them is a duplicate, and a gap is only
+    /// looked for after the last one of each sender.
+    pub(crate) fn preload(&mut self, messages: Vec<Received>) {
+        let now = std::time::Instant::now();
+        let mut latest: std::collections::HashMap<InstanceId, u64> =
+            std::collections::HashMap::new();
+        for m in &messages {
+            if let (Some(i), Some(seq)) = (m.instance, m.seq) {
+                let e = latest.entry(i).or_insert(seq);
+                *e = (*e).max(seq);
+            }
+        }
+        let Self { repair, jitter, .. } = self;
+        for (instance, seq) in latest {
+            if !repair.knows(instance) {
+                repair.on_latest(instance, seq, now, &mut || jitter.fraction());
+            }
+        }
+        self.pending
+            .extend(messages.into_iter().map(Event::Message));
+    }
+
     /// How long this peer's messages stay available for repair.
     pub(crate) fn set_repair_window(&mut self, window: Duration) {
         self.sent = SendBuffer::new(SEND_BUFFER, window, REPAIR_INTERVAL);
@@ -633,7 +656,14 @@ impl Session {
                 continue;
             };
             let now = std::time::Instant::now();
-            let change = self.roster.observe(instance, frame.sender, kind, now);
+            let is_repair = frame.tags.get(repair::REPAIR_TAG.0).is_some();
+            // mcchatd repeats a departed sender's leave (as a repair) so tail loss is found;
+            // that is not news about who is here.
+            let change = if is_repair && kind == Kind::Leave {
+                None
+            } else {
+                self.roster.observe(instance, frame.sender, kind, now)
+            };
             if let Some(change) = change {
                 if matches!(change, Change::Joined(_)) && self.presence {
                     // Answer a newcomer soon, with jitter so a full room does not answer
@@ -647,9 +677,7 @@ impl Session {
             let mut jitter = || jitter.fraction();
             match (kind, frame.meta.seq) {
                 (Kind::Nack, _) => self.on_nack(&frame).await?,
-                (Kind::Message | Kind::Action, Some(_))
-                    if !repair.knows(instance) && frame.tags.get(repair::REPAIR_TAG.0).is_some() =>
-                {
+                (Kind::Message | Kind::Action, Some(_)) if !repair.knows(instance) && is_repair => {
                     // A repair for someone else, from a sender we have not followed: it is
                     // history, not where this sender stands.
                 }

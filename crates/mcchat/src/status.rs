@@ -6,59 +6,21 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
-use tokio::io::AsyncReadExt as _;
 
 use crate::cli::StatusArgs;
+use crate::daemon::{self, Endpoint};
 use crate::output::Stdout;
-use crate::via;
 
-/// The most the document may be; a daemon with 10,000 subscribers writes about 1 MiB.
-const MAX_STATUS: u64 = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(args: &StatusArgs) -> Result<()> {
-    let mut doc = Vec::new();
-    let read = async {
-        match &args.via {
-            Some(spec) => {
-                let addr = via::resolve(spec).await?;
-                let stream = tokio::net::TcpStream::connect(addr)
-                    .await
-                    .with_context(|| format!("cannot connect to mcchatd at {addr} (TCP)"))?;
-                stream
-                    .take(MAX_STATUS)
-                    .read_to_end(&mut doc)
-                    .await
-                    .with_context(|| format!("failed to read status from {addr}"))?;
-            }
-            None => {
-                let path = &args.socket;
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot connect to {} (is mcchatd running here? try --via HOST)",
-                            path.display()
-                        )
-                    })?;
-                stream
-                    .take(MAX_STATUS)
-                    .read_to_end(&mut doc)
-                    .await
-                    .with_context(|| format!("failed to read status from {}", path.display()))?;
-            }
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(TIMEOUT, read)
-        .await
-        .context("mcchatd did not answer within 5 s")??;
-    let text = String::from_utf8_lossy(&doc);
-    let value: Value = serde_json::from_str(text.trim())
-        .context("mcchatd sent a status document that is not JSON")?;
+    let endpoint = Endpoint::new(args.via.as_deref(), args.socket.clone());
+    let text = daemon::request(&endpoint, "status", TIMEOUT).await?;
+    let value: Value =
+        serde_json::from_str(&text).context("mcchatd sent a status document that is not JSON")?;
     let mut out = Stdout::new();
     if args.json {
-        return out.line(text.trim());
+        return out.line(&text);
     }
     out.write_bytes(render(&value).as_bytes())
 }
@@ -139,6 +101,25 @@ fn render(v: &Value) -> String {
         .flatten()
         .map(|(k, n)| format!("{}={}", mcchat_core::sanitize::for_terminal(k), s(n)))
         .collect();
+    let r = &v["repair_cache"];
+    let _ = writeln!(
+        o,
+        "repair cache: {} messages, {} bytes; repaired {} to groups, {} to subscribers",
+        s(&r["messages"]),
+        s(&r["bytes"]),
+        s(&r["repairs_to_group"]),
+        s(&r["repairs_to_subscribers"]),
+    );
+    let h = &v["history"];
+    let _ = writeln!(
+        o,
+        "history: {}",
+        if h.is_null() {
+            "off".to_owned()
+        } else {
+            format!("{} ({} not stored)", s(&h["path"]), s(&h["dropped"]))
+        }
+    );
     let _ = writeln!(
         o,
         "dropped: {}",

@@ -31,10 +31,11 @@ const MAX_PENDING: usize = 4096;
 /// After a sender's `leave`, the daemon repeats it this long after: a receiver that lost the
 /// tail of the sender's messages and the leave itself learns the last sequence number from a
 /// repeat and asks for the rest.
-const LEAVE_REPEATS: [Duration; 3] = [
+const LEAVE_REPEATS: [Duration; 4] = [
     Duration::from_millis(300),
     Duration::from_millis(1000),
     Duration::from_millis(2500),
+    Duration::from_millis(5000),
 ];
 /// What one cached message costs beyond its bytes (maps, queue slot, room name), for the
 /// budget.
@@ -176,7 +177,11 @@ impl RepairCache {
                     }
                     return;
                 }
-                let data = if is_repair { data.into() } else { as_repair(data) };
+                let data = if is_repair {
+                    data.into()
+                } else {
+                    as_repair(data)
+                };
                 self.stats.bytes += data.len() + ENTRY_OVERHEAD + room.as_str().len();
                 self.stats.messages += 1;
                 let sender = self.senders.entry(key.clone()).or_default();
@@ -292,7 +297,10 @@ impl RepairCache {
                 continue;
             };
             let asked = entry.asked.take();
-            if entry.repaired.is_some_and(|t| asked.is_some_and(|a| t >= a)) {
+            if entry
+                .repaired
+                .is_some_and(|t| asked.is_some_and(|a| t >= a))
+            {
                 self.stats.standby_skipped += 1;
                 continue;
             }
@@ -474,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn leave_is_repeated_three_times_then_stops() {
+    fn leave_is_repeated_four_times_then_stops() {
         let t0 = Instant::now();
         let mut c = filled(2, t0);
         let (meta, data) = datagram(Kind::Leave, 2, "");
@@ -485,10 +493,10 @@ mod tests {
             assert!(due > now || repeats == 0);
             now = due;
             repeats += c.poll(now).len();
-            assert!(repeats <= 3);
+            assert!(repeats <= 4);
         }
-        assert_eq!(repeats, 3);
-        assert_eq!(now, t0 + Duration::from_millis(2500));
+        assert_eq!(repeats, 4);
+        assert_eq!(now, t0 + Duration::from_millis(5000));
     }
 
     #[test]
@@ -498,7 +506,11 @@ mod tests {
         let (found, complete) = c.answer(&room(), InstanceId(7), &[2..=4, 9..=9]);
         assert_eq!((found.len(), complete), (4, true));
         let (found, complete) = c.answer(&room(), InstanceId(7), &[9..=12]);
-        assert_eq!((found.len(), complete), (2, false), "11 and 12 were never seen");
+        assert_eq!(
+            (found.len(), complete),
+            (2, false),
+            "11 and 12 were never seen"
+        );
         let (found, complete) = c.answer(&RoomName::new("x").unwrap(), InstanceId(7), &[1..=1]);
         assert_eq!((found.len(), complete), (0, false));
     }

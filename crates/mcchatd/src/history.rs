@@ -270,10 +270,12 @@ impl Reader {
         let (done, flushed) = oneshot::channel();
         let tx = self.tx.clone().ok_or(HistoryError::Stopped)?;
         // The writer may be busy with a large batch: wait for queue space off the runtime.
-        tokio::task::spawn_blocking(move || tx.send(Cmd::Flush(done)))
+        let queued = tokio::task::spawn_blocking(move || tx.send(Cmd::Flush(done)).is_ok())
             .await
-            .map_err(|_| HistoryError::Stopped)?
             .map_err(|_| HistoryError::Stopped)?;
+        if !queued {
+            return Err(HistoryError::Stopped);
+        }
         flushed.await.map_err(|_| HistoryError::Stopped)?;
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || read(&path, &q))
@@ -321,9 +323,7 @@ fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
             },
         )
         .map_err(db_err(path))?;
-    let mut out = rows
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db_err(path))?;
+    let mut out = rows.collect::<Result<Vec<_>, _>>().map_err(db_err(path))?;
     out.reverse();
     Ok(out)
 }
@@ -383,9 +383,7 @@ impl Writer {
         }
         self.prune();
         // Fold the WAL into the database on a clean stop, so the directory holds one file.
-        let _ = self
-            .conn
-            .pragma_update(None, "wal_checkpoint", "TRUNCATE");
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
     }
 
     fn commit(&mut self, batch: &[Record]) {
@@ -443,7 +441,8 @@ impl Writer {
             let mut deleted = 0;
             for room in rooms {
                 let keep = self.policy.for_room(&room);
-                let oldest = now.saturating_sub(u64::try_from(keep.age.as_millis()).unwrap_or(u64::MAX));
+                let oldest =
+                    now.saturating_sub(u64::try_from(keep.age.as_millis()).unwrap_or(u64::MAX));
                 deleted += tx.execute(
                     "DELETE FROM messages WHERE room = ?1 AND recv_ms < ?2",
                     params![room, to_sql(oldest)],
@@ -461,7 +460,9 @@ impl Writer {
         match result {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "history retention applied"),
-            Err(error) => tracing::warn!(path = %self.path.display(), %error, "history retention failed"),
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "history retention failed")
+            }
         }
     }
 }
@@ -494,7 +495,8 @@ mod tests {
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mcchatd-history-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("mcchatd-history-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
@@ -525,7 +527,9 @@ mod tests {
         let texts: Vec<&str> = got.iter().map(|r| r.text.as_str()).collect();
         assert_eq!(
             texts,
-            ["Hello 1", "Hello 2", "Hello 3", "Hello 4", "Hello 5", "bare", "bare"],
+            [
+                "Hello 1", "Hello 2", "Hello 3", "Hello 4", "Hello 5", "bare", "bare"
+            ],
             "...but stored once; bare datagrams cannot be told apart and are all kept"
         );
         let mut q = query("room1");
@@ -533,7 +537,14 @@ mod tests {
         assert_eq!(h.reader().query(q).await.unwrap().len(), 1);
         let mut q = query("room1");
         q.limit = Some(2);
-        let last: Vec<String> = h.reader().query(q).await.unwrap().into_iter().map(|r| r.text).collect();
+        let last: Vec<String> = h
+            .reader()
+            .query(q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.text)
+            .collect();
         assert_eq!(last, ["bare", "bare"]);
         let mut q = query("room1");
         q.since_ms = Some(now_ms() + 60_000);

@@ -746,7 +746,9 @@ impl Relay {
         let now = Instant::now();
         if frame.meta.kind == Kind::Nack {
             if let Some(nack) = Nack::from_frame(&frame) {
-                let out = self.cache.on_nack(&d.room, nack.instance, &nack.ranges, now);
+                let out = self
+                    .cache
+                    .on_nack(&d.room, nack.instance, &nack.ranges, now);
                 self.send_repairs(out).await;
             }
         } else {

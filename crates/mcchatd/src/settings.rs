@@ -72,7 +72,11 @@ pub(crate) fn state_dir(d: &DaemonSettings) -> Option<(PathBuf, bool)> {
     if let Some(p) = &d.state_dir {
         return (!p.as_os_str().is_empty()).then(|| (p.clone(), true));
     }
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     // systemd's StateDirectory= may list several, separated by colons: the first is ours.
     if let Some(dirs) = std::env::var_os("STATE_DIRECTORY").filter(|v| !v.is_empty()) {
         let first = dirs.to_string_lossy().split(':').next().map(PathBuf::from);

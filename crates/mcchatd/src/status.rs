@@ -153,7 +153,10 @@ async fn history_answer(line: &str, history: Option<&Reader>) -> String {
     if let Some(limit) = request.history.limit
         && limit > history::MAX_QUERY
     {
-        return error_doc(&format!("limit {limit} is too large; use at most {}", history::MAX_QUERY));
+        return error_doc(&format!(
+            "limit {limit} is too large; use at most {}",
+            history::MAX_QUERY
+        ));
     }
     match history.query(request.history).await {
         Ok(messages) => serde_json::json!({ "room": room, "messages": messages }).to_string(),

@@ -5,6 +5,7 @@
 
 mod chat;
 mod cli;
+mod history;
 mod lan;
 mod pty;
 mod relay;

@@ -624,8 +624,14 @@ fn status_over_the_unix_socket_json_logs_and_check_config() {
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("mcchatd 0.1.0 up "), "{out}");
     assert!(lines[1].starts_with("ROOM "), "{out}");
+    // History is on (the test's own state directory), so configured rooms are joined to
+    // record them even with no subscribers.
     assert!(
-        out.contains("room1                239.255.77.1:5555          no     0"),
+        out.contains("room1                239.255.77.1:5555          yes    0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("history: /") && out.contains("history.sqlite3 (0 not stored)"),
         "{out}"
     );
     assert!(out.contains("dropped: none"), "{out}");
@@ -724,6 +730,8 @@ fn ipv6_rooms_and_clients_are_relayed() {
             "[::1]:0",
             "--status-socket",
             "",
+            // History would keep room6 joined from the start; this test watches the join.
+            "--no-history",
         ],
     );
     let addrs: Vec<SocketAddr> = ["127.0.0.1", "[::1]"]

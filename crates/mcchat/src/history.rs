@@ -1,0 +1,86 @@
+//! `mcchat history`, and the catch-up `mcchat join` shows before the live conversation:
+//! a room's recent messages as mcchatd stored them.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::cli::{HistoryArgs, JoinArgs};
+use crate::daemon::{self, Endpoint, HistoryQuery};
+use crate::display;
+use crate::output::Stdout;
+use crate::session::{Event, Session, now_ms};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// What `join` shows when it finds a daemon and was not told otherwise.
+const JOIN_DEFAULT: u32 = 20;
+/// How long `join` waits for history before it goes on without: it must not hold up the
+/// conversation for a daemon that is slow or gone.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) async fn run(args: &HistoryArgs) -> Result<()> {
+    let endpoint = Endpoint::new(args.via.as_deref(), args.socket.clone());
+    let since_ms = args.since.map(|d| {
+        let ago = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        now_ms().saturating_sub(ago)
+    });
+    let query = HistoryQuery {
+        room: args.room.to_string(),
+        since_ms,
+        grep: args.grep.clone(),
+        limit: args.limit,
+    };
+    let messages = daemon::history(&endpoint, &query, TIMEOUT).await?;
+    let mut out = Stdout::new();
+    let color = !args.json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    if messages.is_empty() {
+        crate::note(&format!("no messages in {}'s history match", args.room));
+    }
+    for m in messages {
+        let event = Event::Message(m);
+        let line = if args.json {
+            display::json_line(&event, args.room.as_str(), now_ms())
+        } else {
+            display::event_line(&event, now_ms(), color)
+        };
+        out.line(&line)?;
+    }
+    Ok(())
+}
+
+/// Puts the room's last messages in front of `session`'s live ones, if a daemon has them.
+/// Quiet when no daemon answers, unless `--history` asked for it.
+pub(crate) async fn catch_up(session: &mut Session, args: &JoinArgs) {
+    let wanted = args.history.unwrap_or(JOIN_DEFAULT);
+    if wanted == 0 {
+        return;
+    }
+    let endpoint = Endpoint::new(args.net.via.as_deref(), args.socket.clone());
+    if let Endpoint::Unix(path) = &endpoint
+        && args.history.is_none()
+        && !path.exists()
+    {
+        return;
+    }
+    let query = HistoryQuery {
+        room: args.room.to_string(),
+        since_ms: None,
+        grep: None,
+        limit: wanted,
+    };
+    match daemon::history(&endpoint, &query, JOIN_TIMEOUT).await {
+        Ok(messages) => {
+            if !messages.is_empty() {
+                crate::note(&format!(
+                    "{} earlier messages from mcchatd's history",
+                    messages.len()
+                ));
+            }
+            session.preload(messages);
+        }
+        Err(e) if args.history.is_some() => {
+            crate::note(&format!("no history: {e:#}"));
+        }
+        Err(e) => tracing::debug!(error = %format!("{e:#}"), "no history"),
+    }
+}

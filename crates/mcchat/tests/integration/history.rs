@@ -1,0 +1,296 @@
+//! Room history: mcchatd stores what it relays or hears in SQLite; `mcchat history` reads it,
+//! and `mcchat join` shows the last messages before the live ones.
+
+use std::net::SocketAddr;
+
+use nix::sys::signal::Signal;
+
+use crate::util::{Proc, TempDir, require_netns, run, unique};
+
+fn relay_addr(d: &Proc) -> SocketAddr {
+    let line = d.expect_err("relaying on UDP");
+    line.rsplit("bound=")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The texts of `mcchat history --json` for `room`.
+fn history(addr: SocketAddr, room: &str, extra: &[&str]) -> Vec<String> {
+    let a = addr.to_string();
+    let mut args = vec!["history", room, "--via", &a, "--json"];
+    args.extend_from_slice(extra);
+    let (st, out, err) = run(&args, &[]);
+    assert!(st.success(), "{err}");
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["room"], room, "{l}");
+            v["text"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn texts(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| format!("msg {i:02}")).collect()
+}
+
+/// A daemon with history on, a `--via` listener in `room` (with it the daemon joins the room's
+/// group; and it sees a message only after the daemon stored it, since the daemon records
+/// before it forwards), and `n` messages from a peer on the group. Each test has a room of
+/// its own: the tests share one network namespace.
+fn room_with_messages(room: &str, d_args: &[&str], n: usize) -> (Proc, SocketAddr, Proc) {
+    let d = Proc::daemon(None, d_args);
+    let addr = relay_addr(&d);
+    let watcher = Proc::mcchat(
+        "watcher",
+        None,
+        &["listen", room, "--via", &addr.to_string()],
+        &[],
+    )
+    .listening();
+    let mut alice = Proc::mcchat("alice", None, &["join", room, "--name", "alice"], &[]);
+    alice = alice.ready();
+    for line in texts(1..=n) {
+        alice.say(&line);
+    }
+    watcher.expect_out(&format!("alice: msg {n:02}"));
+    alice.close_stdin();
+    assert!(alice.wait().success());
+    (d, addr, watcher)
+}
+
+/// A late joiner sees the last N messages, once each and in order, then the live ones;
+/// `mcchat history` filters by count, text and age.
+#[test]
+fn late_joiner_gets_the_last_messages() {
+    require_netns();
+    let dir = TempDir::new();
+    let sock = dir.path().join("mcchatd.sock").display().to_string();
+    let room = unique("late");
+    let room = room.as_str();
+    let (d, addr, _watcher) = room_with_messages(
+        room,
+        &["--listen", "127.0.0.1:0", "--status-socket", &sock],
+        30,
+    );
+
+    // Through the relay, asking for 10.
+    let mut bob = Proc::mcchat(
+        "bob",
+        None,
+        &[
+            "join",
+            room,
+            "--name",
+            "bob",
+            "--via",
+            &addr.to_string(),
+            "--history",
+            "10",
+        ],
+        &[],
+    )
+    .ready();
+    bob.expect_err("10 earlier messages from mcchatd's history");
+    bob.expect_out("alice: msg 30");
+    // Joined directly, with the default (20) from the local daemon's socket.
+    let mut carol = Proc::mcchat(
+        "carol",
+        None,
+        &["join", room, "--name", "carol", "--socket", &sock],
+        &[],
+    )
+    .ready();
+    carol.expect_out("alice: msg 30");
+    bob.say("live after history");
+    carol.expect_out("bob: live after history");
+    bob.close_stdin();
+    assert!(bob.wait().success());
+    carol.close_stdin();
+    assert!(carol.wait().success());
+    let shown = |p: &Proc| -> Vec<String> {
+        p.stdout()
+            .iter()
+            .filter_map(|l| l.split_once("alice: ").map(|(_, t)| t.to_owned()))
+            .collect()
+    };
+    assert_eq!(shown(&bob), texts(21..=30));
+    assert_eq!(shown(&carol), texts(11..=30));
+    let carol_out = carol.stdout();
+    let pos = |needle: &str| carol_out.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(pos("alice: msg 30") < pos("bob: live after history"));
+
+    assert_eq!(history(addr, room, &[]).len(), 31, "30 + bob's");
+    assert_eq!(
+        history(addr, room, &["--limit", "3"]),
+        ["msg 29", "msg 30", "live after history"]
+    );
+    assert_eq!(
+        history(addr, room, &["--grep", "MSG 1"]),
+        texts(10..=19),
+        "case-insensitive substring"
+    );
+    assert_eq!(history(addr, room, &["--since", "1h"]).len(), 31);
+    assert!(history(addr, &unique("empty"), &[]).is_empty());
+    // Text output over the Unix socket.
+    let (st, out, err) = run(&["history", room, "--socket", &sock, "--limit", "1"], &[]);
+    assert!(st.success(), "{err}");
+    assert!(out.trim_end().ends_with("bob: live after history"), "{out}");
+    drop(d);
+}
+
+/// History survives a clean restart, and a `kill -9` in the middle of a stream of writes
+/// loses nothing that was committed (everything a query had returned).
+#[test]
+fn history_survives_restart_and_kill_9() {
+    require_netns();
+    let state = TempDir::new();
+    let state_dir = state.path().display().to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--status-socket",
+        "",
+        "--state-dir",
+        &state_dir,
+    ];
+    let room = unique("kill");
+    let room = room.as_str();
+    let (mut d, addr, _watcher) = room_with_messages(room, &args, 50);
+    assert_eq!(history(addr, room, &["--limit", "1000"]), texts(1..=50));
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait().success());
+
+    let d = Proc::daemon(None, &args);
+    let addr = relay_addr(&d);
+    assert_eq!(
+        history(addr, room, &["--limit", "1000"]),
+        texts(1..=50),
+        "kept over a restart"
+    );
+    // A stream of 3000 messages; the daemon is killed while it writes them.
+    let watcher = Proc::mcchat(
+        "watcher2",
+        None,
+        &["listen", room, "--via", &addr.to_string()],
+        &[],
+    )
+    .listening();
+    let mut flood = Proc::mcchat("flood", None, &["join", room, "--name", "flood"], &[]).ready();
+    // Paced at about 1000 msg/s (the load's shape, not synchronisation), so the writer is
+    // still busy when the kill comes.
+    let start = std::time::Instant::now();
+    for i in 1..=3000u64 {
+        flood.say(&format!("flood {i:04}"));
+        if i == 500 {
+            watcher.expect_out("flood: flood 0500");
+            break;
+        }
+        if i % 10 == 0
+            && let Some(wait) = (start + std::time::Duration::from_millis(i))
+                .checked_duration_since(std::time::Instant::now())
+        {
+            std::thread::sleep(wait);
+        }
+    }
+    let committed = history(addr, room, &["--limit", "10000"]);
+    let want: Vec<String> = texts(1..=50)
+        .into_iter()
+        .chain((1..=500).map(|i| format!("flood {i:04}")))
+        .collect();
+    assert_eq!(
+        committed, want,
+        "a query sees everything the daemon had received"
+    );
+    // More messages go on arriving while the history is written, and the kill comes.
+    let start = std::time::Instant::now();
+    for i in 501..=3000u64 {
+        flood.say(&format!("flood {i:04}"));
+        if i == 1000 {
+            d.signal(Signal::SIGKILL);
+        }
+        if i % 10 == 0
+            && let Some(wait) = (start + std::time::Duration::from_millis(i - 500))
+                .checked_duration_since(std::time::Instant::now())
+        {
+            std::thread::sleep(wait);
+        }
+    }
+    drop(d);
+    flood.close_stdin();
+    assert!(flood.wait().success());
+
+    let d = Proc::daemon(None, &args);
+    let addr = relay_addr(&d);
+    let after = history(addr, room, &["--limit", "10000"]);
+    eprintln!(
+        "{} messages committed before the kill -9, {} in history after the restart",
+        committed.len(),
+        after.len()
+    );
+    assert!(
+        after.len() >= committed.len(),
+        "{} after, {} committed before the kill",
+        after.len(),
+        committed.len()
+    );
+    assert_eq!(
+        after[..committed.len()],
+        committed[..],
+        "nothing committed lost, in order"
+    );
+    assert_eq!(after[..50], texts(1..=50)[..]);
+    drop(d);
+}
+
+/// A daemon with history off says so, and a bad request gets an error that says what to
+/// send, not a hang or a status document.
+#[test]
+fn history_off_and_bad_requests_are_clear_errors() {
+    require_netns();
+    let d = Proc::daemon(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            "",
+            "--no-history",
+        ],
+    );
+    let addr = relay_addr(&d);
+    let (st, _, err) = run(&["history", "room1", "--via", &addr.to_string()], &[]);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("history is off on this daemon"), "{err}");
+    use std::io::{Read as _, Write as _};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.write_all(b"{\"history\":{\"room\":1}}\n").unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().starts_with("bad request"),
+        "{answer}"
+    );
+    // `join` with no daemon behind the socket goes on without history, quietly.
+    let mut solo = Proc::mcchat(
+        "solo",
+        None,
+        &[
+            "join",
+            "room1",
+            "--name",
+            "solo",
+            "--socket",
+            "/nonexistent/mcchatd.sock",
+        ],
+        &[],
+    )
+    .ready();
+    solo.close_stdin();
+    assert!(solo.wait().success());
+    assert!(!solo.stderr_lines().iter().any(|l| l.contains("history")));
+}
