@@ -36,12 +36,13 @@ fi
 "$root/scripts/deps.sh"
 cargo build --release --locked -p mcchat -p mcchatd -p mcchat-bench
 if ((${#quick[@]})); then
-    cargo bench --locked -p mcchat-core --bench codec -- --warm-up-time 0.1 --measurement-time 0.3 \
-        >/dev/null
+    times=(--warm-up-time 0.1 --measurement-time 0.3)
 else
-    cargo bench --locked -p mcchat-core --bench codec -- --warm-up-time 1 --measurement-time 3 \
-        >/dev/null
+    times=(--warm-up-time 1 --measurement-time 3)
 fi
+# Criterion micro-benchmarks (no sockets): the codec, and history writes (to a temp dir).
+cargo bench --locked -p mcchat-core --bench codec -- "${times[@]}" >/dev/null
+cargo bench --locked -p mcchatd --bench history -- "${times[@]}" >/dev/null
 if ! command -v node >/dev/null 2>&1; then
     echo "bench.sh: Node.js not found: node-relay.js is left out; mcchat and the kernel are still measured"
 fi

@@ -4,6 +4,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod load;
+mod repair;
 mod suite;
 
 use std::fmt::Write as _;
@@ -216,6 +217,28 @@ fn table(r: &Value) -> String {
         "mcchat join: RSS KiB",
         cell(&m["mcchat_join_rss_kib"])
     );
+    if let Some(rep) = r["repair"].as_object() {
+        for (k, v) in rep {
+            let loss = k.trim_start_matches("loss_");
+            for (key, what) in [
+                ("repair_latency_p50_ms", "repair latency p50, ms"),
+                ("repair_latency_p99_ms", "repair latency p99, ms"),
+                ("latency_p50_ms", "latency p50 (all messages), ms"),
+                ("latency_p99_ms", "latency p99 (all messages), ms"),
+                (
+                    "wire_bytes_per_delivered",
+                    "bytes on the wire per delivered msg",
+                ),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "{:<44} {:>22}",
+                    format!("{what} at {loss}% loss"),
+                    cell(&v[key])
+                );
+            }
+        }
+    }
     if let Some(codec) = r["codec_ns"].as_object() {
         for (k, v) in codec {
             let _ = writeln!(

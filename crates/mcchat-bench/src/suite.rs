@@ -102,10 +102,16 @@ fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Rela
     })
 }
 
+/// mcchatd as shipped (history on), with a fresh state directory of its own under the
+/// results directory.
 fn mcchatd(opts: &Opts, rooms: &Path) -> Result<Relay> {
+    let state = rooms.with_file_name("mcchatd-state");
+    let _ = std::fs::remove_dir_all(&state);
     let mut cmd = Command::new(&opts.mcchatd);
     cmd.args(["--listen", RELAY, "--status-socket", "", "--rooms"])
-        .arg(rooms);
+        .arg(rooms)
+        .arg("--state-dir")
+        .arg(&state);
     spawn_ready("mcchatd", cmd, "mcchatd ready")
 }
 
@@ -342,6 +348,31 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     }
     results.insert("fanout".into(), json!(fanout));
 
+    // 6. Loss repair end to end: repair latency and bytes on the wire at 0% and 10% loss.
+    let (count, rate) = if opts.quick { (200, 200) } else { (2000, 200) };
+    let mut repair = BTreeMap::new();
+    for loss in [0u32, 10] {
+        eprintln!("bench: repair at {loss}% loss");
+        let mut runs_out = Vec::new();
+        for _ in 0..runs {
+            runs_out.push(crate::repair::run(&opts.mcchat, &rooms, loss, count, rate)?);
+        }
+        let pick =
+            |f: &dyn Fn(&Value) -> Option<f64>| summary(runs_out.iter().filter_map(f).collect());
+        repair.insert(
+            format!("loss_{loss}"),
+            json!({
+                "repair_latency_p50_ms": pick(&|v| v["repair_latency_ms"]["p50"].as_f64()),
+                "repair_latency_p99_ms": pick(&|v| v["repair_latency_ms"]["p99"].as_f64()),
+                "latency_p50_ms": pick(&|v| v["latency_ms"]["p50"].as_f64()),
+                "latency_p99_ms": pick(&|v| v["latency_ms"]["p99"].as_f64()),
+                "wire_bytes_per_delivered": pick(&|v| v["wire_bytes_per_delivered"].as_f64()),
+                "runs": runs_out,
+            }),
+        );
+    }
+    results.insert("repair".into(), json!(repair));
+
     // 4. The CLI: start-up to ready, and its RSS.
     let (mut ready_ms, mut rss) = (vec![], vec![]);
     for _ in 0..if opts.quick { 3 } else { 10 } {
@@ -367,12 +398,17 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     results.insert("mcchat_join_ready_ms".into(), summary(ready_ms));
     results.insert("memory".into(), json!(memory));
 
-    // 5. Codec micro-benchmarks, if criterion ran.
+    // 5. Codec and history micro-benchmarks, if criterion ran.
     let mut codec = BTreeMap::new();
-    for name in ["decode_tagged", "decode_bare", "encode_tagged"] {
+    for (group, name) in [
+        ("codec", "decode_tagged"),
+        ("codec", "decode_bare"),
+        ("codec", "encode_tagged"),
+        ("history", "write_1000"),
+    ] {
         let p = opts
             .criterion
-            .join("codec")
+            .join(group)
             .join(name)
             .join("new/estimates.json");
         if let Ok(text) = std::fs::read_to_string(&p)

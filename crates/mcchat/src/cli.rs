@@ -71,7 +71,8 @@ Examples:
   mcchat listen room1 --json | jq -r .text
 
 JSON lines have the keys room, sender, text, ts (RFC 3339), from (source address), kind
-(message, action, join, leave), id and seq (null for bare datagrams).")]
+(message, action, join, leave, lost), id and seq (null for bare datagrams), and repair (true
+when the message arrived as a retransmission after a loss).")]
     Listen(ListenArgs),
 
     /// List the configured rooms and where they come from

@@ -146,6 +146,7 @@ fn parse_history(doc: &str, room: &str) -> Result<Vec<Received>> {
             from: None,
             instance: r.id.as_deref().and_then(InstanceId::parse),
             seq: r.seq,
+            repair: false,
         })
         .collect())
 }

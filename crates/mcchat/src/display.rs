@@ -118,6 +118,8 @@ struct JsonLine<'a> {
     kind: &'static str,
     id: Option<String>,
     seq: Option<u64>,
+    /// Arrived as a repair (a retransmission after a loss).
+    repair: bool,
 }
 
 /// An event as one JSON line (no trailing newline). JSON escapes control characters itself,
@@ -133,6 +135,7 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
             kind: m.kind.name(),
             id: m.instance.map(|i| i.to_string()),
             seq: m.seq,
+            repair: m.repair,
         },
         Event::Lost { sender, count } => JsonLine {
             room,
@@ -143,6 +146,7 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
             kind: "lost",
             id: None,
             seq: None,
+            repair: false,
         },
         Event::Presence(c) => {
             let (sender, kind) = match c {
@@ -158,6 +162,7 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
                 kind,
                 id: None,
                 seq: None,
+                repair: false,
             }
         }
     };
@@ -198,6 +203,7 @@ mod tests {
             from: Some("192.0.2.1:5555".parse().unwrap()),
             instance: None,
             seq: None,
+            repair: false,
         }
     }
 

@@ -44,6 +44,8 @@ pub(crate) struct Received {
     pub(crate) instance: Option<InstanceId>,
     /// The sender's sequence number, if tagged.
     pub(crate) seq: Option<u64>,
+    /// Whether it arrived as a retransmission (a repair), not the first sending.
+    pub(crate) repair: bool,
 }
 
 /// Something for a front end to show.
@@ -338,6 +340,7 @@ impl Session {
                 from: None,
                 instance: Some(self.instance),
                 seq: Some(self.seq),
+                repair: false,
             });
         }
         Ok(sent)
@@ -637,6 +640,7 @@ impl Session {
                 }
                 continue;
             }
+            let is_repair = frame.tags.get(repair::REPAIR_TAG.0).is_some();
             let received = Received {
                 kind,
                 room: frame.room.to_owned(),
@@ -647,6 +651,7 @@ impl Session {
                 from: Some(from),
                 instance: frame.meta.instance,
                 seq: frame.meta.seq,
+                repair: is_repair,
             };
             let Some(instance) = frame.meta.instance else {
                 // A bare datagram: shown as it comes; it cannot be repaired.
@@ -656,7 +661,6 @@ impl Session {
                 continue;
             };
             let now = std::time::Instant::now();
-            let is_repair = frame.tags.get(repair::REPAIR_TAG.0).is_some();
             // mcchatd repeats a departed sender's leave (as a repair) so tail loss is found;
             // that is not news about who is here.
             let change = if is_repair && kind == Kind::Leave {

@@ -4,7 +4,8 @@
 //! bounded channel and never waits for the disk; the thread commits whatever has queued in
 //! one transaction (WAL mode, so a commit is one append and readers never block it). A query
 //! first sends a flush through the same channel, so it sees every message the relay loop
-//! handled before it, then reads on its own connection.
+//! handled before it, then reads on its own connection. Records are gathered for up to
+//! [`GATHER`] before a commit, so a busy room costs one transaction per few milliseconds.
 //!
 //! Durability: WAL with `synchronous = NORMAL`. A committed transaction survives the process
 //! being killed at any point (it is in the WAL file); a power cut may lose the last commits
@@ -25,16 +26,18 @@ use tokio::sync::oneshot;
 const QUEUE: usize = 16_384;
 /// Records committed in one transaction at most.
 const BATCH: usize = 4096;
+/// How long the writer gathers records before it commits them (unless a query is waiting).
+const GATHER: Duration = Duration::from_millis(5);
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// Messages one query returns at most.
-pub(crate) const MAX_QUERY: u32 = 10_000;
+pub const MAX_QUERY: u32 = 10_000;
 /// The file, under the state directory.
-pub(crate) const FILE_NAME: &str = "history.sqlite3";
+pub const FILE_NAME: &str = "history.sqlite3";
 
 /// Why history could not be opened or read.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum HistoryError {
+pub enum HistoryError {
     #[error("cannot create the state directory {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -53,37 +56,37 @@ pub(crate) enum HistoryError {
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Record {
-    pub(crate) room: String,
+pub struct Record {
+    pub room: String,
     /// `message` or `action`.
-    pub(crate) kind: String,
-    pub(crate) sender: String,
-    pub(crate) text: String,
+    pub kind: String,
+    pub sender: String,
+    pub text: String,
     /// The sender's instance id (hex), for deduplication; `None` for bare datagrams.
-    pub(crate) id: Option<String>,
-    pub(crate) seq: Option<u64>,
+    pub id: Option<String>,
+    pub seq: Option<u64>,
     /// The sender's clock, ms since the epoch.
-    pub(crate) ts_ms: Option<u64>,
+    pub ts_ms: Option<u64>,
     /// When the daemon received it, ms since the epoch.
-    pub(crate) recv_ms: u64,
+    pub recv_ms: u64,
 }
 
 /// What to keep of a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Retention {
-    pub(crate) count: u64,
-    pub(crate) age: Duration,
+pub struct Retention {
+    pub count: u64,
+    pub age: Duration,
 }
 
 /// Retention for every room: the configured ones, and a default for the rest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Policy {
-    pub(crate) rooms: HashMap<String, Retention>,
-    pub(crate) default: Retention,
+pub struct Policy {
+    pub rooms: HashMap<String, Retention>,
+    pub default: Retention,
 }
 
 impl Policy {
-    pub(crate) fn for_room(&self, room: &str) -> Retention {
+    pub fn for_room(&self, room: &str) -> Retention {
         self.rooms.get(room).copied().unwrap_or(self.default)
     }
 }
@@ -91,35 +94,37 @@ impl Policy {
 /// A history request, as a client sends it (one JSON line on the status connection).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Query {
-    pub(crate) room: String,
+pub struct Query {
+    pub room: String,
     /// Only messages received at or after this (ms since the epoch).
     #[serde(default)]
-    pub(crate) since_ms: Option<u64>,
+    pub since_ms: Option<u64>,
     /// Only messages whose text contains this, ignoring ASCII case.
     #[serde(default)]
-    pub(crate) grep: Option<String>,
+    pub grep: Option<String>,
     /// The last this many (at most [`MAX_QUERY`]).
     #[serde(default)]
-    pub(crate) limit: Option<u32>,
+    pub limit: Option<u32>,
 }
 
 enum Cmd {
     Store(Record),
     Policy(Policy),
     Flush(oneshot::Sender<()>),
+    /// Commit what is queued and end (readers may still hold senders).
+    Stop,
 }
 
 /// Counters, for status.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub(crate) struct HistoryStats {
+pub struct HistoryStats {
     /// Records dropped because the writer was too far behind.
-    pub(crate) dropped: u64,
+    pub dropped: u64,
 }
 
 /// The relay loop's handle on history.
 #[derive(Debug)]
-pub(crate) struct History {
+pub struct History {
     path: PathBuf,
     tx: Option<SyncSender<Cmd>>,
     writer: Option<JoinHandle<()>>,
@@ -159,6 +164,9 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
         .map_err(db_err(path))?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(db_err(path))?;
+    // After a checkpoint the WAL file is cut back to this, so a burst cannot leave it large.
+    conn.pragma_update(None, "journal_size_limit", 8 << 20)
+        .map_err(db_err(path))?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS messages (
             id INTEGER PRIMARY KEY,
@@ -174,7 +182,7 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
          CREATE UNIQUE INDEX IF NOT EXISTS messages_once
             ON messages (room, instance, seq) WHERE instance IS NOT NULL;
          CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id);
-         CREATE INDEX IF NOT EXISTS messages_by_age ON messages (recv_ms);",
+         CREATE INDEX IF NOT EXISTS messages_by_time ON messages (room, recv_ms);",
     )
     .map_err(db_err(path))?;
     Ok(conn)
@@ -182,7 +190,7 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
 
 impl History {
     /// Opens the history in `dir` and starts its writer.
-    pub(crate) fn open(dir: &Path, policy: Policy) -> Result<Self, HistoryError> {
+    pub fn open(dir: &Path, policy: Policy) -> Result<Self, HistoryError> {
         std::fs::create_dir_all(dir).map_err(|source| HistoryError::Dir {
             path: dir.to_owned(),
             source,
@@ -203,17 +211,17 @@ impl History {
         })
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub(crate) fn stats(&self) -> HistoryStats {
+    pub fn stats(&self) -> HistoryStats {
         self.stats
     }
 
     /// Queues a record; never blocks. Returns false if it was dropped (the writer is far
     /// behind or gone).
-    pub(crate) fn store(&mut self, record: Record) -> bool {
+    pub fn store(&mut self, record: Record) -> bool {
         let sent = self
             .tx
             .as_ref()
@@ -225,7 +233,7 @@ impl History {
     }
 
     /// New retention rules (on reload).
-    pub(crate) fn set_policy(&self, policy: Policy) {
+    pub fn set_policy(&self, policy: Policy) {
         if let Some(tx) = &self.tx {
             // A full queue delays the new policy to the next reload; it is not lost data.
             let _ = tx.try_send(Cmd::Policy(policy));
@@ -233,7 +241,7 @@ impl History {
     }
 
     /// A handle for queries, usable from other tasks.
-    pub(crate) fn reader(&self) -> Reader {
+    pub fn reader(&self) -> Reader {
         Reader {
             path: self.path.clone(),
             tx: self.tx.clone(),
@@ -241,8 +249,11 @@ impl History {
     }
 
     /// Commits what is queued and stops the writer.
-    pub(crate) fn close(&mut self) {
-        self.tx = None;
+    pub fn close(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            // Waits for queue space: the writer is draining it, so this ends.
+            let _ = tx.send(Cmd::Stop);
+        }
         if let Some(w) = self.writer.take()
             && w.join().is_err()
         {
@@ -259,14 +270,14 @@ impl Drop for History {
 
 /// Reads history on its own connection, after the writer has flushed.
 #[derive(Debug, Clone)]
-pub(crate) struct Reader {
+pub struct Reader {
     path: PathBuf,
     tx: Option<SyncSender<Cmd>>,
 }
 
 impl Reader {
     /// The messages `q` asks for, oldest first.
-    pub(crate) async fn query(&self, q: Query) -> Result<Vec<Record>, HistoryError> {
+    pub async fn query(&self, q: Query) -> Result<Vec<Record>, HistoryError> {
         let (done, flushed) = oneshot::channel();
         let tx = self.tx.clone().ok_or(HistoryError::Stopped)?;
         // The writer may be busy with a large batch: wait for queue space off the runtime.
@@ -293,35 +304,45 @@ fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(db_err(path))?;
     let limit = q.limit.unwrap_or(100).min(MAX_QUERY);
+    // `since` becomes a lower bound on the row id: the first message received at or after
+    // it, found on the time index. Rows are numbered in the order received, so the scan
+    // below stays on the (room, id) index and reads only what it returns (plus what `grep`
+    // skips), however large the room.
+    let first_id: i64 = match q.since_ms {
+        None => 0,
+        Some(since) => conn
+            .query_row(
+                "SELECT coalesce(
+                   (SELECT id FROM messages INDEXED BY messages_by_time
+                    WHERE room = ?1 AND recv_ms >= ?2 ORDER BY recv_ms LIMIT 1),
+                   9223372036854775807)",
+                params![q.room, to_sql(since)],
+                |r| r.get(0),
+            )
+            .map_err(db_err(path))?,
+    };
     let mut stmt = conn
         .prepare_cached(
-            "SELECT room, kind, sender, text, instance, seq, ts_ms, recv_ms FROM messages
-             WHERE room = ?1 AND recv_ms >= ?2
+            "SELECT room, kind, sender, text, instance, seq, ts_ms, recv_ms
+             FROM messages INDEXED BY messages_by_room
+             WHERE room = ?1 AND id >= ?2
                AND (?3 IS NULL OR instr(lower(text), lower(?3)) > 0)
              ORDER BY id DESC LIMIT ?4",
         )
         .map_err(db_err(path))?;
     let rows = stmt
-        .query_map(
-            params![
-                q.room,
-                to_sql(q.since_ms.unwrap_or(0)),
-                q.grep,
-                i64::from(limit)
-            ],
-            |r| {
-                Ok(Record {
-                    room: r.get(0)?,
-                    kind: r.get(1)?,
-                    sender: r.get(2)?,
-                    text: r.get(3)?,
-                    id: r.get(4)?,
-                    seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
-                    ts_ms: r.get::<_, Option<i64>>(6)?.map(from_sql),
-                    recv_ms: from_sql(r.get(7)?),
-                })
-            },
-        )
+        .query_map(params![q.room, first_id, q.grep, i64::from(limit)], |r| {
+            Ok(Record {
+                room: r.get(0)?,
+                kind: r.get(1)?,
+                sender: r.get(2)?,
+                text: r.get(3)?,
+                id: r.get(4)?,
+                seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
+                ts_ms: r.get::<_, Option<i64>>(6)?.map(from_sql),
+                recv_ms: from_sql(r.get(7)?),
+            })
+        })
         .map_err(db_err(path))?;
     let mut out = rows.collect::<Result<Vec<_>, _>>().map_err(db_err(path))?;
     out.reverse();
@@ -360,22 +381,35 @@ impl Writer {
             };
             let mut batch = Vec::new();
             let mut flushes = Vec::new();
+            let mut stop = false;
+            let gather_until = Instant::now() + GATHER;
             let mut next = Some(first);
             while let Some(cmd) = next {
                 match cmd {
                     Cmd::Store(r) => batch.push(r),
                     Cmd::Policy(p) => self.policy = p,
                     Cmd::Flush(done) => flushes.push(done),
+                    Cmd::Stop => stop = true,
                 }
-                next = if batch.len() < BATCH {
-                    rx.try_recv().ok()
-                } else {
-                    None
+                if stop || !flushes.is_empty() || batch.len() >= BATCH {
+                    break;
+                }
+                // Group commit: gather for a moment, so a stream of messages costs one
+                // transaction per few milliseconds, not one each. A query's flush ends the
+                // wait at once.
+                let left = gather_until.saturating_duration_since(Instant::now());
+                next = match rx.try_recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) if left.is_zero() => None,
+                    Err(_) => rx.recv_timeout(left).ok(),
                 };
             }
             self.commit(&batch);
             for done in flushes {
                 let _ = done.send(());
+            }
+            if stop {
+                break;
             }
             if self.pruned.elapsed() >= PRUNE_EVERY {
                 self.prune();
@@ -549,7 +583,12 @@ mod tests {
         let mut q = query("room1");
         q.since_ms = Some(now_ms() + 60_000);
         assert!(h.reader().query(q).await.unwrap().is_empty());
-        h.close();
+        let reader = h.reader();
+        h.close(); // with a reader still alive: must not wait for it
+        assert!(matches!(
+            reader.query(query("room1")).await,
+            Err(HistoryError::Stopped)
+        ));
         let h = History::open(&dir, policy(1000)).unwrap();
         assert_eq!(h.reader().query(query("room1")).await.unwrap().len(), 7);
         drop(h);

@@ -9,7 +9,8 @@
 //! - `limiter`: per-source token buckets (pure).
 //! - `counters`: what was relayed and dropped, by reason.
 //! - `cache`: recent messages, to repair for senders that have gone (pure).
-//! - `history`: room history in SQLite, written on its own thread.
+//! - [`history`]: room history in SQLite, written on its own thread (public for its
+//!   benchmark).
 //! - [`relay`]: the loop that owns the state and does the I/O.
 //! - `status`: the status document, served on TCP and a Unix socket.
 //! - `notify`: systemd readiness, reload, stop and watchdog notifications.
@@ -20,7 +21,7 @@ mod cache;
 pub mod cli;
 mod cookie;
 mod counters;
-mod history;
+pub mod history;
 mod limiter;
 mod notify;
 pub mod relay;

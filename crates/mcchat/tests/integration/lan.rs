@@ -153,6 +153,12 @@ fn ipv6_room_across_hosts_and_hop_limit() {
 /// Drops a share of the room's datagrams arriving at `host`, with nftables (netem is not
 /// available here); returns how to read how many it dropped.
 fn lossy(lan: &Lan, host: &str, percent: u32) -> impl Fn() -> u64 {
+    drop_rule(lan, host, "mcloss", "udp dport 5555", percent)
+}
+
+/// Drops `percent`% of the datagrams arriving at `host` that match `matcher` (an nftables
+/// match), in a table of their own; returns how to read how many it dropped.
+fn drop_rule(lan: &Lan, host: &str, table: &str, matcher: &str, percent: u32) -> impl Fn() -> u64 {
     let ns = lan.ns(host);
     let nft = move |args: &str| {
         let out = std::process::Command::new("ip")
@@ -167,13 +173,21 @@ fn lossy(lan: &Lan, host: &str, percent: u32) -> impl Fn() -> u64 {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    nft("add table inet mcloss");
-    nft("add chain inet mcloss in { type filter hook input priority 0 ; }");
+    nft(&format!("add table inet {table}"));
     nft(&format!(
-        "add rule inet mcloss in udp dport 5555 numgen random mod 100 < {percent} counter drop"
+        "add chain inet {table} in {{ type filter hook input priority 0 ; }}"
     ));
+    let share = if percent >= 100 {
+        String::new()
+    } else {
+        format!("numgen random mod 100 < {percent}")
+    };
+    nft(&format!(
+        "add rule inet {table} in {matcher} {share} counter drop"
+    ));
+    let list = format!("list table inet {table}");
     move || {
-        let listing = nft("list table inet mcloss");
+        let listing = nft(&list);
         listing
             .split_whitespace()
             .skip_while(|w| *w != "packets")
@@ -397,4 +411,233 @@ fn outages_are_repaired_or_reported_once() {
     let got = messages_by_sender(&rx).remove("h1").unwrap_or_default();
     assert_eq!(got.last().map(String::as_str), Some("after"));
     assert!(!got.iter().any(|t| t.starts_with("long")));
+}
+
+/// What `mcchat status --json` says in `host`'s namespace about the daemon at `daemon`.
+fn daemon_status(lan: &Lan, host: &str, daemon: &str) -> serde_json::Value {
+    let mut p = Proc::mcchat(
+        "status",
+        Some(&lan.ns(host)),
+        &["status", "--via", daemon, "--json"],
+        &[],
+    );
+    assert!(p.wait().success(), "{:?}", p.stderr_lines());
+    serde_json::from_str(&p.stdout().concat()).unwrap()
+}
+
+/// A sender that never hears a NACK (all its input dropped) and exits right after its last
+/// message: mcchatd, on another host, repairs for it, to a receiver on the group and to a
+/// `--via` subscriber, both behind 30% loss. Each ends with every message exactly once and in
+/// order, and the sender's leave reaches them (repeated by the daemon).
+#[test]
+fn the_daemon_repairs_for_a_sender_that_cannot() {
+    require_netns();
+    let lan = Lan::up();
+    let room = "room1";
+    let d = Proc::daemon(Some(&lan.ns("h2")), &["--status-socket", ""]);
+    d.expect_err("joined group room=room1");
+    let direct =
+        Proc::mcchat("h3", Some(&lan.ns("h3")), &["listen", room, "--json"], &[]).listening();
+    let via = Proc::mcchat(
+        "h3-via",
+        Some(&lan.ns("h3")),
+        &["listen", room, "--json", "--via", "198.51.100.2"],
+        &[],
+    )
+    .listening();
+    let deaf = drop_rule(&lan, "h1", "mcdeaf", "udp dport 5555", 100);
+    let lost_direct = lossy(&lan, "h3", 30);
+    let lost_via = drop_rule(&lan, "h3", "mcvia", "udp sport 5554", 30);
+    let mut sender = peer(&lan, "h1", room, &[]);
+    const N: usize = 300;
+    for i in 1..=N {
+        sender.say(&format!("m{i:04}"));
+    }
+    sender.close_stdin();
+    assert!(sender.wait().success());
+    let want: Vec<String> = (1..=N).map(|i| format!("m{i:04}")).collect();
+    for rx in [&direct, &via] {
+        for w in &want {
+            rx.expect_out(&format!("\"{w}\""));
+        }
+        let got = messages_by_sender(rx).remove("h1").unwrap_or_default();
+        assert_eq!(got, want, "{}: exactly once, in order", rx.label);
+        assert!(!rx.stdout().iter().any(|l| l.contains("\"kind\":\"lost\"")));
+    }
+    assert!(deaf() > 0, "the sender's NACKs were dropped");
+    assert!(
+        lost_direct() > 20 && lost_via() > 20,
+        "loss really happened: {} direct, {} via",
+        lost_direct(),
+        lost_via()
+    );
+    let status = daemon_status(&lan, "h2", "198.51.100.2");
+    let cache = &status["repair_cache"];
+    eprintln!("daemon repair cache: {cache}");
+    assert!(cache["repairs_to_group"].as_u64().unwrap() > 0, "{cache}");
+    assert!(
+        cache["repairs_to_subscribers"].as_u64().unwrap() > 0,
+        "{cache}"
+    );
+}
+
+/// NACK suppression on the wire: 20 receivers behind the same 10% loss. The NACKs reaching
+/// the sender's host (counted there by socat, a plain multicast receiver) stay a small
+/// multiple of the datagrams lost, not one per receiver per loss.
+#[test]
+fn nacks_on_the_wire_stay_a_small_multiple_of_losses() {
+    require_netns();
+    let lan = Lan::up();
+    let room = "room1";
+    let dir = crate::util::TempDir::new();
+    let capture = dir.path().join("h1.bin");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &lan.ns("h1"), "socat", "-u"])
+        .arg("UDP4-RECV:5555,ip-add-membership=239.255.77.1:198.51.100.1,reuseaddr")
+        .arg(format!("OPEN:{},creat,append", capture.display()));
+    let _socat = Proc::spawn("socat", cmd);
+    // socat has joined when h1's kernel lists the group (before any mcchat runs there).
+    let joined = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lan.ns("h1"), "cat", "/proc/net/igmp"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("014DFFEF")
+    };
+    let t0 = std::time::Instant::now();
+    while !joined() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "socat never joined"
+        );
+        std::thread::yield_now();
+    }
+    let receivers: Vec<Proc> = (0..20)
+        .map(|i| {
+            Proc::mcchat(
+                &format!("h3-{i}"),
+                Some(&lan.ns("h3")),
+                &["listen", room, "--json"],
+                &[],
+            )
+            .listening()
+        })
+        .collect();
+    let dropped = lossy(&lan, "h3", 10);
+    let mut sender = peer(&lan, "h1", room, &[]);
+    const N: usize = 300;
+    let start = std::time::Instant::now();
+    for i in 1..=N {
+        sender.say(&format!("m{i:04}"));
+        // 200 msg/s (the load's shape, not synchronisation).
+        let due = start + std::time::Duration::from_millis(5 * i as u64);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let want: Vec<String> = (1..=N).map(|i| format!("m{i:04}")).collect();
+    for rx in &receivers {
+        for w in &want {
+            rx.expect_out(&format!("\"{w}\""));
+        }
+        assert_eq!(
+            messages_by_sender(rx).remove("h1").unwrap_or_default(),
+            want
+        );
+    }
+    sender.close_stdin();
+    assert!(sender.wait().success());
+    let wire = std::fs::read(&capture).unwrap();
+    let nacks = wire.windows(9).filter(|w| w == b"kind=nack").count() as u64;
+    let lost = dropped();
+    eprintln!("{nacks} NACKs on the wire for {lost} datagrams dropped before 20 receivers");
+    assert!(lost > 10, "loss really happened: {lost}");
+    assert!(nacks > 0);
+    assert!(
+        nacks <= 3 * lost,
+        "{nacks} NACKs for {lost} losses: suppression is not working (no suppression would be \
+         about {})",
+        20 * lost
+    );
+}
+
+/// Half of everything lost on a receiver's link, with mcchatd on the segment: every message
+/// is delivered or its loss reported, in order, never a silent gap. The receiver's peak memory
+/// and the daemon's cache are printed (memory is measured in the benchmarks, not asserted).
+#[test]
+fn fifty_percent_loss_delivers_or_reports_every_message() {
+    require_netns();
+    let lan = Lan::up();
+    let room = "room1";
+    let d = Proc::daemon(Some(&lan.ns("h2")), &["--status-socket", ""]);
+    d.expect_err("joined group room=room1");
+    let rx = Proc::mcchat("h3", Some(&lan.ns("h3")), &["listen", room, "--json"], &[]).listening();
+    let dropped = lossy(&lan, "h3", 50);
+    let mut tx = peer(&lan, "h1", room, &[]);
+    const N: usize = 500;
+    let start = std::time::Instant::now();
+    for i in 1..=N {
+        tx.say(&format!("m{i:04}"));
+        let due = start + std::time::Duration::from_millis(5 * i as u64);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let lost_count = dropped();
+    // The loss ends; a last message after it is released only once everything before it is
+    // delivered or reported lost, so its arrival means the account is complete.
+    let ns = lan.ns("h3");
+    let st = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "nft", "delete", "table", "inet", "mcloss",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tx.say("end");
+    rx.expect_out("\"end\"");
+    let mut delivered = Vec::new();
+    let mut reported = 0u64;
+    for line in rx.stdout() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        match v["kind"].as_str() {
+            Some("message") if v["sender"] == "h1" => {
+                delivered.push(v["text"].as_str().unwrap_or_default().to_owned());
+            }
+            Some("lost") => {
+                let n = v["text"].as_str().unwrap_or_default();
+                reported += n.trim_end_matches(" lost").parse::<u64>().unwrap();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(delivered.pop().as_deref(), Some("end"));
+    assert!(lost_count > 200, "loss really happened: {lost_count}");
+    assert!(
+        delivered.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicates"
+    );
+    assert_eq!(
+        delivered.len() as u64 + reported,
+        N as u64,
+        "every message delivered or reported: {} delivered, {reported} reported lost",
+        delivered.len()
+    );
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", rx.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    let status = daemon_status(&lan, "h2", "198.51.100.2");
+    eprintln!(
+        "50% loss: {lost_count} datagrams dropped, {} delivered, {reported} reported lost; \
+         receiver {rss}; daemon cache {}",
+        delivered.len(),
+        status["repair_cache"]
+    );
+    tx.close_stdin();
+    assert!(tx.wait().success());
 }
