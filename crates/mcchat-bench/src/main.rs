@@ -160,6 +160,27 @@ fn table(r: &Value) -> String {
             );
         }
     }
+    let t = &r["throughput_msgs_per_s"]["mcchatd_no_history"];
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22}",
+        "  mcchatd with history off: throughput",
+        cell(t)
+    );
+    for rate in ["10000", "50000"] {
+        let _ = writeln!(
+            o,
+            "{:<44} {:>22}",
+            format!("  with history off: latency p99_us at {rate}"),
+            cell(&r["latency"]["mcchatd_no_history"][rate]["p99_us"])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22}",
+        "  with history off: CPU s per million",
+        cell(&r["cpu_s_per_million"]["mcchatd_no_history"])
+    );
     let c = &r["cpu_s_per_million"];
     let _ = writeln!(
         o,
@@ -239,6 +260,12 @@ fn table(r: &Value) -> String {
             }
         }
     }
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22}",
+        "history: messages committed per second",
+        fmt(r["history_writes_per_s"].as_f64())
+    );
     if let Some(codec) = r["codec_ns"].as_object() {
         for (k, v) in codec {
             let _ = writeln!(

@@ -104,14 +104,17 @@ fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Rela
 
 /// mcchatd as shipped (history on), with a fresh state directory of its own under the
 /// results directory.
-fn mcchatd(opts: &Opts, rooms: &Path) -> Result<Relay> {
+fn mcchatd(opts: &Opts, rooms: &Path, history: bool) -> Result<Relay> {
     let state = rooms.with_file_name("mcchatd-state");
     let _ = std::fs::remove_dir_all(&state);
     let mut cmd = Command::new(&opts.mcchatd);
     cmd.args(["--listen", RELAY, "--status-socket", "", "--rooms"])
-        .arg(rooms)
-        .arg("--state-dir")
-        .arg(&state);
+        .arg(rooms);
+    if history {
+        cmd.arg("--state-dir").arg(&state);
+    } else {
+        cmd.arg("--no-history");
+    }
     spawn_ready("mcchatd", cmd, "mcchatd ready")
 }
 
@@ -190,6 +193,9 @@ fn max_rate(relay: &Relay, secs: f64, steps: u32) -> Result<f64> {
 
 /// Median, min and max.
 fn summary(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
     v.sort_by(f64::total_cmp);
     let median = v.get(v.len() / 2).copied().unwrap_or(0.0);
     json!({
@@ -249,10 +255,11 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     let mut throughput = BTreeMap::new();
     let mut latency = BTreeMap::new();
     let mut cpu = BTreeMap::new();
-    for name in ["kernel", "mcchatd", "node"] {
+    for name in ["kernel", "mcchatd", "mcchatd_no_history", "node"] {
         let relay = match name {
             "kernel" => Some(kernel()),
-            "mcchatd" => Some(mcchatd(opts, &rooms)?),
+            "mcchatd" => Some(mcchatd(opts, &rooms, true)?),
+            "mcchatd_no_history" => Some(mcchatd(opts, &rooms, false)?),
             _ => node_relay(opts)?,
         };
         let Some(relay) = relay else {
@@ -311,7 +318,7 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         &[1, 100, 10_000]
     };
     for &n in sizes {
-        let relay = mcchatd(opts, &rooms)?;
+        let relay = mcchatd(opts, &rooms, true)?;
         let pid = relay.pid().unwrap_or(0);
         if n == 1 {
             memory.insert("idle_rss_kib", json!(proc_stat(pid).map_or(0, |s| s.1)));
@@ -400,23 +407,24 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
 
     // 5. Codec and history micro-benchmarks, if criterion ran.
     let mut codec = BTreeMap::new();
-    for (group, name) in [
-        ("codec", "decode_tagged"),
-        ("codec", "decode_bare"),
-        ("codec", "encode_tagged"),
-        ("history", "write_1000"),
-    ] {
+    let estimate = |group: &str, name: &str| -> Option<f64> {
         let p = opts
             .criterion
             .join(group)
             .join(name)
             .join("new/estimates.json");
-        if let Ok(text) = std::fs::read_to_string(&p)
-            && let Ok(v) = serde_json::from_str::<Value>(&text)
-        {
-            codec.insert(name, v["mean"]["point_estimate"].clone());
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+        v["mean"]["point_estimate"].as_f64()
+    };
+    for name in ["decode_tagged", "decode_bare", "encode_tagged"] {
+        if let Some(ns) = estimate("codec", name) {
+            codec.insert(name, json!(ns));
         }
     }
     results.insert("codec_ns".into(), json!(codec));
+    // Each iteration commits 1000 records.
+    if let Some(ns) = estimate("history", "write_1000") {
+        results.insert("history_writes_per_s".into(), json!(1000.0 / ns * 1e9));
+    }
     Ok(json!(results))
 }

@@ -542,10 +542,59 @@ mod tests {
                 "[rooms]\na = 3",
                 "rooms.toml: room \"a\": must be a table with `group` and `port`",
             ),
+            (
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nhistory_count = -1",
+                "rooms.toml: room \"a\": key `history_count`: -1 is out of range; use \
+                 0-100000000 (0 keeps none)",
+            ),
+            (
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nhistory_age = \"forever\"",
+                "rooms.toml: room \"a\": key `history_age`: \"forever\" is not a duration \
+                 (expected number at 0); write it like \"30d\", \"12h\" or \"90s\"",
+            ),
+            (
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nhistory_age = 30",
+                "rooms.toml: room \"a\": key `history_age`: expected a string, found an integer",
+            ),
+            (
+                "[daemon]\nhistory_age = \"0s\"",
+                "rooms.toml: [daemon]: key `history_age`: \"0s\" is zero; give a positive \
+                 duration such as \"30d\"",
+            ),
+            (
+                "[daemon]\nrepair_cache_bytes = -5",
+                "rooms.toml: [daemon]: key `repair_cache_bytes`: -5 is out of range; use \
+                 0-1073741824",
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(err(text), want, "for {text:?}");
         }
+    }
+
+    #[test]
+    fn history_settings_have_defaults_and_overrides() {
+        let reg = Registry::from_toml(
+            "[daemon]\nhistory_count = 50\nhistory_age = \"12h\"\nstate_dir = \"/srv/mc\"\n\
+             [rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nhistory_count = 0\n\
+             [rooms.b]\ngroup = \"239.1.1.2\"\nport = 7\nhistory_age = \"7d\"",
+            "x",
+        )
+        .unwrap();
+        let d = reg.daemon();
+        assert_eq!(d.history_count, 50);
+        assert_eq!(d.history_age, Duration::from_secs(12 * 3600));
+        assert_eq!(
+            d.state_dir.as_deref(),
+            Some(std::path::Path::new("/srv/mc"))
+        );
+        let a = reg.resolve("a").unwrap();
+        assert_eq!((a.history_count, a.history_age), (Some(0), None));
+        let b = reg.resolve("b").unwrap();
+        assert_eq!(b.history_age, Some(Duration::from_secs(7 * 24 * 3600)));
+        let plain = Registry::from_toml("", "x").unwrap();
+        assert_eq!(plain.daemon().history_count, 10_000);
+        assert_eq!(plain.daemon().state_dir, None);
     }
 
     #[test]

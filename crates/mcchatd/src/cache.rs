@@ -101,8 +101,9 @@ pub(crate) struct RepairCache {
     stats: CacheStats,
 }
 
-/// `data` as a repair: the repair tag added in front of the existing tags. `None` if it
-/// already is one or there is no room left for the tag (then the original is kept as it is).
+/// `data` as a repair: the repair tag added in front of the existing tags; the original as it
+/// is when the tag would make it longer than a datagram may be. (Callers do not pass what
+/// already is a repair.)
 fn as_repair(data: &[u8]) -> Box<[u8]> {
     let (key, value) = REPAIR_TAG;
     let tag = format!("{key}={value}");

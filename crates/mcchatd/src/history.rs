@@ -17,6 +17,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mcchat_core::wire::{self, Kind};
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -26,7 +27,7 @@ use tokio::sync::oneshot;
 const QUEUE: usize = 16_384;
 /// Records committed in one transaction at most.
 const BATCH: usize = 4096;
-/// How long the writer gathers records before it commits them (unless a query is waiting).
+/// How long the writer lets records gather before it commits them.
 const GATHER: Duration = Duration::from_millis(5);
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
@@ -71,6 +72,26 @@ pub struct Record {
     pub recv_ms: u64,
 }
 
+impl Record {
+    /// The record for a chat datagram (`msg` or `me`); `None` for anything else.
+    fn decode(data: &[u8], recv_ms: u64) -> Option<Self> {
+        let frame = wire::decode(data).ok()?;
+        if !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
+            return None;
+        }
+        Some(Self {
+            room: frame.room.to_owned(),
+            kind: frame.meta.kind.name().to_owned(),
+            sender: frame.sender.to_owned(),
+            text: frame.text.to_owned(),
+            id: frame.meta.instance.map(|i| i.to_string()),
+            seq: frame.meta.seq,
+            ts_ms: frame.meta.ts_ms,
+            recv_ms,
+        })
+    }
+}
+
 /// What to keep of a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -109,6 +130,9 @@ pub struct Query {
 
 enum Cmd {
     Store(Record),
+    /// A datagram as received: decoded on the writer thread, so the relay loop pays only a
+    /// copy for history.
+    Datagram(Box<[u8]>, u64),
     Policy(Policy),
     Flush(oneshot::Sender<()>),
     /// Commit what is queued and end (readers may still hold senders).
@@ -226,6 +250,19 @@ impl History {
             .tx
             .as_ref()
             .is_some_and(|tx| tx.try_send(Cmd::Store(record)).is_ok());
+        if !sent {
+            self.stats.dropped += 1;
+        }
+        sent
+    }
+
+    /// Queues a received chat datagram (decoded and stored by the writer); never blocks.
+    /// `recv_ms` is when it arrived. Returns false if it was dropped.
+    pub fn store_datagram(&mut self, data: &[u8], recv_ms: u64) -> bool {
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Cmd::Datagram(data.into(), recv_ms)).is_ok());
         if !sent {
             self.stats.dropped += 1;
         }
@@ -379,30 +416,29 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // Group commit: after the first record, let the queue fill for a moment, so a
+            // stream of messages costs one wake-up and one transaction per few milliseconds,
+            // not one each (and the relay loop's sends find no sleeper to wake). A query's
+            // flush or a stop is served at once.
+            if matches!(first, Cmd::Store(_) | Cmd::Datagram(..)) {
+                std::thread::sleep(GATHER);
+            }
             let mut batch = Vec::new();
             let mut flushes = Vec::new();
             let mut stop = false;
-            let gather_until = Instant::now() + GATHER;
             let mut next = Some(first);
             while let Some(cmd) = next {
                 match cmd {
                     Cmd::Store(r) => batch.push(r),
+                    Cmd::Datagram(data, recv_ms) => batch.extend(Record::decode(&data, recv_ms)),
                     Cmd::Policy(p) => self.policy = p,
                     Cmd::Flush(done) => flushes.push(done),
                     Cmd::Stop => stop = true,
                 }
-                if stop || !flushes.is_empty() || batch.len() >= BATCH {
+                if stop || batch.len() >= BATCH {
                     break;
                 }
-                // Group commit: gather for a moment, so a stream of messages costs one
-                // transaction per few milliseconds, not one each. A query's flush ends the
-                // wait at once.
-                let left = gather_until.saturating_duration_since(Instant::now());
-                next = match rx.try_recv() {
-                    Ok(cmd) => Some(cmd),
-                    Err(_) if left.is_zero() => None,
-                    Err(_) => rx.recv_timeout(left).ok(),
-                };
+                next = rx.try_recv().ok();
             }
             self.commit(&batch);
             for done in flushes {
@@ -552,6 +588,12 @@ mod tests {
             assert!(h.store(record("room1", seq, &format!("Hello {seq}"))));
         }
         assert!(h.store(record("room1", 3, "a repair of 3")), "queued...");
+        let now = now_ms();
+        assert!(h.store_datagram(b"@id=00000000000000bb;seq=1;kind=me room1|bob|waves", now));
+        assert!(
+            h.store_datagram(b"@kind=hb room1|bob|", now),
+            "queued, but not a chat message"
+        );
         let mut bare = record("room1", 0, "bare");
         (bare.id, bare.seq) = (None, None);
         assert!(h.store(bare.clone()));
@@ -562,7 +604,7 @@ mod tests {
         assert_eq!(
             texts,
             [
-                "Hello 1", "Hello 2", "Hello 3", "Hello 4", "Hello 5", "bare", "bare"
+                "Hello 1", "Hello 2", "Hello 3", "Hello 4", "Hello 5", "waves", "bare", "bare"
             ],
             "...but stored once; bare datagrams cannot be told apart and are all kept"
         );
@@ -590,7 +632,7 @@ mod tests {
             Err(HistoryError::Stopped)
         ));
         let h = History::open(&dir, policy(1000)).unwrap();
-        assert_eq!(h.reader().query(query("room1")).await.unwrap().len(), 7);
+        assert_eq!(h.reader().query(query("room1")).await.unwrap().len(), 8);
         drop(h);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -31,7 +31,7 @@ use crate::cache::{Outgoing, RepairCache};
 use crate::cli::Cli;
 use crate::cookie::CookieJar;
 use crate::counters::{Counters, Drop};
-use crate::history::{History, Policy, Record, Retention};
+use crate::history::{History, Policy, Retention};
 use crate::limiter::Limiter;
 use crate::notify;
 use crate::settings::{self, Settings};
@@ -562,7 +562,7 @@ impl Relay {
                 } else {
                     self.cache
                         .observe(&room.name, &frame.meta, is_repair(&frame), data, now);
-                    self.record(&room.name, &frame);
+                    self.record(&room.name, &frame, data);
                 }
                 self.use_ttl(
                     room.group.is_ipv6(),
@@ -754,7 +754,7 @@ impl Relay {
         } else {
             self.cache
                 .observe(&d.room, &frame.meta, is_repair(&frame), &d.data, now);
-            self.record(&d.room, &frame);
+            self.record(&d.room, &frame, &d.data);
         }
         let subscribers: Vec<SocketAddr> = self.subs.subscribers(&d.room).collect();
         self.fan_out(&d.data, &subscribers).await;
@@ -780,7 +780,7 @@ impl Relay {
     }
 
     /// Queues a chat message for history, if its room keeps any.
-    fn record(&mut self, room: &RoomName, frame: &Frame<'_>) {
+    fn record(&mut self, room: &RoomName, frame: &Frame<'_>, data: &[u8]) {
         if !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
             return;
         }
@@ -790,17 +790,7 @@ impl Relay {
         if self.policy.for_room(room.as_str()).count == 0 {
             return;
         }
-        let record = Record {
-            room: room.to_string(),
-            kind: frame.meta.kind.name().to_owned(),
-            sender: frame.sender.to_owned(),
-            text: frame.text.to_owned(),
-            id: frame.meta.instance.map(|i| i.to_string()),
-            seq: frame.meta.seq,
-            ts_ms: frame.meta.ts_ms,
-            recv_ms: now_ms(),
-        };
-        if !history.store(record)
+        if !history.store_datagram(data, now_ms())
             && let Some(suppressed) = self.history_log.check(Instant::now())
         {
             tracing::warn!(
