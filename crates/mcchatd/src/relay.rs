@@ -88,7 +88,11 @@ struct Relay {
     relay4: Option<Arc<UdpSocket>>,
     relay6: Option<Arc<UdpSocket>>,
     relay_ports: HashSet<u16>,
-    local_addrs: HashSet<IpAddr>,
+    /// This host's addresses, shared with the group receive tasks, which drop the daemon's
+    /// own forwards (heard back through multicast loopback) before they reach this loop.
+    local_addrs: Arc<std::sync::RwLock<HashSet<IpAddr>>>,
+    /// How many of them the group tasks dropped.
+    own_forwards: Arc<std::sync::atomic::AtomicU64>,
     connected: Arc<Vec<IpNet>>,
     subs: Subscriptions,
     cookies: CookieJar,
@@ -208,6 +212,20 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Whether `from` is one of the relay sockets: a relay port on one of this host's addresses.
+fn is_own(
+    relay_ports: &HashSet<u16>,
+    local_addrs: &std::sync::RwLock<HashSet<IpAddr>>,
+    from: SocketAddr,
+) -> bool {
+    let from = canonical(from);
+    relay_ports.contains(&from.port())
+        && local_addrs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&from.ip())
+}
+
 /// Whether `ip` may use the relay.
 fn allowed(allow: &[Allow], connected: &[IpNet], ip: IpAddr) -> bool {
     allow.iter().any(|a| a.matches(ip, connected))
@@ -271,7 +289,10 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         relay4,
         relay6,
         relay_ports,
-        local_addrs: nets.addresses.iter().copied().collect(),
+        local_addrs: Arc::new(std::sync::RwLock::new(
+            nets.addresses.iter().copied().collect(),
+        )),
+        own_forwards: Arc::default(),
         connected: Arc::new(nets.subnets.clone()),
         subs: Subscriptions::new(d.max_subscribers, d.max_rooms),
         cookies: CookieJar::random().context("failed to get random bytes for the cookie key")?,
@@ -460,6 +481,18 @@ impl Relay {
         }
     }
 
+    /// Whether `from` is one of this daemon's relay sockets.
+    fn is_own(&self, from: SocketAddr) -> bool {
+        is_own(&self.relay_ports, &self.local_addrs, from)
+    }
+
+    fn set_local_addrs(&mut self, addrs: Vec<IpAddr>) {
+        *self
+            .local_addrs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = addrs.into_iter().collect();
+    }
+
     fn count_drop(&mut self, why: Drop, from: SocketAddr) {
         let count = self.counters.drop(why);
         if let Some(suppressed) = self.drop_log.check(Instant::now()) {
@@ -504,7 +537,7 @@ impl Relay {
         if from.port() == 0 || from.ip().is_unspecified() || from.ip().is_multicast() {
             return self.count_drop(Drop::BadSource, from);
         }
-        if self.relay_ports.contains(&from.port()) && self.local_addrs.contains(&from.ip()) {
+        if self.is_own(from) {
             // Our own relay socket (another daemon on this host, or a loop): never relay it.
             return self.count_drop(Drop::BadSource, from);
         }
@@ -731,8 +764,9 @@ impl Relay {
         if self.joined.get(&d.room).map(|j| j.generation) != Some(d.generation) {
             return self.count_drop(Drop::StaleGroup, from);
         }
-        if self.relay_ports.contains(&from.port()) && self.local_addrs.contains(&from.ip()) {
-            self.counters.own_forwards_ignored += 1;
+        if self.is_own(from) {
+            self.own_forwards
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         let frame =
@@ -812,7 +846,7 @@ impl Relay {
         if now.duration_since(self.nets_read) >= Duration::from_secs(10) {
             self.nets_read = now;
             if let Ok(nets) = socket::local_networks() {
-                self.local_addrs = nets.addresses.into_iter().collect();
+                self.set_local_addrs(nets.addresses);
                 *self
                     .shared_nets
                     .write()
@@ -907,6 +941,9 @@ impl Relay {
         self.generation += 1;
         let generation = self.generation;
         let task_stop = stop.clone();
+        let relay_ports = self.relay_ports.clone();
+        let local_addrs = Arc::clone(&self.local_addrs);
+        let own_forwards = Arc::clone(&self.own_forwards);
         self.tracker.spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM + 1];
             loop {
@@ -915,6 +952,10 @@ impl Relay {
                     r = sock.recv_from(&mut buf) => r,
                 };
                 match r {
+                    Ok((_, from)) if is_own(&relay_ports, &local_addrs, from) => {
+                        // The daemon's own forward, looped back: no copy, no queueing.
+                        own_forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Ok((len, from)) => {
                         let d = GroupDatagram {
                             room: room.clone(),
@@ -986,7 +1027,7 @@ impl Relay {
                 self.settings = new;
                 (self.settings.daemon.ttl, self.settings.daemon.iface) = keep_ttl;
                 if let Ok(nets) = socket::local_networks() {
-                    self.local_addrs = nets.addresses.into_iter().collect();
+                    self.set_local_addrs(nets.addresses);
                     self.connected = Arc::new(nets.subnets);
                 }
                 *self
@@ -1095,7 +1136,12 @@ impl Relay {
             subscribers: self.subs.total(),
             joined_groups,
             rooms,
-            counters: self.counters.clone(),
+            counters: Counters {
+                own_forwards_ignored: self
+                    .own_forwards
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                ..self.counters.clone()
+            },
             repair_cache: self.cache.stats(),
             history: self.history.as_ref().map(|h| HistoryStatus {
                 path: h.path().display().to_string(),
