@@ -1,6 +1,7 @@
-//! History write throughput: records through the writer thread into SQLite (WAL,
-//! synchronous=NORMAL), committed, per second. Each iteration queues 1000 records and waits
-//! for the flush that a query does first, so every iteration ends with them committed.
+//! History write throughput: chat datagrams as the relay loop hands them over, decoded and
+//! committed by the writer thread into SQLite (WAL, synchronous=NORMAL), per second. Each
+//! iteration queues 10,000 (within the writer's queue) and waits for the flush that a query
+//! does first, so every iteration ends with them committed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,7 +9,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use mcchatd::history::{History, Policy, Query, Record, Retention};
+use std::fmt::Write as _;
+
+use mcchatd::history::{History, Policy, Query, Retention};
 
 fn write(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -28,21 +31,26 @@ fn write(c: &mut Criterion) {
     let reader = history.reader();
     let mut seq = 0u64;
     let mut group = c.benchmark_group("history");
-    group.throughput(Throughput::Elements(1000));
-    group.bench_function("write_1000", |b| {
+    group.throughput(Throughput::Elements(10_000));
+    group.sample_size(20);
+    let mut datagram = String::new();
+    // Received now, so retention keeps them.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    group.bench_function("write_10000", |b| {
         b.iter(|| {
-            for _ in 0..1000 {
+            for _ in 0..10_000 {
                 seq += 1;
-                assert!(history.store(Record {
-                    room: "room1".into(),
-                    kind: "message".into(),
-                    sender: "alice".into(),
-                    text: "a chat message of a typical length, some sixty bytes or so".into(),
-                    id: Some("0123456789abcdef".into()),
-                    seq: Some(seq),
-                    ts_ms: Some(1_763_900_000_000),
-                    recv_ms: 1_763_900_000_000,
-                }));
+                datagram.clear();
+                write!(
+                    datagram,
+                    "@id=0123456789abcdef;seq={seq};ts=1763900000000 room1|alice|a chat \
+                     message of a typical length, some sixty bytes or so"
+                )
+                .unwrap();
+                assert!(history.store_datagram(datagram.as_bytes(), now_ms));
             }
             // The newest message: cheap to read, so the figure is the writing.
             let flushed = Query {

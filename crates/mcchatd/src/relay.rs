@@ -1137,9 +1137,7 @@ impl Relay {
             joined_groups,
             rooms,
             counters: Counters {
-                own_forwards_ignored: self
-                    .own_forwards
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                own_forwards_ignored: self.own_forwards.load(std::sync::atomic::Ordering::Relaxed),
                 ..self.counters.clone()
             },
             repair_cache: self.cache.stats(),
