@@ -36,8 +36,8 @@ impl Endpoint {
 const MAX_ANSWER: u64 = 64 << 20;
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, line: &str) -> Result<Vec<u8>> {
-    stream.write_all(line.as_bytes()).await?;
-    stream.write_all(b"\n").await?;
+    // One write, so the request usually travels in one segment.
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
     let mut doc = Vec::new();
     stream.take(MAX_ANSWER).read_to_end(&mut doc).await?;
     Ok(doc)
@@ -100,12 +100,12 @@ struct Record {
     recv_ms: u64,
 }
 
+/// A history answer: `messages`, or `error`. Neither (a status document, say) is refused.
 #[derive(Debug, Deserialize)]
-struct Answer {
-    #[serde(default)]
-    messages: Vec<Record>,
-    #[serde(default)]
-    error: Option<String>,
+#[serde(untagged)]
+enum Answer {
+    Messages { messages: Vec<Record> },
+    Error { error: String },
 }
 
 /// Asks for history; the messages come oldest first.
@@ -124,11 +124,11 @@ fn parse_history(doc: &str, room: &str) -> Result<Vec<Received>> {
         let start: String = doc.chars().take(80).collect();
         format!("mcchatd's history answer is not what this mcchat understands: {start:?} (a daemon older than the history feature?)")
     })?;
-    if let Some(e) = answer.error {
-        bail!("mcchatd: {e}");
-    }
-    Ok(answer
-        .messages
+    let messages = match answer {
+        Answer::Error { error } => bail!("mcchatd: {error}"),
+        Answer::Messages { messages } => messages,
+    };
+    Ok(messages
         .into_iter()
         // The daemon answers for the room asked; anything else is not shown.
         .filter(|r| r.room == room)
@@ -172,5 +172,9 @@ mod tests {
         let e = parse_history(r#"{"error":"history is off"}"#, "room1").unwrap_err();
         assert_eq!(e.to_string(), "mcchatd: history is off");
         assert!(parse_history("<html>", "room1").is_err());
+        assert!(
+            parse_history(r#"{"version":"0.1.0","rooms":[]}"#, "room1").is_err(),
+            "a status document is not an empty history"
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! Pure: the relay loop passes the time in and sends what comes out. Memory is bounded by a
 //! byte budget over all rooms and by age, oldest first.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
@@ -37,9 +37,12 @@ const LEAVE_REPEATS: [Duration; 4] = [
     Duration::from_millis(2500),
     Duration::from_millis(5000),
 ];
-/// What one cached message costs beyond its bytes (maps, queue slot, room name), for the
-/// budget.
-const ENTRY_OVERHEAD: usize = 96;
+/// What one cached message costs beyond its bytes (its map entry, queue slot and their copies
+/// of the room name), for the budget.
+const ENTRY_OVERHEAD: usize = 160;
+/// What one sender costs beyond its messages (its map entry and a message-map node), so a
+/// flood of one-message senders is held to the budget too.
+const SENDER_OVERHEAD: usize = 768;
 
 /// A datagram for the relay loop to send to a room's group (and, for repeats of a leave, to
 /// its subscribers).
@@ -65,7 +68,8 @@ struct Entry {
 struct SenderCache {
     messages: BTreeMap<u64, Entry>,
     left: bool,
-    /// The leave datagram and when to repeat it next.
+    /// The leave datagram, how many repeats have gone out, and when the next is due (also
+    /// its key in `RepairCache::leaves`).
     leave: Option<(Box<[u8]>, usize, Instant)>,
 }
 
@@ -96,8 +100,11 @@ pub(crate) struct RepairCache {
     senders: HashMap<SenderKey, SenderCache>,
     /// Every cached message in the order stored, for eviction.
     order: VecDeque<(SenderKey, u64, Instant)>,
-    /// Standby repairs: when due, which message.
-    pending: Vec<(Instant, SenderKey, u64)>,
+    /// Standby repairs: when due, which message. Always due `STANDBY` after they were asked
+    /// for, so in order of due time.
+    pending: VecDeque<(Instant, SenderKey, u64)>,
+    /// Leave repeats, by due time.
+    leaves: BTreeSet<(Instant, SenderKey)>,
     stats: CacheStats,
 }
 
@@ -136,7 +143,8 @@ impl RepairCache {
             max_age,
             senders: HashMap::new(),
             order: VecDeque::new(),
-            pending: Vec::new(),
+            pending: VecDeque::new(),
+            leaves: BTreeSet::new(),
             stats: CacheStats::default(),
         }
     }
@@ -183,9 +191,12 @@ impl RepairCache {
                 } else {
                     as_repair(data)
                 };
-                self.stats.bytes += data.len() + ENTRY_OVERHEAD + room.as_str().len();
+                self.stats.bytes += data.len() + ENTRY_OVERHEAD;
                 self.stats.messages += 1;
-                let sender = self.senders.entry(key.clone()).or_default();
+                let sender = self.senders.entry(key.clone()).or_insert_with(|| {
+                    self.stats.bytes += SENDER_OVERHEAD;
+                    SenderCache::default()
+                });
                 sender.messages.insert(
                     seq,
                     Entry {
@@ -198,11 +209,14 @@ impl RepairCache {
                 self.evict(now);
             }
             (Kind::Leave, _) => {
-                if let Some(sender) = self.senders.get_mut(&(room.clone(), instance))
+                let key = (room.clone(), instance);
+                if let Some(sender) = self.senders.get_mut(&key)
                     && !sender.left
                 {
                     sender.left = true;
-                    sender.leave = Some((as_repair(data), 0, now + LEAVE_REPEATS[0]));
+                    let due = now + LEAVE_REPEATS[0];
+                    sender.leave = Some((as_repair(data), 0, due));
+                    self.leaves.insert((due, key));
                 }
             }
             _ => {}
@@ -246,7 +260,7 @@ impl RepairCache {
                     });
                 } else if entry.asked.is_none() && self.pending.len() < MAX_PENDING {
                     entry.asked = Some(now);
-                    self.pending.push((now + STANDBY, key.clone(), *seq));
+                    self.pending.push_back((now + STANDBY, key.clone(), *seq));
                 }
             }
         }
@@ -283,13 +297,10 @@ impl RepairCache {
     /// Standby repairs and leave repeats that are due.
     pub(crate) fn poll(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].0 > now {
-                i += 1;
-                continue;
-            }
-            let (_, key, seq) = self.pending.swap_remove(i);
+        while self.pending.front().is_some_and(|p| p.0 <= now) {
+            let Some((_, key, seq)) = self.pending.pop_front() else {
+                break;
+            };
             let Some(entry) = self
                 .senders
                 .get_mut(&key)
@@ -297,11 +308,11 @@ impl RepairCache {
             else {
                 continue;
             };
-            let asked = entry.asked.take();
-            if entry
-                .repaired
-                .is_some_and(|t| asked.is_some_and(|a| t >= a))
-            {
+            // An entry cached again since it was asked for has no standby of its own.
+            let Some(asked) = entry.asked.take() else {
+                continue;
+            };
+            if entry.repaired.is_some_and(|t| t >= asked) {
                 self.stats.standby_skipped += 1;
                 continue;
             }
@@ -313,38 +324,47 @@ impl RepairCache {
                 to_subscribers: false,
             });
         }
-        for ((room, _), sender) in &mut self.senders {
-            let Some((data, n, due)) = &mut sender.leave else {
+        while self.leaves.first().is_some_and(|l| l.0 <= now) {
+            let Some((due, key)) = self.leaves.pop_first() else {
+                break;
+            };
+            let Some(sender) = self.senders.get_mut(&key) else {
                 continue;
             };
-            if *due > now {
+            let Some((data, n, next)) = &mut sender.leave else {
                 continue;
-            }
+            };
             out.push(Outgoing {
-                room: room.clone(),
+                room: key.0.clone(),
                 data: data.clone(),
                 to_subscribers: true,
             });
             *n += 1;
-            match LEAVE_REPEATS.get(*n) {
-                Some(after) => *due = *due - LEAVE_REPEATS[*n - 1] + *after,
-                None => sender.leave = None,
+            if let Some(after) = LEAVE_REPEATS.get(*n) {
+                *next = due - LEAVE_REPEATS[*n - 1] + *after;
+                self.leaves.insert((*next, key));
+            } else {
+                sender.leave = None;
+                if sender.messages.is_empty() {
+                    self.senders.remove(&key);
+                    self.stats.bytes -= SENDER_OVERHEAD;
+                }
             }
         }
-        self.senders
-            .retain(|_, s| !s.messages.is_empty() || s.leave.is_some());
         self.evict(now);
         out
     }
 
+    /// Evicts what has outlived the repair window (the relay loop calls this every second,
+    /// so a quiet room's messages go too).
+    pub(crate) fn expire(&mut self, now: Instant) {
+        self.evict(now);
+    }
+
     /// When [`RepairCache::poll`] next has something to do.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let standby = self.pending.iter().map(|p| p.0).min();
-        let leaves = self
-            .senders
-            .values()
-            .filter_map(|s| s.leave.as_ref().map(|l| l.2))
-            .min();
+        let standby = self.pending.front().map(|p| p.0);
+        let leaves = self.leaves.first().map(|l| l.0);
         standby.into_iter().chain(leaves).min()
     }
 
@@ -353,6 +373,7 @@ impl RepairCache {
         self.senders.retain(|(r, _), _| r != room);
         self.order.retain(|((r, _), _, _)| r != room);
         self.pending.retain(|(_, (r, _), _)| r != room);
+        self.leaves.retain(|(_, (r, _))| r != room);
         self.recount();
     }
 
@@ -360,10 +381,11 @@ impl RepairCache {
         let mut stats = self.stats;
         stats.messages = 0;
         stats.bytes = 0;
-        for ((room, _), s) in &self.senders {
+        for s in self.senders.values() {
+            stats.bytes += SENDER_OVERHEAD;
             for e in s.messages.values() {
                 stats.messages += 1;
-                stats.bytes += e.data.len() + ENTRY_OVERHEAD + room.as_str().len();
+                stats.bytes += e.data.len() + ENTRY_OVERHEAD;
             }
         }
         self.stats = stats;
@@ -388,10 +410,15 @@ impl RepairCache {
             };
             if let Some(e) = sender.messages.remove(&seq) {
                 self.stats.messages -= 1;
-                self.stats.bytes -= e.data.len() + ENTRY_OVERHEAD + key.0.as_str().len();
+                self.stats.bytes -= e.data.len() + ENTRY_OVERHEAD;
             }
-            if sender.messages.is_empty() && sender.leave.is_none() {
+            if sender.messages.is_empty() {
+                // Its leave repeats go with it: nothing is left to repair after them.
+                if let Some((_, _, due)) = sender.leave {
+                    self.leaves.remove(&(due, key.clone()));
+                }
                 self.senders.remove(&key);
+                self.stats.bytes -= SENDER_OVERHEAD;
             }
         }
     }
@@ -527,7 +554,7 @@ mod tests {
             c.observe(&room(), &meta, false, &data, t0);
             assert!(c.stats().bytes <= budget);
         }
-        assert!(c.stats().messages > 40, "{:?}", c.stats());
+        assert!(c.stats().messages > 30, "{:?}", c.stats());
         assert!(c.stats().evicted_for_space > 9000);
         // Hostile NACKs for everything cost a bounded number of lookups and pending slots.
         let out = c.on_nack(&room(), InstanceId(7), &[1..=4096], t0);
@@ -536,6 +563,29 @@ mod tests {
         c.poll(t0 + Duration::from_secs(31));
         assert_eq!(c.stats().messages, 0, "aged out");
         assert!(c.senders.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_one_message_senders_stays_within_the_budget() {
+        let t0 = Instant::now();
+        let budget = 256 * 1024;
+        let mut c = RepairCache::new(budget, Duration::from_secs(30));
+        for i in 0..100_000u64 {
+            let (mut meta, data) = datagram(Kind::Message, 1, "x");
+            meta.instance = Some(InstanceId(i));
+            c.observe(&room(), &meta, false, &data, t0);
+            let (mut meta, data) = datagram(Kind::Leave, 1, "");
+            meta.instance = Some(InstanceId(i));
+            c.observe(&room(), &meta, false, &data, t0);
+        }
+        assert!(c.stats().bytes <= budget, "{:?}", c.stats());
+        assert!(c.senders.len() <= budget / SENDER_OVERHEAD);
+        // Evicted senders take their leave repeats with them.
+        assert!(c.leaves.len() <= c.senders.len(), "{}", c.leaves.len());
+        let out = c.poll(t0 + Duration::from_secs(10));
+        assert!(out.len() <= 4 * c.senders.len(), "{}", out.len());
+        c.expire(t0 + Duration::from_secs(60));
+        assert_eq!((c.stats().messages, c.stats().bytes), (0, 0));
     }
 
     #[test]

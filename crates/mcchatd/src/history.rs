@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 /// Records queued for the writer at most; beyond it new ones are dropped and counted (the
-/// disk is far behind: about 2 MiB of chat text waiting).
+/// disk is far behind: up to about 20 MiB of datagrams waiting).
 const QUEUE: usize = 16_384;
 /// Records committed in one transaction at most.
 const BATCH: usize = 4096;
@@ -133,7 +134,6 @@ enum Cmd {
     /// A datagram as received: decoded on the writer thread, so the relay loop pays only a
     /// copy for history.
     Datagram(Box<[u8]>, u64),
-    Policy(Policy),
     Flush(oneshot::Sender<()>),
     /// Commit what is queued and end (readers may still hold senders).
     Stop,
@@ -150,6 +150,7 @@ pub struct HistoryStats {
 #[derive(Debug)]
 pub struct History {
     path: PathBuf,
+    policy: Arc<Mutex<Policy>>,
     tx: Option<SyncSender<Cmd>>,
     writer: Option<JoinHandle<()>>,
     stats: HistoryStats,
@@ -222,13 +223,16 @@ impl History {
         let path = dir.join(FILE_NAME);
         let conn = open_db(&path)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let policy = Arc::new(Mutex::new(policy));
+        let writer_policy = Arc::clone(&policy);
         let thread_path = path.clone();
         let writer = std::thread::Builder::new()
             .name("history".into())
-            .spawn(move || Writer::new(conn, thread_path, policy).run(&rx))
+            .spawn(move || Writer::new(conn, thread_path, writer_policy).run(&rx))
             .map_err(HistoryError::Thread)?;
         Ok(Self {
             path,
+            policy,
             tx: Some(tx),
             writer: Some(writer),
             stats: HistoryStats::default(),
@@ -271,10 +275,11 @@ impl History {
 
     /// New retention rules (on reload).
     pub fn set_policy(&self, policy: Policy) {
-        if let Some(tx) = &self.tx {
-            // A full queue delays the new policy to the next reload; it is not lost data.
-            let _ = tx.try_send(Cmd::Policy(policy));
-        }
+        // Shared rather than queued: a full queue can neither lose it nor block the caller.
+        *self
+            .policy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
     }
 
     /// A handle for queries, usable from other tasks.
@@ -362,24 +367,33 @@ fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
         .prepare_cached(
             "SELECT room, kind, sender, text, instance, seq, ts_ms, recv_ms
              FROM messages INDEXED BY messages_by_room
-             WHERE room = ?1 AND id >= ?2
+             WHERE room = ?1 AND id >= ?2 AND recv_ms >= ?5
                AND (?3 IS NULL OR instr(lower(text), lower(?3)) > 0)
              ORDER BY id DESC LIMIT ?4",
         )
         .map_err(db_err(path))?;
     let rows = stmt
-        .query_map(params![q.room, first_id, q.grep, i64::from(limit)], |r| {
-            Ok(Record {
-                room: r.get(0)?,
-                kind: r.get(1)?,
-                sender: r.get(2)?,
-                text: r.get(3)?,
-                id: r.get(4)?,
-                seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
-                ts_ms: r.get::<_, Option<i64>>(6)?.map(from_sql),
-                recv_ms: from_sql(r.get(7)?),
-            })
-        })
+        .query_map(
+            params![
+                q.room,
+                first_id,
+                q.grep,
+                i64::from(limit),
+                to_sql(q.since_ms.unwrap_or(0))
+            ],
+            |r| {
+                Ok(Record {
+                    room: r.get(0)?,
+                    kind: r.get(1)?,
+                    sender: r.get(2)?,
+                    text: r.get(3)?,
+                    id: r.get(4)?,
+                    seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
+                    ts_ms: r.get::<_, Option<i64>>(6)?.map(from_sql),
+                    recv_ms: from_sql(r.get(7)?),
+                })
+            },
+        )
         .map_err(db_err(path))?;
     let mut out = rows.collect::<Result<Vec<_>, _>>().map_err(db_err(path))?;
     out.reverse();
@@ -389,13 +403,13 @@ fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
 struct Writer {
     conn: Connection,
     path: PathBuf,
-    policy: Policy,
+    policy: Arc<Mutex<Policy>>,
     pruned: Instant,
     failures: u64,
 }
 
 impl Writer {
-    fn new(conn: Connection, path: PathBuf, policy: Policy) -> Self {
+    fn new(conn: Connection, path: PathBuf, policy: Arc<Mutex<Policy>>) -> Self {
         Self {
             conn,
             path,
@@ -431,7 +445,6 @@ impl Writer {
                 match cmd {
                     Cmd::Store(r) => batch.push(r),
                     Cmd::Datagram(data, recv_ms) => batch.extend(Record::decode(&data, recv_ms)),
-                    Cmd::Policy(p) => self.policy = p,
                     Cmd::Flush(done) => flushes.push(done),
                     Cmd::Stop => stop = true,
                 }
@@ -499,6 +512,11 @@ impl Writer {
     fn prune(&mut self) {
         self.pruned = Instant::now();
         let now = now_ms();
+        let policy = self
+            .policy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let result = (|| -> rusqlite::Result<usize> {
             let rooms: Vec<String> = {
                 let mut stmt = self
@@ -510,7 +528,7 @@ impl Writer {
             let tx = self.conn.transaction()?;
             let mut deleted = 0;
             for room in rooms {
-                let keep = self.policy.for_room(&room);
+                let keep = policy.for_room(&room);
                 let oldest =
                     now.saturating_sub(u64::try_from(keep.age.as_millis()).unwrap_or(u64::MAX));
                 deleted += tx.execute(

@@ -581,8 +581,11 @@ impl Relay {
                 };
                 if frame.meta.kind == Kind::Nack {
                     // A subscriber's NACK: answered from the cache when it holds all of it;
-                    // otherwise it goes on to the sender as well.
-                    if let Some(nack) = Nack::from_frame(&frame) {
+                    // otherwise it goes on to the sender as well. Only subscribers (whose
+                    // address the cookie proved) are answered: a NACK is small and its answer
+                    // is not, so a forged source must get nothing back.
+                    let subscribed = self.subs.subscribers(&room.name).any(|a| a == from);
+                    if subscribed && let Some(nack) = Nack::from_frame(&frame) {
                         let (found, complete) =
                             self.cache.answer(&room.name, nack.instance, &nack.ranges);
                         for data in found {
@@ -824,6 +827,12 @@ impl Relay {
         if self.policy.for_room(room.as_str()).count == 0 {
             return;
         }
+        // Rooms not in the file are kept only while someone subscribes: anyone allowed to
+        // relay could otherwise fill the disk with room names of their own.
+        let configured = self.settings.registry.configured(room.as_str()).is_some();
+        if !configured && self.subs.subscribers(room).next().is_none() {
+            return;
+        }
         if !history.store_datagram(data, now_ms())
             && let Some(suppressed) = self.history_log.check(Instant::now())
         {
@@ -838,6 +847,7 @@ impl Relay {
     /// Lapses expired subscriptions and leaves groups nobody needs.
     async fn expire(&mut self) {
         let now = Instant::now();
+        self.cache.expire(now);
         self.relay_limit.forget_idle(now);
         self.sub_limit.forget_idle(now);
         self.renew_limit.forget_idle(now);

@@ -81,8 +81,10 @@ struct Request {
     history: Query,
 }
 
-/// How long the daemon waits for a request line before it sends the status.
+/// How long the daemon waits for a request line to begin before it sends the status.
 pub(crate) const REQUEST_WAIT: Duration = Duration::from_millis(100);
+/// How long a request line that has begun may take to end.
+const REQUEST_TIME: Duration = Duration::from_secs(2);
 /// The longest request line.
 const MAX_REQUEST: u64 = 4096;
 
@@ -108,8 +110,14 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let (r, mut w) = tokio::io::split(stream);
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST));
-    // Nothing within the wait, EOF or an empty line all mean "status".
-    let _ = tokio::time::timeout(REQUEST_WAIT, reader.read_until(b'\n', &mut line)).await;
+    // Nothing within the wait, EOF or an empty line all mean "status". A request that has
+    // begun gets time to arrive whole (a lost segment is retransmitted in 200 ms or more).
+    let started = tokio::time::timeout(REQUEST_WAIT, reader.fill_buf())
+        .await
+        .is_ok_and(|b| b.is_ok_and(|b| !b.is_empty()));
+    if started {
+        let _ = tokio::time::timeout(REQUEST_TIME, reader.read_until(b'\n', &mut line)).await;
+    }
     let line = String::from_utf8_lossy(&line);
     let line = line.trim();
     let doc = if line.is_empty() || line == "status" {

@@ -899,3 +899,52 @@ fn spoofed_subscribe_is_never_amplified() {
     assert_eq!(s["subscribers"], 0, "{s}");
     assert_eq!(s["counters"]["dropped"]["request_too_small"], 1, "{s}");
 }
+
+/// A subscriber's NACK is answered from the daemon's repair cache, by unicast; the same NACK
+/// from an address that is not subscribed gets nothing back (its source could be forged, and
+/// the answer is far larger than the question).
+#[test]
+fn nacks_are_answered_from_the_cache_only_for_subscribers() {
+    require_netns();
+    let (d, addr) = local_daemon(&[]);
+    let room = unique("nack");
+    let mut sub = Raw::new("127.0.0.1", addr);
+    sub.subscribe(&room);
+    d.expect_err(&format!("joined group room={room}"));
+    let mut alice = Proc::mcchat("alice", None, &["join", &room, "--name", "alice"], &[]).ready();
+    for text in ["one", "two", "three"] {
+        alice.say(text);
+    }
+    let id = loop {
+        let data = sub.recv();
+        let f = wire::decode(&data).unwrap();
+        if f.text == "three" {
+            break f.meta.instance.unwrap();
+        }
+    };
+    alice.close_stdin();
+    assert!(alice.wait().success());
+    let nack = format!("@kind=nack;for={id};seqs=1-3 {room}|raw|");
+    let stranger = Raw::new("127.0.0.2", addr);
+    // The stranger asks first; the daemon handles datagrams in order, so by the time the
+    // subscriber has its answer, any answer to the stranger would be waiting too.
+    stranger.send(nack.as_bytes());
+    sub.send(nack.as_bytes());
+    let mut repaired = Vec::new();
+    while repaired.len() < 3 {
+        let data = sub.recv();
+        let f = wire::decode(&data).unwrap();
+        if f.meta.kind == Kind::Message && f.tags.get("repair").as_deref() == Some("1") {
+            assert_eq!(f.meta.instance, Some(id));
+            repaired.push(f.text.to_owned());
+        }
+    }
+    repaired.sort();
+    assert_eq!(repaired, ["one", "three", "two"]);
+    assert!(
+        stranger.nothing_queued(),
+        "a non-subscriber's NACK was answered"
+    );
+    let s = status(addr);
+    assert_eq!(s["repair_cache"]["repairs_to_subscribers"], 3, "{s}");
+}
