@@ -114,6 +114,8 @@ struct Relay {
     /// Subscribers to tell that their room closed, from the last reconcile.
     pending_closed: Vec<(RoomName, Vec<SocketAddr>, String)>,
     joined: HashMap<RoomName, Joined>,
+    /// Rooms whose last join failed (logged once until one works).
+    join_failed: HashSet<RoomName>,
     /// Rooms relayed or subscribed to, so status can show ad-hoc rooms too.
     counters: Counters,
     /// Recent messages, to repair for senders that have gone and for subscribers.
@@ -309,6 +311,7 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
         ))),
         pending_closed: Vec::new(),
         joined: HashMap::new(),
+        join_failed: HashSet::new(),
         counters: Counters::default(),
         cache: RepairCache::new(d.repair_cache_bytes, d.repair_window),
         history,
@@ -864,6 +867,12 @@ impl Relay {
                     (self.settings.daemon.allow.clone(), nets.subnets.clone());
                 self.connected = Arc::new(nets.subnets);
             }
+            // Rooms kept joined (keep, history) whose join failed, e.g. the interface was not
+            // up yet at start, are tried again.
+            if self.wanted().keys().any(|r| !self.joined.contains_key(r)) {
+                self.reconcile();
+                self.flush_closed().await;
+            }
         }
         let lapsed = self.subs.expire(now);
         if lapsed.is_empty() {
@@ -918,7 +927,12 @@ impl Relay {
             }
             if let Err(error) = self.join(&name, group) {
                 let error = format!("{error:#}");
-                tracing::error!(room = %name, %group, %error, "cannot join group");
+                // Said once per room until a join works, however often it is retried.
+                if self.join_failed.insert(name.clone()) {
+                    tracing::error!(room = %name, %group, %error, "cannot join group; retrying every 10 s");
+                } else {
+                    tracing::debug!(room = %name, %group, %error, "cannot join group");
+                }
                 let dropped = self.subs.close_room(&name);
                 if !dropped.is_empty() {
                     self.pending_closed.push((
@@ -984,6 +998,7 @@ impl Relay {
             tracing::info!(room = %room, %group, "left group");
         });
         tracing::info!(room = %name, %group, "joined group");
+        self.join_failed.remove(name);
         self.joined.insert(
             name.clone(),
             Joined {
