@@ -150,6 +150,14 @@ impl InstanceId {
     }
 }
 
+/// Milliseconds since the Unix epoch, now: the clock of the `ts` tag (and of the times
+/// mcchatd stores in history).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The typed view of the tags mcchat itself defines. All optional: a bare datagram has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {

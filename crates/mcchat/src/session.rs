@@ -5,7 +5,7 @@
 //! I/O and leaves the showing to them.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use std::collections::VecDeque;
@@ -117,12 +117,7 @@ pub(crate) struct Session {
     repair_budget: LogLimiter,
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use mcchat_core::wire::now_ms;
 
 /// Whether a socket error means the socket itself is unusable. Everything else (no route
 /// after a Wi-Fi roam, a firewall's EPERM, a full buffer) passes: chat carries on.

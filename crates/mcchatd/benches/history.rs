@@ -35,10 +35,7 @@ fn write(c: &mut Criterion) {
     group.sample_size(20);
     let mut datagram = String::new();
     // Received now, so retention keeps them.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now_ms = mcchat_core::wire::now_ms();
     group.bench_function("write_10000", |b| {
         b.iter(|| {
             for _ in 0..10_000 {

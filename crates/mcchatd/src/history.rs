@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use mcchat_core::wire::{self, Kind};
+use mcchat_core::wire::{self, Kind, now_ms};
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -161,12 +161,6 @@ fn db_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> HistoryError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// SQLite stores integers as i64; sequence numbers and times fit (they are far below 2^63),

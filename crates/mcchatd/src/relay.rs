@@ -20,7 +20,7 @@ use mcchat_core::ratelimit::LogLimiter;
 use mcchat_core::repair::{Nack, REPAIR_TAG};
 use mcchat_core::room::{Room, RoomName, RoomSource};
 use mcchat_core::socket::{self, Iface, MulticastConfig};
-use mcchat_core::wire::{self, Frame, Header, Kind, MAX_DATAGRAM, Meta};
+use mcchat_core::wire::{self, Frame, Header, Kind, MAX_DATAGRAM, Meta, now_ms};
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -132,12 +132,6 @@ struct Relay {
     token: CancellationToken,
     tracker: TaskTracker,
     out: String,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Whether a datagram is a retransmission.
