@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use nix::sys::signal::Signal;
 
-use crate::util::{Proc, TempDir, require_netns, run, unique};
+use std::time::Duration;
+
+use crate::util::{Pace, Proc, TempDir, require_netns, run, unique};
 
 fn relay_addr(d: &Proc) -> SocketAddr {
     let line = d.expect_err("relaying on UDP");
@@ -180,22 +182,15 @@ fn history_survives_restart_and_kill_9() {
     )
     .listening();
     let mut flood = Proc::mcchat("flood", None, &["join", room, "--name", "flood"], &[]).ready();
-    // Paced at about 1000 msg/s (the load's shape, not synchronisation), so the writer is
-    // still busy when the kill comes.
-    let start = std::time::Instant::now();
-    for i in 1..=3000u64 {
+    // Paced at about 1000 msg/s, so the writer is still busy when the kill comes.
+    let pace = Pace::new(Duration::from_millis(10));
+    for i in 1..=500u64 {
         flood.say(&format!("flood {i:04}"));
-        if i == 500 {
-            watcher.expect_out("flood: flood 0500");
-            break;
-        }
-        if i % 10 == 0
-            && let Some(wait) = (start + std::time::Duration::from_millis(i))
-                .checked_duration_since(std::time::Instant::now())
-        {
-            std::thread::sleep(wait);
+        if i % 10 == 0 {
+            pace.until(i / 10);
         }
     }
+    watcher.expect_out("flood: flood 0500");
     let committed = history(addr, room, &["--limit", "10000"]);
     let want: Vec<String> = texts(1..=50)
         .into_iter()
@@ -206,17 +201,14 @@ fn history_survives_restart_and_kill_9() {
         "a query sees everything the daemon had received"
     );
     // More messages go on arriving while the history is written, and the kill comes.
-    let start = std::time::Instant::now();
+    let pace = Pace::new(Duration::from_millis(10));
     for i in 501..=3000u64 {
         flood.say(&format!("flood {i:04}"));
         if i == 1000 {
             d.signal(Signal::SIGKILL);
         }
-        if i % 10 == 0
-            && let Some(wait) = (start + std::time::Duration::from_millis(i - 500))
-                .checked_duration_since(std::time::Instant::now())
-        {
-            std::thread::sleep(wait);
+        if i % 10 == 0 {
+            pace.until((i - 500) / 10);
         }
     }
     drop(d);

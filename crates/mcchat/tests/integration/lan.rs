@@ -1,7 +1,9 @@
 //! Chat across hosts of a LAN of network namespaces (scripts/lan.sh): h1, h2, h3 on one
 //! bridged segment, a multicast-forwarding router, and h4 on a second segment.
 
-use crate::util::{Lan, Proc, require_netns, unique};
+use std::time::Duration;
+
+use crate::util::{Lan, Pace, Proc, require_netns, unique};
 
 fn peer(lan: &Lan, host: &str, room: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["join", room, "--name", host];
@@ -275,17 +277,14 @@ fn three_senders_four_receivers(percent: u32) {
         .map(|h| peer(&lan, h, room, &[]))
         .collect();
     const N: usize = 1000;
-    // 200 msg/s per sender, paced in 10 ms steps (the load's shape, not synchronisation).
-    let start = std::time::Instant::now();
+    // 200 msg/s per sender, paced in 10 ms steps.
+    let pace = Pace::new(Duration::from_millis(10));
     for i in 1..=N {
         for (k, s) in senders.iter_mut().enumerate() {
             s.say(&format!("s{}-m{i:04}", k + 1));
         }
         if i % 2 == 0 {
-            let due = start + std::time::Duration::from_millis(5 * i as u64);
-            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                std::thread::sleep(wait);
-            }
+            pace.until(i as u64 / 2);
         }
     }
     let sent_at = std::time::Instant::now();
@@ -383,7 +382,7 @@ fn outages_are_repaired_or_reported_once() {
     for i in 1..=50 {
         tx.say(&format!("short{i:02}"));
     }
-    std::thread::sleep(std::time::Duration::from_secs(3)); // the outage's length
+    std::thread::sleep(Duration::from_secs(3)); // the outage's length
     drop(outage);
     // The first of the sender's tail-probe heartbeats to get through shows the gap.
     rx.expect_out("\"short50\"");
@@ -397,7 +396,7 @@ fn outages_are_repaired_or_reported_once() {
     for i in 1..=20 {
         tx.say(&format!("long{i:02}"));
     }
-    std::thread::sleep(std::time::Duration::from_secs(8)); // longer than the 6 s repair window
+    std::thread::sleep(Duration::from_secs(8)); // longer than the 6 s repair window
     drop(outage);
     tx.say("after");
     rx.expect_out("\"after\"");
@@ -506,10 +505,7 @@ fn nacks_on_the_wire_stay_a_small_multiple_of_losses() {
     };
     let t0 = std::time::Instant::now();
     while !joined() {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(10),
-            "socat never joined"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "socat never joined");
         std::thread::yield_now();
     }
     let receivers: Vec<Proc> = (0..20)
@@ -526,14 +522,10 @@ fn nacks_on_the_wire_stay_a_small_multiple_of_losses() {
     let dropped = lossy(&lan, "h3", 10);
     let mut sender = peer(&lan, "h1", room, &[]);
     const N: usize = 300;
-    let start = std::time::Instant::now();
+    let pace = Pace::new(Duration::from_millis(5)); // 200 msg/s
     for i in 1..=N {
         sender.say(&format!("m{i:04}"));
-        // 200 msg/s (the load's shape, not synchronisation).
-        let due = start + std::time::Duration::from_millis(5 * i as u64);
-        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-            std::thread::sleep(wait);
-        }
+        pace.until(i as u64);
     }
     let want: Vec<String> = (1..=N).map(|i| format!("m{i:04}")).collect();
     for rx in &receivers {
@@ -575,13 +567,10 @@ fn fifty_percent_loss_delivers_or_reports_every_message() {
     let dropped = lossy(&lan, "h3", 50);
     let mut tx = peer(&lan, "h1", room, &[]);
     const N: usize = 500;
-    let start = std::time::Instant::now();
+    let pace = Pace::new(Duration::from_millis(5)); // 200 msg/s
     for i in 1..=N {
         tx.say(&format!("m{i:04}"));
-        let due = start + std::time::Duration::from_millis(5 * i as u64);
-        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-            std::thread::sleep(wait);
-        }
+        pace.until(i as u64);
     }
     let lost_count = dropped();
     // The loss ends; a last message after it is released only once everything before it is

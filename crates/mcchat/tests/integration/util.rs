@@ -421,3 +421,30 @@ impl Drop for Lan {
             .output();
     }
 }
+
+/// A load's schedule: step `i` is due `interval * i` after the start. It shapes the load
+/// (a rate); it is not synchronisation.
+pub struct Pace {
+    start: Instant,
+    interval: Duration,
+}
+
+impl Pace {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            interval,
+        }
+    }
+
+    /// Sleeps until step `i` is due (at once if it is late).
+    pub fn until(&self, i: u64) {
+        let due = self.start
+            + self
+                .interval
+                .saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
