@@ -41,13 +41,8 @@ struct Cli {
 
 /// Refuses to send a packet unless this process is in a namespace with only `lo`.
 fn require_netns() -> Result<()> {
-    let dev = std::fs::read_to_string("/proc/self/net/dev").context("read /proc/self/net/dev")?;
-    let ifaces: Vec<&str> = dev
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next())
-        .map(str::trim)
-        .collect();
+    let ifaces =
+        mcchat_core::socket::namespace_interfaces().context("cannot read /proc/self/net/dev")?;
     if ifaces != ["lo"] {
         bail!(
             "refusing to run outside a network namespace with only lo ({ifaces:?}); use scripts/bench.sh"

@@ -400,6 +400,19 @@ pub struct LocalNetworks {
     pub subnets: Vec<ipnet::IpNet>,
 }
 
+/// The network interfaces of this process's network namespace, from `/proc/self/net/dev`
+/// (per namespace, unlike `/sys/class/net`). The tests and benchmarks refuse to open a socket
+/// unless this is exactly `["lo"]`.
+pub fn namespace_interfaces() -> io::Result<Vec<String>> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev")?;
+    Ok(dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|name| name.trim().to_owned())
+        .collect())
+}
+
 /// Reads this host's addresses and subnets.
 pub fn local_networks() -> io::Result<LocalNetworks> {
     let mut out = LocalNetworks::default();

@@ -1,7 +1,8 @@
 //! Room history in SQLite, so a restart loses nothing and a late joiner can catch up.
 //!
-//! One writer thread owns the write connection: the relay loop hands it records over a
-//! bounded channel and never waits for the disk; the thread commits whatever has queued in
+//! One writer thread owns the write connection: the relay loop hands it the received
+//! datagrams (decoded there, off the relay loop) over a bounded channel and never waits for
+//! the disk; the thread commits whatever has queued in
 //! one transaction (WAL mode, so a commit is one append and readers never block it). A query
 //! first sends a flush through the same channel, so it sees every message the relay loop
 //! handled before it, then reads on its own connection. Records are gathered for up to
@@ -130,7 +131,6 @@ pub struct Query {
 }
 
 enum Cmd {
-    Store(Record),
     /// A datagram as received: decoded on the writer thread, so the relay loop pays only a
     /// copy for history.
     Datagram(Box<[u8]>, u64),
@@ -239,19 +239,6 @@ impl History {
 
     pub fn stats(&self) -> HistoryStats {
         self.stats
-    }
-
-    /// Queues a record; never blocks. Returns false if it was dropped (the writer is far
-    /// behind or gone).
-    pub fn store(&mut self, record: Record) -> bool {
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(Cmd::Store(record)).is_ok());
-        if !sent {
-            self.stats.dropped += 1;
-        }
-        sent
     }
 
     /// Queues a received chat datagram (decoded and stored by the writer); never blocks.
@@ -428,7 +415,7 @@ impl Writer {
             // stream of messages costs one wake-up and one transaction per few milliseconds,
             // not one each (and the relay loop's sends find no sleeper to wake). A query's
             // flush or a stop is served at once.
-            if matches!(first, Cmd::Store(_) | Cmd::Datagram(..)) {
+            if matches!(first, Cmd::Datagram(..)) {
                 std::thread::sleep(GATHER);
             }
             let mut batch = Vec::new();
@@ -437,7 +424,6 @@ impl Writer {
             let mut next = Some(first);
             while let Some(cmd) = next {
                 match cmd {
-                    Cmd::Store(r) => batch.push(r),
                     Cmd::Datagram(data, recv_ms) => batch.extend(Record::decode(&data, recv_ms)),
                     Cmd::Flush(done) => flushes.push(done),
                     Cmd::Stop => stop = true,
@@ -553,17 +539,9 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn record(room: &str, seq: u64, text: &str) -> Record {
-        Record {
-            room: room.into(),
-            kind: "message".into(),
-            sender: "alice".into(),
-            text: text.into(),
-            id: Some("00000000000000aa".into()),
-            seq: Some(seq),
-            ts_ms: Some(1),
-            recv_ms: now_ms(),
-        }
+    /// A message from alice's instance `aa` with `seq`, as the relay loop hands it over.
+    fn datagram(room: &str, seq: u64, text: &str) -> Vec<u8> {
+        format!("@id=00000000000000aa;seq={seq};ts=1 {room}|alice|{text}").into_bytes()
     }
 
     fn policy(count: u64) -> Policy {
@@ -597,20 +575,21 @@ mod tests {
         let dir = temp_dir("basic");
         let mut h = History::open(&dir, policy(1000)).unwrap();
         for seq in 1..=5 {
-            assert!(h.store(record("room1", seq, &format!("Hello {seq}"))));
+            assert!(h.store_datagram(&datagram("room1", seq, &format!("Hello {seq}")), now_ms()));
         }
-        assert!(h.store(record("room1", 3, "a repair of 3")), "queued...");
+        assert!(
+            h.store_datagram(&datagram("room1", 3, "a repair of 3"), now_ms()),
+            "queued..."
+        );
         let now = now_ms();
         assert!(h.store_datagram(b"@id=00000000000000bb;seq=1;kind=me room1|bob|waves", now));
         assert!(
             h.store_datagram(b"@kind=hb room1|bob|", now),
             "queued, but not a chat message"
         );
-        let mut bare = record("room1", 0, "bare");
-        (bare.id, bare.seq) = (None, None);
-        assert!(h.store(bare.clone()));
-        assert!(h.store(bare));
-        assert!(h.store(record("room2", 1, "elsewhere")));
+        assert!(h.store_datagram(b"room1|alice|bare", now));
+        assert!(h.store_datagram(b"room1|alice|bare", now));
+        assert!(h.store_datagram(&datagram("room2", 1, "elsewhere"), now));
         let got = h.reader().query(query("room1")).await.unwrap();
         let texts: Vec<&str> = got.iter().map(|r| r.text.as_str()).collect();
         assert_eq!(
@@ -654,12 +633,10 @@ mod tests {
         let dir = temp_dir("retention");
         let mut h = History::open(&dir, policy(1000)).unwrap();
         for seq in 1..=50 {
-            h.store(record("room1", seq, &seq.to_string()));
+            h.store_datagram(&datagram("room1", seq, &seq.to_string()), now_ms());
         }
-        let mut old = record("room2", 1, "old");
-        old.recv_ms = 1;
-        h.store(old);
-        h.store(record("room2", 2, "new"));
+        h.store_datagram(&datagram("room2", 1, "old"), 1);
+        h.store_datagram(&datagram("room2", 2, "new"), now_ms());
         h.reader().query(query("room1")).await.unwrap();
         h.close();
         let h = History::open(&dir, policy(10)).unwrap();

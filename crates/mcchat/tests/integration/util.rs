@@ -18,13 +18,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// (`/proc/self/net/dev` is per namespace; `/sys/class/net` may show the host's).
 pub fn require_netns() {
     let flag = std::env::var_os("MCCHAT_TEST_NETNS").is_some();
-    let dev = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
-    let ifaces: Vec<&str> = dev
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next())
-        .map(str::trim)
-        .collect();
+    let ifaces = mcchat_core::socket::namespace_interfaces().unwrap_or_default();
     assert!(
         flag && ifaces == ["lo"],
         "refusing to open sockets outside the test network namespace (interfaces: {ifaces:?}); \
