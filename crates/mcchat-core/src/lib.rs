@@ -7,7 +7,9 @@
 //! - [`presence`]: who is in a room, from join/leave/heartbeat datagrams (pure, time passed in).
 //! - [`sanitize`]: network text made safe for a terminal (pure).
 //! - [`repair`]: gap detection, NACKs with suppression, in-order release and the sender's
-//!   repair buffer (pure, time passed in).
+//!   repair buffer, under per-sender and global budgets (pure, time passed in).
+//! - [`peer`]: one peer in one room as a pure engine (datagrams, lines and time in; datagrams
+//!   to send and events to show out), built on the modules above.
 //! - [`ratelimit`]: a limiter for log lines about bad input (pure, time passed in).
 //! - [`socket`]: multicast socket setup with socket2, the only module here that does I/O on
 //!   the network. It hands out std sockets; async runtimes are the binaries' business.
@@ -16,6 +18,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod peer;
 pub mod presence;
 pub mod ratelimit;
 pub mod repair;

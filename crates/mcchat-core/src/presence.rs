@@ -99,10 +99,19 @@ impl Roster {
             }
             return None;
         }
-        if self.departed.contains(&instance) || self.members.len() >= MAX_MEMBERS {
+        if self.members.len() >= MAX_MEMBERS {
             return None;
         }
-        let returning = self.timed_out.remove(&instance);
+        // A member that speaks after a `leave` is here (the leave may have been forged, or
+        // it came back): it is a member again, and announced.
+        let back = match self.departed.iter().position(|d| *d == instance) {
+            Some(i) => {
+                self.departed.remove(i);
+                true
+            }
+            None => false,
+        };
+        let returning = self.timed_out.remove(&instance) || back;
         self.members.insert(
             instance,
             Member {
@@ -114,8 +123,9 @@ impl Roster {
         (kind == Kind::Join || returning).then(|| Change::Joined(name.to_owned()))
     }
 
-    /// Removes members silent for longer than the timeout; returns their departures.
-    pub fn expire(&mut self, now: Instant) -> Vec<Change> {
+    /// Removes members silent for longer than the timeout; returns who they were and their
+    /// departures.
+    pub fn expire(&mut self, now: Instant) -> Vec<(InstanceId, Change)> {
         let timeout = self.timeout;
         let gone: Vec<InstanceId> = self
             .members
@@ -131,11 +141,21 @@ impl Roster {
                 if self.timed_out.len() < MAX_MEMBERS {
                     self.timed_out.insert(id);
                 }
-                changes.push(Change::TimedOut(m.name));
+                changes.push((id, Change::TimedOut(m.name)));
             }
         }
-        changes.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        changes.sort_by(|a, b| format!("{:?}", a.1).cmp(&format!("{:?}", b.1)));
         changes
+    }
+
+    /// How many members there are.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
     }
 
     /// The name `instance` last used, if it is a member.
@@ -194,10 +214,14 @@ mod tests {
             None,
             "duplicate leave"
         );
+        // Someone who speaks after a leave (a forged one, or back) is a member again.
         assert_eq!(
             r.observe(A, "alice", Kind::Message, t0),
-            None,
-            "late datagram"
+            Some(Change::Joined("alice".into()))
+        );
+        assert_eq!(
+            r.observe(A, "alice", Kind::Leave, t0),
+            Some(Change::Left("alice".into()))
         );
         assert_eq!(r.observe(InstanceId(9), "listener", Kind::Nack, t0), None);
         assert_eq!(r.members().len(), 1, "a NACK does not make a member");
@@ -213,12 +237,12 @@ mod tests {
         assert!(r.expire(t0 + Duration::from_secs(50)).is_empty());
         assert_eq!(
             r.expire(t0 + Duration::from_secs(51)),
-            vec![Change::TimedOut("alice".into())]
+            vec![(A, Change::TimedOut("alice".into()))]
         );
         assert_eq!(r.members().len(), 1);
         assert_eq!(
             r.expire(t0 + Duration::from_secs(81)),
-            vec![Change::TimedOut("bob".into())]
+            vec![(B, Change::TimedOut("bob".into()))]
         );
         // A silent member that speaks again is back, and announced.
         let t1 = t0 + Duration::from_secs(90);

@@ -183,7 +183,9 @@ impl<M> SendBuffer<M> {
                 if picked.len() >= limit {
                     break 'ranges;
                 }
-                if k.repaired.is_some_and(|t| now.saturating_duration_since(t) < min) {
+                if k.repaired
+                    .is_some_and(|t| now.saturating_duration_since(t) < min)
+                {
                     continue;
                 }
                 if !accept(k.bytes) {
@@ -307,9 +309,17 @@ mod tests {
         assert!(parse_ranges("5-9,7").is_none());
         assert!(parse_ranges("9,5").is_none());
         assert_eq!(parse_ranges("1-3,5").unwrap(), vec![1..=3, 5..=5]);
-        let ranges = |n: u64| (0..n).map(|i| (i * 2).to_string()).collect::<Vec<_>>().join(",");
+        let ranges = |n: u64| {
+            (0..n)
+                .map(|i| (i * 2).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         assert!(parse_ranges(&ranges(32)).is_some());
-        assert!(parse_ranges(&ranges(33)).is_none(), "PROTOCOL 5: at most 32");
+        assert!(
+            parse_ranges(&ranges(33)).is_none(),
+            "PROTOCOL 5: at most 32"
+        );
     }
 
     #[test]

@@ -277,7 +277,10 @@ impl<M> Sender<M> {
         self.missing = self.missing.split_off(&end);
         self.next = self.next.max(end);
         if lost > 0 {
-            out.push(Delivery::Lost { instance, count: lost });
+            out.push(Delivery::Lost {
+                instance,
+                count: lost,
+            });
         }
         self.release(out);
         if self.missing.is_empty() {
@@ -290,7 +293,10 @@ impl<M> Sender<M> {
     fn flush(&mut self, instance: InstanceId, out: &mut Vec<Delivery<M>>) -> u64 {
         let lost = self.missing.len() as u64;
         if lost > 0 {
-            out.push(Delivery::Lost { instance, count: lost });
+            out.push(Delivery::Lost {
+                instance,
+                count: lost,
+            });
         }
         self.missing.clear();
         self.nack_due = None;
@@ -515,7 +521,12 @@ impl<M> Receiver<M> {
 
     /// Follows `instance` from `first_seq` (a sender that started moments ago: its first
     /// messages are still in its buffer). Does nothing for a sender already followed.
-    pub fn follow_from(&mut self, instance: InstanceId, first_seq: u64, now: Instant) -> Vec<Delivery<M>> {
+    pub fn follow_from(
+        &mut self,
+        instance: InstanceId,
+        first_seq: u64,
+        now: Instant,
+    ) -> Vec<Delivery<M>> {
         let mut out = Vec::new();
         if !self.senders.contains_key(&instance) {
             self.admit(instance, first_seq.max(1), now, &mut out);
@@ -577,7 +588,9 @@ impl<M> Receiver<M> {
                 self.stats.duplicates += 1;
             }
         } else if s.held.contains_key(&seq)
-            || s.claim.as_ref().is_some_and(|c| c.top == seq && c.msg.is_some())
+            || s.claim
+                .as_ref()
+                .is_some_and(|c| c.top == seq && c.msg.is_some())
         {
             // Seen before; a copy of the claiming message does not confirm its claim.
             self.stats.duplicates += 1;
@@ -655,14 +668,19 @@ impl<M> Receiver<M> {
                 seen.insert(k);
             }
         }
-        let lost = floor.saturating_sub(s.next).saturating_sub(seen.len() as u64);
+        let lost = floor
+            .saturating_sub(s.next)
+            .saturating_sub(seen.len() as u64);
         s.missing = s.missing.split_off(&floor);
         s.next = s.next.max(floor);
         s.highest = s.highest.max(s.next.saturating_sub(1));
         // A sender never heard to send a message owes us nothing below where it stands now
         // (as when it is first heard); one that did has its loss reported.
         if lost > 0 && s.heard_message {
-            out.push(Delivery::Lost { instance, count: lost });
+            out.push(Delivery::Lost {
+                instance,
+                count: lost,
+            });
             self.stats.lost += lost;
         }
         s.tentative = Some(Tentative {
@@ -751,7 +769,12 @@ impl<M> Receiver<M> {
     /// What mcchatd's history showed of `instance` (its sequence numbers), for a sender not
     /// followed yet: followed from after the last, tentatively, since a forged record could
     /// claim any number.
-    pub fn on_history(&mut self, instance: InstanceId, seqs: &[u64], now: Instant) -> Vec<Delivery<M>> {
+    pub fn on_history(
+        &mut self,
+        instance: InstanceId,
+        seqs: &[u64],
+        now: Instant,
+    ) -> Vec<Delivery<M>> {
         let mut out = Vec::new();
         let valid = seqs.iter().copied().filter(|s| *s != u64::MAX);
         let seen: BTreeSet<u64> = valid.collect();
@@ -827,7 +850,11 @@ impl<M> Receiver<M> {
     }
 
     /// Timer work: the NACKs due now, and what giving up on old gaps releases.
-    pub fn poll(&mut self, now: Instant, jitter: &mut impl Jitter) -> (Vec<Nack>, Vec<Delivery<M>>) {
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        jitter: &mut impl Jitter,
+    ) -> (Vec<Nack>, Vec<Delivery<M>>) {
         let config = self.config;
         let mut nacks = Vec::new();
         let mut out = Vec::new();
@@ -854,14 +881,20 @@ impl<M> Receiver<M> {
                 let mut released = Vec::new();
                 s.release(&mut released);
                 if !released.is_empty() {
-                    out.push(Delivery::Lost { instance: id, count: lost });
+                    out.push(Delivery::Lost {
+                        instance: id,
+                        count: lost,
+                    });
                     self.stats.lost += lost;
                     lost = 0;
                     out.extend(released);
                 }
             }
             if lost > 0 {
-                out.push(Delivery::Lost { instance: id, count: lost });
+                out.push(Delivery::Lost {
+                    instance: id,
+                    count: lost,
+                });
                 self.stats.lost += lost;
             }
             self.settle(id);
@@ -1179,7 +1212,9 @@ mod tests {
                 let r = &mut rx[dest];
                 let mut jitter = || rng.fraction();
                 let out = match p {
-                    Packet::Data(seq, repair) => r.on_message(A, seq, seq, 8, repair, now, &mut jitter),
+                    Packet::Data(seq, repair) => {
+                        r.on_message(A, seq, seq, 8, repair, now, &mut jitter)
+                    }
                     Packet::Heartbeat(latest) => r.on_latest(A, latest, now, &mut jitter),
                     Packet::Nack(nack) => {
                         r.on_nack_seen(&nack, now, &mut jitter);
@@ -1311,7 +1346,6 @@ mod tests {
         );
     }
 
-
     fn msgs(out: &[Delivery<u64>]) -> Vec<u64> {
         out.iter()
             .filter_map(|d| match d {
@@ -1369,7 +1403,10 @@ mod tests {
             assert_eq!(delivered, (1..=seq).collect::<Vec<_>>());
             let s = r.stats();
             eprintln!("second={second}: {s:?}, {wakeups} wake-ups, {nacks} NACKs");
-            assert!(nacks <= 2 * config.nacks_per_second as usize, "{nacks} NACKs");
+            assert!(
+                nacks <= 2 * config.nacks_per_second as usize,
+                "{nacks} NACKs"
+            );
             assert!(
                 s.visited <= 2 * config.nacks_per_second as u64 * config.presence_window + 10_000,
                 "{} entries visited",
@@ -1458,7 +1495,11 @@ mod tests {
         let b = InstanceId(0xb);
         let _ = r.on_latest(b, 10, t0, &mut j);
         let _ = r.on_latest(b, 11 + config.presence_window, t0, &mut j);
-        assert_eq!(r.missing(), config.presence_window as usize, "beyond it: a claim");
+        assert_eq!(
+            r.missing(),
+            config.presence_window as usize,
+            "beyond it: a claim"
+        );
         // A message makes the sender a full one.
         let _ = r.on_message(b, 500, 500, 8, false, t0, &mut j);
         assert_eq!(r.missing(), config.presence_window as usize + 489);
@@ -1532,7 +1573,11 @@ mod tests {
         let _ = r.on_latest(A, u64::MAX, t0, &mut j);
         let _ = r.on_latest(A, u64::MAX - 1, t0, &mut j);
         assert!(r.missing() <= 1024);
-        assert!(r.on_message(A, u64::MAX, 9, 8, false, t0, &mut j).is_empty(), "never valid");
+        assert!(
+            r.on_message(A, u64::MAX, 9, 8, false, t0, &mut j)
+                .is_empty(),
+            "never valid"
+        );
     }
 
     #[test]

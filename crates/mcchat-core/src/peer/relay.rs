@@ -1,0 +1,155 @@
+//! The client side of mcchatd's relay protocol (PROTOCOL.md 4.2) as a state machine:
+//! subscribe with a cookie round-trip, renew every third of the lease, unsubscribe on the
+//! way out. It only decides; the engine encodes the requests it asks for.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::Event;
+use crate::wire::{Frame, Kind};
+
+/// Attempts, and the wait for an answer to each, before giving up on the daemon.
+const ATTEMPTS: u32 = 3;
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Subscribing { attempt: u32, answer_due: Instant },
+    Subscribed { renew_due: Instant },
+}
+
+/// A subscription to one room through one daemon.
+#[derive(Debug)]
+pub(super) struct RelayClient {
+    daemon: SocketAddr,
+    cookie: Option<String>,
+    lease: Duration,
+    state: State,
+    /// Requests (sub, unsub) to send, in order.
+    requests: Vec<Kind>,
+}
+
+impl RelayClient {
+    pub(super) fn new(daemon: SocketAddr) -> Self {
+        Self {
+            daemon,
+            cookie: None,
+            lease: Duration::from_secs(60),
+            state: State::Idle,
+            requests: Vec::new(),
+        }
+    }
+
+    pub(super) fn subscribed(&self) -> bool {
+        matches!(self.state, State::Subscribed { .. })
+    }
+
+    pub(super) fn cookie(&self) -> Option<&str> {
+        self.cookie.as_deref()
+    }
+
+    pub(super) fn take_requests(&mut self) -> Vec<Kind> {
+        std::mem::take(&mut self.requests)
+    }
+
+    pub(super) fn subscribe(&mut self, now: Instant) {
+        self.state = State::Subscribing {
+            attempt: 1,
+            answer_due: now + ANSWER_WAIT,
+        };
+        self.requests.push(Kind::Subscribe);
+    }
+
+    /// Ends the subscription; best effort, since the lease ends it anyway.
+    pub(super) fn unsubscribe(&mut self) {
+        if self.subscribed() && self.cookie.is_some() {
+            self.requests.push(Kind::Unsubscribe);
+        }
+        self.state = State::Idle;
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Idle => None,
+            State::Subscribing { answer_due, .. } => Some(answer_due),
+            State::Subscribed { renew_due } => Some(renew_due),
+        }
+    }
+
+    pub(super) fn poll(&mut self, now: Instant) -> Option<Event> {
+        match self.state {
+            State::Subscribing {
+                attempt,
+                answer_due,
+            } if now >= answer_due => {
+                if attempt >= ATTEMPTS {
+                    self.state = State::Idle;
+                    return Some(Event::Ended(format!(
+                        "no answer from mcchatd at {} after {ATTEMPTS} tries: is it running, \
+                         and does its `allow` setting include this network?",
+                        self.daemon
+                    )));
+                }
+                self.state = State::Subscribing {
+                    attempt: attempt + 1,
+                    answer_due: now + ANSWER_WAIT,
+                };
+                self.requests.push(Kind::Subscribe);
+            }
+            State::Subscribed { renew_due } if now >= renew_due => {
+                // A third of the lease, so two renewals can be lost before it lapses.
+                self.state = State::Subscribed {
+                    renew_due: now + self.lease / 3,
+                };
+                self.requests.push(Kind::Subscribe);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// A control datagram from the daemon: a challenge is answered, a confirmation noted,
+    /// and a closed subscription ends the engine.
+    pub(super) fn on_control(
+        &mut self,
+        frame: &Frame<'_>,
+        room: &str,
+        now: Instant,
+    ) -> Option<Event> {
+        match frame.meta.kind {
+            Kind::Challenge if self.state != State::Idle => {
+                let cookie = frame.tags.get("cookie")?;
+                self.cookie = Some(cookie.into_owned());
+                self.requests.push(Kind::Subscribe);
+                None
+            }
+            Kind::Subscribed if self.state != State::Idle => {
+                // Each confirmation carries a fresh cookie: keep the newest.
+                if let Some(cookie) = frame.tags.get("cookie") {
+                    self.cookie = Some(cookie.into_owned());
+                }
+                if let Some(secs) = frame.tags.get("lease").and_then(|l| l.parse::<u64>().ok()) {
+                    self.lease = Duration::from_secs(secs.clamp(3, 3600));
+                }
+                let first = !self.subscribed();
+                self.state = State::Subscribed {
+                    renew_due: now + self.lease / 3,
+                };
+                if first {
+                    tracing::debug!(daemon = %self.daemon, room, lease = ?self.lease, "subscribed");
+                }
+                first.then_some(Event::Subscribed)
+            }
+            Kind::Closed if self.state != State::Idle => {
+                self.state = State::Idle;
+                let why = crate::sanitize::for_terminal(frame.text).into_owned();
+                Some(Event::Ended(format!(
+                    "mcchatd at {} ended the subscription to {room}: {why}",
+                    self.daemon
+                )))
+            }
+            _ => None,
+        }
+    }
+}
