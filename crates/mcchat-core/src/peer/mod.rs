@@ -317,16 +317,25 @@ impl PeerEngine {
         }
     }
 
-    /// Starts taking part: a `join` (with presence) and the subscription (with `--via`).
+    /// Starts the subscription through mcchatd (with `--via`), unless it has started:
+    /// [`Event::Subscribed`] or [`Event::Ended`] tells how it went.
+    pub fn subscribe(&mut self, now: Now) {
+        if let Some(relay) = &mut self.relay
+            && relay.idle()
+        {
+            relay.subscribe(now.mono);
+        }
+        self.relay_requests(now);
+    }
+
+    /// Starts taking part: a `join` (with presence) and the subscription (with `--via`, if
+    /// [`PeerEngine::subscribe`] has not started it).
     pub fn enter(&mut self, now: Now) {
         if self.config.presence {
             // Cannot fail: an empty join of a valid room and name.
             let _ = self.say(Kind::Join, "", now);
         }
-        if let Some(relay) = &mut self.relay {
-            relay.subscribe(now.mono);
-        }
-        self.relay_requests(now);
+        self.subscribe(now);
     }
 
     /// Says goodbye: a `leave` (with presence) and the end of the subscription.

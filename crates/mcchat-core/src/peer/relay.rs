@@ -45,6 +45,11 @@ impl RelayClient {
         matches!(self.state, State::Subscribed { .. })
     }
 
+    /// Neither subscribing nor subscribed (never started, or ended).
+    pub(super) fn idle(&self) -> bool {
+        self.state == State::Idle
+    }
+
     pub(super) fn cookie(&self) -> Option<&str> {
         self.cookie.as_deref()
     }
