@@ -10,8 +10,8 @@ use mcchat_core::wire::{InstanceId, Kind};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use crate::session::Received;
 use crate::via;
+use mcchat_core::peer::Received;
 
 /// Where a daemon answers.
 #[derive(Debug, Clone)]

@@ -12,7 +12,9 @@ use mcchat_core::sanitize;
 use mcchat_core::wire::Kind;
 use serde::Serialize;
 
-use crate::session::{Event, Received};
+use mcchat_core::peer::{Event, Received};
+
+use crate::writer::Line;
 
 /// Colours for sender names, chosen by a hash of the name so each name keeps its colour
 /// across messages, runs and machines.
@@ -100,7 +102,57 @@ pub(crate) fn event_line(event: &Event, now_ms: u64, color: bool) -> String {
                 name(sender, color)
             )
         }
+        // The driver acts on these; they are shown only as a diagnostic.
+        Event::Subscribed => format!("{} -- subscribed", clock(now_ms)),
+        Event::Ended(why) => format!("{} -- {}", clock(now_ms), sanitize::for_terminal(why)),
     }
+}
+
+fn skipped_line(count: u64, now_ms: u64) -> String {
+    let what = if count == 1 { "message" } else { "messages" };
+    format!(
+        "{} -- {count} {what} not shown: output too slow",
+        clock(now_ms)
+    )
+}
+
+/// An output line as text.
+pub(crate) fn text_line(line: &Line, now_ms: u64, color: bool) -> String {
+    match line {
+        Line::Event(e) => event_line(e, now_ms, color),
+        Line::Skipped(count) => skipped_line(*count, now_ms),
+        Line::Text(t) => t.clone(),
+    }
+}
+
+/// An output line as JSON (`listen --json`); a reply to the user is not for scripts.
+pub(crate) fn json_output_line(line: &Line, room: &str, now_ms: u64) -> Option<String> {
+    match line {
+        Line::Event(e) => Some(json_line(e, room, now_ms)),
+        Line::Skipped(count) => Some(json_plain(
+            room,
+            "",
+            &format!("{count} not shown"),
+            "skipped",
+            now_ms,
+        )),
+        Line::Text(_) => None,
+    }
+}
+
+fn json_plain(room: &str, sender: &str, text: &str, kind: &'static str, now_ms: u64) -> String {
+    let line = JsonLine {
+        room,
+        sender,
+        text,
+        ts: rfc3339(now_ms),
+        from: None,
+        kind,
+        id: None,
+        seq: None,
+        repair: false,
+    };
+    escape_for_terminal(&serde_json::to_string(&line).unwrap_or_default())
 }
 
 fn lost_text(count: u64) -> String {
@@ -165,6 +217,8 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
                 repair: false,
             }
         }
+        Event::Subscribed => return json_plain(room, "", "", "subscribed", now_ms),
+        Event::Ended(why) => return json_plain(room, "", why, "ended", now_ms),
     };
     // Serialising a struct of strings and integers cannot fail.
     let json = serde_json::to_string(&line).unwrap_or_default();

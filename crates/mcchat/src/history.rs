@@ -9,7 +9,10 @@ use crate::cli::{HistoryArgs, JoinArgs};
 use crate::daemon::{self, Endpoint, HistoryQuery};
 use crate::display;
 use crate::output::Stdout;
-use crate::session::{Event, Session, now_ms};
+use mcchat_core::peer::Event;
+use mcchat_core::wire::now_ms;
+
+use crate::driver::{Peer, now};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// What `join` shows when it finds a daemon and was not told otherwise.
@@ -50,7 +53,7 @@ pub(crate) async fn run(args: &HistoryArgs) -> Result<()> {
 
 /// Puts the room's last messages in front of `session`'s live ones, if a daemon has them.
 /// Quiet when no daemon answers, unless `--history` asked for it.
-pub(crate) async fn catch_up(session: &mut Session, args: &JoinArgs) {
+pub(crate) async fn catch_up(peer: &mut Peer, args: &JoinArgs) {
     let wanted = args.history.unwrap_or(JOIN_DEFAULT);
     if wanted == 0 {
         return;
@@ -76,7 +79,7 @@ pub(crate) async fn catch_up(session: &mut Session, args: &JoinArgs) {
                     messages.len()
                 ));
             }
-            session.preload(messages);
+            peer.engine_mut().preload(messages, now());
         }
         Err(e) if args.history.is_some() => {
             crate::note(&format!("no history: {e:#}"));

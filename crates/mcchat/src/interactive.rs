@@ -2,35 +2,28 @@
 //! messages printed above the line being typed through rustyline's external printer, so they
 //! never garble it.
 //!
-//! The editor thread hands each finished line to the async loop and waits for an answer
-//! before prompting again, so `/quit` stops it without a stray prompt, and it is joined before
-//! `run` returns. Only a signal (SIGTERM, SIGHUP) can end the loop while the thread waits in
-//! `readline`; then the terminal settings saved at start are restored before exit.
+//! The editor thread parses each finished line and hands what it asks for to the driver loop
+//! (`crate::driver`); `/quit`, Ctrl-C and Ctrl-D end the thread, which closes the channel and
+//! so ends the loop. Output goes through the bounded writer (`crate::writer`), whose sink is
+//! the external printer. Only a signal (SIGTERM, SIGHUP) can end the loop while the thread
+//! waits in `readline`; then the terminal settings saved at start are restored before exit.
 
 use std::io::Write as _;
 
 use anyhow::{Context as _, Result};
-use mcchat_core::wire::Kind;
+use mcchat_core::wire::{Kind, now_ms};
 use rustyline::error::ReadlineError;
 use rustyline::{DefaultEditor, ExternalPrinter as _};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use unicode_width::UnicodeWidthStr as _;
 
-use crate::display;
-use crate::session::{Event, Received, Session, is_fatal, now_ms};
-use crate::shutdown_signal;
+use crate::driver::{Input, Peer};
+use crate::writer::{self, Line, Output};
+use crate::{display, shutdown_signal};
 
 const HELP: &str = "\
 commands: /who (who is here), /me TEXT (an action), /stats (dropped datagrams), /help, /quit
           //text sends a line starting with '/'; Ctrl-C or Ctrl-D also leaves";
-
-/// What the editor thread reports.
-enum Input {
-    /// A finished line; answer `true` to keep reading.
-    Line(String, oneshot::Sender<bool>),
-    /// Ctrl-C, Ctrl-D or a terminal error: leave.
-    End(Option<String>),
-}
 
 /// What a typed line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -70,159 +63,73 @@ fn parse_command(line: &str) -> Command<'_> {
 }
 
 /// Runs the room on the terminal until the user leaves.
-pub(crate) async fn run(mut session: Session) -> Result<()> {
+pub(crate) async fn run(mut peer: Peer) -> Result<()> {
     let saved_termios = nix::sys::termios::tcgetattr(std::io::stdin()).ok();
     let mut editor = DefaultEditor::new().context("failed to set up the line editor")?;
     let mut printer = editor
         .create_external_printer()
         .context("failed to set up terminal output")?;
     let color = std::env::var_os("NO_COLOR").is_none();
-    let prompt = format!("[{}] ", session.room().name);
+    let prompt = format!("[{}] ", peer.room().name);
 
     let shutdown = shutdown_signal()?;
     if let Ok(log_printer) = editor.create_external_printer() {
         crate::log::to_printer(log_printer);
     }
-    session.enter().await?;
-    let (tx, mut rx) = mpsc::channel(1);
+    peer.enter().await?;
+    // Every line ends in '\n': between two readline calls the printer writes straight to the
+    // terminal without adding one, and the next prompt would overwrite the line.
+    let mut out = Output::spawn(writer::QUEUE, move |line| {
+        let mut text = display::text_line(line, now_ms(), color);
+        text.push('\n');
+        printer
+            .print(text)
+            .context("failed to write to the terminal")
+    })?;
+    out.show(Line::Text(format!(
+        "joined {} — /help for commands",
+        peer.describe()
+    )));
+    let (tx, rx) = mpsc::channel(16);
     let thread = std::thread::Builder::new()
         .name("line-editor".into())
         .spawn(move || edit_lines(editor, &prompt, &tx))
         .context("failed to start the line editor thread")?;
-    // Every line ends in '\n': between two readline calls the printer writes straight to the
-    // terminal without adding one, and the next prompt would overwrite the line.
-    let mut print = |mut line: String| {
-        line.push('\n');
-        printer
-            .print(line)
-            .context("failed to write to the terminal")
-    };
-    // Before the loop, a failed write has nothing to clean up but the leave below.
-    let greeted = print(format!(
-        "joined {} — /help for commands",
-        session.describe()
-    ));
-
-    tokio::pin!(shutdown);
-    let mut editor_done = false;
-    let result: Result<()> = loop {
-        if let Err(e) = &greeted {
-            break Err(anyhow::anyhow!("{e:#}"));
-        }
-        let due = session.heartbeat_due();
-        tokio::select! {
-            r = &mut shutdown => break r,
-            input = rx.recv() => match input {
-                None => { editor_done = true; break Ok(()); }
-                Some(Input::End(err)) => {
-                    editor_done = true;
-                    break match err {
-                        Some(e) => Err(anyhow::anyhow!("terminal input failed: {e}")),
-                        None => Ok(()),
-                    };
-                }
-                Some(Input::Line(line, ack)) => {
-                    let keep = handle_line(&mut session, &line, color, &mut print).await;
-                    let go_on = matches!(keep, Ok(true));
-                    let _ = ack.send(go_on);
-                    if !go_on {
-                        editor_done = true;
-                        break keep.map(|_| ());
-                    }
-                }
-            },
-            event = session.recv() => {
-                if let Err(e) = event.and_then(|ev| print(display::event_line(&ev, now_ms(), color))) {
-                    break Err(e);
-                }
-            }
-            () = tokio::time::sleep_until(due) => {
-                let shown = session.tick().await.and_then(|events| {
-                    events
-                        .iter()
-                        .try_for_each(|ev| print(display::event_line(ev, now_ms(), color)))
-                });
-                if let Err(e) = shown {
-                    break Err(e);
-                }
-            }
-        }
-    };
-    let left = session.leave().await;
-    if editor_done {
-        // The thread has returned from readline (it got its answer or ended by itself).
+    let result = peer.run(Some(rx), &mut out, shutdown, false).await;
+    if thread.is_finished() {
         let _ = thread.join();
     } else if let Some(t) = saved_termios {
-        // The thread is blocked in readline with the terminal in raw mode; the process is
-        // about to exit, which ends the thread, but the terminal must be usable again.
+        // The thread is blocked in readline with the terminal in raw mode (a signal ended
+        // the loop); the process is about to exit, which ends the thread, but the terminal
+        // must be usable again.
         let _ =
             nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t);
         let _ = writeln!(std::io::stdout());
     }
     crate::log::to_stderr();
-    session.log_drops();
-    result?;
-    left.context("failed to send the leave message")?;
-    Ok(())
+    crate::finish(result, out)
 }
 
-/// Acts on one typed line; `Ok(false)` means leave.
-async fn handle_line(
-    session: &mut Session,
-    line: &str,
-    color: bool,
-    print: &mut impl FnMut(String) -> Result<()>,
-) -> Result<bool> {
-    let show_sent = |sent: Vec<Received>, print: &mut dyn FnMut(String) -> Result<()>| {
-        sent.into_iter()
-            .try_for_each(|m| print(display::event_line(&Event::Message(m), now_ms(), color)))
-    };
-    match parse_command(line) {
-        Command::Nothing => {}
-        Command::Say(text) => match session.send(Kind::Message, text).await {
-            Ok(sent) => show_sent(sent, print)?,
-            Err(e) if is_fatal(&e) => return Err(e),
-            Err(e) => print(format!("mcchat: not sent: {e:#}"))?,
-        },
-        Command::Me(text) => match session.send(Kind::Action, text).await {
-            Ok(sent) => show_sent(sent, print)?,
-            Err(e) if is_fatal(&e) => return Err(e),
-            Err(e) => print(format!("mcchat: not sent: {e:#}"))?,
-        },
-        Command::Who => {
-            let names = session.members();
-            let list: Vec<String> = names
-                .iter()
-                .map(|n| mcchat_core::sanitize::for_terminal(n).into_owned())
-                .collect();
-            print(format!(
-                "in {} ({}): {}",
-                session.room().name,
-                list.len(),
-                list.join(", ")
-            ))?;
-        }
-        Command::Stats => {
-            let d = session.drops();
-            let detail: Vec<String> = d.nonzero().map(|(r, n)| format!("{r}={n}")).collect();
-            print(format!(
-                "dropped datagrams: {} {}",
-                d.total(),
-                detail.join(" ")
-            ))?;
-        }
-        Command::Help => print(HELP.to_owned())?,
-        Command::Usage(usage) => print(format!("usage: {usage}"))?,
-        Command::Quit => return Ok(false),
-        Command::Unknown(word) => print(format!(
+/// What a typed line asks of the loop; `None`: nothing, `Some(None)`: leave.
+fn to_input(line: &str) -> Option<Option<Input>> {
+    Some(Some(match parse_command(line) {
+        Command::Nothing => return None,
+        Command::Say(text) => Input::Say(Kind::Message, text.to_owned()),
+        Command::Me(text) => Input::Say(Kind::Action, text.to_owned()),
+        Command::Who => Input::Who,
+        Command::Stats => Input::Stats,
+        Command::Help => Input::Note(HELP.to_owned()),
+        Command::Usage(usage) => Input::Note(format!("usage: {usage}")),
+        Command::Quit => return Some(None),
+        Command::Unknown(word) => Input::Note(format!(
             "unknown command /{}; /help lists them (//text sends a line starting with '/')",
             mcchat_core::sanitize::for_terminal(word)
-        ))?,
-    }
-    Ok(true)
+        )),
+    }))
 }
 
-/// The editor thread: reads lines until told to stop or the user leaves.
+/// The editor thread: reads lines until the user leaves (`/quit`, Ctrl-C, Ctrl-D: the
+/// channel closes) or the loop is gone.
 fn edit_lines(mut editor: DefaultEditor, prompt: &str, tx: &mpsc::Sender<Input>) {
     loop {
         match editor.readline(prompt) {
@@ -231,20 +138,18 @@ fn edit_lines(mut editor: DefaultEditor, prompt: &str, tx: &mpsc::Sender<Input>)
                 if !line.trim().is_empty() {
                     let _ = editor.add_history_entry(line.as_str());
                 }
-                let (ack_tx, ack_rx) = oneshot::channel();
-                if tx.blocking_send(Input::Line(line, ack_tx)).is_err() {
-                    return;
-                }
-                if !ack_rx.blocking_recv().unwrap_or(false) {
+                let sent = match to_input(&line) {
+                    None => true,
+                    Some(Some(input)) => tx.blocking_send(input).is_ok(),
+                    Some(None) => false, // `/quit`
+                };
+                if !sent {
                     return;
                 }
             }
-            Err(ReadlineError::Interrupted | ReadlineError::Eof) => {
-                let _ = tx.blocking_send(Input::End(None));
-                return;
-            }
+            Err(ReadlineError::Interrupted | ReadlineError::Eof) => return,
             Err(e) => {
-                let _ = tx.blocking_send(Input::End(Some(e.to_string())));
+                let _ = tx.blocking_send(Input::Failed(e.to_string()));
                 return;
             }
         }

@@ -1,13 +1,17 @@
 //! The `mcchat` peer: chat in a room by joining its multicast group directly.
 //!
 //! - [`cli`]: the command line (clap derive).
-//! - `session`: one joined room — socket, instance id, sequence numbers, roster, drop counters.
+//! - `driver`: the one loop every front end runs: the pure engine
+//!   ([`mcchat_core::peer::PeerEngine`]) fed from a transport, the user and the clock.
+//! - `transport`: the room's socket, joined directly or connected to mcchatd (`--via`).
+//! - `writer`: output on its own thread behind a bounded queue, so a slow reader never
+//!   stalls the loop (what it cannot take is counted and reported).
 //! - `display`: the one place events become text or JSON (and network text is sanitised).
 //! - `interactive`: the terminal front end (rustyline with an external printer).
 //! - `pipe`: the line-oriented front end for `join` without a terminal.
 //! - `output`: stdout that treats a closed pipe as a clean exit.
 //! - `log`: where diagnostics go (stderr, or above the prompt on a terminal).
-//! - `via`: the client side of mcchatd's relay protocol (`--via`).
+//! - `via`: where mcchatd is (`--via HOST[:PORT]`).
 //! - `daemon`: requests to mcchatd's status port (status, history).
 //! - `status`: `mcchat status`, reading a daemon's status document.
 //! - `history`: `mcchat history`, and the catch-up `join` shows first.
@@ -19,14 +23,16 @@
 pub mod cli;
 mod daemon;
 mod display;
+mod driver;
 mod history;
 mod interactive;
 mod log;
 mod output;
 mod pipe;
-mod session;
 mod status;
+mod transport;
 mod via;
+mod writer;
 
 use std::io::IsTerminal as _;
 
@@ -36,10 +42,14 @@ use mcchat_core::config::{self, Loaded};
 use mcchat_core::wire::Kind;
 
 use crate::cli::{Cli, Command};
+use crate::driver::{Mode, Peer};
 pub use crate::log::{LogWriter, log_writer};
 use crate::output::Stdout;
 pub use crate::output::StdoutClosed;
-use crate::session::{Session, now_ms};
+use crate::writer::Output;
+
+/// How long the output may take to write what is queued when a run ends.
+const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> Result<()> {
@@ -64,51 +74,83 @@ pub async fn run(cli: Cli) -> Result<()> {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
             let name = resolve_name(args.name.clone())?;
-            let mut session = open(room, &args.net, Some(name), false).await?;
-            let text = args.text.join(" ");
-            session.send(Kind::Message, &text).await?;
-            Ok(())
+            let mode = Mode {
+                name: Some(name),
+                presence: false,
+                subscribe: false,
+                echo_own: false,
+                repair_window: mcchat_core::peer::REPAIR_WINDOW,
+            };
+            let mut peer = Peer::open(room, &args.net, mode).await?;
+            peer.say_now(Kind::Message, &args.text.join(" ")).await
         }
         Command::Listen(ref args) => {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
-            let mut session = open(room, &args.net, None, true).await?;
+            let mode = Mode {
+                name: None,
+                presence: false,
+                subscribe: true,
+                echo_own: false,
+                repair_window: mcchat_core::peer::REPAIR_WINDOW,
+            };
+            let mut peer = Peer::open(room, &args.net, mode).await?;
             let shutdown = shutdown_signal()?;
-            note(&format!("listening to {}", session.describe()));
-            let result = listen(&mut session, args.json, shutdown).await;
-            session.leave().await.ok();
-            session.log_drops();
-            result
+            peer.connect().await?;
+            note(&format!("listening to {}", peer.describe()));
+            let mut out = stdout_writer(args.json, peer.room().name.to_string())?;
+            let result = peer.run(None, &mut out, shutdown, true).await;
+            finish(result, out)
         }
         Command::Join(ref args) => {
             let loaded = load_rooms(&cli)?;
             let room = loaded.registry.resolve(args.room.as_str())?;
             let name = resolve_name(args.name.clone())?;
-            let mut session = open(room, &args.net, Some(name), true).await?;
-            session.set_repair_window(std::time::Duration::from_secs(args.repair_window));
-            history::catch_up(&mut session, args).await;
-            if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
-                interactive::run(session).await
+            let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+            let mode = Mode {
+                name: Some(name),
+                presence: true,
+                subscribe: true,
+                echo_own: terminal,
+                repair_window: std::time::Duration::from_secs(args.repair_window),
+            };
+            let mut peer = Peer::open(room, &args.net, mode).await?;
+            peer.connect().await?;
+            history::catch_up(&mut peer, args).await;
+            if terminal {
+                interactive::run(peer).await
             } else {
-                pipe::run(session).await
+                pipe::run(peer).await
             }
         }
     }
 }
 
-/// Opens the room directly, or through mcchatd with `--via` (subscribing if `subscribe`).
-async fn open(
-    room: mcchat_core::room::Room,
-    net: &cli::NetArgs,
-    name: Option<String>,
-    subscribe: bool,
-) -> Result<Session> {
-    match &net.via {
-        Some(spec) => {
-            let daemon = via::resolve(spec).await?;
-            Session::open_via(room, daemon, name, subscribe).await
+/// The writer for `listen` and piped `join`: text or JSON lines on stdout.
+pub(crate) fn stdout_writer(json: bool, room: String) -> Result<Output> {
+    let mut out = Stdout::new();
+    let color = !json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    Output::spawn(writer::QUEUE, move |line| {
+        let now = mcchat_core::wire::now_ms();
+        let text = if json {
+            display::json_output_line(line, &room, now)
+        } else {
+            Some(display::text_line(line, now, color))
+        };
+        match text {
+            Some(t) => out.line(&t),
+            None => Ok(()),
         }
-        None => Session::open(room, net, name),
+    })
+}
+
+/// Ends a run: the output drains (bounded in time), and a closed stdout is a clean exit.
+pub(crate) fn finish(result: Result<()>, out: Output) -> Result<()> {
+    let written = out.finish(OUTPUT_DRAIN);
+    result?;
+    match written {
+        Err(e) if e.is::<StdoutClosed>() => Ok(()),
+        other => other,
     }
 }
 
@@ -180,37 +222,6 @@ fn rooms(loaded: &Loaded) -> Result<()> {
     }
     out.line("other names get a group derived from the name (see docs/PROTOCOL.md)")?;
     Ok(())
-}
-
-async fn listen(
-    session: &mut Session,
-    json: bool,
-    shutdown: impl Future<Output = Result<()>>,
-) -> Result<()> {
-    let mut out = Stdout::new();
-    let color = !json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tokio::pin!(shutdown);
-    let room = session.room().name.to_string();
-    let show = |out: &mut Stdout, event: &session::Event| {
-        let line = if json {
-            display::json_line(event, &room, now_ms())
-        } else {
-            display::event_line(event, now_ms(), color)
-        };
-        out.line(&line)
-    };
-    loop {
-        let due = session.heartbeat_due();
-        tokio::select! {
-            r = &mut shutdown => return r,
-            event = session.recv() => show(&mut out, &event?)?,
-            () = tokio::time::sleep_until(due) => {
-                for event in session.tick().await? {
-                    show(&mut out, &event)?;
-                }
-            }
-        }
-    }
 }
 
 /// A future that resolves on SIGINT, SIGTERM or SIGHUP. The handlers are installed when this is

@@ -1,15 +1,13 @@
 //! `mcchat join` without a terminal: every stdin line is a message, every event a stdout line,
 //! and EOF leaves the room. This is what `tail -f build.log | mcchat join ci --name bot` runs.
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use mcchat_core::wire::Kind;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::display;
-use crate::output::Stdout;
-use crate::session::{Event, Session, is_fatal, now_ms};
+use crate::driver::{Input, Peer};
 use crate::{note, shutdown_signal};
 
 /// Longest stdin line accepted; longer ones are reported and skipped, so one runaway line
@@ -25,11 +23,13 @@ pub(crate) enum Line {
     TooLong(usize),
 }
 
-/// Reads lines from `input` until EOF and sends them on `tx`. Ends early if the receiver is
-/// gone. Invalid UTF-8 is replaced with U+FFFD rather than dropping the line.
-pub(crate) async fn read_lines<R: AsyncRead + Unpin>(
+/// Reads lines from `input` until EOF and sends what `map` makes of them on `tx`. Ends early
+/// if the receiver is gone. Invalid UTF-8 is replaced with U+FFFD rather than dropping the
+/// line.
+pub(crate) async fn read_lines<R: AsyncRead + Unpin, T>(
     input: R,
-    tx: mpsc::Sender<Line>,
+    tx: mpsc::Sender<T>,
+    mut map: impl FnMut(Line) -> Option<T>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(input);
     let mut buf = Vec::new();
@@ -64,83 +64,49 @@ pub(crate) async fn read_lines<R: AsyncRead + Unpin>(
             }
             Line::Text(String::from_utf8_lossy(&buf).into_owned())
         };
-        if tx.send(line).await.is_err() {
+        let Some(item) = map(line) else {
+            continue;
+        };
+        if tx.send(item).await.is_err() {
             return Ok(());
         }
     }
 }
 
-/// Runs the room until stdin ends or a signal arrives.
-pub(crate) async fn run(mut session: Session) -> Result<()> {
-    let mut out = Stdout::new();
-    let shutdown = shutdown_signal()?;
-    session.enter().await?;
-    note(&format!("joined {}", session.describe()));
-
-    let (tx, mut rx) = mpsc::channel(64);
-    let reader: JoinHandle<std::io::Result<()>> = tokio::spawn(read_lines(tokio::io::stdin(), tx));
-    tokio::pin!(shutdown);
-    let mut line_no = 0u64;
-    let result: Result<()> = loop {
-        let due = session.heartbeat_due();
-        tokio::select! {
-            r = &mut shutdown => break r,
-            line = rx.recv() => match line {
-                None => break Ok(()),
-                Some(Line::Text(text)) => {
-                    line_no += 1;
-                    if text.is_empty() {
-                        continue;
-                    }
-                    if let Err(e) = session.send(Kind::Message, &text).await {
-                        if is_fatal(&e) {
-                            break Err(e);
-                        }
-                        note(&format!("stdin line {line_no} not sent: {e:#}"));
-                    }
-                }
-                Some(Line::TooLong(len)) => {
-                    line_no += 1;
-                    note(&format!(
-                        "stdin line {line_no} is {len} bytes, over the {MAX_LINE}-byte limit; \
-                         skipped it"
-                    ));
-                }
-            },
-            event = session.recv() => match event {
-                Ok(event) => {
-                    if let Err(e) = show(&mut out, &event) {
-                        break Err(e);
-                    }
-                }
-                Err(e) => break Err(e),
-            },
-            () = tokio::time::sleep_until(due) => {
-                match session.tick().await {
-                    Ok(events) => {
-                        if let Err(e) = events.iter().try_for_each(|ev| show(&mut out, ev)) {
-                            break Err(e);
-                        }
-                    }
-                    Err(e) => break Err(e),
-                }
-            }
+/// What a stdin line asks for: every non-empty line is a message.
+fn to_input(line_no: &mut u64, line: Line) -> Option<Input> {
+    *line_no += 1;
+    match line {
+        Line::Text(text) if text.is_empty() => None,
+        Line::Text(text) => Some(Input::Say(Kind::Message, text)),
+        Line::TooLong(len) => {
+            note(&format!(
+                "stdin line {line_no} is {len} bytes, over the {MAX_LINE}-byte limit; skipped it"
+            ));
+            None
         }
-    };
+    }
+}
+
+/// Runs the room until stdin ends or a signal arrives.
+pub(crate) async fn run(mut peer: Peer) -> Result<()> {
+    let shutdown = shutdown_signal()?;
+    peer.enter().await?;
+    note(&format!("joined {}", peer.describe()));
+    let mut out = crate::stdout_writer(false, peer.room().name.to_string())?;
+    let (tx, rx) = mpsc::channel(64);
+    let mut line_no = 0u64;
+    let reader: JoinHandle<std::io::Result<()>> =
+        tokio::spawn(read_lines(tokio::io::stdin(), tx, move |line| {
+            to_input(&mut line_no, line)
+        }));
+    let result = peer.run(Some(rx), &mut out, shutdown, true).await;
     // The reader may still wait on stdin (after a signal); it must not outlive this loop.
     reader.abort();
     if let Ok(Err(e)) = reader.await {
         tracing::warn!(error = %e, "reading stdin failed");
     }
-    let left = session.leave().await;
-    session.log_drops();
-    result?;
-    left.context("failed to send the leave message")?;
-    Ok(())
-}
-
-fn show(out: &mut Stdout, event: &Event) -> Result<()> {
-    out.line(&display::event_line(event, now_ms(), false))
+    crate::finish(result, out)
 }
 
 #[cfg(test)]
@@ -149,7 +115,7 @@ mod tests {
 
     async fn lines(input: &[u8]) -> Vec<Line> {
         let (tx, mut rx) = mpsc::channel(1024);
-        read_lines(input, tx).await.unwrap();
+        read_lines(input, tx, Some).await.unwrap();
         let mut v = Vec::new();
         while let Ok(l) = rx.try_recv() {
             v.push(l);
