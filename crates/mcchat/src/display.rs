@@ -225,16 +225,20 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
     escape_for_terminal(&json)
 }
 
-/// JSON escapes only characters below U+0020; DEL, the C1 controls (CSI is U+009B) and the
-/// bidirectional controls would still reach a terminal raw. Written as `\uXXXX` they are the
+/// JSON escapes only characters below U+0020; DEL, the C1 controls (CSI is U+009B), the
+/// bidirectional controls, the invisible and format characters and U+2028/U+2029 (which
+/// end a line in JavaScript) would still reach a terminal or a script raw. Written as `\uXXXX` they are the
 /// same JSON string, and harmless.
 fn escape_for_terminal(json: &str) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
         if sanitize::for_terminal(c.encode_utf8(&mut [0; 4])).len() != c.len_utf8() {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "\\u{:04x}", c as u32);
+            // JSON's `\u` takes UTF-16 units: a character beyond the BMP (the tag
+            // characters) is written as its surrogate pair. Writing to a String cannot fail.
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
         } else {
             out.push(c);
         }
@@ -300,5 +304,32 @@ mod tests {
         assert!(line.contains(r#""text":"\u009b2J\u202ex\u007f""#), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["text"], "\u{9b}2J\u{202e}x\x7f");
+        let text = "a\u{2028}b\u{2029}c\u{200b}\u{e0041}";
+        let line = json_line(
+            &Event::Message(msg(Kind::Message, "al\u{200b}ice", text)),
+            "r",
+            0,
+        );
+        assert!(
+            line.contains(r#""text":"a\u2028b\u2029c\u200b\udb40\udc41""#),
+            "{line}"
+        );
+        assert!(line.contains(r#""sender":"al\u200bice""#), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["text"], text, "the same string, escaped");
+    }
+
+    #[test]
+    fn skipped_lines_are_reported_in_both_forms() {
+        let line = text_line(&Line::Skipped(37), 0, false);
+        assert!(
+            line.ends_with(" -- 37 messages not shown: output too slow"),
+            "{line}"
+        );
+        let json = json_output_line(&Line::Skipped(37), "room1", 0).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["kind"], "skipped");
+        assert_eq!(v["text"], "37 not shown");
+        assert!(json_output_line(&Line::Text("in room1: a".into()), "room1", 0).is_none());
     }
 }
