@@ -172,11 +172,45 @@ pub struct PeerStats {
     pub heartbeats: u64,
 }
 
-/// A byte budget refilled over the repair window, weighed against what is held.
-#[derive(Debug)]
+/// The repair bytes sent within the last repair window, weighed against what is held: at
+/// most the cap within any window. (A token bucket of the cap refilled over the window would
+/// allow twice that: a full bucket, then a window of refill.)
+#[derive(Debug, Default)]
 struct ByteBudget {
-    tokens: f64,
-    at: Option<Instant>,
+    /// `(first, last, bytes)` of the repairs sent, oldest first; one entry covers at most a
+    /// 64th of the window, so there are few.
+    spent: VecDeque<(Instant, Instant, usize)>,
+    /// The sum of the bytes in `spent`.
+    total: usize,
+}
+
+impl ByteBudget {
+    /// Forgets what went out more than `window` before `now`.
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while let Some(&(_, last, bytes)) = self.spent.front() {
+            if now.saturating_duration_since(last) <= window {
+                break;
+            }
+            self.spent.pop_front();
+            self.total -= bytes;
+        }
+    }
+
+    /// Whether `bytes` more keep the window's total within `cap`.
+    fn fits(&self, bytes: usize, cap: usize) -> bool {
+        self.total + bytes <= cap
+    }
+
+    fn spend(&mut self, bytes: usize, now: Instant, window: Duration) {
+        self.total += bytes;
+        match self.spent.back_mut() {
+            Some((first, last, b)) if now.saturating_duration_since(*first) < window / 64 => {
+                *last = now;
+                *b += bytes;
+            }
+            _ => self.spent.push_back((now, now, bytes)),
+        }
+    }
 }
 
 /// One peer in one room (see the module docs).
@@ -221,10 +255,7 @@ impl PeerEngine {
             roster: Roster::new(MEMBER_TIMEOUT),
             expire_due: now.mono + EXPIRE_EVERY,
             repair_rate: LogLimiter::new(REPAIRS_PER_SECOND, Duration::from_secs(1)),
-            repair_bytes: ByteBudget {
-                tokens: MIN_REPAIR_BYTES as f64,
-                at: None,
-            },
+            repair_bytes: ByteBudget::default(),
             heartbeat: Heartbeat::new(now.mono),
             relay,
             drops: DropCounts::default(),
@@ -561,19 +592,14 @@ impl PeerEngine {
         // Budgets over all NACKs, so a confused or hostile receiver cannot make this peer
         // flood the room: a rate, and bytes weighed against what this peer holds.
         let held = sent.bytes(now.mono);
-        let cap = (2 * held).max(MIN_REPAIR_BYTES) as f64;
-        if let Some(at) = repair_bytes.at {
-            let elapsed = now.mono.saturating_duration_since(at).as_secs_f64();
-            let window = config.repair_window.as_secs_f64().max(1.0);
-            repair_bytes.tokens = (repair_bytes.tokens + elapsed * cap / window).min(cap);
-        }
-        repair_bytes.at = Some(now.mono);
+        let cap = (2 * held).max(MIN_REPAIR_BYTES);
+        let window = config.repair_window.max(Duration::from_secs(1));
+        repair_bytes.expire(now.mono, window);
         let repairs: Vec<(u64, Sent)> = sent
             .repairs(&nack.ranges, now.mono, MAX_REPAIRS_PER_NACK, |bytes| {
-                let ok =
-                    repair_bytes.tokens >= bytes as f64 && repair_rate.check(now.mono).is_some();
+                let ok = repair_bytes.fits(bytes, cap) && repair_rate.check(now.mono).is_some();
                 if ok {
-                    repair_bytes.tokens -= bytes as f64;
+                    repair_bytes.spend(bytes, now.mono, window);
                 } else {
                     stats.repairs_refused += 1;
                 }
