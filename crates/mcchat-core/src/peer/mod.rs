@@ -7,8 +7,10 @@
 //!
 //! - this file: the engine (decoding, presence, repair on both sides, the budgets);
 //! - `heartbeat`: when presence heartbeats and tail probes go out;
+//! - `budget`: the byte budget of this peer's repairs;
 //! - `relay`: the client side of mcchatd's subscription protocol (`--via`).
 
+mod budget;
 mod heartbeat;
 mod relay;
 
@@ -23,6 +25,7 @@ use crate::repair::{
 };
 use crate::wire::{self, DropCounts, EncodeError, Header, InstanceId, Kind, MAX_DATAGRAM, Meta};
 
+use budget::ByteBudget;
 use heartbeat::Heartbeat;
 use relay::RelayClient;
 
@@ -170,47 +173,6 @@ pub struct PeerStats {
     pub repairs_refused: u64,
     /// Heartbeats sent.
     pub heartbeats: u64,
-}
-
-/// The repair bytes sent within the last repair window, weighed against what is held: at
-/// most the cap within any window. (A token bucket of the cap refilled over the window would
-/// allow twice that: a full bucket, then a window of refill.)
-#[derive(Debug, Default)]
-struct ByteBudget {
-    /// `(first, last, bytes)` of the repairs sent, oldest first; one entry covers at most a
-    /// 64th of the window, so there are few.
-    spent: VecDeque<(Instant, Instant, usize)>,
-    /// The sum of the bytes in `spent`.
-    total: usize,
-}
-
-impl ByteBudget {
-    /// Forgets what went out more than `window` before `now`.
-    fn expire(&mut self, now: Instant, window: Duration) {
-        while let Some(&(_, last, bytes)) = self.spent.front() {
-            if now.saturating_duration_since(last) <= window {
-                break;
-            }
-            self.spent.pop_front();
-            self.total -= bytes;
-        }
-    }
-
-    /// Whether `bytes` more keep the window's total within `cap`.
-    fn fits(&self, bytes: usize, cap: usize) -> bool {
-        self.total + bytes <= cap
-    }
-
-    fn spend(&mut self, bytes: usize, now: Instant, window: Duration) {
-        self.total += bytes;
-        match self.spent.back_mut() {
-            Some((first, last, b)) if now.saturating_duration_since(*first) < window / 64 => {
-                *last = now;
-                *b += bytes;
-            }
-            _ => self.spent.push_back((now, now, bytes)),
-        }
-    }
 }
 
 /// One peer in one room (see the module docs).

@@ -13,6 +13,7 @@
 //! reordering injector. The I/O layer feeds it datagrams and timer ticks and sends what it
 //! returns.
 
+mod followed;
 mod receiver;
 
 use std::collections::VecDeque;
