@@ -27,6 +27,10 @@ use crate::writer::{Line, Output};
 /// bounded work per turn of the loop, and the timers and the user still get their turn.
 const BATCH: usize = 64;
 
+/// NACK datagrams per second through mcchatd: well under its per-source rate (PROTOCOL.md
+/// 4.3), so a flood of gaps cannot crowd out this peer's own messages.
+const VIA_NACKS_PER_SECOND: u32 = 64;
+
 /// What a front end hands the loop.
 #[derive(Debug)]
 pub(crate) enum Input {
@@ -105,9 +109,15 @@ impl Peer {
         let mut config = PeerConfig::new(room.name.as_str(), &name, transport.dest(&room));
         config.presence = mode.presence && !name.is_empty();
         config.echo_own = mode.echo_own;
-        config.subscribe = mode.subscribe && matches!(transport, Transport::Via { .. });
+        let via = matches!(transport, Transport::Via { .. });
+        config.subscribe = mode.subscribe && via;
         let config_subscribes = config.subscribe;
         config.repair_window = mode.repair_window;
+        if via {
+            // mcchatd relays at most 200 datagrams a second per source: NACKs must leave
+            // room for this peer's own messages, heartbeats and renewals.
+            config.repair.nacks_per_second = VIA_NACKS_PER_SECOND;
+        }
         Ok(Self {
             engine: PeerEngine::new(config, instance, seed, now()),
             transport,
@@ -178,14 +188,14 @@ impl Peer {
         Ok(())
     }
 
-    /// Feeds a received datagram, and up to [`BATCH`] more already queued, to the engine.
+    /// Feeds a received datagram, and up to [`BATCH`] - 1 more already queued, to the engine.
     fn received(
         &mut self,
         first: std::io::Result<(usize, SocketAddr)>,
         buf: &mut [u8],
     ) -> Result<()> {
         let mut r = first;
-        for _ in 0..BATCH {
+        for taken in 1..=BATCH {
             match r {
                 // A datagram longer than the buffer is truncated to it, which still reads as
                 // oversize.
@@ -195,6 +205,9 @@ impl Peer {
                     self.transient(e, "failed to receive")?;
                     return Ok(());
                 }
+            }
+            if taken == BATCH {
+                break; // the rest waits for the next turn, still queued in the socket
             }
             r = self.transport.try_recv(buf);
         }

@@ -79,7 +79,7 @@ pub(crate) async fn run(mut peer: Peer) -> Result<()> {
     peer.enter().await?;
     // Every line ends in '\n': between two readline calls the printer writes straight to the
     // terminal without adding one, and the next prompt would overwrite the line.
-    let mut out = Output::spawn(writer::QUEUE, move |line| {
+    let mut out = Output::spawn(writer::QUEUE_BYTES, writer::QUEUE_LINES, move |line| {
         let mut text = display::text_line(line, now_ms(), color);
         text.push('\n');
         printer

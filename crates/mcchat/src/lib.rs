@@ -130,7 +130,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 pub(crate) fn stdout_writer(json: bool, room: String) -> Result<Output> {
     let mut out = Stdout::new();
     let color = !json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    Output::spawn(writer::QUEUE, move |line| {
+    Output::spawn(writer::QUEUE_BYTES, writer::QUEUE_LINES, move |line| {
         let now = mcchat_core::wire::now_ms();
         let text = if json {
             display::json_output_line(line, &room, now)

@@ -2,21 +2,26 @@
 //! or `mcchat listen` (a pager, `| (sleep 5; cat)`, a stuck terminal) never stalls the
 //! driver loop: heartbeats, NACKs, repairs and renewals go on whatever the output does.
 //!
-//! The queue's policy when full: the line is not queued and counted; the next line that fits
-//! is preceded by one `-- N messages not shown: output too slow` ([`Line::Skipped`]), so
-//! nothing is left out without a word.
+//! The queue is bounded in bytes ([`QUEUE_BYTES`], weighed by the text a line carries) and in
+//! lines ([`QUEUE_LINES`]): a burst (a long gap repaired, history) fits; a reader that stops
+//! does not hold more. The policy when it is full: the line is not queued and is counted, and
+//! one `-- N messages not shown: output too slow` ([`Line::Skipped`]) stands where they were,
+//! written by the writer as soon as it has caught up (or before the next line queued,
+//! whichever comes first). Nothing is left out without a word.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use mcchat_core::peer::Event;
 use tokio::sync::oneshot;
 
-/// How many lines may wait for the output.
-pub(crate) const QUEUE: usize = 256;
+/// Bytes of lines that may wait for the output (their text; each line counts 64 more).
+pub(crate) const QUEUE_BYTES: usize = 256 * 1024;
+/// Lines that may wait for the output.
+pub(crate) const QUEUE_LINES: usize = 4096;
 
 /// One line of output.
 #[derive(Debug)]
@@ -29,51 +34,55 @@ pub(crate) enum Line {
     Text(String),
 }
 
+impl Line {
+    /// What a line weighs in the queue's byte budget.
+    fn weight(&self) -> usize {
+        64 + match self {
+            Self::Event(Event::Message(m)) => m.text.len() + m.sender.len(),
+            Self::Text(t) => t.len(),
+            Self::Event(_) | Self::Skipped(_) => 0,
+        }
+    }
+}
+
 /// Counts shared with the writer thread.
 #[derive(Debug, Default)]
-struct Counts {
-    queued: AtomicU64,
-    written: AtomicU64,
-    /// Lines skipped that no notice has told of yet, for the writer's last line.
+struct Shared {
+    bytes: AtomicUsize,
+    lines: AtomicUsize,
+    /// Lines skipped that no notice has told of yet: whoever takes them (the writer when it
+    /// has caught up, the driver before its next line) writes the notice.
     unreported: AtomicU64,
+    skipped_total: AtomicU64,
 }
 
 /// The handle the driver writes through.
 pub(crate) struct Output {
-    tx: Option<SyncSender<Line>>,
-    skipped: u64,
-    counts: Arc<Counts>,
+    tx: Option<Sender<(Line, usize)>>,
+    max_bytes: usize,
+    max_lines: usize,
+    shared: Arc<Shared>,
     /// The writer's error (a closed stdout, a failed terminal), once.
     failed: oneshot::Receiver<anyhow::Error>,
     done: Receiver<()>,
 }
 
 impl Output {
-    /// Starts the writer thread, which hands every line to `sink` in order.
-    pub(crate) fn spawn<F>(capacity: usize, mut sink: F) -> Result<Self>
+    /// Starts the writer thread, which hands every line to `sink` in order; the queue holds
+    /// at most `max_bytes` (by [`Line::weight`]) and `max_lines`.
+    pub(crate) fn spawn<F>(max_bytes: usize, max_lines: usize, mut sink: F) -> Result<Self>
     where
         F: FnMut(&Line) -> Result<()> + Send + 'static,
     {
-        let (tx, rx) = mpsc::sync_channel::<Line>(capacity);
+        let (tx, rx) = mpsc::channel::<(Line, usize)>();
         let (fail_tx, failed) = oneshot::channel();
         let (done_tx, done) = mpsc::channel();
-        let counts = Arc::new(Counts::default());
-        let shared = Arc::clone(&counts);
+        let shared = Arc::new(Shared::default());
+        let counts = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("output".into())
             .spawn(move || {
-                let mut result = Ok(());
-                for line in rx {
-                    result = sink(&line);
-                    if result.is_err() {
-                        break;
-                    }
-                    shared.written.fetch_add(1, Ordering::Relaxed);
-                }
-                let left = shared.unreported.swap(0, Ordering::Relaxed);
-                if result.is_ok() && left > 0 {
-                    result = sink(&Line::Skipped(left));
-                }
+                let result = write_all(&rx, &counts, &mut sink);
                 if let Err(e) = result {
                     let _ = fail_tx.send(e);
                 }
@@ -82,8 +91,9 @@ impl Output {
             .context("failed to start the output thread")?;
         Ok(Self {
             tx: Some(tx),
-            skipped: 0,
-            counts,
+            max_bytes,
+            max_lines,
+            shared,
             failed,
             done,
         })
@@ -94,31 +104,32 @@ impl Output {
         let Some(tx) = &self.tx else {
             return;
         };
-        if self.skipped > 0 {
-            match tx.try_send(Line::Skipped(self.skipped)) {
-                Ok(()) => {
-                    self.counts.queued.fetch_add(1, Ordering::Relaxed);
-                    self.skipped = 0;
-                }
-                Err(_) => {
-                    self.skipped += 1;
-                    return;
-                }
-            }
+        let weight = line.weight();
+        let full = self.shared.bytes.load(Ordering::Relaxed) + weight > self.max_bytes
+            || self.shared.lines.load(Ordering::Relaxed) >= self.max_lines;
+        if full {
+            self.shared.unreported.fetch_add(1, Ordering::Relaxed);
+            self.shared.skipped_total.fetch_add(1, Ordering::Relaxed);
+            return;
         }
-        match tx.try_send(line) {
-            Ok(()) => {
-                self.counts.queued.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Full(_)) => self.skipped += 1,
-            // The writer has stopped; `failed` says why.
-            Err(TrySendError::Disconnected(_)) => {}
+        let unreported = self.shared.unreported.swap(0, Ordering::Relaxed);
+        if unreported > 0 {
+            self.queue(tx.clone(), Line::Skipped(unreported));
         }
+        self.queue(tx.clone(), line);
+    }
+
+    fn queue(&self, tx: Sender<(Line, usize)>, line: Line) {
+        let weight = line.weight();
+        self.shared.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.shared.lines.fetch_add(1, Ordering::Relaxed);
+        // A send fails only once the writer has stopped; `failed` says why.
+        let _ = tx.send((line, weight));
     }
 
     /// Lines not shown so far because the output was too slow.
     pub(crate) fn skipped(&self) -> u64 {
-        self.skipped
+        self.shared.skipped_total.load(Ordering::Relaxed)
     }
 
     /// Resolves with the writer's error when it fails (stdout closed): the run ends.
@@ -133,16 +144,14 @@ impl Output {
     /// Ends the output: what is queued is written within `within`, then a last notice of
     /// what was skipped. Returns the writer's error, if it had one.
     pub(crate) fn finish(mut self, within: Duration) -> Result<()> {
-        self.counts
-            .unreported
-            .fetch_add(self.skipped, Ordering::Relaxed);
         drop(self.tx.take());
         if self.done.recv_timeout(within).is_err() {
             // The reader is not reading: exit anyway, and say so where it can be seen.
-            let waiting = self.counts.queued.load(Ordering::Relaxed)
-                - self.counts.written.load(Ordering::Relaxed);
+            let waiting = self.shared.lines.load(Ordering::Relaxed);
+            let skipped = self.shared.unreported.load(Ordering::Relaxed);
             crate::note(&format!(
-                "{waiting} lines not shown: output too slow (gave up after {within:?})"
+                "{} lines not shown: output too slow (gave up after {within:?})",
+                waiting as u64 + skipped
             ));
             return Ok(());
         }
@@ -153,23 +162,53 @@ impl Output {
     }
 }
 
+/// The writer thread's loop: every line in order, and the skipped notice whenever the queue
+/// runs dry with lines unreported.
+fn write_all(
+    rx: &Receiver<(Line, usize)>,
+    shared: &Shared,
+    sink: &mut impl FnMut(&Line) -> Result<()>,
+) -> Result<()> {
+    let mut next = rx.recv().ok();
+    while let Some((line, weight)) = next.take() {
+        sink(&line)?;
+        shared.bytes.fetch_sub(weight, Ordering::Relaxed);
+        shared.lines.fetch_sub(1, Ordering::Relaxed);
+        next = match rx.try_recv() {
+            Ok(item) => Some(item),
+            Err(TryRecvError::Empty) => {
+                let unreported = shared.unreported.swap(0, Ordering::Relaxed);
+                if unreported > 0 {
+                    sink(&Line::Skipped(unreported))?;
+                }
+                rx.recv().ok()
+            }
+            Err(TryRecvError::Disconnected) => None,
+        };
+    }
+    let unreported = shared.unreported.swap(0, Ordering::Relaxed);
+    if unreported > 0 {
+        sink(&Line::Skipped(unreported))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
 
-    #[test]
-    fn a_slow_sink_costs_skipped_lines_never_a_wait() {
-        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// A sink that records what it writes, and waits for `gate` before its first line.
+    fn recorder(gate: Option<Receiver<()>>) -> (Seen, impl FnMut(&Line) -> Result<()>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink_seen = Arc::clone(&seen);
-        let mut first = true;
-        let mut out = Output::spawn(4, move |line: &Line| {
-            if first {
-                // The reader is slow: nothing is written until the test lets it.
-                let _ = gate_rx.recv();
-                first = false;
+        let mut gate = gate;
+        let sink = move |line: &Line| {
+            if let Some(g) = gate.take() {
+                let _ = g.recv();
             }
             sink_seen.lock().unwrap().push(match line {
                 Line::Text(t) => t.clone(),
@@ -177,26 +216,77 @@ mod tests {
                 Line::Event(_) => "event".into(),
             });
             Ok(())
-        })
-        .unwrap();
-        for i in 0..100 {
-            out.show(Line::Text(i.to_string()));
-        }
-        // 1 taken by the writer, 4 queued: the other 95 were counted, not waited for.
-        assert!(out.skipped() >= 90, "{}", out.skipped());
-        gate_tx.send(()).unwrap();
-        out.finish(Duration::from_secs(5)).unwrap();
-        let seen = seen.lock().unwrap();
+        };
+        (seen, sink)
+    }
+
+    fn tally(seen: &[String]) -> (u64, u64) {
         let shown = seen.iter().filter(|l| !l.starts_with("skipped")).count() as u64;
-        let skipped: u64 = seen
+        let skipped = seen
             .iter()
             .filter_map(|l| l.strip_prefix("skipped "))
             .map(|n| n.parse::<u64>().unwrap())
             .sum();
+        (shown, skipped)
+    }
+
+    #[test]
+    fn a_slow_sink_costs_skipped_lines_never_a_wait() {
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (seen, sink) = recorder(Some(gate_rx));
+        // Room for 4 lines of this size.
+        let mut out = Output::spawn(4 * 65, 100, sink).unwrap();
+        for i in 0..100 {
+            out.show(Line::Text(i.to_string()));
+        }
+        assert!(out.skipped() >= 90, "{}", out.skipped());
+        gate_tx.send(()).unwrap();
+        out.finish(Duration::from_secs(5)).unwrap();
+        let seen = seen.lock().unwrap();
+        let (shown, skipped) = tally(&seen);
         assert_eq!(shown + skipped, 100, "{seen:?}");
-        assert_eq!(
-            seen.last().map(String::as_str),
-            Some(&*format!("skipped {skipped}"))
-        );
+        assert_eq!(shown, 4, "4 lines of 65 bytes fit in 260: {seen:?}");
+        assert!(seen.last().unwrap().starts_with("skipped"), "{seen:?}");
+    }
+
+    #[test]
+    fn a_burst_within_the_budget_is_all_shown() {
+        let (seen, sink) = recorder(None);
+        let mut out = Output::spawn(QUEUE_BYTES, QUEUE_LINES, sink).unwrap();
+        for i in 0..2000 {
+            out.show(Line::Text(format!("message {i} with some text in it")));
+        }
+        assert_eq!(out.skipped(), 0);
+        out.finish(Duration::from_secs(5)).unwrap();
+        assert_eq!(tally(&seen.lock().unwrap()), (2000, 0));
+    }
+
+    #[test]
+    fn the_notice_comes_once_the_reader_catches_up_without_another_line() {
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (seen, sink) = recorder(Some(gate_rx));
+        let mut out = Output::spawn(2 * 66, 100, sink).unwrap();
+        for i in 0..10 {
+            out.show(Line::Text(format!("{i:02}")));
+        }
+        gate_tx.send(()).unwrap();
+        // No further line: the writer says what it skipped as soon as it has caught up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("skipped"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                seen.lock().unwrap()
+            );
+            std::thread::yield_now();
+        }
+        let (shown, skipped) = tally(&seen.lock().unwrap());
+        assert_eq!(shown + skipped, 10);
+        out.finish(Duration::from_secs(5)).unwrap();
     }
 }

@@ -138,6 +138,8 @@ pub const MIN_REPAIR_BYTES: usize = 64 * 1024;
 /// Loss notices shown one by one per call; the rest are summed in one (a flood of made-up
 /// senders given up at once is one line, not thousands).
 const LOST_NOTICES: usize = 8;
+/// Loss notices of senders heard only through presence: one per this, the rest summed.
+pub const UNHEARD_LOST_EVERY: Duration = Duration::from_secs(10);
 /// How often silent members are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
@@ -198,6 +200,10 @@ pub struct PeerEngine {
     /// Loss notices shown in the current call, and those summed.
     lost_shown: usize,
     lost_more: (u64, u64),
+    /// Losses of senders heard only through presence, summed: (senders, messages), and when
+    /// the next such notice may be shown.
+    unheard_lost: (u64, u64),
+    unheard_next: Option<Instant>,
 }
 
 impl PeerEngine {
@@ -225,6 +231,8 @@ impl PeerEngine {
             stats: PeerStats::default(),
             lost_shown: 0,
             lost_more: (0, 0),
+            unheard_lost: (0, 0),
+            unheard_next: None,
         }
     }
 
@@ -409,7 +417,7 @@ impl PeerEngine {
         }
         for (instance, seqs) in by_sender {
             let out = self.receiver.on_history(instance, &seqs, now.mono);
-            self.deliver(out);
+            self.deliver(out, now.mono);
         }
         self.effects.extend(
             messages
@@ -498,7 +506,7 @@ impl PeerEngine {
                     // Its join was lost, but it started moments ago: follow it from its first
                     // message, so what was lost before this one is repaired too.
                     let out = self.receiver.follow_from(instance, 1, now.mono);
-                    self.deliver(out);
+                    self.deliver(out, now.mono);
                 }
                 let out = self.receiver.on_message(
                     instance,
@@ -509,7 +517,7 @@ impl PeerEngine {
                     now.mono,
                     &mut self.rng,
                 );
-                self.deliver(out);
+                self.deliver(out, now.mono);
             }
             (Kind::Message | Kind::Action, None) => {
                 self.effects
@@ -519,21 +527,21 @@ impl PeerEngine {
                 let out = self
                     .receiver
                     .on_latest(instance, latest, now.mono, &mut self.rng);
-                self.deliver(out);
+                self.deliver(out, now.mono);
             }
             (Kind::Leave, Some(latest)) => {
                 if !is_repair || self.receiver.knows(instance) {
                     let out = self
                         .receiver
                         .on_latest(instance, latest, now.mono, &mut self.rng);
-                    self.deliver(out);
+                    self.deliver(out, now.mono);
                 }
                 // Its state is freed once its last gaps are repaired or given up.
                 self.receiver.forget(instance);
             }
             _ => {}
         }
-        self.flush_lost();
+        self.flush_lost(now.mono);
     }
 
     /// Answers a NACK: repairs if it asks for our messages, else holds back our own NACK for
@@ -601,7 +609,7 @@ impl PeerEngine {
     /// Timer work due at `now`: NACKs, gaps given up, heartbeats, silent members, renewals.
     pub fn poll(&mut self, now: Now) {
         let (nacks, out) = self.receiver.poll(now.mono, &mut self.rng);
-        self.deliver(out);
+        self.deliver(out, now.mono);
         for nack in &nacks {
             self.send_nack(nack, now);
         }
@@ -624,7 +632,7 @@ impl PeerEngine {
             self.effects.push_back(Effect::Show(event));
         }
         self.relay_requests(now);
-        self.flush_lost();
+        self.flush_lost(now.mono);
     }
 
     /// When [`PeerEngine::poll`] next has something to do.
@@ -632,10 +640,19 @@ impl PeerEngine {
         let heartbeat = self.config.presence.then(|| self.heartbeat.next());
         let expire = (!self.roster.is_empty()).then_some(self.expire_due);
         let relay = self.relay.as_ref().and_then(RelayClient::next_deadline);
-        [heartbeat, expire, relay, self.receiver.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        let unheard = (self.unheard_lost.0 > 0)
+            .then_some(self.unheard_next)
+            .flatten();
+        [
+            heartbeat,
+            expire,
+            relay,
+            unheard,
+            self.receiver.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Encodes the relay requests the client state machine asked for.
@@ -684,18 +701,31 @@ impl PeerEngine {
         }
     }
 
-    fn deliver(&mut self, out: Vec<Delivery<Received>>) {
+    fn deliver(&mut self, out: Vec<Delivery<Received>>, now: Instant) {
         for d in out {
             match d {
                 Delivery::Message(m) => self.effects.push_back(Effect::Show(Event::Message(m))),
-                Delivery::Lost { instance, count } if self.lost_shown < LOST_NOTICES => {
+                // A sender none of whose messages arrived (it may be one of thousands made
+                // up by a flood): at most one such notice per interval; the rest are summed.
+                Delivery::Lost {
+                    count,
+                    heard: false,
+                    instance,
+                } => {
+                    let quiet = self.unheard_next.is_none_or(|t| now >= t);
+                    if quiet && self.unheard_lost.0 == 0 {
+                        self.unheard_next = Some(now + UNHEARD_LOST_EVERY);
+                        self.show_lost(instance, count);
+                    } else {
+                        self.unheard_lost.0 += 1;
+                        self.unheard_lost.1 += count;
+                    }
+                }
+                Delivery::Lost {
+                    instance, count, ..
+                } if self.lost_shown < LOST_NOTICES => {
                     self.lost_shown += 1;
-                    let sender = self
-                        .roster
-                        .name_of(instance)
-                        .map_or_else(|| format!("sender {instance}"), str::to_owned);
-                    self.effects
-                        .push_back(Effect::Show(Event::Lost { sender, count }));
+                    self.show_lost(instance, count);
                 }
                 Delivery::Lost { count, .. } => {
                     self.lost_more.0 += 1;
@@ -705,8 +735,18 @@ impl PeerEngine {
         }
     }
 
-    /// Ends a call: the loss notices beyond [`LOST_NOTICES`] as one.
-    fn flush_lost(&mut self) {
+    fn show_lost(&mut self, instance: InstanceId, count: u64) {
+        let sender = self
+            .roster
+            .name_of(instance)
+            .map_or_else(|| format!("sender {instance}"), str::to_owned);
+        self.effects
+            .push_back(Effect::Show(Event::Lost { sender, count }));
+    }
+
+    /// Ends a call: the loss notices beyond [`LOST_NOTICES`] as one, and those of senders
+    /// heard only through presence once their interval has passed.
+    fn flush_lost(&mut self, now: Instant) {
         let (senders, count) = std::mem::take(&mut self.lost_more);
         if senders > 0 {
             self.effects.push_back(Effect::Show(Event::Lost {
@@ -715,6 +755,14 @@ impl PeerEngine {
             }));
         }
         self.lost_shown = 0;
+        if self.unheard_lost.0 > 0 && self.unheard_next.is_none_or(|t| now >= t) {
+            let (senders, count) = std::mem::take(&mut self.unheard_lost);
+            self.unheard_next = Some(now + UNHEARD_LOST_EVERY);
+            self.effects.push_back(Effect::Show(Event::Lost {
+                sender: format!("{senders} senders heard only through presence"),
+                count,
+            }));
+        }
     }
 }
 

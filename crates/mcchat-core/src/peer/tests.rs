@@ -1350,3 +1350,50 @@ fn a_loss_seen_by_two_receivers_costs_one_nack_and_one_repair() {
     assert_eq!(s, 1);
     assert_eq!(net.peers[1].0.members(), ["alice", "bob", "carol"]);
 }
+
+/// Loss notices of senders heard only through presence (a flood of made-up ids given up
+/// over time) are one line per 10 s, summed, not one per sender; a real sender's loss is
+/// still named at once.
+#[test]
+fn loss_notices_of_presence_only_senders_are_summed() {
+    let mut bob = Rig::peer("bob", BOB);
+    bob.enter(0);
+    let attacker = host(66);
+    // 300 made-up ids, 10 a second, each claiming 5 messages we never saw.
+    for i in 0..300u64 {
+        let at = i * 100;
+        let id = InstanceId(0xf00d_0000_0000_0000 + i);
+        let ts = bob.unix(bob.t(at));
+        bob.hear(at, &control(id, "x", Kind::Heartbeat, 0, ts), attacker);
+        bob.hear(at, &control(id, "x", Kind::Heartbeat, 5, ts), attacker);
+    }
+    // Alice, whose messages did arrive, loses one: named at once.
+    let ts = bob.unix(bob.t(30_000));
+    bob.hear(30_000, &msg(ALICE, "alice", 1, ts), host(2));
+    bob.hear(30_000, &msg(ALICE, "alice", 3, ts), host(2));
+    bob.run_to(60_000);
+    let lost: Vec<(Duration, String, u64)> = shown(&bob.take())
+        .into_iter()
+        .filter_map(|(at, e)| match e {
+            Event::Lost { sender, count } => Some((bob.since(at), sender, count)),
+            _ => None,
+        })
+        .collect();
+    let (alice, others): (Vec<_>, Vec<_>) = lost.iter().partition(|(_, s, _)| s == "alice");
+    assert_eq!(alice.len(), 1, "{lost:?}");
+    assert_eq!(alice[0].2, 1);
+    let total: u64 = others.iter().map(|(_, _, c)| c).sum();
+    assert_eq!(total, 300 * 5, "every made-up loss is counted: {others:?}");
+    // About 34 s of give-ups: a notice at the first, then at most one per 10 s.
+    assert!(others.len() <= 5, "{others:?}");
+    for pair in others.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= UNHEARD_LOST_EVERY, "{others:?}");
+    }
+    assert!(
+        others
+            .iter()
+            .skip(1)
+            .all(|(_, s, _)| s.ends_with("senders heard only through presence")),
+        "{others:?}"
+    );
+}

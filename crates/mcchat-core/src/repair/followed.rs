@@ -171,6 +171,7 @@ impl<M> Sender<M> {
             out.push(Delivery::Lost {
                 instance,
                 count: lost,
+                heard: self.heard_message,
             });
         }
         self.release(out);
@@ -187,6 +188,7 @@ impl<M> Sender<M> {
             out.push(Delivery::Lost {
                 instance,
                 count: lost,
+                heard: self.heard_message,
             });
         }
         self.missing.clear();
@@ -249,6 +251,7 @@ pub(super) fn revert<M>(
         out.push(Delivery::Lost {
             instance,
             count: lost,
+            heard: true,
         });
         stats.lost += lost;
     }

@@ -90,6 +90,10 @@ pub enum Delivery<M> {
         instance: InstanceId,
         /// How many.
         count: u64,
+        /// Whether messages of this sender had arrived before; `false` for a sender heard
+        /// only through presence (perhaps one made up by a flood), whose notices a front end
+        /// may sum.
+        heard: bool,
     },
 }
 
@@ -494,6 +498,7 @@ impl<M> Receiver<M> {
             out.push(Delivery::Lost {
                 instance,
                 count: lost,
+                heard: true,
             });
             self.stats.lost += lost;
         }
@@ -698,6 +703,7 @@ impl<M> Receiver<M> {
                     out.push(Delivery::Lost {
                         instance: id,
                         count: lost,
+                        heard: s.heard_message,
                     });
                     self.stats.lost += lost;
                     lost = 0;
@@ -708,6 +714,7 @@ impl<M> Receiver<M> {
                 out.push(Delivery::Lost {
                     instance: id,
                     count: lost,
+                    heard: s.heard_message,
                 });
                 self.stats.lost += lost;
             }
@@ -1238,7 +1245,8 @@ mod tests {
             vec![
                 Delivery::Lost {
                     instance: A,
-                    count: 58
+                    count: 58,
+                    heard: true
                 },
                 Delivery::Message(60)
             ],
@@ -1325,7 +1333,8 @@ mod tests {
             vec![
                 Delivery::Lost {
                     instance: A,
-                    count: 3
+                    count: 3,
+                    heard: true
                 },
                 Delivery::Message(5)
             ]
@@ -1370,7 +1379,8 @@ mod tests {
             vec![
                 Delivery::Lost {
                     instance: A,
-                    count: 1
+                    count: 1,
+                    heard: true
                 },
                 Delivery::Message(3),
                 Delivery::Message(100)

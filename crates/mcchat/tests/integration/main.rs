@@ -6,6 +6,7 @@
 mod chat;
 mod cli;
 mod history;
+mod hostile;
 mod lan;
 mod pty;
 mod relay;

@@ -5,7 +5,7 @@
 use std::io::{BufRead as _, BufReader, Read, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -144,6 +144,8 @@ pub struct Proc {
     stdin: Option<ChildStdin>,
     stdout: Arc<Lines>,
     stderr: Arc<Lines>,
+    /// A stdout nobody reads yet (see [`Proc::spawn_unread`]).
+    unread: Option<ChildStdout>,
     /// A daemon's own state directory (history), removed with it.
     state: Option<TempDir>,
 }
@@ -193,20 +195,37 @@ impl Proc {
         p
     }
 
-    pub fn spawn(label: &str, mut cmd: Command) -> Self {
+    pub fn spawn(label: &str, cmd: Command) -> Self {
+        let mut p = Self::spawn_unread(label, cmd);
+        p.read_stdout();
+        p
+    }
+
+    /// Like [`Proc::spawn`], but nobody reads stdout (a reader that has stopped: the pipe
+    /// fills and the child's writes block) until [`Proc::read_stdout`]. stderr is read.
+    pub fn spawn_unread(label: &str, mut cmd: Command) -> Self {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {label}: {e}"));
-        let stdout = collect(child.stdout.take().unwrap());
+        let unread = child.stdout.take();
         let stderr = collect(child.stderr.take().unwrap());
         Self {
             label: label.to_owned(),
             stdin: child.stdin.take(),
             child,
-            stdout,
+            stdout: Arc::default(),
             stderr,
+            unread,
             state: None,
+        }
+    }
+
+    /// Starts reading stdout (at once for [`Proc::spawn`]); what waited in the pipe comes
+    /// first.
+    pub fn read_stdout(&mut self) {
+        if let Some(out) = self.unread.take() {
+            self.stdout = collect(out);
         }
     }
 
