@@ -221,3 +221,29 @@ fn ctrl_c_leaves_cleanly() {
     assert!(term.wait_exit());
     bob.expect_out("-- carol left");
 }
+
+/// Issue 9: the terminal front end runs the one driver loop too; `/quit` and SIGTERM (while
+/// the editor thread waits in readline) each send the leave and exit 0.
+#[test]
+fn issue_9_quit_and_sigterm_leave_cleanly() {
+    require_netns();
+    let room = unique("ttyq");
+    let bob = Proc::mcchat("bob", None, &["join", &room, "--name", "bob"], &[]).ready();
+    let mut term = Terminal::spawn(&["join", &room, "--name", "dave"]);
+    term.wait_for("the joined line", |s| s.contains(&format!("joined {room}")));
+    bob.expect_out("-- dave joined");
+    term.type_keys("/quit\r");
+    assert!(term.wait_exit());
+    bob.expect_out("-- dave left");
+
+    let mut term = Terminal::spawn(&["join", &room, "--name", "erin"]);
+    term.wait_for("the joined line", |s| s.contains(&format!("joined {room}")));
+    bob.expect_out("-- erin joined");
+    term.type_keys("half typed");
+    term.wait_for("the typed text", |s| s.contains("half typed"));
+    let pid = term.child.process_id().expect("a pid");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(term.wait_exit(), "exit 0 on SIGTERM");
+    bob.expect_out("-- erin left");
+}
