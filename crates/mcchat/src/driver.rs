@@ -30,6 +30,9 @@ const BATCH: usize = 64;
 /// NACK datagrams per second through mcchatd: well under its per-source rate (PROTOCOL.md
 /// 4.3), so a flood of gaps cannot crowd out this peer's own messages.
 const VIA_NACKS_PER_SECOND: u32 = 64;
+/// Repairs of own messages per second through mcchatd, for the same reason: forged NACKs
+/// relayed by the daemon must not use up this peer's allowance there.
+const VIA_REPAIRS_PER_SECOND: u32 = 100;
 
 /// What a front end hands the loop.
 #[derive(Debug)]
@@ -117,6 +120,7 @@ impl Peer {
             // mcchatd relays at most 200 datagrams a second per source: NACKs must leave
             // room for this peer's own messages, heartbeats and renewals.
             config.repair.nacks_per_second = VIA_NACKS_PER_SECOND;
+            config.repairs_per_second = VIA_REPAIRS_PER_SECOND;
         }
         Ok(Self {
             engine: PeerEngine::new(config, instance, seed, now()),
@@ -150,12 +154,18 @@ impl Peer {
         self.engine.subscribe(now());
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         loop {
+            let mut subscribed = false;
             for event in self.perform().await? {
                 match event {
-                    Event::Subscribed => return Ok(()),
+                    Event::Subscribed => subscribed = true,
                     Event::Ended(why) => return Err(anyhow!(why)),
+                    // Whatever came with or after the confirmation is shown once the front
+                    // end's output exists.
                     other => self.early.push(other),
                 }
+            }
+            if subscribed {
+                return Ok(());
             }
             self.turn(&mut buf).await?;
         }

@@ -17,9 +17,9 @@ use rustyline::{DefaultEditor, ExternalPrinter as _};
 use tokio::sync::mpsc;
 use unicode_width::UnicodeWidthStr as _;
 
+use crate::display;
 use crate::driver::{Input, Peer};
 use crate::writer::{self, Line, Output};
-use crate::{display, shutdown_signal};
 
 const HELP: &str = "\
 commands: /who (who is here), /me TEXT (an action), /stats (dropped datagrams), /help, /quit
@@ -63,7 +63,7 @@ fn parse_command(line: &str) -> Command<'_> {
 }
 
 /// Runs the room on the terminal until the user leaves.
-pub(crate) async fn run(mut peer: Peer) -> Result<()> {
+pub(crate) async fn run(mut peer: Peer, shutdown: impl Future<Output = Result<()>>) -> Result<()> {
     let saved_termios = nix::sys::termios::tcgetattr(std::io::stdin()).ok();
     let mut editor = DefaultEditor::new().context("failed to set up the line editor")?;
     let mut printer = editor
@@ -72,7 +72,6 @@ pub(crate) async fn run(mut peer: Peer) -> Result<()> {
     let color = std::env::var_os("NO_COLOR").is_none();
     let prompt = format!("[{}] ", peer.room().name);
 
-    let shutdown = shutdown_signal()?;
     if let Ok(log_printer) = editor.create_external_printer() {
         crate::log::to_printer(log_printer);
     }

@@ -43,7 +43,7 @@ use mcchat_core::wire::Kind;
 
 use crate::cli::{Cli, Command};
 use crate::driver::{Mode, Peer};
-pub use crate::log::{LogWriter, log_writer};
+pub use crate::log::{LogWriter, flush as flush_logs, log_writer};
 use crate::output::Stdout;
 pub use crate::output::StdoutClosed;
 use crate::writer::Output;
@@ -94,8 +94,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 echo_own: false,
                 repair_window: mcchat_core::peer::REPAIR_WINDOW,
             };
-            let mut peer = Peer::open(room, &args.net, mode).await?;
+            // Installed first: a signal while subscribing must not kill the process without
+            // its unsubscribe.
             let shutdown = shutdown_signal()?;
+            let mut peer = Peer::open(room, &args.net, mode).await?;
             peer.connect().await?;
             note(&format!("listening to {}", peer.describe()));
             let mut out = stdout_writer(args.json, peer.room().name.to_string())?;
@@ -114,13 +116,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 echo_own: terminal,
                 repair_window: std::time::Duration::from_secs(args.repair_window),
             };
+            // Installed first: a signal while subscribing or catching up must not kill the
+            // process without its leave and unsubscribe.
+            let shutdown = shutdown_signal()?;
             let mut peer = Peer::open(room, &args.net, mode).await?;
             peer.connect().await?;
             history::catch_up(&mut peer, args).await;
             if terminal {
-                interactive::run(peer).await
+                interactive::run(peer, shutdown).await
             } else {
-                pipe::run(peer).await
+                pipe::run(peer, shutdown).await
             }
         }
     }
@@ -154,10 +159,10 @@ pub(crate) fn finish(result: Result<()>, out: Output) -> Result<()> {
     }
 }
 
-/// A status line for the user on stderr; a closed stderr is not worth failing for.
+/// A status line for the user on stderr (through the log queue: never blocks); a closed
+/// stderr is not worth failing for.
 pub(crate) fn note(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "mcchat: {line}");
+    log::emit(format!("mcchat: {line}\n"));
 }
 
 fn load_rooms(cli: &Cli) -> Result<Loaded> {
@@ -227,7 +232,7 @@ fn rooms(loaded: &Loaded) -> Result<()> {
 /// A future that resolves on SIGINT, SIGTERM or SIGHUP. The handlers are installed when this is
 /// called, not when the future is first polled, so call it before announcing readiness: a
 /// signal that arrives in between must not kill the process without its leave message.
-fn shutdown_signal() -> Result<impl Future<Output = Result<()>>> {
+pub(crate) fn shutdown_signal() -> Result<impl Future<Output = Result<()>> + use<>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term =
         signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?;

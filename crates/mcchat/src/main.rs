@@ -43,6 +43,8 @@ fn main() -> ExitCode {
     // A read of stdin may still block a runtime thread (it cannot be cancelled); exiting must
     // not wait for it.
     runtime.shutdown_background();
+    // What the log queue holds (notes, warnings) is written before the last word.
+    mcchat::flush_logs(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::driver::{Input, Peer};
-use crate::{note, shutdown_signal};
+use crate::note;
 
 /// Longest stdin line accepted; longer ones are reported and skipped, so one runaway line
 /// cannot take all memory or flood the room.
@@ -89,8 +89,7 @@ fn to_input(line_no: &mut u64, line: Line) -> Option<Input> {
 }
 
 /// Runs the room until stdin ends or a signal arrives.
-pub(crate) async fn run(mut peer: Peer) -> Result<()> {
-    let shutdown = shutdown_signal()?;
+pub(crate) async fn run(mut peer: Peer, shutdown: impl Future<Output = Result<()>>) -> Result<()> {
     peer.enter().await?;
     note(&format!("joined {}", peer.describe()));
     let mut out = crate::stdout_writer(false, peer.room().name.to_string())?;

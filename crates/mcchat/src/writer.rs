@@ -54,6 +54,9 @@ struct Shared {
     /// has caught up, the driver before its next line) writes the notice.
     unreported: AtomicU64,
     skipped_total: AtomicU64,
+    /// Skipped notices queued and not yet written, and the lines they count.
+    notices: AtomicU64,
+    noticed: AtomicU64,
 }
 
 /// The handle the driver writes through.
@@ -114,6 +117,8 @@ impl Output {
         }
         let unreported = self.shared.unreported.swap(0, Ordering::Relaxed);
         if unreported > 0 {
+            self.shared.notices.fetch_add(1, Ordering::Relaxed);
+            self.shared.noticed.fetch_add(unreported, Ordering::Relaxed);
             self.queue(tx.clone(), Line::Skipped(unreported));
         }
         self.queue(tx.clone(), line);
@@ -147,11 +152,15 @@ impl Output {
         drop(self.tx.take());
         if self.done.recv_timeout(within).is_err() {
             // The reader is not reading: exit anyway, and say so where it can be seen.
-            let waiting = self.shared.lines.load(Ordering::Relaxed);
+            let waiting = self.shared.lines.load(Ordering::Relaxed) as u64;
+            let notices = self.shared.notices.load(Ordering::Relaxed);
             let skipped = self.shared.unreported.load(Ordering::Relaxed);
+            // A queued notice stands for the lines it counts, not for one.
+            let lines = (waiting - notices.min(waiting))
+                + self.shared.noticed.load(Ordering::Relaxed)
+                + skipped;
             crate::note(&format!(
-                "{} lines not shown: output too slow (gave up after {within:?})",
-                waiting as u64 + skipped
+                "{lines} lines not shown: output too slow (gave up after {within:?})"
             ));
             return Ok(());
         }
@@ -172,6 +181,10 @@ fn write_all(
     let mut next = rx.recv().ok();
     while let Some((line, weight)) = next.take() {
         sink(&line)?;
+        if let Line::Skipped(n) = line {
+            shared.notices.fetch_sub(1, Ordering::Relaxed);
+            shared.noticed.fetch_sub(n, Ordering::Relaxed);
+        }
         shared.bytes.fetch_sub(weight, Ordering::Relaxed);
         shared.lines.fetch_sub(1, Ordering::Relaxed);
         next = match rx.try_recv() {

@@ -14,7 +14,7 @@ mod budget;
 mod heartbeat;
 mod relay;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,9 @@ pub struct PeerConfig {
     pub repair_window: Duration,
     /// The receiver's knobs and budgets.
     pub repair: RepairConfig,
+    /// Repairs of own messages per second (lower through mcchatd, whose per-source rate
+    /// they must leave room in).
+    pub repairs_per_second: u32,
 }
 
 /// Own messages kept for repair: the last this many (what receivers follow, too).
@@ -155,6 +158,7 @@ impl PeerConfig {
             subscribe: false,
             repair_window: REPAIR_WINDOW,
             repair: RepairConfig::default(),
+            repairs_per_second: REPAIRS_PER_SECOND,
         }
     }
 }
@@ -204,6 +208,8 @@ pub struct PeerEngine {
     /// the next such notice may be shown.
     unheard_lost: (u64, u64),
     unheard_next: Option<Instant>,
+    /// When a newcomer last brought the next heartbeat forward.
+    early_heartbeat: Option<Instant>,
 }
 
 impl PeerEngine {
@@ -211,6 +217,7 @@ impl PeerEngine {
     /// `seed`.
     pub fn new(config: PeerConfig, instance: InstanceId, seed: u64, now: Now) -> Self {
         let relay = config.subscribe.then(|| RelayClient::new(config.dest));
+        let repairs_per_second = config.repairs_per_second;
         Self {
             receiver: Receiver::new(config.repair),
             sent: SendBuffer::new(SEND_BUFFER, config.repair_window, REPAIR_INTERVAL),
@@ -222,7 +229,7 @@ impl PeerEngine {
             effects: VecDeque::new(),
             roster: Roster::new(MEMBER_TIMEOUT),
             expire_due: now.mono + EXPIRE_EVERY,
-            repair_rate: LogLimiter::new(REPAIRS_PER_SECOND, Duration::from_secs(1)),
+            repair_rate: LogLimiter::new(repairs_per_second, Duration::from_secs(1)),
             repair_bytes: ByteBudget::default(),
             heartbeat: Heartbeat::new(now.mono),
             relay,
@@ -233,6 +240,7 @@ impl PeerEngine {
             lost_more: (0, 0),
             unheard_lost: (0, 0),
             unheard_next: None,
+            early_heartbeat: None,
         }
     }
 
@@ -409,9 +417,18 @@ impl PeerEngine {
     /// live copy or repair of one of them is a duplicate, and gaps are looked for only after
     /// the last one of each sender (tentatively: see [`Receiver::on_history`]).
     pub fn preload(&mut self, messages: Vec<Received>, now: Now) {
+        // Senders already followed (heard while subscribing): their history goes through the
+        // receiver like a repair, so nothing is shown twice or out of order.
+        let followed: HashSet<InstanceId> = messages
+            .iter()
+            .filter_map(|m| m.instance)
+            .filter(|i| self.receiver.knows(*i))
+            .collect();
         let mut by_sender: HashMap<InstanceId, Vec<u64>> = HashMap::new();
         for m in &messages {
-            if let (Some(i), Some(seq)) = (m.instance, m.seq) {
+            if let (Some(i), Some(seq)) = (m.instance, m.seq)
+                && !followed.contains(&i)
+            {
                 by_sender.entry(i).or_default().push(seq);
             }
         }
@@ -419,11 +436,19 @@ impl PeerEngine {
             let out = self.receiver.on_history(instance, &seqs, now.mono);
             self.deliver(out, now.mono);
         }
-        self.effects.extend(
-            messages
-                .into_iter()
-                .map(|m| Effect::Show(Event::Message(m))),
-        );
+        for m in messages {
+            match (m.instance, m.seq) {
+                (Some(i), Some(seq)) if followed.contains(&i) => {
+                    let bytes = m.text.len() + m.sender.len();
+                    let out =
+                        self.receiver
+                            .on_message(i, seq, m, bytes, true, now.mono, &mut self.rng);
+                    self.deliver(out, now.mono);
+                }
+                _ => self.effects.push_back(Effect::Show(Event::Message(m))),
+            }
+        }
+        self.flush_lost(now.mono);
     }
 
     /// A datagram from `from`.
@@ -486,7 +511,15 @@ impl PeerEngine {
                 // Answer a newcomer soon, with jitter so a full room does not answer at once,
                 // so its /who is complete without waiting a whole interval.
                 let jitter = Duration::from_millis(self.rng.next_u64() % 500);
-                self.heartbeat.soon(now.mono + jitter);
+                // At most one early heartbeat a second: forged joins cannot make this peer
+                // heartbeat at their rate.
+                if self
+                    .early_heartbeat
+                    .is_none_or(|t| now.mono.saturating_duration_since(t) >= Duration::from_secs(1))
+                {
+                    self.early_heartbeat = Some(now.mono);
+                    self.heartbeat.soon(now.mono + jitter);
+                }
             }
             self.effects
                 .push_back(Effect::Show(Event::Presence(change)));
@@ -539,6 +572,7 @@ impl PeerEngine {
                 // Its state is freed once its last gaps are repaired or given up.
                 self.receiver.forget(instance);
             }
+            (Kind::Leave, None) => self.receiver.forget(instance),
             _ => {}
         }
         self.flush_lost(now.mono);
@@ -718,7 +752,7 @@ impl PeerEngine {
                         self.show_lost(instance, count);
                     } else {
                         self.unheard_lost.0 += 1;
-                        self.unheard_lost.1 += count;
+                        self.unheard_lost.1 = self.unheard_lost.1.saturating_add(count);
                     }
                 }
                 Delivery::Lost {
@@ -729,7 +763,7 @@ impl PeerEngine {
                 }
                 Delivery::Lost { count, .. } => {
                     self.lost_more.0 += 1;
-                    self.lost_more.1 += count;
+                    self.lost_more.1 = self.lost_more.1.saturating_add(count);
                 }
             }
         }

@@ -1397,3 +1397,140 @@ fn loss_notices_of_presence_only_senders_are_summed() {
         "{others:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Regressions from the review of the engine.
+
+/// Forged jumps towards 2^64 count losses that do not overflow (debug builds panicked).
+#[test]
+fn forged_jumps_towards_2_pow_64_do_not_overflow_the_counters() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    for id in [InstanceId(0x1111), InstanceId(0x2222)] {
+        let ts = r.unix(r.t(10));
+        r.hear(10, &msg(id, "x", 100, ts - 60_000), host(9));
+        r.hear(
+            10,
+            &control(id, "x", Kind::Heartbeat, u64::MAX - 1, ts),
+            host(9),
+        );
+        r.hear(
+            10,
+            &control(id, "x", Kind::Heartbeat, u64::MAX - 1, ts),
+            host(9),
+        );
+    }
+    assert!(r.e.repair_stats().lost > 0);
+}
+
+/// One heartbeat in alice's name before bob has heard her does not silence her.
+#[test]
+fn a_forged_first_heartbeat_does_not_silence_a_sender() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    let ts = r.unix(r.t(10));
+    r.hear(
+        10,
+        &control(ALICE, "alice", Kind::Heartbeat, 1 << 40, ts),
+        host(66),
+    );
+    for s in 1..=5u64 {
+        let ts = r.unix(r.t(100 * s));
+        r.hear(100 * s, &msg(ALICE, "alice", s, ts), host(2));
+    }
+    r.run_to(20_000);
+    assert_eq!(shown_seqs(&r.take(), ALICE), [1, 2, 3, 4, 5]);
+}
+
+/// After history, a replayed (or duplicated) live message is not shown twice.
+#[test]
+fn a_replay_after_history_is_shown_once() {
+    let mut r = Rig::peer("bob", BOB);
+    let hist: Vec<Received> = (1..=20u64)
+        .map(|s| Received {
+            kind: Kind::Message,
+            room: ROOM.into(),
+            sender: "alice".into(),
+            text: format!("m{s}"),
+            ts_ms: UNIX0,
+            recv_ms: UNIX0,
+            from: None,
+            instance: Some(ALICE),
+            seq: Some(s),
+            repair: false,
+        })
+        .collect();
+    r.e.preload(hist, now_at(r.base, r.base));
+    r.collect();
+    r.enter(0);
+    for s in 21..=23u64 {
+        let ts = r.unix(r.t(100 * s));
+        r.hear(100 * s, &msg(ALICE, "alice", s, ts), host(2));
+    }
+    let ts = r.unix(r.t(2100));
+    r.hear(2400, &msg(ALICE, "alice", 21, ts), host(2));
+    let ts = r.unix(r.t(2500));
+    r.hear(2500, &msg(ALICE, "alice", 24, ts), host(2));
+    r.run_to(10_000);
+    let seqs = shown_seqs(&r.take(), ALICE);
+    assert_eq!(seqs, (1..=24).collect::<Vec<_>>());
+}
+
+/// History for a sender already followed (heard while subscribing) goes through the
+/// receiver: nothing shown twice, in order.
+#[test]
+fn history_of_a_sender_already_followed_is_not_shown_twice() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    let ts = r.unix(r.t(10));
+    r.hear(10, &msg(ALICE, "alice", 19, ts - 60_000), host(2));
+    r.hear(10, &msg(ALICE, "alice", 20, ts), host(2));
+    let hist: Vec<Received> = (15..=20u64)
+        .map(|s| Received {
+            kind: Kind::Message,
+            room: ROOM.into(),
+            sender: "alice".into(),
+            text: format!("m{s}"),
+            ts_ms: UNIX0,
+            recv_ms: UNIX0,
+            from: None,
+            instance: Some(ALICE),
+            seq: Some(s),
+            repair: false,
+        })
+        .collect();
+    r.e.preload(hist, now_at(r.base, r.t(20)));
+    r.collect();
+    r.run_to(5_000);
+    let seqs = shown_seqs(&r.take(), ALICE);
+    assert_eq!(
+        seqs,
+        [19, 20],
+        "history below where alice was taken up is not shown again"
+    );
+}
+
+/// Forged joins cannot make a peer heartbeat at their rate: one early heartbeat a second.
+#[test]
+fn forged_joins_bring_heartbeats_forward_at_most_once_a_second() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    r.take();
+    for i in 0..200u64 {
+        let at = 1000 + i * 10;
+        let ts = r.unix(r.t(at));
+        r.hear(
+            at,
+            &control(InstanceId(0x1000 + i), "x", Kind::Join, 0, ts),
+            host(66),
+        );
+    }
+    r.run_to(3000);
+    let hbs = sends_of(&r.take(), Kind::Heartbeat);
+    assert!(
+        hbs.len() <= 3,
+        "{} heartbeats in 2 s for 200 forged joins",
+        hbs.len()
+    );
+    assert!(!hbs.is_empty(), "a newcomer is still answered soon");
+}

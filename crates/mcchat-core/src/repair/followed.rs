@@ -34,11 +34,38 @@ pub(super) struct Claim<M> {
     pub(super) expires: Instant,
 }
 
-/// A position not proven by the sender itself: what was delivered below it, and from where.
+/// A position not proven by the sender itself (learned from a first heartbeat, a first
+/// message, history, or a jump confirmed by datagrams that anyone could forge). Until a new
+/// message of the sender at or above `top` proves it, a new message below `top` that was
+/// never delivered moves the sender back there.
 #[derive(Debug)]
 pub(super) struct Tentative {
+    /// Where the sender stood before (for the loss to report on a move back).
     pub(super) back_to: u64,
+    /// The position: `next` when it was set.
+    pub(super) top: u64,
+    /// The numbers below `top` that were delivered.
     pub(super) seen: BTreeSet<u64>,
+    /// Whether what was never delivered between `back_to` and a move back is reported
+    /// lost: not for a first contact, which owed nothing before it.
+    pub(super) report_loss: bool,
+}
+
+impl Tentative {
+    /// A first contact at `top`: nothing was owed before it.
+    pub(super) fn first_contact(top: u64) -> Self {
+        Self {
+            back_to: top,
+            top,
+            seen: BTreeSet::new(),
+            report_loss: false,
+        }
+    }
+
+    /// Whether a new message `seq` moves the sender back.
+    pub(super) fn undone_by(&self, seq: u64) -> bool {
+        seq < self.top && !self.seen.contains(&seq)
+    }
 }
 
 /// The index keys a sender is filed under, so they can be removed exactly.
@@ -230,10 +257,10 @@ pub(super) fn take_in_window<M>(
     }
 }
 
-/// The sender's own message `seq` arrived below a tentative position that never delivered
-/// it: the position was forged. What was followed above is dropped (it came from the
-/// forger), what was never delivered between is reported lost, and the sender is followed
-/// from this message on.
+/// The sender's own new message `seq` arrived below a tentative position that never
+/// delivered it: the position was forged. What was followed above is dropped (it came from
+/// the forger), what was never delivered between is reported lost (unless the position was a
+/// first contact), and the sender is followed from this message on.
 pub(super) fn revert<M>(
     s: &mut Sender<M>,
     instance: InstanceId,
@@ -245,16 +272,22 @@ pub(super) fn revert<M>(
     let Some(t) = s.tentative.take() else {
         return;
     };
-    let delivered = t.seen.range(t.back_to..seq).count() as u64;
-    let lost = (seq - t.back_to).saturating_sub(delivered);
+    let lost = if t.report_loss && seq > t.back_to {
+        let delivered = t.seen.range(t.back_to..seq).count() as u64;
+        (seq - t.back_to).saturating_sub(delivered)
+    } else {
+        0
+    };
     if lost > 0 {
         out.push(Delivery::Lost {
             instance,
             count: lost,
             heard: true,
         });
-        stats.lost += lost;
+        stats.lost = stats.lost.saturating_add(lost);
     }
+    // What the forger's position held is dropped: it came after it, not from the sender.
+    stats.ignored = stats.ignored.saturating_add(s.held.len() as u64);
     s.held.clear();
     s.held_bytes = 0;
     s.missing.clear();

@@ -120,6 +120,9 @@ pub struct RepairStats {
     pub claims_rejected: u64,
     /// Tentative positions undone by the sender's own messages.
     pub reverts: u64,
+    /// The sender's own new messages from just below a tentative position, shown as they
+    /// came.
+    pub extras: u64,
     /// Gaps given up early because a global budget was full.
     pub budget_give_ups: u64,
     /// Senders forgotten to make room for new ones.
@@ -145,25 +148,36 @@ impl Bucket {
         self.at = Some(self.at.map_or(now, |at| at.max(now)));
     }
 
+    /// Whether a token is there. Within [`TOKEN_SLACK`] of one counts, so that the time
+    /// [`Bucket::ready_at`] names is never a moment when the token is still a rounding error
+    /// away (the driver would wake for nothing, again and again).
     fn has_token(&mut self, now: Instant) -> bool {
         self.refill(now);
-        self.tokens >= 1.0
+        self.tokens >= 1.0 - TOKEN_SLACK
     }
 
     fn spend(&mut self) {
-        self.tokens -= 1.0;
+        self.tokens = (self.tokens - 1.0).max(0.0);
     }
 
-    /// When the next token is there (`None`: now).
+    /// When the next token is there (`None`: now), rounded up to the microsecond.
     fn ready_at(&self) -> Option<Instant> {
         let at = self.at?;
-        (self.tokens < 1.0).then(|| at + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        (self.tokens < 1.0 - TOKEN_SLACK).then(|| {
+            let wait = Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
+            at + wait + Duration::from_micros(1)
+        })
     }
 }
+
+/// How close to a whole token counts as one (see [`Bucket::has_token`]).
+const TOKEN_SLACK: f64 = 1e-6;
 
 /// Senders forgotten lately, with where they stood, so a sender that speaks after its
 /// `leave` is followed on from there (no repairs of what was delivered, no false gaps).
 const FORGOTTEN_MEMORY: usize = 256;
+/// Of a forgotten sender's tentative position, the delivered numbers kept.
+const FORGOTTEN_SEEN: usize = 64;
 
 /// The receiving half: one state per sender instance, and the indexes over them.
 #[derive(Debug)]
@@ -181,7 +195,7 @@ pub struct Receiver<M> {
     missing_total: usize,
     held_bytes_total: usize,
     bucket: Bucket,
-    forgotten: VecDeque<(InstanceId, u64)>,
+    forgotten: VecDeque<(InstanceId, u64, Option<Tentative>)>,
     stats: RepairStats,
 }
 
@@ -262,8 +276,9 @@ impl<M> Receiver<M> {
         k.held_bytes = s.held_bytes;
         if s.departed && !s.is_open() {
             let next = s.next;
+            let tentative = s.tentative.take();
             self.senders.remove(&id);
-            self.remember_forgotten(id, next);
+            self.remember_forgotten(id, next, tentative);
             return;
         }
         if s.missing.is_empty() {
@@ -287,15 +302,31 @@ impl<M> Receiver<M> {
         s.keys.quiet = Some((open, s.last_heard));
     }
 
-    fn remember_forgotten(&mut self, id: InstanceId, next: u64) {
+    /// Remembers where a forgotten sender stood, and its tentative position if it was not
+    /// proven (so a forged position stays undoable), with the last of what it delivered
+    /// below that position.
+    fn remember_forgotten(&mut self, id: InstanceId, next: u64, tentative: Option<Tentative>) {
         if self.forgotten.len() >= FORGOTTEN_MEMORY {
             self.forgotten.pop_front();
         }
-        self.forgotten.push_back((id, next));
+        let tentative = tentative.map(|mut t| {
+            while t.seen.len() > FORGOTTEN_SEEN {
+                t.seen.pop_first();
+            }
+            t
+        });
+        self.forgotten.push_back((id, next, tentative));
     }
 
-    /// Starts following `instance` at `next`, making room if needed.
-    fn admit(&mut self, instance: InstanceId, next: u64, now: Instant, out: &mut Vec<Delivery<M>>) {
+    /// Starts following `instance` at `next` (tentatively), making room if needed; or, for a
+    /// sender forgotten lately, from where it stood (proven). Returns whether it was that.
+    fn admit(
+        &mut self,
+        instance: InstanceId,
+        next: u64,
+        now: Instant,
+        out: &mut Vec<Delivery<M>>,
+    ) -> bool {
         if self.senders.len() >= self.config.max_senders
             && let Some(&(_, _, victim)) = self.quiet.first()
         {
@@ -304,18 +335,27 @@ impl<M> Receiver<M> {
             if let Some(mut old) = self.senders.remove(&victim) {
                 self.unfile(victim, &old);
                 let lost = old.flush(victim, out);
-                self.stats.lost += lost;
+                self.stats.lost = self.stats.lost.saturating_add(lost);
                 self.stats.evicted += 1;
-                self.remember_forgotten(victim, old.next);
+                // Past everything delivered or reported just now.
+                let next = old.highest.saturating_add(1).max(old.next);
+                let tentative = old.tentative.take();
+                self.remember_forgotten(victim, next, tentative);
             }
         }
-        let next = self
+        let restored = self
             .forgotten
             .iter()
-            .position(|(id, _)| *id == instance)
-            .and_then(|i| self.forgotten.remove(i))
-            .map_or(next, |(_, n)| n);
-        self.senders.insert(instance, Sender::new(next, now));
+            .position(|(id, ..)| *id == instance)
+            .and_then(|i| self.forgotten.remove(i));
+        let was_restored = restored.is_some();
+        let mut s = Sender::new(restored.as_ref().map_or(next, |(_, n, _)| *n), now);
+        s.tentative = match restored {
+            None => Some(Tentative::first_contact(next)),
+            Some((_, _, tentative)) => tentative,
+        };
+        self.senders.insert(instance, s);
+        was_restored
     }
 
     /// Removes a sender's keys from the indexes and its share of the totals.
@@ -348,6 +388,7 @@ impl<M> Receiver<M> {
         let mut out = Vec::new();
         if !self.senders.contains_key(&instance) {
             self.admit(instance, first_seq.max(1), now, &mut out);
+            // The first message (at most 64, sent moments ago) proves or undoes it.
             self.settle(instance);
         }
         out
@@ -379,7 +420,15 @@ impl<M> Receiver<M> {
                 self.stats.ignored += 1;
                 return out;
             }
-            self.admit(instance, seq, now, &mut out);
+            if !self.admit(instance, seq, now, &mut out)
+                && let Some(s) = self.senders.get_mut(&instance)
+                && let Some(t) = &mut s.tentative
+            {
+                // This message does not prove itself; the next one does. It is delivered
+                // below the position, so a copy of it undoes nothing.
+                t.top = seq.saturating_add(1);
+                t.seen.insert(seq);
+            }
         }
         let due = self.first_due(now, jitter);
         let config = self.config;
@@ -389,21 +438,41 @@ impl<M> Receiver<M> {
         s.last_heard = now;
         s.departed = false;
         s.heard_message = true;
+        // A new message at or above a tentative position proves it (not the copy of a
+        // claiming message, and not one that confirms a claim: see below).
+        let proves = !repair
+            && s.tentative.as_ref().is_some_and(|t| seq >= t.top)
+            && seq >= s.next
+            && seq - s.next < s.window(&config)
+            && !s.held.contains_key(&seq);
+        if proves {
+            s.tentative = None;
+        }
         let held = Held { msg, bytes };
         if s.claim.as_ref().is_some_and(|c| c.expires <= now) {
             s.claim = None;
             self.stats.claims_rejected += 1;
         }
         if seq < s.next {
-            let reverts = !repair
-                && s.tentative
-                    .as_ref()
-                    .is_some_and(|t| seq >= t.back_to && !t.seen.contains(&seq));
-            if reverts {
-                self.stats.reverts += 1;
-                revert(s, instance, seq, held, &mut self.stats, &mut out);
-            } else {
-                self.stats.duplicates += 1;
+            let w = s.window(&config);
+            match &mut s.tentative {
+                Some(t) if !repair && t.undone_by(seq) && t.top - seq >= w => {
+                    // Far below a position nothing proved: that position was forged.
+                    self.stats.reverts += 1;
+                    revert(s, instance, seq, held, &mut self.stats, &mut out);
+                }
+                Some(t) if !repair && t.undone_by(seq) => {
+                    // Near below it: the sender's own message from before where we took it
+                    // up (reordered, or a forged position close by). Shown once, as it
+                    // comes; where the sender stands does not move.
+                    self.stats.extras += 1;
+                    t.seen.insert(seq);
+                    while t.seen.len() > config.window as usize {
+                        t.seen.pop_first();
+                    }
+                    out.push(Delivery::Message(held.msg));
+                }
+                _ => self.stats.duplicates += 1,
             }
         } else if s.held.contains_key(&seq)
             || s.claim
@@ -500,16 +569,23 @@ impl<M> Receiver<M> {
                 count: lost,
                 heard: true,
             });
-            self.stats.lost += lost;
+            self.stats.lost = self.stats.lost.saturating_add(lost);
         }
+        let report_loss = s.heard_message;
         s.tentative = Some(Tentative {
             back_to: old_next,
+            top: floor,
             seen,
+            report_loss,
         });
         s.release(out);
+        // The claiming message arrives now, as any message would (the window may have
+        // moved up to it since it came).
         if let Some(held) = claim.msg
             && claim.top >= s.next
+            && !s.held.contains_key(&claim.top)
         {
+            s.missing.remove(&claim.top);
             s.open(s.highest.saturating_add(1), claim.top - 1, now, due);
             s.hold(claim.top, held);
             s.release(out);
@@ -533,10 +609,12 @@ impl<M> Receiver<M> {
         }
         if !self.senders.contains_key(&instance) {
             // First heard from through a control datagram (its join, a heartbeat): follow it
-            // from its next message on; nothing of its past is owed to us.
-            self.admit(instance, latest.saturating_add(1), now, &mut out);
-            self.settle(instance);
-            return out;
+            // from its next message on; nothing of its past is owed to us. One forgotten
+            // lately is followed on from where it stood, and its tail asked for below.
+            if !self.admit(instance, latest.saturating_add(1), now, &mut out) {
+                self.settle(instance);
+                return out;
+            }
         }
         let due = self.first_due(now, jitter);
         let config = self.config;
@@ -603,7 +681,11 @@ impl<M> Receiver<M> {
         if self.senders.contains_key(&instance) {
             return out;
         }
-        self.admit(instance, last.saturating_add(1), now, &mut out);
+        if self.admit(instance, last.saturating_add(1), now, &mut out) {
+            // Forgotten lately: where it stood is proven; history below it was delivered.
+            self.settle(instance);
+            return out;
+        }
         let window = self.config.window as usize;
         let mut seen = seen;
         while seen.len() > window {
@@ -613,7 +695,9 @@ impl<M> Receiver<M> {
             s.heard_message = true;
             s.tentative = Some(Tentative {
                 back_to: seen.first().copied().unwrap_or(last),
+                top: last.saturating_add(1),
                 seen,
+                report_loss: true,
             });
         }
         self.settle(instance);
@@ -662,7 +746,7 @@ impl<M> Receiver<M> {
                 break;
             };
             let lost = s.give_up_first_gap(id, out);
-            self.stats.lost += lost;
+            self.stats.lost = self.stats.lost.saturating_add(lost);
             self.stats.budget_give_ups += 1;
             self.settle(id);
         }
@@ -705,7 +789,7 @@ impl<M> Receiver<M> {
                         count: lost,
                         heard: s.heard_message,
                     });
-                    self.stats.lost += lost;
+                    self.stats.lost = self.stats.lost.saturating_add(lost);
                     lost = 0;
                     out.extend(released);
                 }
@@ -716,7 +800,7 @@ impl<M> Receiver<M> {
                     count: lost,
                     heard: s.heard_message,
                 });
-                self.stats.lost += lost;
+                self.stats.lost = self.stats.lost.saturating_add(lost);
             }
             self.settle(id);
         }
@@ -768,6 +852,10 @@ impl<M> Receiver<M> {
         [giveup, nack].into_iter().flatten().min()
     }
 }
+
+#[cfg(test)]
+#[path = "receiver_review.rs"]
+mod review_tests;
 
 #[cfg(test)]
 mod tests {
