@@ -40,8 +40,10 @@ if ((${#quick[@]})); then
 else
     times=(--warm-up-time 1 --measurement-time 3)
 fi
-# Criterion micro-benchmarks (no sockets): the codec, and history writes (to a temp dir).
+# Criterion micro-benchmarks (no sockets): the codec, the presence flood on one peer engine
+# (injected time), and history writes (to a temp dir).
 cargo bench --locked -p mcchat-core --bench codec -- "${times[@]}" >/dev/null
+cargo bench --locked -p mcchat-core --bench flood -- "${times[@]}" >/dev/null
 cargo bench --locked -p mcchatd --bench history -- "${times[@]}" >/dev/null
 if ! command -v node >/dev/null 2>&1; then
     echo "bench.sh: Node.js not found: node-relay.js is left out; mcchat and the kernel are still measured"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use hdrhistogram::Histogram;
 use mcchat_core::socket::{self, MulticastConfig};
-use mcchat_core::wire::{self, Kind};
+use mcchat_core::wire::{self, Header, InstanceId, Kind, Meta};
 
 /// The room every benchmark uses.
 pub(crate) const ROOM: &str = "room1";
@@ -29,6 +29,28 @@ pub(crate) fn message(seq: u64, size: usize, out: &mut Vec<u8>) {
     // Writing to a Vec cannot fail.
     let _ = write!(out, "{ROOM}|b|{seq:012} {:020} ", now_ns());
     out.resize(size.max(out.len()), b'x');
+}
+
+/// A tagged datagram as `mcchat join` sends it (`@id=..;seq=..;ts=..;kind=.. room1|NAME|TEXT`,
+/// `ts` now), through mcchat-core's own encoder, so a receiver takes it as a peer's.
+pub(crate) fn tagged(
+    instance: InstanceId,
+    seq: u64,
+    kind: Kind,
+    sender: &str,
+    text: &str,
+    out: &mut String,
+) -> Result<()> {
+    let header = Header {
+        meta: Meta {
+            instance: Some(instance),
+            seq: Some(seq),
+            ts_ms: Some(wire::now_ms()),
+            kind,
+        },
+        extra: &[],
+    };
+    wire::encode(&header, ROOM, sender, text, out).context("encode a tagged datagram")
 }
 
 fn parse(d: &[u8]) -> Option<(u64, u64)> {
@@ -294,5 +316,17 @@ mod tests {
         assert_eq!(seq, 42);
         assert!(ns > 0);
         assert!(wire::decode(&buf).is_ok());
+    }
+
+    #[test]
+    fn tagged_datagrams_decode_with_their_tags() {
+        let mut out = String::new();
+        tagged(InstanceId(7), 3, Kind::Heartbeat, "x", "", &mut out).unwrap();
+        let f = wire::decode(out.as_bytes()).unwrap();
+        assert_eq!(f.meta.instance, Some(InstanceId(7)));
+        assert_eq!(f.meta.seq, Some(3));
+        assert_eq!(f.meta.kind, Kind::Heartbeat);
+        assert!(out.starts_with("@id=0000000000000007;seq=3;ts="), "{out}");
+        assert!(out.ends_with(" room1|x|"), "{out}");
     }
 }

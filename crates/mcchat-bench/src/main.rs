@@ -3,6 +3,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod flood;
 mod load;
 mod repair;
 mod suite;
@@ -245,6 +246,7 @@ fn table(r: &Value) -> String {
                     "wire_bytes_per_delivered",
                     "bytes on the wire per delivered msg",
                 ),
+                ("drop_share", "share of datagrams nft dropped"),
             ] {
                 let _ = writeln!(
                     o,
@@ -255,12 +257,45 @@ fn table(r: &Value) -> String {
             }
         }
     }
+    if let Some(f) = r["presence_flood"].as_object() {
+        for (variant, label) in [("baseline", "off"), ("flood", "on")] {
+            for (key, what) in [
+                ("latency_p50_ms", "latency p50, ms"),
+                ("latency_p99_ms", "latency p99, ms"),
+                ("latency_max_ms", "latency max, ms"),
+                ("delivered_share", "share of the stream shown"),
+                ("victim_cpu_s", "victim CPU s"),
+                ("victim_peak_rss_kib", "victim peak RSS, KiB"),
+                ("victim_nacks", "victim NACKs sent"),
+                ("output_lines", "victim output lines"),
+            ] {
+                if f.contains_key(variant) {
+                    let _ = writeln!(
+                        o,
+                        "{:<44} {:>22}",
+                        format!("presence flood {label}: {what}"),
+                        cell(&f[variant][key]),
+                    );
+                }
+            }
+        }
+    }
     let _ = writeln!(
         o,
         "{:<44} {:>22}",
         "history: messages committed per second",
         fmt(r["history_writes_per_s"].as_f64())
     );
+    for seq in ["60", "2048"] {
+        if let Some(ms) = r["flood_bench_ms"][format!("seq_{seq}")].as_f64() {
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22}",
+                format!("flood on one engine, 2nd hb seq={seq}: ms"),
+                fmt(Some(ms))
+            );
+        }
+    }
     if let Some(codec) = r["codec_ns"].as_object() {
         for (k, v) in codec {
             let _ = writeln!(

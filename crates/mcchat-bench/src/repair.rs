@@ -19,7 +19,7 @@ use crate::load::now_ns;
 /// The room's port (room1 in the bench rooms file).
 const PORT: u16 = 5555;
 
-fn nft(args: &str) -> Result<String> {
+pub(crate) fn nft(args: &str) -> Result<String> {
     let out = Command::new("nft")
         .args(args.split_whitespace())
         .output()
@@ -34,7 +34,7 @@ fn nft(args: &str) -> Result<String> {
 }
 
 /// The `counter packets P bytes B` of the only rule in `table`.
-fn counter(table: &str) -> Result<(u64, u64)> {
+pub(crate) fn counter(table: &str) -> Result<(u64, u64)> {
     let listing = nft(&format!("list table inet {table}"))?;
     let words: Vec<&str> = listing.split_whitespace().collect();
     let after = |key: &str| {
@@ -49,7 +49,7 @@ fn counter(table: &str) -> Result<(u64, u64)> {
 }
 
 /// Kills the child when dropped, so an error cannot leave a process behind.
-struct Reaped(Child);
+pub(crate) struct Reaped(pub(crate) Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -60,7 +60,7 @@ impl Drop for Reaped {
 
 /// Starts `mcchat ARGS` and waits for `ready` on its stderr; its stdout lines come on the
 /// returned channel with their arrival time.
-fn start(
+pub(crate) fn start(
     mcchat: &Path,
     rooms: &Path,
     args: &[&str],
@@ -107,7 +107,7 @@ fn start(
     Ok((child, rx))
 }
 
-fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }

@@ -374,11 +374,51 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
                 "latency_p50_ms": pick(&|v| v["latency_ms"]["p50"].as_f64()),
                 "latency_p99_ms": pick(&|v| v["latency_ms"]["p99"].as_f64()),
                 "wire_bytes_per_delivered": pick(&|v| v["wire_bytes_per_delivered"].as_f64()),
+                // The loss nftables drew: the latency figures move with it (a gap that is
+                // repaired late holds the messages behind it).
+                "drop_share": pick(&|v| Some(
+                    v["dropped_by_nft"].as_f64()? / v["wire_packets"].as_f64()?.max(1.0)
+                )),
                 "runs": runs_out,
             }),
         );
     }
     results.insert("repair".into(), json!(repair));
+
+    // 8. A peer under a presence flood (issue 9): the victim with and without it, in turn.
+    let plan = crate::flood::Plan::new(opts.quick);
+    let mut flood_runs: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for _ in 0..runs {
+        for (name, on) in [("baseline", false), ("flood", true)] {
+            eprintln!("bench: presence flood: {name}");
+            let v = crate::flood::run(&opts.mcchat, &rooms, on, plan)?;
+            flood_runs.entry(name).or_default().push(v);
+        }
+    }
+    let mut flood = BTreeMap::new();
+    for (name, runs_out) in flood_runs {
+        let pick =
+            |f: &dyn Fn(&Value) -> Option<f64>| summary(runs_out.iter().filter_map(f).collect());
+        flood.insert(
+            name,
+            json!({
+                "latency_p50_ms": pick(&|v| v["latency_ms"]["p50"].as_f64()),
+                "latency_p99_ms": pick(&|v| v["latency_ms"]["p99"].as_f64()),
+                "latency_max_ms": pick(&|v| v["latency_ms"]["max"].as_f64()),
+                "delivered_share": pick(&|v| Some(
+                    v["delivered"].as_f64()? / v["sent"].as_f64()?.max(1.0)
+                )),
+                "late_over_1s": pick(&|v| v["late_over_1s"].as_f64()),
+                "victim_cpu_s": pick(&|v| v["victim_cpu_s"].as_f64()),
+                "victim_cpu_share": pick(&|v| v["victim_cpu_share"].as_f64()),
+                "victim_peak_rss_kib": pick(&|v| v["victim_peak_rss_kib"].as_f64()),
+                "victim_nacks": pick(&|v| v["victim_nacks"].as_f64()),
+                "output_lines": pick(&|v| v["output_lines"].as_f64()),
+                "runs": runs_out,
+            }),
+        );
+    }
+    results.insert("presence_flood".into(), json!(flood));
 
     // 4. The CLI: start-up to ready, and its RSS.
     let (mut ready_ms, mut rss) = (vec![], vec![]);
@@ -422,6 +462,15 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         }
     }
     results.insert("codec_ns".into(), json!(codec));
+    // The presence flood on one engine: ms per attack (4,096 ids, two heartbeats each, then
+    // one simulated second of timers).
+    let mut flood_bench = BTreeMap::new();
+    for name in ["seq_60", "seq_2048"] {
+        if let Some(ns) = estimate("flood", name) {
+            flood_bench.insert(name, json!(ns / 1e6));
+        }
+    }
+    results.insert("flood_bench_ms".into(), json!(flood_bench));
     // Each iteration commits 10,000 messages.
     if let Some(ns) = estimate("history", "write_10000") {
         results.insert("history_writes_per_s".into(), json!(10_000.0 / ns * 1e9));
