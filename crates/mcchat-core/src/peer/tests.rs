@@ -974,7 +974,7 @@ fn a_flood_of_made_up_senders_costs_bounded_work_and_spares_a_real_one() {
         "alice: all, in order, once"
     );
     assert!(
-        o.nacks <= 2 * config.nacks_per_second as usize,
+        o.nacks <= 2 * config.presence_nacks_per_second as usize,
         "{} NACKs",
         o.nacks
     );
@@ -983,7 +983,8 @@ fn a_flood_of_made_up_senders_costs_bounded_work_and_spares_a_real_one() {
         "the made-up gaps were asked for, within the budget"
     );
     assert!(
-        o.stats.visited <= 2 * u64::from(config.nacks_per_second) * config.presence_window + 10_000,
+        o.stats.visited
+            <= 2 * u64::from(config.presence_nacks_per_second) * config.presence_window + 10_000,
         "{} entries visited",
         o.stats.visited
     );
@@ -999,7 +1000,7 @@ fn a_flood_of_made_up_senders_costs_bounded_work_and_spares_a_real_one() {
     );
     assert!(o.load.0 <= config.max_senders);
     assert!(
-        o.wakeups <= 2 * u64::from(config.nacks_per_second) + 50,
+        o.wakeups <= 2 * u64::from(config.presence_nacks_per_second) + 50,
         "{} wake-ups",
         o.wakeups
     );

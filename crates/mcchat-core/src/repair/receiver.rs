@@ -13,7 +13,8 @@
 //! - In total at most `max_missing` missing numbers and `max_held_bytes` of held messages
 //!   (weighed by their size); past either, the oldest gap is given up and reported, those of
 //!   senders never heard to send a message first. At most `nacks_per_second` NACK datagrams
-//!   go out, senders heard to send messages served first.
+//!   go out, senders heard to send messages served first, and of them at most
+//!   `presence_nacks_per_second` for senders heard only through presence.
 //! - A datagram that jumps beyond the window is a **claim**, not a fact: it changes nothing
 //!   until a later datagram of the same sender confirms it, and one below it (the real
 //!   sender, carrying on) cancels it. A jump confirmed anyway (by a second forgery), and a
@@ -55,6 +56,9 @@ pub struct RepairConfig {
     pub max_held_bytes: usize,
     /// NACK datagrams per second over all senders (and the burst).
     pub nacks_per_second: u32,
+    /// Of those, at most this many for senders heard only through presence: made-up ids
+    /// cost the LAN a fraction of the budget.
+    pub presence_nacks_per_second: u32,
     /// How long a claim waits for a datagram that confirms it.
     pub claim_ttl: Duration,
 }
@@ -72,6 +76,7 @@ impl Default for RepairConfig {
             max_missing: 65_536,
             max_held_bytes: 8 << 20,
             nacks_per_second: 256,
+            presence_nacks_per_second: 64,
             // Longer than a heartbeat interval, so an idle sender's next heartbeat confirms
             // a real jump (after a long partition).
             claim_ttl: Duration::from_secs(20),
@@ -195,6 +200,7 @@ pub struct Receiver<M> {
     missing_total: usize,
     held_bytes_total: usize,
     bucket: Bucket,
+    presence_bucket: Bucket,
     forgotten: VecDeque<(InstanceId, u64, Option<Tentative>)>,
     stats: RepairStats,
 }
@@ -203,6 +209,7 @@ impl<M> Receiver<M> {
     /// A receiver with `config`.
     pub fn new(config: RepairConfig) -> Self {
         let rate = f64::from(config.nacks_per_second.max(1));
+        let presence_rate = f64::from(config.presence_nacks_per_second.max(1));
         Self {
             config,
             senders: HashMap::new(),
@@ -215,6 +222,11 @@ impl<M> Receiver<M> {
             bucket: Bucket {
                 rate,
                 tokens: rate,
+                at: None,
+            },
+            presence_bucket: Bucket {
+                rate: presence_rate,
+                tokens: presence_rate,
                 at: None,
             },
             forgotten: VecDeque::new(),
@@ -815,6 +827,10 @@ impl<M> Receiver<M> {
                     self.stats.nacks_deferred += 1;
                     break 'classes;
                 }
+                if !heard && !self.presence_bucket.has_token(now) {
+                    self.stats.nacks_deferred += 1;
+                    break 'classes;
+                }
                 let Some(s) = self.senders.get_mut(&id) else {
                     self.nacks[set].pop_first();
                     continue;
@@ -827,6 +843,9 @@ impl<M> Receiver<M> {
                 self.stats.visited += visited;
                 if !ranges.is_empty() {
                     self.bucket.spend();
+                    if !heard {
+                        self.presence_bucket.spend();
+                    }
                     self.stats.nacks_sent += 1;
                     nacks.push(Nack {
                         instance: id,
@@ -843,13 +862,12 @@ impl<M> Receiver<M> {
     /// When [`Receiver::poll`] next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let giveup = self.giveups.first().map(|(t, _)| *t);
-        let nack = self
-            .nacks
-            .iter()
-            .filter_map(|set| set.first().map(|(t, _)| *t))
-            .min()
-            .map(|t| self.bucket.ready_at().map_or(t, |r| r.max(t)));
-        [giveup, nack].into_iter().flatten().min()
+        let later = |t: Instant, b: &Bucket| b.ready_at().map_or(t, |r| r.max(t));
+        let heard = self.nacks[1].first().map(|(t, _)| later(*t, &self.bucket));
+        let presence = self.nacks[0]
+            .first()
+            .map(|(t, _)| later(later(*t, &self.bucket), &self.presence_bucket));
+        [giveup, heard, presence].into_iter().flatten().min()
     }
 }
 
@@ -1210,11 +1228,13 @@ mod tests {
             let s = r.stats();
             eprintln!("second={second}: {s:?}, {wakeups} wake-ups, {nacks} NACKs");
             assert!(
-                nacks <= 2 * config.nacks_per_second as usize,
+                nacks <= 2 * config.presence_nacks_per_second as usize,
                 "{nacks} NACKs"
             );
             assert!(
-                s.visited <= 2 * config.nacks_per_second as u64 * config.presence_window + 10_000,
+                s.visited
+                    <= 2 * u64::from(config.presence_nacks_per_second) * config.presence_window
+                        + 10_000,
                 "{} entries visited",
                 s.visited
             );
@@ -1223,6 +1243,32 @@ mod tests {
                 assert_eq!(nacks, 0);
             }
         }
+    }
+
+    /// Under a flood of made-up senders that spends the presence share of the NACK budget,
+    /// a real sender's gap is still asked for at once: it is served first, from the rest.
+    #[test]
+    fn a_real_gap_is_nacked_at_once_during_a_presence_flood() {
+        let t0 = Instant::now();
+        let mut r: Receiver<u64> = Receiver::new(RepairConfig::default());
+        let mut j = || 0.0;
+        for i in 0..2000u64 {
+            let _ = r.on_latest(InstanceId(i), 0, t0, &mut j);
+            let _ = r.on_latest(InstanceId(i), 10, t0, &mut j);
+        }
+        let real = InstanceId(u64::MAX);
+        let t1 = t0 + Duration::from_millis(500);
+        let (flood, _) = r.poll(t1, &mut j);
+        assert!(flood.len() <= 64, "the presence share: {}", flood.len());
+        let _ = r.on_message(real, 1, 1, 8, false, t1, &mut j);
+        let _ = r.on_message(real, 3, 3, 8, false, t1, &mut j);
+        let due = r.next_deadline().unwrap();
+        assert!(due <= t1 + Duration::from_millis(30), "{:?}", due - t1);
+        let (nacks, _) = r.poll(due, &mut j);
+        assert!(
+            nacks.iter().any(|n| n.instance == real && n.ranges == [2..=2]),
+            "{nacks:?}"
+        );
     }
 
     #[test]
