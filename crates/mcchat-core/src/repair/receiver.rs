@@ -1266,7 +1266,9 @@ mod tests {
         assert!(due <= t1 + Duration::from_millis(30), "{:?}", due - t1);
         let (nacks, _) = r.poll(due, &mut j);
         assert!(
-            nacks.iter().any(|n| n.instance == real && n.ranges == [2..=2]),
+            nacks
+                .iter()
+                .any(|n| n.instance == real && n.ranges == [2..=2]),
             "{nacks:?}"
         );
     }
