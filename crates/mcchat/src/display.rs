@@ -189,33 +189,15 @@ pub(crate) fn json_line(event: &Event, room: &str, now_ms: u64) -> String {
             seq: m.seq,
             repair: m.repair,
         },
-        Event::Lost { sender, count } => JsonLine {
-            room,
-            sender,
-            text: &lost_text(*count),
-            ts: rfc3339(now_ms),
-            from: None,
-            kind: "lost",
-            id: None,
-            seq: None,
-            repair: false,
-        },
+        Event::Lost { sender, count } => {
+            return json_plain(room, sender, &lost_text(*count), "lost", now_ms);
+        }
         Event::Presence(c) => {
             let (sender, kind) = match c {
                 Change::Joined(n) => (n.as_str(), "join"),
                 Change::Left(n) | Change::TimedOut(n) => (n.as_str(), "leave"),
             };
-            JsonLine {
-                room,
-                sender,
-                text: "",
-                ts: rfc3339(now_ms),
-                from: None,
-                kind,
-                id: None,
-                seq: None,
-                repair: false,
-            }
+            return json_plain(room, sender, "", kind, now_ms);
         }
         Event::Subscribed => return json_plain(room, "", "", "subscribed", now_ms),
         Event::Ended(why) => return json_plain(room, "", why, "ended", now_ms),

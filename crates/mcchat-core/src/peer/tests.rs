@@ -1402,6 +1402,23 @@ fn loss_notices_of_presence_only_senders_are_summed() {
 // ---------------------------------------------------------------------------------------
 // Regressions from the review of the engine.
 
+/// Alice's messages `seqs` as mcchatd's history returns them.
+fn alice_history(seqs: std::ops::RangeInclusive<u64>) -> Vec<Received> {
+    seqs.map(|s| Received {
+        kind: Kind::Message,
+        room: ROOM.into(),
+        sender: "alice".into(),
+        text: format!("m{s}"),
+        ts_ms: UNIX0,
+        recv_ms: UNIX0,
+        from: None,
+        instance: Some(ALICE),
+        seq: Some(s),
+        repair: false,
+    })
+    .collect()
+}
+
 /// Forged jumps towards 2^64 count losses that do not overflow (debug builds panicked).
 #[test]
 fn forged_jumps_towards_2_pow_64_do_not_overflow_the_counters() {
@@ -1447,20 +1464,7 @@ fn a_forged_first_heartbeat_does_not_silence_a_sender() {
 #[test]
 fn a_replay_after_history_is_shown_once() {
     let mut r = Rig::peer("bob", BOB);
-    let hist: Vec<Received> = (1..=20u64)
-        .map(|s| Received {
-            kind: Kind::Message,
-            room: ROOM.into(),
-            sender: "alice".into(),
-            text: format!("m{s}"),
-            ts_ms: UNIX0,
-            recv_ms: UNIX0,
-            from: None,
-            instance: Some(ALICE),
-            seq: Some(s),
-            repair: false,
-        })
-        .collect();
+    let hist = alice_history(1..=20);
     r.e.preload(hist, now_at(r.base, r.base));
     r.collect();
     r.enter(0);
@@ -1486,20 +1490,7 @@ fn history_of_a_sender_already_followed_is_not_shown_twice() {
     let ts = r.unix(r.t(10));
     r.hear(10, &msg(ALICE, "alice", 19, ts - 60_000), host(2));
     r.hear(10, &msg(ALICE, "alice", 20, ts), host(2));
-    let hist: Vec<Received> = (15..=20u64)
-        .map(|s| Received {
-            kind: Kind::Message,
-            room: ROOM.into(),
-            sender: "alice".into(),
-            text: format!("m{s}"),
-            ts_ms: UNIX0,
-            recv_ms: UNIX0,
-            from: None,
-            instance: Some(ALICE),
-            seq: Some(s),
-            repair: false,
-        })
-        .collect();
+    let hist = alice_history(15..=20);
     r.e.preload(hist, now_at(r.base, r.t(20)));
     r.collect();
     r.run_to(5_000);

@@ -120,6 +120,18 @@ impl<M> Sender<M> {
         }
     }
 
+    /// A datagram of this sender came at `now`: it is here (not departed), and a claim past
+    /// its time is dropped. Returns whether one was.
+    pub(super) fn heard_at(&mut self, now: Instant) -> bool {
+        self.last_heard = now;
+        self.departed = false;
+        let expired = self.claim.as_ref().is_some_and(|c| c.expires <= now);
+        if expired {
+            self.claim = None;
+        }
+        expired
+    }
+
     pub(super) fn window(&self, config: &RepairConfig) -> u64 {
         if self.heard_message {
             config.window

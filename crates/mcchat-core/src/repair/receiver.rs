@@ -447,8 +447,9 @@ impl<M> Receiver<M> {
         let Some(s) = self.senders.get_mut(&instance) else {
             return out;
         };
-        s.last_heard = now;
-        s.departed = false;
+        if s.heard_at(now) {
+            self.stats.claims_rejected += 1;
+        }
         s.heard_message = true;
         // A new message at or above a tentative position proves it (not the copy of a
         // claiming message, and not one that confirms a claim: see below).
@@ -461,10 +462,6 @@ impl<M> Receiver<M> {
             s.tentative = None;
         }
         let held = Held { msg, bytes };
-        if s.claim.as_ref().is_some_and(|c| c.expires <= now) {
-            s.claim = None;
-            self.stats.claims_rejected += 1;
-        }
         if seq < s.next {
             let w = s.window(&config);
             match &mut s.tentative {
@@ -633,10 +630,7 @@ impl<M> Receiver<M> {
         let Some(s) = self.senders.get_mut(&instance) else {
             return out;
         };
-        s.last_heard = now;
-        s.departed = false;
-        if s.claim.as_ref().is_some_and(|c| c.expires <= now) {
-            s.claim = None;
+        if s.heard_at(now) {
             self.stats.claims_rejected += 1;
         }
         if s.claim.as_ref().is_some_and(|c| latest < c.floor) {
@@ -1170,7 +1164,7 @@ mod tests {
         );
     }
 
-    fn msgs(out: &[Delivery<u64>]) -> Vec<u64> {
+    pub(super) fn msgs(out: &[Delivery<u64>]) -> Vec<u64> {
         out.iter()
             .filter_map(|d| match d {
                 Delivery::Message(m) => Some(*m),
@@ -1179,7 +1173,7 @@ mod tests {
             .collect()
     }
 
-    fn lost(out: &[Delivery<u64>]) -> u64 {
+    pub(super) fn lost(out: &[Delivery<u64>]) -> u64 {
         out.iter()
             .map(|d| match d {
                 Delivery::Lost { count, .. } => *count,

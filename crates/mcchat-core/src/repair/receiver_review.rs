@@ -13,22 +13,7 @@ mod review {
     const A: InstanceId = InstanceId(0xa);
     const B: InstanceId = InstanceId(0xb);
 
-    fn msgs(out: &[Delivery<u64>]) -> Vec<u64> {
-        out.iter()
-            .filter_map(|d| match d {
-                Delivery::Message(m) => Some(*m),
-                _ => None,
-            })
-            .collect()
-    }
-    fn lost(out: &[Delivery<u64>]) -> u64 {
-        out.iter()
-            .map(|d| match d {
-                Delivery::Lost { count, .. } => *count,
-                _ => 0,
-            })
-            .sum()
-    }
+    use super::super::tests::{lost, msgs};
 
     #[test]
     fn eviction_remembers_where_the_sender_stands() {

@@ -7,17 +7,7 @@ use nix::sys::signal::Signal;
 
 use std::time::Duration;
 
-use crate::util::{Pace, Proc, TempDir, require_netns, run, unique};
-
-fn relay_addr(d: &Proc) -> SocketAddr {
-    let line = d.expect_err("relaying on UDP");
-    line.rsplit("bound=")
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
+use crate::util::{Pace, Proc, TempDir, relay_addr, require_netns, run, unique};
 
 /// The texts of `mcchat history --json` for `room`.
 fn history(addr: SocketAddr, room: &str, extra: &[&str]) -> Vec<String> {

@@ -16,7 +16,9 @@ use mcchat_core::room::{RoomName, derive_group};
 use mcchat_core::wire::{self, InstanceId, Kind};
 use nix::sys::signal::Signal;
 
-use crate::util::{Pace, Proc, WAIT, bin, raw_sender, require_netns, shipped_rooms, unique};
+use crate::util::{
+    Pace, Proc, WAIT, bin, local_daemon, raw_sender, require_netns, shipped_rooms, unique,
+};
 
 /// Made-up instances in the presence flood: as many as a receiver follows (and a roster
 /// holds), so every table is driven to its cap.
@@ -55,24 +57,6 @@ fn group(room: &str) -> SocketAddr {
 }
 
 /// The relay address a daemon started with `--listen 127.0.0.1:0` reports.
-fn relay_addr(d: &Proc) -> SocketAddr {
-    let line = d.expect_err("relaying on UDP");
-    line.rsplit("bound=")
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no address in {line:?}"))
-}
-
-fn local_daemon(extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut args = vec!["--listen", "127.0.0.1:0", "--status-socket", ""];
-    args.extend_from_slice(extra);
-    let d = Proc::daemon(None, &args);
-    let addr = relay_addr(&d);
-    (d, addr)
-}
-
 fn status(addr: SocketAddr) -> serde_json::Value {
     let (st, out, err) = crate::util::run(&["status", "--via", &addr.to_string(), "--json"], &[]);
     assert!(st.success(), "{err}");

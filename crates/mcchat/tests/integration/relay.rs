@@ -8,25 +8,9 @@ use mcchat_core::room::{RoomName, derive_group};
 use mcchat_core::wire::{self, Kind};
 use nix::sys::signal::Signal;
 
-use crate::util::{Lan, Proc, TempDir, WAIT, daemon_bin, require_netns, run, unique};
+use crate::util::{Lan, Proc, TempDir, WAIT, daemon_bin, local_daemon, require_netns, run, unique};
 
 /// The relay address a daemon started with `--listen 127.0.0.1:0` reports.
-fn relay_addr(d: &Proc) -> SocketAddr {
-    let line = d.expect_err("relaying on UDP");
-    let addr = line.rsplit("bound=").next().unwrap_or_default();
-    addr.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no address in {line:?}"))
-}
-
-fn local_daemon(extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut args = vec!["--listen", "127.0.0.1:0", "--status-socket", ""];
-    args.extend_from_slice(extra);
-    let d = Proc::daemon(None, &args);
-    let addr = relay_addr(&d);
-    (d, addr)
-}
-
 /// A hand-driven relay client, to test the protocol itself.
 struct Raw {
     sock: UdpSocket,

@@ -461,3 +461,24 @@ impl Pace {
         }
     }
 }
+
+/// The relay address a daemon logged when it bound ("relaying on UDP ... bound=ADDR").
+pub fn relay_addr(d: &Proc) -> SocketAddr {
+    let line = d.expect_err("relaying on UDP");
+    line.rsplit("bound=")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or_else(|_| panic!("no address in {line:?}"))
+}
+
+/// An mcchatd on 127.0.0.1, any port, no status socket, with `extra` flags; and its relay
+/// address.
+pub fn local_daemon(extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--status-socket", ""];
+    args.extend_from_slice(extra);
+    let d = Proc::daemon(None, &args);
+    let addr = relay_addr(&d);
+    (d, addr)
+}
