@@ -93,7 +93,6 @@ pub(crate) struct Peer {
     /// Events that came before the front end's output existed (while subscribing).
     early: Vec<Event>,
     error_log: LogLimiter,
-    subscribes: bool,
 }
 
 impl Peer {
@@ -106,7 +105,7 @@ impl Peer {
         let instance =
             InstanceId::random().context("failed to get random bytes for the instance id")?;
         let seed = InstanceId::random()
-            .context("failed to get random bytes for the instance id")?
+            .context("failed to get random bytes for the jitter seed")?
             .0;
         let name = mode.name.unwrap_or_default();
         let mut config = PeerConfig::new(room.name.as_str(), &name, transport.dest(&room));
@@ -114,7 +113,6 @@ impl Peer {
         config.echo_own = mode.echo_own;
         let via = matches!(transport, Transport::Via { .. });
         config.subscribe = mode.subscribe && via;
-        let config_subscribes = config.subscribe;
         config.repair_window = mode.repair_window;
         if via {
             // mcchatd relays at most 200 datagrams a second per source: NACKs must leave
@@ -128,7 +126,6 @@ impl Peer {
             room,
             early: Vec::new(),
             error_log: LogLimiter::default(),
-            subscribes: config_subscribes,
         })
     }
 
@@ -148,7 +145,7 @@ impl Peer {
     /// Subscribes through mcchatd (if this peer does) and returns once the daemon confirms,
     /// or with the engine's reason if it never does.
     pub(crate) async fn connect(&mut self) -> Result<()> {
-        if !self.subscribes {
+        if !self.engine.subscribes() {
             return Ok(());
         }
         self.engine.subscribe(now());

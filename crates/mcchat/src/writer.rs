@@ -104,9 +104,9 @@ impl Output {
 
     /// Queues `line`, or counts it if the queue is full. Never blocks.
     pub(crate) fn show(&mut self, line: Line) {
-        let Some(tx) = &self.tx else {
+        if self.tx.is_none() {
             return;
-        };
+        }
         let weight = line.weight();
         let full = self.shared.bytes.load(Ordering::Relaxed) + weight > self.max_bytes
             || self.shared.lines.load(Ordering::Relaxed) >= self.max_lines;
@@ -119,12 +119,15 @@ impl Output {
         if unreported > 0 {
             self.shared.notices.fetch_add(1, Ordering::Relaxed);
             self.shared.noticed.fetch_add(unreported, Ordering::Relaxed);
-            self.queue(tx.clone(), Line::Skipped(unreported));
+            self.queue(Line::Skipped(unreported));
         }
-        self.queue(tx.clone(), line);
+        self.queue(line);
     }
 
-    fn queue(&self, tx: Sender<(Line, usize)>, line: Line) {
+    fn queue(&self, line: Line) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
         let weight = line.weight();
         self.shared.bytes.fetch_add(weight, Ordering::Relaxed);
         self.shared.lines.fetch_add(1, Ordering::Relaxed);

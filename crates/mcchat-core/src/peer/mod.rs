@@ -254,6 +254,11 @@ impl PeerEngine {
         self.effects.pop_front()
     }
 
+    /// Whether this engine subscribes through mcchatd (`--via` with `join` or `listen`).
+    pub fn subscribes(&self) -> bool {
+        self.relay.is_some()
+    }
+
     /// Whether the relay has confirmed the subscription (always false without `--via`).
     pub fn subscribed(&self) -> bool {
         self.relay.as_ref().is_some_and(RelayClient::subscribed)
@@ -334,7 +339,7 @@ impl PeerEngine {
         {
             relay.subscribe(now.mono);
         }
-        self.relay_requests(now);
+        self.relay_requests();
     }
 
     /// Starts taking part: a `join` (with presence) and the subscription (with `--via`, if
@@ -355,7 +360,7 @@ impl PeerEngine {
         if let Some(relay) = &mut self.relay {
             relay.unsubscribe();
         }
-        self.relay_requests(now);
+        self.relay_requests();
     }
 
     /// Sends `text` as `kind`, split into several datagrams if it does not fit in one.
@@ -475,11 +480,13 @@ impl PeerEngine {
             {
                 self.effects.push_back(Effect::Show(event));
             }
-            self.relay_requests(now);
+            self.relay_requests();
             return;
         }
         let is_repair = frame.tags.get(repair::REPAIR_TAG.0).is_some();
-        let received = Received {
+        // Only chat is kept and shown: heartbeats and NACKs (what a flood is made of) are
+        // never copied out of the datagram.
+        let received = || Received {
             kind,
             room: frame.room.to_owned(),
             sender: frame.sender.to_owned(),
@@ -495,7 +502,7 @@ impl PeerEngine {
             // A bare datagram: shown as it comes; it cannot be repaired.
             if matches!(kind, Kind::Message | Kind::Action) {
                 self.effects
-                    .push_back(Effect::Show(Event::Message(received)));
+                    .push_back(Effect::Show(Event::Message(received())));
             }
             return;
         };
@@ -532,6 +539,7 @@ impl PeerEngine {
                 }
             }
             (Kind::Message | Kind::Action, Some(seq)) => {
+                let received = received();
                 if !is_repair
                     && !self.receiver.knows(instance)
                     && started_recently(seq, received.ts_ms, now.unix_ms)
@@ -554,7 +562,7 @@ impl PeerEngine {
             }
             (Kind::Message | Kind::Action, None) => {
                 self.effects
-                    .push_back(Effect::Show(Event::Message(received)));
+                    .push_back(Effect::Show(Event::Message(received())));
             }
             (Kind::Join | Kind::Heartbeat, Some(latest)) => {
                 let out = self
@@ -665,7 +673,7 @@ impl PeerEngine {
         {
             self.effects.push_back(Effect::Show(event));
         }
-        self.relay_requests(now);
+        self.relay_requests();
         self.flush_lost(now.mono);
     }
 
@@ -690,18 +698,14 @@ impl PeerEngine {
     }
 
     /// Encodes the relay requests the client state machine asked for.
-    fn relay_requests(&mut self, _now: Now) {
+    fn relay_requests(&mut self) {
         let Some(relay) = &mut self.relay else {
             return;
         };
         let requests = relay.take_requests();
+        let cookie = relay.cookie().map(str::to_owned);
+        let sender = self.control_sender().to_owned();
         for kind in requests {
-            let cookie = self
-                .relay
-                .as_ref()
-                .and_then(RelayClient::cookie)
-                .map(str::to_owned);
-            let sender = self.control_sender().to_owned();
             if wire::relay_request(
                 kind,
                 &self.config.room,

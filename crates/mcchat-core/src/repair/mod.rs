@@ -118,11 +118,6 @@ impl<M> SendBuffer<M> {
         }
     }
 
-    /// How long messages are kept.
-    pub fn max_age(&self) -> Duration {
-        self.max_age
-    }
-
     /// Remembers message `seq` of `bytes` bytes, sent `now`.
     pub fn push(&mut self, seq: u64, msg: M, bytes: usize, now: Instant) {
         if self.buf.len() == self.capacity

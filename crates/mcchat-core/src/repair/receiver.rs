@@ -24,7 +24,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::followed::{Claim, Held, Sender, Tentative, collect_due, revert, take_in_window};
+use super::followed::{Claim, Held, Keys, Sender, Tentative, collect_due, revert, take_in_window};
 use super::{Jitter, Nack};
 use crate::wire::InstanceId;
 
@@ -269,23 +269,11 @@ impl<M> Receiver<M> {
         let Some(s) = self.senders.get_mut(&id) else {
             return;
         };
-        let k = &mut s.keys;
-        if let Some((h, t)) = k.nack.take() {
-            self.nacks[usize::from(h)].remove(&(t, id));
-        }
-        if let Some(t) = k.giveup.take() {
-            self.giveups.remove(&(t, id));
-        }
-        if let Some((h, t)) = k.age.take() {
-            self.ages.remove(&(h, t, id));
-        }
-        if let Some((o, t)) = k.quiet.take() {
-            self.quiet.remove(&(o, t, id));
-        }
-        self.missing_total = self.missing_total - k.missing + s.missing.len();
-        self.held_bytes_total = self.held_bytes_total - k.held_bytes + s.held_bytes;
-        k.missing = s.missing.len();
-        k.held_bytes = s.held_bytes;
+        let keys = std::mem::take(&mut s.keys);
+        self.unfile(id, &keys);
+        let Some(s) = self.senders.get_mut(&id) else {
+            return;
+        };
         if s.departed && !s.is_open() {
             let next = s.next;
             let tentative = s.tentative.take();
@@ -296,6 +284,10 @@ impl<M> Receiver<M> {
         if s.missing.is_empty() {
             s.nack_due = None;
         }
+        self.missing_total += s.missing.len();
+        self.held_bytes_total += s.held_bytes;
+        s.keys.missing = s.missing.len();
+        s.keys.held_bytes = s.held_bytes;
         let h = s.heard_message;
         if let Some(t) = s.nack_due {
             self.nacks[usize::from(h)].insert((t, id));
@@ -345,7 +337,7 @@ impl<M> Receiver<M> {
             // The quietest sender with nothing open goes first; if every one has a gap open,
             // the quietest overall, with what it held delivered and its gaps reported lost.
             if let Some(mut old) = self.senders.remove(&victim) {
-                self.unfile(victim, &old);
+                self.unfile(victim, &old.keys);
                 let lost = old.flush(victim, out);
                 self.stats.lost = self.stats.lost.saturating_add(lost);
                 self.stats.evicted += 1;
@@ -371,8 +363,7 @@ impl<M> Receiver<M> {
     }
 
     /// Removes a sender's keys from the indexes and its share of the totals.
-    fn unfile(&mut self, id: InstanceId, s: &Sender<M>) {
-        let k = &s.keys;
+    fn unfile(&mut self, id: InstanceId, k: &Keys) {
         if let Some((h, t)) = k.nack {
             self.nacks[usize::from(h)].remove(&(t, id));
         }

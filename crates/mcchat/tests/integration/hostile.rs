@@ -101,6 +101,16 @@ struct FloodReport {
     took: Duration,
 }
 
+/// Waits for the flood to end; every datagram of it was sent.
+fn flood_done(flooding: std::thread::JoinHandle<FloodReport>) {
+    let report = flooding.join().unwrap();
+    eprintln!(
+        "flood: {} datagrams sent ({} failed) in {:?}",
+        report.sent, report.failed, report.took
+    );
+    assert_eq!(report.failed, 0);
+}
+
 /// Sends the flood from `socks` in turn (to `to`) at [`FLOOD_PER_SEC`] on a thread of its
 /// own; `at` is told when datagram `signal_at` has gone out.
 fn flood(
@@ -228,12 +238,7 @@ fn issue_9_presence_flood_costs_no_real_message_direct() {
     let start_at = flood_tail();
     let flooding = flood(&room, vec![raw_sender()], group(&room), start_at, tx);
     alice_speaks(&mut alice, &rx, None);
-    let report = flooding.join().unwrap();
-    eprintln!(
-        "flood: {} datagrams sent ({} failed) in {:?}",
-        report.sent, report.failed, report.took
-    );
-    assert_eq!(report.failed, 0);
+    flood_done(flooding);
 
     assert_all_once_in_order(&bob, "alice", MESSAGES);
     assert_all_once_in_order(&listener, "alice", MESSAGES);
@@ -274,12 +279,7 @@ fn issue_9_presence_flood_costs_no_real_message_via() {
     let flooding = flood(&room, socks, addr, start_at, tx);
     let mut bob = bob;
     alice_speaks(&mut alice, &rx, Some(&mut bob));
-    let report = flooding.join().unwrap();
-    eprintln!(
-        "flood: {} datagrams sent ({} failed) in {:?}",
-        report.sent, report.failed, report.took
-    );
-    assert_eq!(report.failed, 0);
+    flood_done(flooding);
 
     assert_all_once_in_order(&bob, "alice", MESSAGES);
     // What bob says through the daemon during the flood reaches alice too.
