@@ -1,6 +1,8 @@
 //! What every mcchat binary shares.
 //!
 //! - [`wire`]: the datagram format, `[@tags ]room|sender|text` (pure).
+//! - [`tags`]: end-to-end and hop-by-hop tags: adding a hop-by-hop tag, the end-to-end part
+//!   (pure, on raw bytes).
 //! - [`room`]: room names, derived groups and the validated [`room::Registry`] (pure).
 //! - [`config`]: where `rooms.toml` is looked for, and reading it.
 //! - [`daemon`]: the `[daemon]` table of `rooms.toml`, mcchatd's settings (pure).
@@ -25,4 +27,5 @@ pub mod repair;
 pub mod room;
 pub mod sanitize;
 pub mod socket;
+pub mod tags;
 pub mod wire;

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 use crate::room::RoomName;
+use crate::tags;
 
 /// Largest datagram mcchat sends or accepts. 1200 bytes fits every path with an IPv6 minimum
 /// MTU of 1280 after the IPv6 and UDP headers, so a message is never IP-fragmented.
@@ -562,6 +563,11 @@ fn write_tags(header: &Header<'_>, out: &mut String) -> Result<(), EncodeError> 
         out.push(if first { '@' } else { ';' });
         first = false;
     };
+    // Hop-by-hop tags precede end-to-end ones (PROTOCOL.md 2.2), in the order given.
+    for (key, value) in header.extra.iter().filter(|(k, _)| tags::is_hop_by_hop(k)) {
+        sep(out);
+        write_tag(key, value, out);
+    }
     // `write!` into a String cannot fail; the results are ignored for that reason.
     if let Some(id) = meta.instance {
         sep(out);
@@ -580,21 +586,25 @@ fn write_tags(header: &Header<'_>, out: &mut String) -> Result<(), EncodeError> 
         sep(out);
         let _ = write!(out, "kind={kind}");
     }
-    for (key, value) in header.extra {
+    for (key, value) in header.extra.iter().filter(|(k, _)| !tags::is_hop_by_hop(k)) {
         if !is_valid_key(key) || matches!(*key, "id" | "seq" | "ts" | "kind") {
             return Err(EncodeError::BadTagKey((*key).to_owned()));
         }
         sep(out);
-        out.push_str(key);
-        if !value.is_empty() {
-            out.push('=');
-            escape_into(value, out);
-        }
+        write_tag(key, value, out);
     }
     if !first {
         out.push(' ');
     }
     Ok(())
+}
+
+fn write_tag(key: &str, value: &str, out: &mut String) {
+    out.push_str(key);
+    if !value.is_empty() {
+        out.push('=');
+        escape_into(value, out);
+    }
 }
 
 /// Clients pad a relay `sub`/`unsub` to this many bytes, so mcchatd's challenge, which is
@@ -624,8 +634,8 @@ pub fn relay_request(
     };
     let tags: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", *c)).collect();
     encode(&tags, out)?;
-    // `;pad=V` after the `kind` tag.
-    let pad_overhead = ";pad=".len();
+    // `pad=V;` in front of the other tags (hop-by-hop tags come first).
+    let pad_overhead = "pad=;".len();
     if out.len() + pad_overhead < pad_to {
         let pad = "x".repeat(pad_to - out.len() - pad_overhead);
         let mut padded = tags.clone();
@@ -635,33 +645,48 @@ pub fn relay_request(
     Ok(())
 }
 
-/// Splits `text` into pieces that each fit in one datagram next to `overhead` bytes of tags,
-/// room and sender. Cuts at the last space of a piece when that keeps at least half of it,
-/// else at a character boundary; no character is split and, with the spaces at the cuts kept
-/// at the end of the piece before, the pieces concatenate to `text` exactly.
+/// Splits `text` into pieces that each fit in one datagram of at most
+/// [`tags::MAX_WRITTEN`] bytes (leaving [`tags::HOP_RESERVE`] free for hop-by-hop tags) next
+/// to `overhead` bytes of tags, room and sender (see [`overhead`]). Cuts at the last space of
+/// a piece when that keeps at least half of it, else at a character boundary; no character is
+/// split and, with the spaces at the cuts kept at the end of the piece before, the pieces
+/// concatenate to `text` exactly. A piece that ends in a newline counts the one `encode` adds.
 pub fn split_text(text: &str, overhead: usize) -> Vec<&str> {
-    // One byte is held back for the extra newline `encode` adds after a trailing newline.
-    let budget = MAX_DATAGRAM.saturating_sub(overhead + 1).max(4);
     let mut pieces = Vec::new();
     let mut rest = text;
-    while rest.len() > budget {
-        let mut cut = budget;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        if let Some(space) = rest[..cut].rfind(' ')
-            && space + 1 >= cut / 2
-        {
-            cut = space + 1;
-        }
-        let (piece, tail) = rest.split_at(cut);
+    loop {
+        let (piece, tail) = split_first(rest, overhead);
         pieces.push(piece);
         rest = tail;
+        if rest.is_empty() {
+            return pieces;
+        }
     }
-    if !rest.is_empty() || pieces.is_empty() {
-        pieces.push(rest);
+}
+
+/// The first piece [`split_text`] would cut from `text`, and the rest (empty if `text` fits
+/// whole). For a sender whose header grows from piece to piece (its `seq`), so each piece is
+/// measured against its own header.
+pub fn split_first(text: &str, overhead: usize) -> (&str, &str) {
+    let budget = tags::MAX_WRITTEN.saturating_sub(overhead).max(4);
+    // `encode` adds a newline after a text that ends in one.
+    let fits = |s: &str| s.len() + usize::from(s.ends_with('\n')) <= budget;
+    if fits(text) {
+        return (text, "");
     }
-    pieces
+    let mut cut = budget;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if text[..cut].ends_with('\n') && !fits(&text[..cut]) {
+        cut -= 1; // the newline goes to the next piece
+    }
+    if let Some(space) = text[..cut].rfind(' ')
+        && space + 1 >= cut / 2
+    {
+        cut = space + 1;
+    }
+    text.split_at(cut)
 }
 
 /// The bytes `encode` will put around the text for this header, room and sender: what
@@ -914,12 +939,26 @@ mod tests {
         }
 
         #[test]
-        fn split_pieces_fit_and_rejoin(text in ".{1,3000}", overhead in 10usize..200) {
+        fn split_pieces_fit_and_rejoin(
+            text in "(?s).{1,3000}|[x\n ]{1,3000}",
+            sender in "[a-z]{1,32}",
+            seq in any::<u64>(),
+        ) {
+            let header = Header { meta: meta(Kind::Message), ..Header::default() };
+            let header = Header { meta: Meta { seq: Some(seq), ..header.meta }, ..header };
+            let overhead = overhead(&header, "room1", &sender).unwrap();
             let pieces = split_text(&text, overhead);
             prop_assert_eq!(pieces.concat(), text.clone());
+            let mut out = String::new();
             for p in &pieces {
                 prop_assert!(!p.is_empty());
-                prop_assert!(p.len() + overhead < MAX_DATAGRAM);
+                encode(&header, "room1", &sender, p, &mut out).unwrap();
+                prop_assert!(out.len() <= tags::MAX_WRITTEN, "{} bytes", out.len());
+                prop_assert_eq!(decode(out.as_bytes()).unwrap().text, *p);
+            }
+            // Every piece but the last is cut no shorter than half the budget.
+            for p in &pieces[..pieces.len() - 1] {
+                prop_assert!(2 * (p.len() + 1) >= tags::MAX_WRITTEN - overhead - 3, "{}", p.len());
             }
         }
     }

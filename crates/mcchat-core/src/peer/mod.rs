@@ -23,6 +23,7 @@ use crate::ratelimit::LogLimiter;
 use crate::repair::{
     self, Delivery, Nack, Receiver, RepairConfig, RepairStats, SendBuffer, SplitMix64,
 };
+use crate::tags;
 use crate::wire::{self, DropCounts, EncodeError, Header, InstanceId, Kind, MAX_DATAGRAM, Meta};
 
 use budget::ByteBudget;
@@ -141,6 +142,8 @@ pub const MIN_REPAIR_BYTES: usize = 64 * 1024;
 /// Loss notices shown one by one per call; the rest are summed in one (a flood of made-up
 /// senders given up at once is one line, not thousands).
 const LOST_NOTICES: usize = 8;
+/// What the repair tag adds in front of a tagged datagram: `repair=1;`.
+const REPAIR_TAG_BYTES: usize = repair::REPAIR_TAG.0.len() + repair::REPAIR_TAG.1.len() + 2;
 /// Loss notices of senders heard only through presence: one per this, the rest summed.
 pub const UNHEARD_LOST_EVERY: Duration = Duration::from_secs(10);
 /// How often silent members are looked for.
@@ -312,10 +315,15 @@ impl PeerEngine {
     }
 
     fn send_out(&mut self) {
+        let bytes = self.out.as_bytes().to_vec();
+        self.send(bytes);
+    }
+
+    fn send(&mut self, bytes: Vec<u8>) {
         self.stats.sent += 1;
         self.effects.push_back(Effect::Send {
             to: self.config.dest,
-            bytes: self.out.as_bytes().to_vec(),
+            bytes,
         });
     }
 
@@ -365,23 +373,18 @@ impl PeerEngine {
 
     /// Sends `text` as `kind`, split into several datagrams if it does not fit in one.
     pub fn say(&mut self, kind: Kind, text: &str, now: Now) -> Result<(), EncodeError> {
-        // The widest header this text may ever be sent with: its repair, which adds a tag.
-        let widest = Header {
-            extra: &[repair::REPAIR_TAG],
-            ..self.header(kind, u64::MAX, u64::MAX)
-        };
-        let overhead = wire::overhead(&widest, &self.config.room, &self.config.name)?;
-        let pieces = if text.is_empty() {
-            vec![text]
-        } else {
-            wire::split_text(text, overhead)
-        };
         let chat = matches!(kind, Kind::Message | Kind::Action);
-        for piece in pieces {
+        let mut rest = text;
+        loop {
             // Only chat text takes a sequence number; control datagrams carry the latest one,
             // so a receiver can tell from a heartbeat that it missed the tail of a burst.
             let seq = if chat { self.seq + 1 } else { self.seq };
             let header = self.header(kind, seq, now.unix_ms);
+            // Each piece against its own header (seq may gain a digit), within the datagram
+            // less the hop-by-hop reserve: its repair, or a relay, adds tags in front.
+            let overhead = wire::overhead(&header, &self.config.room, &self.config.name)?;
+            let (piece, tail) = wire::split_first(rest, overhead);
+            rest = tail;
             wire::encode(
                 &header,
                 &self.config.room,
@@ -391,7 +394,7 @@ impl PeerEngine {
             )?;
             self.seq = seq;
             if chat {
-                let bytes = self.out.len() + ";repair=1".len();
+                let bytes = self.out.len() + REPAIR_TAG_BYTES;
                 self.sent
                     .push(seq, (kind, now.unix_ms, piece.to_owned()), bytes, now.mono);
                 if self.config.presence {
@@ -414,8 +417,10 @@ impl PeerEngine {
                         repair: false,
                     })));
             }
+            if rest.is_empty() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Messages from mcchatd's history, shown before anything live and counted as seen: a
@@ -628,10 +633,13 @@ impl PeerEngine {
                     ts_ms: Some(ts),
                     kind,
                 },
-                extra: &[repair::REPAIR_TAG],
+                extra: &[],
             };
-            // Cannot fail for what `say` split (it left room for the tag); if it ever did,
-            // that one repair is skipped rather than the peer stopped.
+            // The original again, with the repair tag in front (a hop-by-hop tag). Cannot fail
+            // for what `say` split (it left the hop-by-hop reserve free); if it ever did, that
+            // one repair is skipped rather than the peer stopped.
+            let (key, value) = repair::REPAIR_TAG;
+            let mut bytes = Vec::with_capacity(self.out.len() + REPAIR_TAG_BYTES);
             if let Err(e) = wire::encode(
                 &header,
                 &self.config.room,
@@ -642,9 +650,13 @@ impl PeerEngine {
                 tracing::debug!(error = %e, seq, "cannot encode a repair");
                 continue;
             }
+            if let Err(e) = tags::add_hop_tag(self.out.as_bytes(), key, value, &mut bytes) {
+                tracing::debug!(error = %e, seq, "cannot tag a repair");
+                continue;
+            }
             self.stats.repairs_sent += 1;
-            self.stats.repair_bytes += self.out.len() as u64;
-            self.send_out();
+            self.stats.repair_bytes += bytes.len() as u64;
+            self.send(bytes);
         }
     }
 

@@ -672,11 +672,21 @@ fn a_nack_is_answered_with_repairs_once_per_20_ms() {
     assert_eq!(got.len(), 3);
     for ((_, to, d), original) in got.iter().zip(&originals) {
         assert_eq!(*to, group());
-        // The same datagram with `repair=1` after its tags.
+        // The same datagram with `repair=1` in front of its tags (PROTOCOL 2.2), byte for byte.
         let text = std::str::from_utf8(original).unwrap();
-        let (tags, body) = text.split_once(' ').unwrap();
-        let want = format!("{tags};repair=1 {body}");
+        let want = format!("@repair=1;{}", text.strip_prefix('@').unwrap());
         assert_eq!(Dg::parse(want.as_bytes()), *d);
+    }
+    let raw: Vec<Vec<u8>> = log
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Send { bytes, .. } => Some(bytes.clone()),
+            Effect::Show(_) => None,
+        })
+        .collect();
+    for (repair, original) in raw.iter().zip(&originals) {
+        assert!(repair.starts_with(b"@repair=1;id="));
+        assert_eq!(&*tags::end_to_end(repair), &original[..]);
     }
     assert_eq!(
         got.iter()
@@ -1525,4 +1535,113 @@ fn forged_joins_bring_heartbeats_forward_at_most_once_a_second() {
         hbs.len()
     );
     assert!(!hbs.is_empty(), "a newcomer is still answered soon");
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Hop-by-hop tags (PROTOCOL 2.2)
+
+/// `data` with the hop-by-hop tag `key=value` in front, as a relay or cache adds it.
+fn with_hop_tag(data: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    tags::add_hop_tag(data, key, value, &mut out).unwrap();
+    out
+}
+
+/// A daemon's `relay=ID` on what a peer hears changes nothing it does or shows: the same
+/// conversation (presence, a gap and its NACK, a repair, a NACK for the peer's own message,
+/// a leave) heard with and without the tag gives the same effects at the same times.
+#[test]
+fn a_relay_tag_changes_nothing_for_a_peer() {
+    let script = |r: &Rig| -> Vec<(u64, Vec<u8>)> {
+        let ts = |at: u64| r.unix(r.t(at));
+        vec![
+            (10, control(ALICE, "alice", Kind::Join, 0, ts(10))),
+            (100, msg(ALICE, "alice", 1, ts(100))),
+            (300, msg(ALICE, "alice", 3, ts(300))),
+            (400, repair_of(ALICE, "alice", 2, ts(200))),
+            (600, nack(CAROL, "carol", BOB, "1", ts(600))),
+            (800, msg(ALICE, "alice", 5, ts(800))),
+            (5000, control(ALICE, "alice", Kind::Leave, 5, ts(5000))),
+        ]
+    };
+    let run = |relay: Option<&str>| {
+        let mut r = Rig::peer("bob", BOB);
+        r.enter(0);
+        r.say(500, Kind::Message, "hello");
+        for (at, data) in script(&r) {
+            let data = relay.map_or_else(|| data.clone(), |id| with_hop_tag(&data, "relay", id));
+            r.hear(at, &data, host(2));
+        }
+        r.run_to(30_000);
+        let log = r.take();
+        let at: Vec<Duration> = log.iter().map(|(t, _)| r.since(*t)).collect();
+        (log, at)
+    };
+    let (plain, plain_at) = run(None);
+    let (relayed, relayed_at) = run(Some("0123abcd"));
+    assert_eq!(shown_seqs(&plain, ALICE), [1, 2, 3, 5]);
+    assert!(
+        !sends_of(&plain, Kind::Nack).is_empty(),
+        "the gap at 4 was asked for"
+    );
+    assert_eq!(
+        sends(&plain)
+            .iter()
+            .filter(|(_, _, d)| d.is_repair())
+            .count(),
+        1,
+        "carol's NACK was answered"
+    );
+    assert_eq!(plain_at, relayed_at);
+    let effects =
+        |log: &[(Instant, Effect)]| log.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>();
+    let (plain, relayed) = (effects(&plain), effects(&relayed));
+    assert_eq!(plain.len(), relayed.len());
+    for (i, (a, b)) in plain.iter().zip(&relayed).enumerate() {
+        assert_eq!(a, b, "effect {i}");
+    }
+}
+
+/// Long text: every datagram is at most 1164 bytes (1200 less the hop-by-hop reserve), each
+/// piece measured against its own header, so a fresh sender's full pieces are exactly that,
+/// also once `seq` gains a digit; its repairs and a relay's tag on top still fit.
+#[test]
+fn long_text_is_split_within_the_hop_reserve() {
+    let mut r = Rig::peer("alice", ALICE);
+    r.enter(0);
+    r.take();
+    let text = "x".repeat(12_000);
+    r.say(10, Kind::Message, &text);
+    let log = r.take();
+    let raw: Vec<Vec<u8>> = log
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Send { bytes, .. } => Some(bytes.clone()),
+            Effect::Show(_) => None,
+        })
+        .collect();
+    assert_eq!(raw.len(), 11);
+    let lens: Vec<usize> = raw.iter().map(Vec::len).collect();
+    assert!(
+        lens[..10].iter().all(|n| *n == tags::MAX_WRITTEN),
+        "{lens:?}"
+    );
+    assert_eq!(tags::MAX_WRITTEN, 1164);
+    let got: String = raw.iter().map(|b| Dg::parse(b).text).collect();
+    assert_eq!(got, text);
+
+    r.hear(100, &nack(BOB, "bob", ALICE, "1-11", UNIX0 + 100), host(2));
+    let repairs: Vec<Vec<u8>> = r
+        .take()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Send { bytes, .. } => Some(bytes),
+            Effect::Show(_) => None,
+        })
+        .collect();
+    assert_eq!(repairs.len(), 11);
+    for (repair, original) in repairs.iter().zip(&raw) {
+        assert_eq!(repair.len(), original.len() + "repair=1;".len());
+        assert!(with_hop_tag(repair, "relay", "0123abcd").len() <= MAX_DATAGRAM);
+    }
 }
