@@ -346,6 +346,13 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
     if addr.is_ipv6() {
         socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
     }
+    // A room whose port is the relay port has its group socket bound to the group address
+    // and that port, beside this one: both need SO_REUSEADDR. (Not SO_REUSEPORT: a second
+    // daemon must not share the relay port; its status listener, TCP on the same port,
+    // refuses it.)
+    socket
+        .set_reuse_address(true)
+        .map_err(fail("set SO_REUSEADDR"))?;
     socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
     // It joins no group, so with IP_MULTICAST_ALL off it hears no multicast at all: a room
     // whose port equals the relay port cannot feed the daemon its own forwards.

@@ -14,9 +14,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use mcchat_core::repair::REPAIR_TAG;
 use mcchat_core::room::RoomName;
-use mcchat_core::wire::{InstanceId, Kind, MAX_DATAGRAM, Meta};
+use mcchat_core::tags;
+use mcchat_core::wire::{InstanceId, Kind, Meta};
 
 /// How long a NACK about a sender not known to have left waits for that sender's own repair.
 /// A live sender answers within a LAN round trip; receivers ask again every 100 ms.
@@ -49,7 +51,7 @@ const SENDER_OVERHEAD: usize = 768;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Outgoing {
     pub(crate) room: RoomName,
-    pub(crate) data: Box<[u8]>,
+    pub(crate) data: Bytes,
     /// Also to the room's `--via` subscribers (leave repeats), not only to the group.
     pub(crate) to_subscribers: bool,
 }
@@ -57,7 +59,7 @@ pub(crate) struct Outgoing {
 #[derive(Debug)]
 struct Entry {
     /// The datagram as a repair: the original bytes with the repair tag added.
-    data: Box<[u8]>,
+    data: Bytes,
     /// When anyone (the sender or this daemon) last repaired it.
     repaired: Option<Instant>,
     /// When a NACK asked for it, if a standby repair is waiting.
@@ -70,7 +72,7 @@ struct SenderCache {
     left: bool,
     /// The leave datagram, how many repeats have gone out, and when the next is due (also
     /// its key in `RepairCache::leaves`).
-    leave: Option<(Box<[u8]>, usize, Instant)>,
+    leave: Option<(Bytes, usize, Instant)>,
 }
 
 type SenderKey = (RoomName, InstanceId);
@@ -108,31 +110,16 @@ pub(crate) struct RepairCache {
     stats: CacheStats,
 }
 
-/// `data` as a repair: the repair tag added in front of the existing tags; the original as it
-/// is when the tag would make it longer than a datagram may be. (Callers do not pass what
-/// already is a repair.)
-fn as_repair(data: &[u8]) -> Box<[u8]> {
-    let (key, value) = REPAIR_TAG;
-    let tag = format!("{key}={value}");
-    let mut out = Vec::with_capacity(data.len() + tag.len() + 1);
-    match data.strip_prefix(b"@") {
-        Some(rest) => {
-            out.push(b'@');
-            out.extend_from_slice(tag.as_bytes());
-            out.push(b';');
-            out.extend_from_slice(rest);
-        }
-        None => {
-            out.push(b'@');
-            out.extend_from_slice(tag.as_bytes());
-            out.push(b' ');
-            out.extend_from_slice(data);
-        }
+/// `data` as a repair: its end-to-end part (hop-by-hop tags another hop added, such as
+/// another daemon's `relay`, are not ours to repeat) with the repair tag in front; the
+/// end-to-end part as it is when the tag would make it longer than a datagram may be.
+fn as_repair(data: &[u8]) -> Bytes {
+    let e2e = tags::end_to_end(data);
+    let mut out = Vec::with_capacity(e2e.len() + 16);
+    match tags::add_hop_tag(&e2e, REPAIR_TAG.0, REPAIR_TAG.1, &mut out) {
+        Ok(()) => out.into(),
+        Err(_) => Bytes::copy_from_slice(&e2e),
     }
-    if out.len() > MAX_DATAGRAM {
-        return data.into();
-    }
-    out.into_boxed_slice()
 }
 
 impl RepairCache {
@@ -186,11 +173,7 @@ impl RepairCache {
                     }
                     return;
                 }
-                let data = if is_repair {
-                    data.into()
-                } else {
-                    as_repair(data)
-                };
+                let data = as_repair(data);
                 self.stats.bytes += data.len() + ENTRY_OVERHEAD;
                 self.stats.messages += 1;
                 let sender = self.senders.entry(key.clone()).or_insert_with(|| {
@@ -275,7 +258,7 @@ impl RepairCache {
         room: &RoomName,
         instance: InstanceId,
         ranges: &[RangeInclusive<u64>],
-    ) -> (Vec<Box<[u8]>>, bool) {
+    ) -> (Vec<Bytes>, bool) {
         let wanted: u64 = ranges
             .iter()
             .map(|r| r.end().saturating_sub(*r.start()).saturating_add(1))
@@ -283,7 +266,7 @@ impl RepairCache {
         let Some(sender) = self.senders.get(&(room.clone(), instance)) else {
             return (Vec::new(), false);
         };
-        let found: Vec<Box<[u8]>> = ranges
+        let found: Vec<Bytes> = ranges
             .iter()
             .flat_map(|r| sender.messages.range(r.clone()))
             .take(MAX_REPAIRS_PER_NACK)
@@ -590,8 +573,14 @@ mod tests {
 
     #[test]
     fn a_tag_that_would_not_fit_leaves_the_original() {
-        let long = vec![b'x'; MAX_DATAGRAM];
+        let long = vec![b'x'; mcchat_core::wire::MAX_DATAGRAM];
         assert_eq!(&*as_repair(&long), &long[..]);
+        // Another hop's tags are not kept; the sender's are, in order.
+        assert_eq!(
+            &*as_repair(b"@relay=0a0b0c0d;id=1;seq=2 a|b|c"),
+            b"@repair=1;id=1;seq=2 a|b|c"
+        );
+        assert_eq!(&*as_repair(b"@repair=1;id=1 a|b|c"), b"@repair=1;id=1 a|b|c");
         assert_eq!(&*as_repair(b"a|b|c"), b"@repair=1 a|b|c");
         assert_eq!(&*as_repair(b"@id=1 a|b|c"), b"@repair=1;id=1 a|b|c");
     }

@@ -29,14 +29,7 @@ pub(crate) struct CookieJar {
 }
 
 impl CookieJar {
-    /// A jar with a fresh random secret.
-    pub(crate) fn random() -> std::io::Result<Self> {
-        let mut key = [0u8; 64];
-        getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-        Ok(Self { key })
-    }
-
-    #[cfg(test)]
+    /// A jar with the secret `key` (drawn at random by the driver).
     pub(crate) fn with_key(key: [u8; 64]) -> Self {
         Self { key }
     }

@@ -37,6 +37,11 @@ pub(crate) enum Drop {
     BadSource,
     /// A datagram from a group the daemon has since left or re-joined.
     StaleGroup,
+    /// A datagram carrying this daemon's own `relay` tag at the relay port (a loop).
+    OwnForward,
+    /// A datagram too long to take the `relay` tag, so it cannot be sent to a group without
+    /// coming back unrecognised.
+    NoRoomForRelayTag,
 }
 
 impl Drop {
@@ -56,6 +61,8 @@ impl Drop {
             Self::TooManyFromSource => "too_many_from_source",
             Self::BadSource => "bad_source",
             Self::StaleGroup => "stale_group",
+            Self::OwnForward => "own_forward",
+            Self::NoRoomForRelayTag => "no_room_for_relay_tag",
         }
     }
 }

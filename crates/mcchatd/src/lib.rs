@@ -20,11 +20,15 @@
 mod cache;
 pub mod cli;
 mod cookie;
+pub mod driver;
 mod counters;
 pub mod history;
+mod hub;
 mod limiter;
 mod notify;
-pub mod relay;
+mod port;
 mod settings;
 mod status;
 mod subs;
+#[cfg(test)]
+mod test_support;

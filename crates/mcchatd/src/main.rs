@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.check_config {
-        return match mcchatd::relay::check_config(&cli) {
+        return match mcchatd::driver::check_config(&cli) {
             Ok(summary) => {
                 let _ = writeln!(std::io::stdout(), "{summary}");
                 ExitCode::SUCCESS
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(mcchatd::relay::run(cli, CancellationToken::new()));
+    let result = runtime.block_on(mcchatd::driver::run(cli, CancellationToken::new()));
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -247,8 +247,17 @@ pub(crate) async fn serve_unix(
 /// Binds the Unix status socket, replacing a stale one. It is world-writable (connecting
 /// needs write permission): status is read-only and holds nothing secret, so any local user
 /// may run `mcchat status`.
+///
+/// A socket file another process still serves on (a second mcchatd started by mistake) is
+/// left alone: the call fails with `AddrInUse`, and the running daemon keeps its status.
 pub(crate) fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt as _;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process (a running mcchatd?) serves status on this socket",
+        ));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -263,5 +272,28 @@ pub(crate) fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 pub(crate) fn unlink(path: Option<PathBuf>) {
     if let Some(p) = path {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod unix_socket_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_daemon_does_not_take_a_served_status_socket() {
+        let dir = std::env::temp_dir().join(format!("mcchatd-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let first = bind_unix(&path).unwrap();
+        let second = bind_unix(&path);
+        assert_eq!(second.unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
+        // The first still serves: a client reaches it.
+        let client = tokio::net::UnixStream::connect(&path).await;
+        assert!(client.is_ok());
+        assert!(first.accept().await.is_ok());
+        // A stale file (nobody serving) is replaced.
+        drop(first);
+        assert!(bind_unix(&path).is_ok());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -5,16 +5,23 @@
 //! `max_rooms` rooms with subscribers.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcchat_core::room::RoomName;
+
+use crate::hub::UdpDest;
+use crate::hub::admission::source_key;
 
 /// One subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sub {
     /// The name the client gave (for status).
     pub(crate) name: String,
+    /// The local address its requests arrived on: everything for it is sent from there, or
+    /// its connected socket would drop it (hosts with several addresses).
+    pub(crate) src: Option<IpAddr>,
     /// When it lapses unless renewed.
     pub(crate) expires: Instant,
 }
@@ -38,15 +45,6 @@ pub(crate) enum Subscribed {
 /// few for one host to take the daemon's caps for itself.
 pub(crate) const MAX_PER_SOURCE: usize = 64;
 
-/// What counts as one source: an IPv4 address, or an IPv6 /64 (one host can have many
-/// addresses in its prefix).
-fn source_key(addr: SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) => IpAddr::V4(ip),
-        IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from(u128::from(ip) & !0xffff_ffff_ffff_ffff)),
-    }
-}
-
 /// A subscription that ended on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Lapsed {
@@ -55,10 +53,17 @@ pub(crate) struct Lapsed {
     pub(crate) name: String,
 }
 
+/// One room's subscribers, with the fan-out list built once per change (not per datagram).
+#[derive(Debug, Default)]
+struct RoomSubs {
+    subs: HashMap<SocketAddr, Sub>,
+    list: Option<Arc<[UdpDest]>>,
+}
+
 /// All subscriptions.
 #[derive(Debug)]
 pub(crate) struct Subscriptions {
-    rooms: HashMap<RoomName, HashMap<SocketAddr, Sub>>,
+    rooms: HashMap<RoomName, RoomSubs>,
     per_source: HashMap<IpAddr, usize>,
     total: usize,
     max_subscribers: usize,
@@ -82,27 +87,35 @@ impl Subscriptions {
         self.max_rooms = max_rooms;
     }
 
-    /// Adds or renews `addr`'s subscription to `room` for `lease`.
+    /// Adds or renews `addr`'s subscription to `room` for `lease`; `src` is the local
+    /// address the request arrived on.
     pub(crate) fn subscribe(
         &mut self,
         room: &RoomName,
-        addr: SocketAddr,
+        dest: UdpDest,
         name: &str,
         now: Instant,
         lease: Duration,
     ) -> Subscribed {
+        let UdpDest { addr, src } = dest;
         let expires = now + lease;
-        if let Some(sub) = self.rooms.get_mut(room).and_then(|s| s.get_mut(&addr)) {
+        if let Some(r) = self.rooms.get_mut(room)
+            && let Some(sub) = r.subs.get_mut(&addr)
+        {
             sub.expires = expires;
             if sub.name != name {
                 name.clone_into(&mut sub.name);
+            }
+            if sub.src != src {
+                sub.src = src;
+                r.list = None;
             }
             return Subscribed::Renewed;
         }
         if self.total >= self.max_subscribers {
             return Subscribed::TooManySubscribers;
         }
-        let key = source_key(addr);
+        let key = source_key(addr.ip());
         if self.per_source.get(&key).copied().unwrap_or(0) >= MAX_PER_SOURCE {
             return Subscribed::TooManyFromSource;
         }
@@ -110,10 +123,13 @@ impl Subscriptions {
         if first && self.rooms.len() >= self.max_rooms {
             return Subscribed::TooManyRooms;
         }
-        self.rooms.entry(room.clone()).or_default().insert(
+        let r = self.rooms.entry(room.clone()).or_default();
+        r.list = None;
+        r.subs.insert(
             addr,
             Sub {
                 name: name.to_owned(),
+                src,
                 expires,
             },
         );
@@ -124,22 +140,23 @@ impl Subscriptions {
 
     /// Ends `addr`'s subscription to `room`; returns whether there was one.
     pub(crate) fn unsubscribe(&mut self, room: &RoomName, addr: SocketAddr) -> bool {
-        let Some(subs) = self.rooms.get_mut(room) else {
+        let Some(r) = self.rooms.get_mut(room) else {
             return false;
         };
-        let removed = subs.remove(&addr).is_some();
+        let removed = r.subs.remove(&addr).is_some();
         if removed {
+            r.list = None;
             self.total -= 1;
             Self::release(&mut self.per_source, addr);
         }
-        if subs.is_empty() {
+        if r.subs.is_empty() {
             self.rooms.remove(room);
         }
         removed
     }
 
     fn release(per_source: &mut HashMap<IpAddr, usize>, addr: SocketAddr) {
-        let key = source_key(addr);
+        let key = source_key(addr.ip());
         if let Some(n) = per_source.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
@@ -151,10 +168,11 @@ impl Subscriptions {
     /// Removes subscriptions whose lease has run out.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Lapsed> {
         let mut lapsed = Vec::new();
-        self.rooms.retain(|room, subs| {
-            subs.retain(|addr, sub| {
+        self.rooms.retain(|room, r| {
+            r.subs.retain(|addr, sub| {
                 let keep = sub.expires > now;
                 if !keep {
+                    r.list = None;
                     lapsed.push(Lapsed {
                         room: room.clone(),
                         addr: *addr,
@@ -163,7 +181,7 @@ impl Subscriptions {
                 }
                 keep
             });
-            !subs.is_empty()
+            !r.subs.is_empty()
         });
         self.total -= lapsed.len();
         for l in &lapsed {
@@ -172,27 +190,43 @@ impl Subscriptions {
         lapsed
     }
 
-    /// Ends every subscription to `room` (the room was removed); returns the addresses.
-    pub(crate) fn close_room(&mut self, room: &RoomName) -> Vec<SocketAddr> {
-        let subs = self.rooms.remove(room).unwrap_or_default();
-        self.total -= subs.len();
-        for addr in subs.keys() {
+    /// Ends every subscription to `room` (the room was removed); returns who they were.
+    pub(crate) fn close_room(&mut self, room: &RoomName) -> Vec<UdpDest> {
+        let r = self.rooms.remove(room).unwrap_or_default();
+        self.total -= r.subs.len();
+        for addr in r.subs.keys() {
             Self::release(&mut self.per_source, *addr);
         }
-        subs.into_keys().collect()
+        r.subs
+            .into_iter()
+            .map(|(addr, sub)| UdpDest { addr, src: sub.src })
+            .collect()
     }
 
-    /// The subscribers of `room`.
-    pub(crate) fn subscribers(&self, room: &RoomName) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.rooms
-            .get(room)
-            .into_iter()
-            .flat_map(|s| s.keys().copied())
+    /// The subscribers of `room`, as one shared list (built once per change, so a datagram
+    /// to a room of 10,000 costs no copy of it).
+    pub(crate) fn fanout(&mut self, room: &RoomName) -> Option<Arc<[UdpDest]>> {
+        let r = self.rooms.get_mut(room)?;
+        let list = r.list.get_or_insert_with(|| {
+            r.subs
+                .iter()
+                .map(|(addr, sub)| UdpDest {
+                    addr: *addr,
+                    src: sub.src,
+                })
+                .collect()
+        });
+        Some(Arc::clone(list))
+    }
+
+    /// Whether `addr` subscribes to `room`.
+    pub(crate) fn is_subscribed(&self, room: &RoomName, addr: SocketAddr) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.subs.contains_key(&addr))
     }
 
     /// Subscriptions of `room`, for status.
     pub(crate) fn subs(&self, room: &RoomName) -> impl Iterator<Item = (&SocketAddr, &Sub)> {
-        self.rooms.get(room).into_iter().flat_map(|s| s.iter())
+        self.rooms.get(room).into_iter().flat_map(|r| r.subs.iter())
     }
 
     /// Rooms that have subscribers.
@@ -211,22 +245,30 @@ impl Subscriptions {
         self.total
     }
 
-    /// Every subscriber address of every room (for telling them all something).
-    pub(crate) fn all(&self) -> impl Iterator<Item = (&RoomName, SocketAddr)> {
-        self.rooms
-            .iter()
-            .flat_map(|(room, subs)| subs.keys().map(move |a| (room, *a)))
+    /// Every subscriber of every room (for telling them all something).
+    pub(crate) fn all(&self) -> impl Iterator<Item = (&RoomName, UdpDest)> {
+        self.rooms.iter().flat_map(|(room, r)| {
+            r.subs
+                .iter()
+                .map(move |(addr, sub)| (room, UdpDest { addr: *addr, src: sub.src }))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(60);
 
     fn room(s: &str) -> RoomName {
         RoomName::new(s).unwrap()
+    }
+
+    fn d(addr: SocketAddr) -> UdpDest {
+        UdpDest { addr, src: None }
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -239,19 +281,19 @@ mod tests {
         let mut s = Subscriptions::new(10, 10);
         let r = room("r");
         assert_eq!(
-            s.subscribe(&r, addr(1), "a", t0, LEASE),
+            s.subscribe(&r, d(addr(1)), "a", t0, LEASE),
             Subscribed::Added { first: true }
         );
         assert_eq!(
-            s.subscribe(&r, addr(2), "b", t0, LEASE),
+            s.subscribe(&r, d(addr(2)), "b", t0, LEASE),
             Subscribed::Added { first: false }
         );
         assert_eq!(
-            s.subscribe(&r, addr(1), "a2", t0, LEASE),
+            s.subscribe(&r, d(addr(1)), "a2", t0, LEASE),
             Subscribed::Renewed
         );
         assert_eq!(s.total(), 2);
-        let mut subs: Vec<_> = s.subscribers(&r).collect();
+        let mut subs: Vec<_> = s.fanout(&r).unwrap().iter().map(|d| d.addr).collect();
         subs.sort();
         assert_eq!(subs, [addr(1), addr(2)]);
         assert!(s.unsubscribe(&r, addr(1)));
@@ -267,9 +309,9 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Subscriptions::new(10, 10);
         let r = room("r");
-        s.subscribe(&r, addr(1), "a", t0, LEASE);
-        s.subscribe(&r, addr(2), "b", t0, LEASE);
-        s.subscribe(&r, addr(2), "b", t0 + Duration::from_secs(30), LEASE);
+        s.subscribe(&r, d(addr(1)), "a", t0, LEASE);
+        s.subscribe(&r, d(addr(2)), "b", t0, LEASE);
+        s.subscribe(&r, d(addr(2)), "b", t0 + Duration::from_secs(30), LEASE);
         assert!(s.expire(t0 + Duration::from_secs(59)).is_empty());
         let lapsed = s.expire(t0 + Duration::from_secs(60));
         assert_eq!(
@@ -290,27 +332,27 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Subscriptions::new(3, 2);
         assert_eq!(
-            s.subscribe(&room("a"), addr(1), "x", t0, LEASE),
+            s.subscribe(&room("a"), d(addr(1)), "x", t0, LEASE),
             Subscribed::Added { first: true }
         );
         assert_eq!(
-            s.subscribe(&room("b"), addr(1), "x", t0, LEASE),
+            s.subscribe(&room("b"), d(addr(1)), "x", t0, LEASE),
             Subscribed::Added { first: true }
         );
         assert_eq!(
-            s.subscribe(&room("c"), addr(1), "x", t0, LEASE),
+            s.subscribe(&room("c"), d(addr(1)), "x", t0, LEASE),
             Subscribed::TooManyRooms
         );
         assert_eq!(
-            s.subscribe(&room("a"), addr(2), "x", t0, LEASE),
+            s.subscribe(&room("a"), d(addr(2)), "x", t0, LEASE),
             Subscribed::Added { first: false }
         );
         assert_eq!(
-            s.subscribe(&room("a"), addr(3), "x", t0, LEASE),
+            s.subscribe(&room("a"), d(addr(3)), "x", t0, LEASE),
             Subscribed::TooManySubscribers
         );
         assert_eq!(
-            s.subscribe(&room("a"), addr(2), "x", t0, LEASE),
+            s.subscribe(&room("a"), d(addr(2)), "x", t0, LEASE),
             Subscribed::Renewed,
             "renewal at the cap"
         );
@@ -324,12 +366,12 @@ mod tests {
         let mut s = Subscriptions::new(10_000, 10_000);
         for port in 0..MAX_PER_SOURCE as u16 {
             assert!(matches!(
-                s.subscribe(&room("r"), addr(port), "x", t0, LEASE),
+                s.subscribe(&room("r"), d(addr(port)), "x", t0, LEASE),
                 Subscribed::Added { .. }
             ));
         }
         assert_eq!(
-            s.subscribe(&room("r"), addr(9999), "x", t0, LEASE),
+            s.subscribe(&room("r"), d(addr(9999)), "x", t0, LEASE),
             Subscribed::TooManyFromSource
         );
         // Another address in the same IPv6 /64 is the same source.
@@ -338,21 +380,21 @@ mod tests {
         };
         let mut s = Subscriptions::new(10_000, 10_000);
         for i in 0..MAX_PER_SOURCE as u16 {
-            s.subscribe(&room("r"), v6(i, 1), "x", t0, LEASE);
+            s.subscribe(&room("r"), d(v6(i, 1)), "x", t0, LEASE);
         }
         assert_eq!(
-            s.subscribe(&room("r"), v6(999, 1), "x", t0, LEASE),
+            s.subscribe(&room("r"), d(v6(999, 1)), "x", t0, LEASE),
             Subscribed::TooManyFromSource
         );
         // Leaving frees the share.
         assert!(s.unsubscribe(&room("r"), v6(0, 1)));
         assert!(matches!(
-            s.subscribe(&room("r"), v6(999, 1), "x", t0, LEASE),
+            s.subscribe(&room("r"), d(v6(999, 1)), "x", t0, LEASE),
             Subscribed::Added { .. }
         ));
         assert_eq!(s.expire(t0 + LEASE).len(), MAX_PER_SOURCE);
         assert!(matches!(
-            s.subscribe(&room("r"), v6(5, 1), "x", t0 + LEASE, LEASE),
+            s.subscribe(&room("r"), d(v6(5, 1)), "x", t0 + LEASE, LEASE),
             Subscribed::Added { .. }
         ));
     }

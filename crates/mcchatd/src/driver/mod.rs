@@ -1,0 +1,716 @@
+//! The driver: the one loop that connects the hub to its ports. It reads the time, takes what
+//! the relay sockets, the joined groups, the status listeners, signals and the hub's deadline
+//! bring, hands it to the hub, and carries out what the hub returns: sends, joins, leaves and
+//! history records. It decides nothing itself.
+//!
+//! The seam for tests: [`bind`] opens every socket of a [`Settings`] (port 0 works), and
+//! [`serve`] runs the daemon on them until its shutdown token is cancelled, with time from
+//! tokio (so tests can pause it) and the wall clock from a [`Wall`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use ipnet::IpNet;
+use mcchat_core::daemon::Allow;
+use mcchat_core::peer::Now;
+use mcchat_core::room::RoomName;
+use mcchat_core::socket::{self, Iface, MulticastConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::history::History;
+use crate::hub::{Hub, Output, Port, Seed, UdpDest};
+use crate::port::group::{self, GroupDatagram};
+use crate::port::udp::{RecvBatch, RelaySocket};
+use crate::settings::{self, Settings};
+use crate::status::{self, HistoryStatus, Services, StatusRequest};
+use crate::notify;
+
+#[cfg(test)]
+mod tests;
+
+/// Group datagrams handled per wake-up before the loop looks at its other inputs again.
+const GROUP_BATCH: usize = 64;
+/// How long shutdown may take in all: telling subscribers, the tasks, and history.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_millis(900);
+/// How often the host's subnets are read again (for `allow = ["connected"]`).
+const NETS_EVERY: Duration = Duration::from_secs(10);
+
+/// The wall clock, for cookies and history timestamps: the system's, or (in tests) one that
+/// starts at a given time and runs with tokio's (pausable) clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wall {
+    System,
+    /// `unix_ms` at the moment the daemon starts, then advancing with tokio's time.
+    From(u64),
+}
+
+/// Every socket the daemon serves on, opened before it runs.
+pub(crate) struct Bound {
+    relay: Vec<RelaySocket>,
+    tcp: Vec<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Bound {
+    /// The relay sockets' addresses (with the ports the system chose for port 0).
+    pub(crate) fn relay_addrs(&self) -> Vec<SocketAddr> {
+        self.relay.iter().map(RelaySocket::local_addr).collect()
+    }
+}
+
+/// The multicast settings every send and join uses.
+fn multicast_config(settings: &Settings) -> Result<MulticastConfig> {
+    let iface = match &settings.daemon.iface {
+        Some(spec) => Iface::resolve(spec)?,
+        None => Iface::system_default(),
+    };
+    Ok(MulticastConfig {
+        ttl: settings.daemon.ttl,
+        loopback: true,
+        iface,
+    })
+}
+
+/// Opens the relay sockets (UDP), the status listeners on the same ports (TCP) and the
+/// local status socket.
+pub(crate) fn bind(settings: &Settings) -> Result<Bound> {
+    let mcast = multicast_config(settings)?;
+    let mut relay: Vec<RelaySocket> = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in &settings.daemon.listen {
+        if relay.iter().any(|r| r.local_addr().is_ipv4() == addr.is_ipv4()) {
+            anyhow::bail!(
+                "two listen addresses of one family ({addr}); give one IPv4 and one IPv6 address"
+            );
+        }
+        let tcp_listen = |at: SocketAddr| {
+            socket::tcp_listener(at)
+                .and_then(TcpListener::from_std)
+                .with_context(|| {
+                    format!("failed to listen for status on TCP {at} (is another mcchatd running?)")
+                })
+        };
+        // The TCP listener first where the port is given: it refuses a second daemon before
+        // that one's UDP socket (SO_REUSEADDR, for rooms on the relay port) could take
+        // datagrams meant for the first.
+        let early = if addr.port() == 0 {
+            None
+        } else {
+            Some(tcp_listen(*addr)?)
+        };
+        let sock = RelaySocket::open(*addr, &mcast)?;
+        let bound = sock.local_addr();
+        let listener = match early {
+            Some(l) => l,
+            None => tcp_listen(bound)?,
+        };
+        tracing::info!(%bound, "relaying on UDP, status on TCP");
+        relay.push(sock);
+        tcp.push(listener);
+    }
+    let unix = match &settings.daemon.status_socket {
+        None => None,
+        Some(path) => match status::bind_unix(path) {
+            Ok(listener) => {
+                tracing::info!(path = %path.display(), "status on Unix socket");
+                Some((listener, path.clone()))
+            }
+            Err(error) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "status socket not available; use `mcchat status --via HOST` or set status_socket"
+                );
+                None
+            }
+        },
+    };
+    Ok(Bound { relay, tcp, unix })
+}
+
+/// What drives a running daemon from outside: its shutdown, reloads, and how a reload
+/// reads the configuration again.
+pub(crate) struct Control {
+    /// Cancelled: the daemon stops (within [`SHUTDOWN_GRACE`] and a little).
+    pub(crate) shutdown: CancellationToken,
+    /// Each message: read the configuration again (SIGHUP).
+    pub(crate) reload: mpsc::Receiver<()>,
+    /// Reads the configuration (the rooms file and the flags).
+    pub(crate) loader: Box<dyn Fn() -> Result<Settings> + Send>,
+    pub(crate) wall: Wall,
+}
+
+/// The allow list and the connected subnets, read by the status listeners.
+type SharedNets = Arc<std::sync::RwLock<(Vec<Allow>, Vec<IpNet>)>>;
+
+fn random_seed() -> Result<Seed> {
+    let mut cookie_key = [0u8; 64];
+    let mut id = [0u8; 4];
+    getrandom::fill(&mut cookie_key)
+        .and_then(|()| getrandom::fill(&mut id))
+        .map_err(|e| anyhow::anyhow!("failed to get random bytes for the cookie key: {e}"))?;
+    Ok(Seed {
+        cookie_key,
+        relay_id: u32::from_be_bytes(id),
+    })
+}
+
+/// Opens history where the settings say. A location the operator chose must work; the
+/// default one failing (no home directory, read-only) only turns history off, with a warning.
+fn open_history(settings: &Settings, policy: &crate::history::Policy) -> Result<Option<History>> {
+    let Some((dir, chosen)) = settings::state_dir(&settings.daemon) else {
+        tracing::info!("history is off");
+        return Ok(None);
+    };
+    match History::open(&dir, policy.clone()) {
+        Ok(h) => {
+            tracing::info!(path = %h.path().display(), "history on");
+            Ok(Some(h))
+        }
+        Err(e) if chosen => Err(anyhow::Error::new(e).context(format!(
+            "cannot keep history in {}; fix the directory, or set state_dir = \"\" (--no-history) to run without history",
+            dir.display()
+        ))),
+        Err(error) => {
+            tracing::warn!(%error, "history is off: the default state directory is not usable; set state_dir");
+            Ok(None)
+        }
+    }
+}
+
+/// The loop's state: the hub and the ports.
+struct Driver {
+    hub: Hub,
+    relay4: Option<RelaySocket>,
+    relay6: Option<RelaySocket>,
+    /// The TTL each relay socket sends multicast with now.
+    ttl4: u32,
+    ttl6: u32,
+    mcast: MulticastConfig,
+    joined: HashMap<RoomName, (u64, CancellationToken)>,
+    group_tx: mpsc::Sender<GroupDatagram>,
+    history: Option<History>,
+    records: Vec<(Bytes, u64)>,
+    /// Scratch for one fan-out's destinations.
+    dests: Vec<(SocketAddr, Option<IpAddr>)>,
+    shared_nets: SharedNets,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    wall: Wall,
+    start: tokio::time::Instant,
+    history_log: mcchat_core::ratelimit::LogLimiter,
+    send_log: mcchat_core::ratelimit::LogLimiter,
+}
+
+/// Runs the daemon on `bound` until `control.shutdown` is cancelled.
+pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control) -> Result<()> {
+    let mcast = multicast_config(&settings)?;
+    let nets = socket::local_networks().context("failed to list this host's addresses")?;
+    let policy = crate::hub::history_policy(&settings);
+    let history = open_history(&settings, &policy)?;
+    let (group_tx, mut group_rx) = mpsc::channel(1024);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let shared_nets: SharedNets = Arc::new(std::sync::RwLock::new((
+        settings.daemon.allow.clone(),
+        nets.subnets.clone(),
+    )));
+    let (mut relay4, mut relay6) = (None, None);
+    for sock in bound.relay {
+        if sock.local_addr().is_ipv4() {
+            relay4 = Some(sock);
+        } else {
+            relay6 = Some(sock);
+        }
+    }
+    let start = tokio::time::Instant::now();
+    let ttl = settings.daemon.ttl;
+    let mut driver = Driver {
+        hub: Hub::new(
+            settings,
+            history.is_some(),
+            nets.subnets,
+            random_seed()?,
+            now(control.wall, start),
+        ),
+        relay4,
+        relay6,
+        ttl4: ttl,
+        ttl6: ttl,
+        mcast,
+        joined: HashMap::new(),
+        group_tx,
+        history,
+        records: Vec::new(),
+        dests: Vec::new(),
+        shared_nets,
+        token: token.clone(),
+        tracker: tracker.clone(),
+        wall: control.wall,
+        start,
+        history_log: mcchat_core::ratelimit::LogLimiter::default(),
+        send_log: mcchat_core::ratelimit::LogLimiter::default(),
+    };
+
+    let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(16);
+    let services = Services {
+        status: status_tx,
+        history: driver.history.as_ref().map(History::reader),
+    };
+    let slots = status::slots();
+    for listener in bound.tcp {
+        let nets = Arc::clone(&driver.shared_nets);
+        let is_allowed = move |peer: SocketAddr| {
+            let nets = nets
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ip = crate::hub::admission::canonical(peer).ip();
+            nets.0.iter().any(|a| a.matches(ip, &nets.1))
+        };
+        tracker.spawn(status::serve_tcp(
+            listener,
+            services.clone(),
+            is_allowed,
+            Arc::clone(&slots),
+            token.child_token(),
+            tracker.clone(),
+        ));
+    }
+    let unix_path = bound.unix.as_ref().map(|(_, p)| p.clone());
+    if let Some((listener, _)) = bound.unix {
+        tracker.spawn(status::serve_unix(
+            listener,
+            services.clone(),
+            Arc::clone(&slots),
+            token.child_token(),
+            tracker.clone(),
+        ));
+    }
+    drop(services);
+    driver.flush().await;
+    let rooms = driver.hub.settings().registry.rooms().count();
+    tracing::info!(rooms, origin = %driver.hub.settings().origin, "mcchatd ready");
+    notify::ready(&format!("relaying {rooms} configured rooms"));
+
+    let mut batch4 = RecvBatch::new();
+    let mut batch6 = RecvBatch::new();
+    let mut nets_tick = tokio::time::interval(NETS_EVERY);
+    nets_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    nets_tick.reset();
+    let watchdog = notify::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        let deadline = tokio::time::Instant::from_std(driver.hub.next_deadline());
+        tokio::select! {
+            () = control.shutdown.cancelled() => break,
+            Some(()) = control.reload.recv() => driver.reload(&control.loader),
+            r = recv_on(driver.relay4.as_ref(), &mut batch4) => driver.on_relay(r, &batch4),
+            r = recv_on(driver.relay6.as_ref(), &mut batch6) => driver.on_relay(r, &batch6),
+            Some(d) = group_rx.recv() => {
+                driver.on_group(d);
+                for _ in 1..GROUP_BATCH {
+                    let Ok(d) = group_rx.try_recv() else { break };
+                    driver.on_group(d);
+                }
+            }
+            Some(req) = status_rx.recv() => {
+                let _ = req.send(driver.status_json());
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let now = driver.now();
+                driver.hub.poll(now);
+            }
+            _ = nets_tick.tick() => driver.refresh_networks(),
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
+        }
+        driver.flush().await;
+    }
+
+    notify::stopping();
+    tracing::info!(subscribers = driver.hub.snapshot(driver.now().mono).subscribers, "shutting down");
+    driver.shutdown().await;
+    status::unlink(unix_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs the daemon for `cli` until SIGTERM/SIGINT or `token` is cancelled.
+pub async fn run(cli: crate::cli::Cli, token: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let settings = settings::load(&cli)?;
+    let mut hup = signal(SignalKind::hangup()).context("failed to install a SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install a SIGINT handler")?;
+    let bound = bind(&settings)?;
+    let (reload_tx, reload) = mpsc::channel(4);
+    let shutdown = token.child_token();
+    let signals = {
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                let name = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = hup.recv() => {
+                        let _ = reload_tx.try_send(());
+                        continue;
+                    }
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                tracing::info!(signal = name, "stopping");
+                shutdown.cancel();
+                return;
+            }
+        }
+    };
+    let signals = tokio::spawn(signals);
+    let control = Control {
+        shutdown: shutdown.clone(),
+        reload,
+        loader: Box::new(move || settings::load(&cli)),
+        wall: Wall::System,
+    };
+    let result = serve(settings, bound, control).await;
+    shutdown.cancel();
+    let _ = signals.await;
+    result
+}
+
+async fn recv_on(sock: Option<&RelaySocket>, batch: &mut RecvBatch) -> std::io::Result<usize> {
+    match sock {
+        Some(s) => s.recv(batch).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now(wall: Wall, start: tokio::time::Instant) -> Now {
+    let mono = tokio::time::Instant::now();
+    let unix_ms = match wall {
+        Wall::System => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        Wall::From(at) => at.saturating_add(
+            u64::try_from(mono.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX),
+        ),
+    };
+    Now {
+        mono: mono.into_std(),
+        unix_ms,
+    }
+}
+
+impl Driver {
+    fn now(&self) -> Now {
+        now(self.wall, self.start)
+    }
+
+    /// One batch from a relay socket into the hub. Errors are ICMP reports of earlier sends
+    /// (the socket layer skips them) or transient: the next wake-up tries again.
+    fn on_relay(&mut self, r: std::io::Result<usize>, batch: &RecvBatch) {
+        match r {
+            Ok(_) => {
+                let now = self.now();
+                for d in batch.iter() {
+                    self.hub
+                        .on_input(Port::Relay { local: d.local }, d.from, d.data, now);
+                }
+            }
+            Err(error) => {
+                if self.send_log.check(self.now().mono).is_some() {
+                    tracing::debug!(%error, "relay socket receive error");
+                }
+            }
+        }
+    }
+
+    fn on_group(&mut self, d: GroupDatagram) {
+        let now = self.now();
+        let port = Port::Group {
+            room: d.room,
+            generation: d.generation,
+        };
+        self.hub.on_input(port, d.from, &d.data, now);
+    }
+
+    fn socket_for(&self, ipv4: bool) -> Option<&RelaySocket> {
+        if ipv4 {
+            self.relay4.as_ref()
+        } else {
+            self.relay6.as_ref()
+        }
+    }
+
+    /// Sends multicast with `ttl` from then on; a syscall only when it changes.
+    fn use_ttl(&mut self, ipv4: bool, ttl: u32) {
+        let (current, sock) = if ipv4 {
+            (&mut self.ttl4, self.relay4.as_ref())
+        } else {
+            (&mut self.ttl6, self.relay6.as_ref())
+        };
+        if *current == ttl {
+            return;
+        }
+        if let Some(sock) = sock {
+            match sock.set_multicast_ttl(ttl) {
+                Ok(()) => *current = ttl,
+                Err(error) => tracing::warn!(%error, ttl, "cannot set the multicast TTL"),
+            }
+        }
+    }
+
+    fn note_send_error(&mut self, to: SocketAddr, error: &std::io::Error) {
+        self.hub.send_failed(1);
+        if let Some(suppressed) = self.send_log.check(self.now().mono) {
+            tracing::warn!(%to, %error, suppressed, "send failed");
+        }
+    }
+
+    /// Carries out everything the hub has queued.
+    async fn flush(&mut self) {
+        while let Some(out) = self.hub.poll_output() {
+            match out {
+                Output::ToGroup { group, ttl, data } => {
+                    self.use_ttl(group.is_ipv4(), ttl);
+                    let Some(sock) = self.socket_for(group.is_ipv4()) else {
+                        self.hub.send_failed(1);
+                        continue;
+                    };
+                    if let Err(e) = sock.send(group, None, &data).await {
+                        self.note_send_error(group, &e);
+                    }
+                }
+                Output::ToUdp { to, data } => self.send_udp(&[to], None, &data).await,
+                Output::FanOut { to, except, data } => self.send_udp(&to, except, &data).await,
+                Output::Join {
+                    room,
+                    group,
+                    generation,
+                } => {
+                    let stop = self.token.child_token();
+                    let result = group::spawn(
+                        room.clone(),
+                        group,
+                        generation,
+                        &self.mcast,
+                        self.group_tx.clone(),
+                        stop.clone(),
+                        &self.tracker,
+                    );
+                    match result {
+                        Ok(()) => {
+                            tracing::info!(%room, %group, "joined group");
+                            if let Some((_, old)) = self.joined.insert(room.clone(), (generation, stop)) {
+                                old.cancel();
+                            }
+                            self.hub.join_done(&room, generation, Ok(()));
+                        }
+                        Err(e) => self.hub.join_done(&room, generation, Err(format!("{e:#}"))),
+                    }
+                }
+                Output::Leave { room, generation } => {
+                    if self.joined.get(&room).is_some_and(|(g, _)| *g == generation)
+                        && let Some((_, stop)) = self.joined.remove(&room)
+                    {
+                        stop.cancel();
+                    }
+                }
+                Output::Record { data, recv_ms } => self.records.push((data, recv_ms)),
+            }
+        }
+        if !self.records.is_empty()
+            && let Some(h) = &mut self.history
+        {
+            for (data, recv_ms) in self.records.drain(..) {
+                h.store_datagram(&data, recv_ms);
+            }
+            let dropped = h.stats().dropped;
+            if dropped > 0
+                && let Some(suppressed) = self.history_log.check(tokio::time::Instant::now().into_std())
+            {
+                tracing::warn!(dropped, suppressed, "history writer is behind; messages not stored");
+            }
+        }
+        self.records.clear();
+    }
+
+    /// One datagram to unicast members, each from the local address it subscribed on.
+    async fn send_udp(&mut self, to: &[UdpDest], except: Option<SocketAddr>, data: &[u8]) {
+        for ipv4 in [true, false] {
+            let mut dests = std::mem::take(&mut self.dests);
+            dests.clear();
+            dests.extend(
+                to.iter()
+                    .filter(|d| d.addr.is_ipv4() == ipv4 && Some(d.addr) != except)
+                    .map(|d| (d.addr, d.src)),
+            );
+            if !dests.is_empty() {
+                self.send_batch(ipv4, &dests, data).await;
+            }
+            self.dests = dests;
+        }
+    }
+
+    async fn send_batch(&mut self, ipv4: bool, dests: &[(SocketAddr, Option<IpAddr>)], data: &[u8]) {
+        let Some(sock) = self.socket_for(ipv4) else {
+            self.hub.send_failed(dests.len() as u64);
+            return;
+        };
+        let report = sock.send_many(dests.iter().copied(), data).await;
+        if report.failed > 0 {
+            self.hub.send_failed(report.failed as u64);
+            if let Some((to, error)) = &report.first_error
+                && let Some(suppressed) = self.send_log.check(self.now().mono)
+            {
+                tracing::warn!(%to, %error, failed = report.failed, suppressed, "send failed");
+            }
+        }
+    }
+
+    /// SIGHUP: re-read the configuration; keep running on the old one if it is bad.
+    fn reload(&mut self, loader: &dyn Fn() -> Result<Settings>) {
+        notify::reloading();
+        match loader() {
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "reload failed; keeping the running configuration");
+            }
+            Ok(new) => {
+                let changed = self.hub.reconfigure(new, self.now().mono);
+                if !changed.need_restart.is_empty() {
+                    tracing::warn!(keys = ?changed.need_restart, "these changes take effect on restart");
+                }
+                if let Some(h) = &self.history {
+                    h.set_policy(self.hub.policy().clone());
+                }
+                self.share_nets();
+                let s = self.hub.settings();
+                tracing::info!(rooms = s.registry.rooms().count(), origin = %s.origin, "reloaded");
+            }
+        }
+        notify::ready("reloaded");
+    }
+
+    /// Addresses change (DHCP, Wi-Fi, VPN): the allow list's `connected` follows within 10 s.
+    fn refresh_networks(&mut self) {
+        if let Ok(nets) = socket::local_networks() {
+            self.hub.set_connected(nets.subnets);
+            self.share_nets();
+        }
+    }
+
+    fn share_nets(&self) {
+        *self
+            .shared_nets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (
+            self.hub.settings().daemon.allow.clone(),
+            self.hub.connected().to_vec(),
+        );
+    }
+
+    fn status_json(&self) -> String {
+        let mut status = self.hub.snapshot(self.now().mono);
+        status.history = self.history.as_ref().map(|h| HistoryStatus {
+            path: h.path().display().to_string(),
+            stats: h.stats(),
+        });
+        serde_json::to_string(&status).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// Tells every subscriber the daemon is going, leaves every group, stops the tasks and
+    /// closes history, all within [`SHUTDOWN_GRACE`].
+    async fn shutdown(&mut self) {
+        let started = tokio::time::Instant::now();
+        self.hub.shutdown();
+        let budget = SHUTDOWN_GRACE / 3;
+        if tokio::time::timeout(budget, self.flush()).await.is_err() {
+            tracing::warn!("could not tell every subscriber in time");
+        }
+        self.token.cancel();
+        self.joined.clear();
+        self.tracker.close();
+        if tokio::time::timeout(budget, self.tracker.wait()).await.is_err() {
+            tracing::warn!("some tasks did not stop in time");
+        }
+        if let Some(mut h) = self.history.take() {
+            let left = SHUTDOWN_GRACE.saturating_sub(started.elapsed());
+            // Off the runtime: the writer's last commit may touch the disk.
+            let closed = tokio::task::spawn_blocking(move || {
+                h.close();
+                left > Duration::ZERO
+            })
+            .await;
+            if !matches!(closed, Ok(true)) {
+                tracing::warn!("history did not finish its last commit in time; what was committed is safe");
+            }
+        }
+    }
+}
+
+/// `--check-config`: a summary of what would run.
+pub fn check_config(cli: &crate::cli::Cli) -> Result<String> {
+    let s = settings::load(cli)?;
+    let d = &s.daemon;
+    let rooms: Vec<String> = s
+        .registry
+        .rooms()
+        .map(|r| {
+            format!(
+                "{} {}{}",
+                r.name,
+                r.group,
+                if r.keep { " keep" } else { "" }
+            )
+        })
+        .collect();
+    let history = match settings::state_dir(d) {
+        None => "off".to_owned(),
+        Some((dir, _)) => format!(
+            "{} (default: last {} messages, at most {} old, per room)",
+            dir.join(crate::history::FILE_NAME).display(),
+            d.history_count,
+            humantime::format_duration(d.history_age),
+        ),
+    };
+    Ok(format!(
+        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}\nrepair cache: {} bytes, {} s\nhistory: {}",
+        s.origin,
+        if rooms.is_empty() {
+            "(none)".to_owned()
+        } else {
+            rooms.join(", ")
+        },
+        d.listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        d.allow
+            .iter()
+            .map(|a| match a {
+                Allow::Loopback => "loopback".to_owned(),
+                Allow::Connected => "connected".to_owned(),
+                Allow::Net(n) => n.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        if d.adhoc_rooms { "on" } else { "off" },
+        d.lease_secs,
+        d.max_subscribers,
+        d.max_rooms,
+        d.ttl,
+        d.status_socket
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+        d.repair_cache_bytes,
+        d.repair_window.as_secs(),
+        history,
+    ))
+}

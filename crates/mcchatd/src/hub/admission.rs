@@ -1,0 +1,198 @@
+//! Admission: whether a datagram from a source may be handled at all, and its share of the
+//! relay. Source sanity, the allow list, and per-source token buckets, where a source is an
+//! IPv4 address or an IPv6 /64 (one host can have any number of addresses in its prefix).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Instant;
+
+use ipnet::IpNet;
+use mcchat_core::daemon::{Allow, DaemonSettings};
+
+use crate::counters::Drop;
+use crate::limiter::Limiter;
+
+/// What counts as one source for limits: an IPv4 address, or an IPv6 /64.
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(ip) => IpAddr::V4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(ip) & !0xffff_ffff_ffff_ffff)),
+        },
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// Which bucket a request draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bucket {
+    /// Chat datagrams to relay.
+    Relay,
+    /// `sub` without a valid cookie: anyone can forge these in anyone's name.
+    Unverified,
+    /// `sub` and `unsub` with a valid cookie: only the address itself can send these, so a
+    /// spoofer cannot drain them and lapse a victim's subscription.
+    Verified,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    allow: Vec<Allow>,
+    connected: Vec<IpNet>,
+    relay: Limiter,
+    unverified: Limiter,
+    verified: Limiter,
+}
+
+impl Admission {
+    pub(crate) fn new(d: &DaemonSettings, connected: Vec<IpNet>) -> Self {
+        Self {
+            allow: d.allow.clone(),
+            connected,
+            relay: Limiter::new(d.relay_rate, d.relay_burst),
+            unverified: Limiter::new(d.subscribe_rate, d.subscribe_burst),
+            verified: Limiter::new(d.subscribe_rate, d.subscribe_burst),
+        }
+    }
+
+    /// New rules (on reload); the buckets keep their state.
+    pub(crate) fn reconfigure(&mut self, d: &DaemonSettings) {
+        self.allow.clone_from(&d.allow);
+        self.relay.set_rate(d.relay_rate, d.relay_burst);
+        self.unverified.set_rate(d.subscribe_rate, d.subscribe_burst);
+        self.verified.set_rate(d.subscribe_rate, d.subscribe_burst);
+    }
+
+    /// The host's subnets changed (DHCP, Wi-Fi, VPN): `connected` follows.
+    pub(crate) fn set_connected(&mut self, connected: Vec<IpNet>) {
+        self.connected = connected;
+    }
+
+    pub(crate) fn connected(&self) -> &[IpNet] {
+        &self.connected
+    }
+
+    /// Whether `ip` may use the relay (and its status port).
+    pub(crate) fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = canonical(SocketAddr::new(ip, 0)).ip();
+        self.allow.iter().any(|a| a.matches(ip, &self.connected))
+    }
+
+    /// Whether `from` can be a real sender at all: not port 0, not an unspecified, multicast
+    /// or broadcast address (the limited broadcast, or the broadcast address of one of this
+    /// host's subnets), which no host sends from; then the allow list.
+    pub(crate) fn check_source(&self, from: SocketAddr) -> Result<(), Drop> {
+        let ip = from.ip();
+        if from.port() == 0 || ip.is_unspecified() || ip.is_multicast() || self.is_broadcast(ip)
+        {
+            return Err(Drop::BadSource);
+        }
+        if !self.allowed(ip) {
+            return Err(Drop::NotAllowed);
+        }
+        Ok(())
+    }
+
+    fn is_broadcast(&self, ip: IpAddr) -> bool {
+        let IpAddr::V4(v4) = ip else {
+            return false;
+        };
+        v4 == Ipv4Addr::BROADCAST
+            || self.connected.iter().any(|n| match n {
+                // /31 and /32 have no broadcast address (RFC 3021).
+                IpNet::V4(n) => n.prefix_len() < 31 && n.broadcast() == v4,
+                IpNet::V6(_) => false,
+            })
+    }
+
+    /// Takes a token from `ip`'s share of `bucket`.
+    pub(crate) fn take(&mut self, bucket: Bucket, ip: IpAddr, now: Instant) -> bool {
+        let key = source_key(ip);
+        match bucket {
+            Bucket::Relay => self.relay.allow(key, now),
+            Bucket::Unverified => self.unverified.allow(key, now),
+            Bucket::Verified => self.verified.allow(key, now),
+        }
+    }
+
+    /// Forgets buckets that hold no information (full ones); once a second.
+    pub(crate) fn forget_idle(&mut self, now: Instant) {
+        self.relay.forget_idle(now);
+        self.unverified.forget_idle(now);
+        self.verified.forget_idle(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission() -> Admission {
+        let d = DaemonSettings {
+            allow: vec![Allow::Loopback, Allow::Connected],
+            ..DaemonSettings::default()
+        };
+        Admission::new(&d, vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/64".parse().unwrap()])
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sources_no_host_sends_from_are_dropped() {
+        let a = admission();
+        for bad in [
+            "192.0.2.7:0",
+            "0.0.0.0:5",
+            "239.1.2.3:5",
+            "255.255.255.255:5",
+            "192.0.2.255:5",
+            "[::]:5",
+            "[ff02::1]:5",
+        ] {
+            assert_eq!(a.check_source(sa(bad)), Err(Drop::BadSource), "{bad}");
+        }
+        assert_eq!(a.check_source(sa("198.51.100.1:5")), Err(Drop::NotAllowed));
+        assert_eq!(a.check_source(sa("192.0.2.7:5")), Ok(()));
+        assert_eq!(a.check_source(sa("127.0.0.1:5")), Ok(()));
+        assert_eq!(a.check_source(sa("[2001:db8::9]:5")), Ok(()));
+        assert_eq!(a.check_source(sa("[::ffff:127.0.0.1]:5")), Ok(()), "mapped IPv4");
+    }
+
+    #[test]
+    fn one_bucket_per_ipv4_address_and_per_ipv6_64() {
+        let d = DaemonSettings {
+            relay_rate: 1,
+            relay_burst: 3,
+            ..DaemonSettings::default()
+        };
+        let mut a = Admission::new(&d, Vec::new());
+        let t = Instant::now();
+        // Every address of one /64 shares one bucket.
+        let taken = (0..10u16)
+            .filter(|i| {
+                let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0xaaaa, 0, 0, *i));
+                a.take(Bucket::Relay, ip, t)
+            })
+            .count();
+        assert_eq!(taken, 3);
+        // Another /64 has its own; so does every IPv4 address.
+        assert!(a.take(Bucket::Relay, "2001:db8:0:1::1".parse().unwrap(), t));
+        assert!(a.take(Bucket::Relay, "192.0.2.1".parse().unwrap(), t));
+        assert!(a.take(Bucket::Relay, "192.0.2.2".parse().unwrap(), t));
+        // The buckets are separate per purpose.
+        assert!(a.take(Bucket::Verified, "2001:db8::1".parse().unwrap(), t));
+    }
+}

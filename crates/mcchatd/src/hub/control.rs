@@ -1,0 +1,160 @@
+//! The relay-control protocol (docs/PROTOCOL.md 4.2): return-routability cookies, `sub`,
+//! `unsub`, `subok` and `closed`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mcchat_core::peer::Now;
+use mcchat_core::room::RoomName;
+use mcchat_core::wire::{self, Frame, Header, Kind, Meta};
+
+use super::admission::Bucket;
+use super::{Hub, Output, UdpDest};
+use crate::counters::Drop;
+use crate::subs::Subscribed;
+
+/// The sender name in datagrams the daemon itself writes.
+pub(crate) const DAEMON_NAME: &str = "mcchatd";
+
+impl Hub {
+    /// Writes a daemon datagram for `room` into `self.text`; false if it cannot be encoded.
+    pub(super) fn control(&mut self, kind: Kind, room: &str, extra: &[(&str, &str)], text: &str) -> bool {
+        let header = Header {
+            meta: Meta {
+                kind,
+                ..Meta::default()
+            },
+            extra,
+        };
+        wire::encode(&header, room, DAEMON_NAME, text, &mut self.text).is_ok()
+    }
+
+    /// Sends what [`Hub::control`] wrote to `to`.
+    fn reply(&mut self, to: UdpDest) {
+        let data = Bytes::copy_from_slice(self.text.as_bytes());
+        self.out.push_back(Output::ToUdp { to, data });
+    }
+
+    /// Tells each of `to` that `room` closed, and why.
+    pub(super) fn tell_closed(&mut self, room: &RoomName, to: &[UdpDest], why: &str) {
+        if to.is_empty() || !self.control(Kind::Closed, room.as_str(), &[], why) {
+            return;
+        }
+        let data = Bytes::copy_from_slice(self.text.as_bytes());
+        for dest in to {
+            self.out.push_back(Output::ToUdp {
+                to: *dest,
+                data: data.clone(),
+            });
+        }
+    }
+
+    fn cookie_ok(&self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
+        frame
+            .tags
+            .get("cookie")
+            .is_some_and(|c| self.cookies.verify(&c, from.addr, now.unix_ms / 1000))
+    }
+
+    /// A `sub` or `unsub`.
+    pub(super) fn on_control(&mut self, frame: &Frame<'_>, request_len: usize, from: UdpDest, now: Now) {
+        // Requests with a valid cookie come from the address itself; only they may use its
+        // renewal bucket, so a spoofer cannot drain it and lapse a victim.
+        let verified = self.cookie_ok(frame, from, now);
+        let bucket = if verified {
+            Bucket::Verified
+        } else {
+            Bucket::Unverified
+        };
+        if !self.admission.take(bucket, from.addr.ip(), now.mono) {
+            return self.count_drop(Drop::RateLimited, from.addr, now.mono);
+        }
+        if frame.meta.kind == Kind::Subscribe {
+            self.on_subscribe(frame, request_len, from, verified, now);
+        } else {
+            self.on_unsubscribe(frame, from, verified, now);
+        }
+    }
+
+    fn on_subscribe(&mut self, frame: &Frame<'_>, request_len: usize, from: UdpDest, verified: bool, now: Now) {
+        let Some(room) = self.room(frame.room) else {
+            return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
+        };
+        if !verified {
+            // Return-routability first: answer with a cookie, never with more bytes than the
+            // request carried, so a spoofed source cannot be used for amplification.
+            let cookie = self.cookies.issue(from.addr, now.unix_ms / 1000);
+            if !self.control(Kind::Challenge, room.name.as_str(), &[("cookie", &cookie)], "") {
+                return;
+            }
+            if self.text.len() > request_len {
+                return self.count_drop(Drop::RequestTooSmall, from.addr, now.mono);
+            }
+            self.counters.challenges += 1;
+            return self.reply(from);
+        }
+        let lease = Duration::from_secs(u64::from(self.settings.daemon.lease_secs));
+        let outcome = self.subs.subscribe(&room.name, from, frame.sender, now.mono, lease);
+        match outcome {
+            Subscribed::Added { first } => {
+                self.counters.subscribed += 1;
+                tracing::info!(room = %room.name, from = %from.addr, name = frame.sender, "subscribed");
+                if first {
+                    self.reconcile();
+                }
+            }
+            Subscribed::Renewed => self.counters.renewed += 1,
+            Subscribed::TooManySubscribers
+            | Subscribed::TooManyRooms
+            | Subscribed::TooManyFromSource => {
+                let why = match outcome {
+                    Subscribed::TooManyRooms => Drop::TooManyRooms,
+                    Subscribed::TooManyFromSource => Drop::TooManyFromSource,
+                    _ => Drop::TooManySubscribers,
+                };
+                self.count_drop(why, from.addr, now.mono);
+                // `closed` is also the answer to a subscription refused.
+                return self.tell_closed(&room.name, &[from], why.name());
+            }
+        }
+        // A fresh cookie with every `subok`, so the client's is never older than one renewal
+        // interval and its renewals and `unsub` always draw on the verified bucket.
+        let lease = self.settings.daemon.lease_secs.to_string();
+        let cookie = self.cookies.issue(from.addr, now.unix_ms / 1000);
+        if self.control(
+            Kind::Subscribed,
+            room.name.as_str(),
+            &[("lease", &lease), ("cookie", &cookie)],
+            "",
+        ) {
+            self.reply(from);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, frame: &Frame<'_>, from: UdpDest, verified: bool, now: Now) {
+        if !verified {
+            // Without the cookie anyone could end anyone's subscription.
+            return self.count_drop(Drop::BadCookie, from.addr, now.mono);
+        }
+        // The codec checked the room name already.
+        let Ok(room) = RoomName::new(frame.room) else {
+            return self.count_drop(Drop::Malformed(wire::DropReason::BadRoom), from.addr, now.mono);
+        };
+        if self.subs.unsubscribe(&room, from.addr) {
+            self.counters.unsubscribed += 1;
+            tracing::info!(%room, from = %from.addr, "unsubscribed");
+            self.reconcile();
+        }
+    }
+
+    /// Shutting down: every subscriber is told, and every group left.
+    pub(crate) fn shutdown(&mut self) {
+        let all: Vec<(RoomName, UdpDest)> = self.subs.all().map(|(r, d)| (r.clone(), d)).collect();
+        for (room, dest) in all {
+            self.tell_closed(&room, &[dest], "mcchatd is stopping");
+        }
+        for (room, generation) in self.groups.leave_all() {
+            self.out.push_back(Output::Leave { room, generation });
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The hub: everything mcchatd decides, with no I/O, as quinn-proto and hickory-dns's servers
+//! are built. It owns the rooms and their members by port, admission, the relay-control
+//! protocol (cookie, `sub`, `unsub`, `closed`), the repair cache, history policy, group
+//! membership and the counters. Ports (the relay sockets, the joined groups) hand it what
+//! arrived with [`Hub::on_input`]; it answers with [`Output`]s for the driver to carry out.
+//! Time comes in as [`Now`]; randomness (the cookie key, the relay id) at construction.
+//! It never awaits and never reads a clock, so every rule is unit-tested on injected time.
+//!
+//! The path of one datagram through it is told in docs/ARCHITECTURE.md.
+
+pub(crate) mod admission;
+mod control;
+mod membership;
+pub(crate) mod routing;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use mcchat_core::peer::Now;
+use mcchat_core::ratelimit::LogLimiter;
+use mcchat_core::repair::{Nack, REPAIR_TAG};
+use mcchat_core::room::{Room, RoomName, RoomSource};
+use mcchat_core::tags;
+use mcchat_core::wire::{self, Frame, Kind};
+
+use crate::cache::{CacheStats, Outgoing, RepairCache};
+use crate::cookie::CookieJar;
+use crate::counters::{Counters, Drop};
+use crate::history::{Policy, Retention};
+use crate::settings::Settings;
+use crate::subs::Subscriptions;
+use admission::{Admission, Bucket, canonical};
+use membership::Membership;
+use routing::{PortKind, forwards};
+
+/// The hop-by-hop tag on everything the hub sends to a group: `relay=ID`. Heard back with its
+/// own ID, a datagram is the hub's own forward (multicast loopback) and is dropped.
+pub(crate) const RELAY_TAG: &str = "relay";
+
+/// How often the hub sweeps leases, idle buckets and old cache entries.
+const TICK: Duration = Duration::from_secs(1);
+/// How often rooms whose join failed are tried again.
+const JOIN_RETRY: Duration = Duration::from_secs(10);
+
+/// A unicast member: the address it sends from, and the local address its requests arrived
+/// on (answers leave from there, or a client's connected socket would drop them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct UdpDest {
+    pub(crate) addr: SocketAddr,
+    pub(crate) src: Option<IpAddr>,
+}
+
+/// Where a datagram entered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Port {
+    /// The relay port; `local` is the address the datagram was sent to, when known.
+    Relay { local: Option<IpAddr> },
+    /// A joined group, by room and by the membership it was heard in.
+    Group { room: RoomName, generation: u64 },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Send to a room's group (from the relay socket of its family) with this TTL.
+    ToGroup {
+        group: SocketAddr,
+        ttl: u32,
+        data: Bytes,
+    },
+    /// Send to one unicast member.
+    ToUdp { to: UdpDest, data: Bytes },
+    /// Send one datagram to many unicast members (a room's subscribers) but `except`.
+    FanOut {
+        to: Arc<[UdpDest]>,
+        except: Option<SocketAddr>,
+        data: Bytes,
+    },
+    /// Join a room's group; report failure with [`Hub::join_failed`]. Datagrams heard there
+    /// come in as [`Port::Group`] with this generation.
+    Join {
+        room: RoomName,
+        group: SocketAddr,
+        generation: u64,
+    },
+    /// Leave the membership of that generation.
+    Leave { room: RoomName, generation: u64 },
+    /// Store a chat datagram in history, received at `recv_ms`.
+    Record { data: Bytes, recv_ms: u64 },
+}
+
+/// The random parts of a hub, drawn by the driver.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seed {
+    /// The HMAC key of the cookies.
+    pub(crate) cookie_key: [u8; 64],
+    /// This daemon's id in `relay` tags.
+    pub(crate) relay_id: u32,
+}
+
+/// What a reload changed that only a restart applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Reconfigured {
+    /// Keys whose new values wait for a restart.
+    pub(crate) need_restart: Vec<&'static str>,
+}
+
+/// See the module documentation.
+pub(crate) struct Hub {
+    settings: Settings,
+    relay_id: String,
+    admission: Admission,
+    cookies: CookieJar,
+    subs: Subscriptions,
+    groups: Membership,
+    cache: RepairCache,
+    /// Whether history is on (the driver opened it).
+    recording: bool,
+    policy: Policy,
+    counters: Counters,
+    out: VecDeque<Output>,
+    /// Scratch for datagrams the hub writes.
+    text: String,
+    scratch: Vec<u8>,
+    next_tick: Instant,
+    next_join_retry: Instant,
+    started: Instant,
+    drop_log: LogLimiter,
+}
+
+/// History retention for every room, from the settings.
+pub(crate) fn history_policy(settings: &Settings) -> Policy {
+    let d = &settings.daemon;
+    let default = Retention {
+        count: d.history_count,
+        age: d.history_age,
+    };
+    let rooms = settings
+        .registry
+        .rooms()
+        .map(|r| {
+            let keep = Retention {
+                count: r.history_count.unwrap_or(default.count),
+                age: r.history_age.unwrap_or(default.age),
+            };
+            (r.name.to_string(), keep)
+        })
+        .collect();
+    Policy { rooms, default }
+}
+
+/// Whether a datagram is a retransmission.
+fn is_repair(frame: &Frame<'_>) -> bool {
+    frame.tags.get(REPAIR_TAG.0).is_some()
+}
+
+impl Hub {
+    /// A hub for `settings`; `recording` says whether history is open; `connected` are the
+    /// host's subnets (for `allow = ["connected"]`).
+    pub(crate) fn new(
+        settings: Settings,
+        recording: bool,
+        connected: Vec<IpNet>,
+        seed: Seed,
+        now: Now,
+    ) -> Self {
+        let d = &settings.daemon;
+        let mut hub = Self {
+            admission: Admission::new(d, connected),
+            cookies: CookieJar::with_key(seed.cookie_key),
+            subs: Subscriptions::new(d.max_subscribers, d.max_rooms),
+            groups: Membership::default(),
+            cache: RepairCache::new(d.repair_cache_bytes, d.repair_window),
+            relay_id: format!("{:08x}", seed.relay_id),
+            recording,
+            policy: history_policy(&settings),
+            counters: Counters::default(),
+            out: VecDeque::new(),
+            text: String::with_capacity(wire::MAX_DATAGRAM),
+            scratch: Vec::with_capacity(wire::MAX_DATAGRAM),
+            next_tick: now.mono + TICK,
+            next_join_retry: now.mono + JOIN_RETRY,
+            started: now.mono,
+            drop_log: LogLimiter::default(),
+            settings,
+        };
+        hub.reconcile();
+        hub
+    }
+
+    /// The next thing for the driver to do, if any.
+    pub(crate) fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Hub::poll`] next has work.
+    pub(crate) fn next_deadline(&self) -> Instant {
+        self.cache
+            .next_deadline()
+            .map_or(self.next_tick, |t| t.min(self.next_tick))
+    }
+
+    /// Timers: standby repairs and leave repeats, lapsed leases, idle buckets, join retries.
+    pub(crate) fn poll(&mut self, now: Now) {
+        let repairs = self.cache.poll(now.mono);
+        self.send_repairs(repairs, now.mono);
+        if now.mono < self.next_tick {
+            return;
+        }
+        self.next_tick = now.mono + TICK;
+        self.cache.expire(now.mono);
+        self.admission.forget_idle(now.mono);
+        let lapsed = self.subs.expire(now.mono);
+        if !lapsed.is_empty() {
+            for l in &lapsed {
+                tracing::info!(room = %l.room, addr = %l.addr, name = %l.name, "subscription expired");
+            }
+            self.counters.expired += lapsed.len() as u64;
+            self.reconcile();
+        }
+        if now.mono >= self.next_join_retry {
+            self.next_join_retry = now.mono + JOIN_RETRY;
+            // Rooms kept joined (keep, history) whose join failed, e.g. the interface was
+            // not up yet at start, are tried again.
+            self.groups.clear_failures();
+            self.reconcile();
+        }
+    }
+
+    /// The host's subnets changed.
+    pub(crate) fn set_connected(&mut self, connected: Vec<IpNet>) {
+        self.admission.set_connected(connected);
+    }
+
+    /// The host's subnets as last set.
+    pub(crate) fn connected(&self) -> &[IpNet] {
+        self.admission.connected()
+    }
+
+    /// Whether `ip` may use the relay and its status port.
+    pub(crate) fn allowed(&self, ip: IpAddr) -> bool {
+        self.admission.allowed(ip)
+    }
+
+    /// A datagram arrived at `port` from `from`.
+    pub(crate) fn on_input(&mut self, port: Port, from: SocketAddr, data: &[u8], now: Now) {
+        let from = canonical(from);
+        match port {
+            Port::Relay { local } => {
+                self.counters.received_unicast += 1;
+                self.on_unicast(UdpDest { addr: from, src: local }, data, now);
+            }
+            Port::Group { room, generation } => {
+                self.counters.received_multicast += 1;
+                self.on_group(&room, generation, from, data, now);
+            }
+        }
+    }
+
+    fn count_drop(&mut self, why: Drop, from: SocketAddr, now: Instant) {
+        let count = self.counters.drop(why);
+        if let Some(suppressed) = self.drop_log.check(now) {
+            tracing::debug!(%from, reason = why.name(), count, suppressed, "dropped");
+        }
+    }
+
+    /// The driver could not send `n` datagrams.
+    pub(crate) fn send_failed(&mut self, n: u64) {
+        *self.counters.dropped.entry(Drop::SendFailed.name()).or_insert(0) += n;
+    }
+
+    /// A room by name under the current rules: configured, or derived while ad-hoc rooms
+    /// are on.
+    fn room(&self, name: &str) -> Option<Room> {
+        let room = self.settings.registry.resolve(name).ok()?;
+        (room.source == RoomSource::Configured || self.settings.daemon.adhoc_rooms).then_some(room)
+    }
+
+    fn ttl(&self, room: &Room) -> u32 {
+        room.ttl.unwrap_or(self.settings.daemon.ttl)
+    }
+
+    /// A datagram on the relay port.
+    fn on_unicast(&mut self, from: UdpDest, data: &[u8], now: Now) {
+        if let Err(why) = self.admission.check_source(from.addr) {
+            return self.count_drop(why, from.addr, now.mono);
+        }
+        let frame = match wire::decode(data) {
+            Ok(f) => f,
+            Err(reason) => return self.count_drop(Drop::Malformed(reason), from.addr, now.mono),
+        };
+        match frame.meta.kind {
+            Kind::Subscribe | Kind::Unsubscribe => self.on_control(&frame, data.len(), from, now),
+            Kind::Challenge | Kind::Subscribed | Kind::Closed => {
+                self.count_drop(Drop::UnexpectedKind, from.addr, now.mono);
+            }
+            _ => self.relay_unicast(&frame, data, from, now),
+        }
+    }
+
+    /// A chat datagram (or NACK) from a unicast client: to the group and the other
+    /// subscribers, as the routing table says.
+    fn relay_unicast(&mut self, frame: &Frame<'_>, data: &[u8], from: UdpDest, now: Now) {
+        if frame.tags.get(RELAY_TAG).as_deref() == Some(self.relay_id.as_str()) {
+            // Our own forward, back at the relay port: a loop somewhere; never relay it.
+            return self.count_drop(Drop::OwnForward, from.addr, now.mono);
+        }
+        if !self.admission.take(Bucket::Relay, from.addr.ip(), now.mono) {
+            return self.count_drop(Drop::RateLimited, from.addr, now.mono);
+        }
+        let Some(room) = self.room(frame.room) else {
+            return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
+        };
+        if frame.meta.kind == Kind::Nack {
+            // A subscriber's NACK: answered from the cache when it holds all of it;
+            // otherwise it goes on to the sender as well. Only subscribers (whose address
+            // the cookie proved) are answered: a NACK is small and its answer is not, so a
+            // forged source must get nothing back.
+            if self.subs.is_subscribed(&room.name, from.addr)
+                && let Some(nack) = Nack::from_frame(frame)
+            {
+                let (found, complete) = self.cache.answer(&room.name, nack.instance, &nack.ranges);
+                for data in found {
+                    self.out.push_back(Output::ToUdp { to: from, data });
+                }
+                if complete {
+                    return;
+                }
+            }
+        } else {
+            self.cache
+                .observe(&room.name, &frame.meta, is_repair(frame), data, now.mono);
+            self.record(&room.name, frame, data, now);
+        }
+        let data = Bytes::copy_from_slice(data);
+        if forwards(PortKind::Udp, PortKind::Group) {
+            self.to_group(&room, &data, now.mono, from.addr);
+        }
+        if forwards(PortKind::Udp, PortKind::Udp) {
+            self.fan_out(&room.name, data, Some(from.addr));
+        }
+    }
+
+    /// Sends `data` to `room`'s group with this hub's `relay` tag.
+    fn to_group(&mut self, room: &Room, data: &[u8], now: Instant, from: SocketAddr) {
+        self.scratch.clear();
+        if tags::add_hop_tag(data, RELAY_TAG, &self.relay_id, &mut self.scratch).is_err() {
+            // No room for the tag: sent, it would come back unrecognised and loop.
+            return self.count_drop(Drop::NoRoomForRelayTag, from, now);
+        }
+        self.counters.relayed_to_group += 1;
+        self.out.push_back(Output::ToGroup {
+            group: room.group,
+            ttl: self.ttl(room),
+            data: Bytes::copy_from_slice(&self.scratch),
+        });
+    }
+
+    fn fan_out(&mut self, room: &RoomName, data: Bytes, except: Option<SocketAddr>) {
+        let Some(to) = self.subs.fanout(room) else {
+            return;
+        };
+        let n = to.len() - usize::from(except.is_some_and(|e| to.iter().any(|d| d.addr == e)));
+        if n == 0 {
+            return;
+        }
+        self.counters.relayed_to_subscribers += n as u64;
+        self.out.push_back(Output::FanOut { to, except, data });
+    }
+
+    /// A datagram heard on a joined group.
+    fn on_group(
+        &mut self,
+        room: &RoomName,
+        generation: u64,
+        from: SocketAddr,
+        data: &[u8],
+        now: Now,
+    ) {
+        if self.groups.generation(room) != Some(generation) {
+            return self.count_drop(Drop::StaleGroup, from, now.mono);
+        }
+        let frame = match wire::decode(data).and_then(|f| f.check_room(room.as_str()).map(|()| f)) {
+            Ok(f) => f,
+            Err(reason) => return self.count_drop(Drop::Malformed(reason), from, now.mono),
+        };
+        if frame.tags.get(RELAY_TAG).as_deref() == Some(self.relay_id.as_str()) {
+            // Our own forward, heard back through multicast loopback.
+            self.counters.own_forwards_ignored += 1;
+            return;
+        }
+        if frame.meta.kind.is_relay_control() {
+            return self.count_drop(Drop::UnexpectedKind, from, now.mono);
+        }
+        if frame.meta.kind == Kind::Nack {
+            if let Some(nack) = Nack::from_frame(&frame) {
+                let repairs = self
+                    .cache
+                    .on_nack(room, nack.instance, &nack.ranges, now.mono);
+                self.send_repairs(repairs, now.mono);
+            }
+        } else {
+            self.cache
+                .observe(room, &frame.meta, is_repair(&frame), data, now.mono);
+            self.record(room, &frame, data, now);
+        }
+        if forwards(PortKind::Group, PortKind::Udp) {
+            self.fan_out(room, Bytes::copy_from_slice(data), None);
+        }
+    }
+
+    /// What the repair cache produced: to the room's group, and leave repeats to its
+    /// subscribers too.
+    fn send_repairs(&mut self, repairs: Vec<Outgoing>, now: Instant) {
+        for o in repairs {
+            let Some(room) = self.room(o.room.as_str()) else {
+                continue;
+            };
+            self.to_group(&room, &o.data, now, room.group);
+            if o.to_subscribers {
+                self.fan_out(&room.name, o.data, None);
+            }
+        }
+    }
+
+    /// Queues a chat message for history, if its room keeps any.
+    fn record(&mut self, room: &RoomName, frame: &Frame<'_>, data: &[u8], now: Now) {
+        if !self.recording || !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
+            return;
+        }
+        if self.policy.for_room(room.as_str()).count == 0 {
+            return;
+        }
+        // Rooms not in the file are kept only while someone subscribes: anyone allowed to
+        // relay could otherwise fill the disk with room names of their own.
+        let configured = self.settings.registry.configured(room.as_str()).is_some();
+        if !configured && self.subs.fanout(room).is_none() {
+            return;
+        }
+        self.out.push_back(Output::Record {
+            data: Bytes::copy_from_slice(data),
+            recv_ms: now.unix_ms,
+        });
+    }
+
+    /// The repair cache's counters.
+    pub(crate) fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+}

@@ -1,0 +1,64 @@
+//! The routing table: which kind of port a relayed datagram goes to, decided by where it
+//! entered the hub. This is the only place the rule is written; the unicast and the group
+//! paths both ask it.
+//!
+//! Loops are prevented by this data (where a datagram entered, and the `relay` tag on what
+//! the hub sends to a group), never by comparing source addresses: a WebSocket client or a
+//! NATS link has no address to compare. Ports that are still to come (web clients, site
+//! links) get a row and a column here when they arrive; the rule for them is already fixed
+//! by docs/PROTOCOL.md 4.1: everything that entered at this site goes everywhere but back
+//! where it came from, and what came from a group never goes to a group.
+
+/// A kind of port: where a datagram can enter and where it can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum PortKind {
+    /// A joined multicast group (the LAN).
+    Group,
+    /// The relay port: unicast clients, subscribed (`--via`) or not (`nc`).
+    Udp,
+}
+
+impl PortKind {
+    /// Every kind, for tests and tables.
+    #[cfg(test)]
+    pub(crate) const ALL: [Self; 2] = [Self::Group, Self::Udp];
+}
+
+/// Whether a chat datagram that entered at `from` is forwarded to the members of its room on
+/// ports of kind `to`. The member it came from is never sent it back (the caller excludes
+/// it: a member is identified by its port and address).
+pub(crate) const fn forwards(from: PortKind, to: PortKind) -> bool {
+    match (from, to) {
+        // Several daemons (and the group itself) would loop: the LAN already has it.
+        (PortKind::Group, PortKind::Group) => false,
+        // The reason mcchatd exists: hosts that cannot use multicast hear the room.
+        (PortKind::Group, PortKind::Udp) => true,
+        // A unicast client speaks to the room: the LAN and the other subscribers.
+        (PortKind::Udp, PortKind::Group | PortKind::Udp) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pair() {
+        let expected = [
+            (PortKind::Group, PortKind::Group, false),
+            (PortKind::Group, PortKind::Udp, true),
+            (PortKind::Udp, PortKind::Group, true),
+            (PortKind::Udp, PortKind::Udp, true),
+        ];
+        assert_eq!(expected.len(), PortKind::ALL.len() * PortKind::ALL.len());
+        for from in PortKind::ALL {
+            for to in PortKind::ALL {
+                let want = expected
+                    .iter()
+                    .find(|(f, t, _)| *f == from && *t == to)
+                    .map(|e| e.2);
+                assert_eq!(Some(forwards(from, to)), want, "{from:?} -> {to:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The hub's part of the status document, and reloads.
+
+use std::time::Instant;
+
+use mcchat_core::room::{RoomName, RoomSource};
+
+use super::{Hub, Reconfigured, history_policy};
+use crate::settings::Settings;
+use crate::status::{RoomStatus, Status, SubscriberStatus};
+
+impl Hub {
+    /// The status document as the hub knows it (history's part is the driver's).
+    pub(crate) fn snapshot(&self, now: Instant) -> Status {
+        let mut names: Vec<RoomName> = self
+            .settings
+            .registry
+            .rooms()
+            .map(|r| r.name.clone())
+            .collect();
+        for n in self.subs.rooms().chain(self.groups.groups().map(|(r, _)| r)) {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names.sort();
+        let rooms = names
+            .iter()
+            .filter_map(|n| {
+                let room = self.settings.registry.resolve(n.as_str()).ok()?;
+                let mut subscribers: Vec<SubscriberStatus> = self
+                    .subs
+                    .subs(n)
+                    .map(|(addr, sub)| SubscriberStatus {
+                        addr: addr.to_string(),
+                        name: sub.name.clone(),
+                        expires_in_secs: sub.expires.saturating_duration_since(now).as_secs(),
+                    })
+                    .collect();
+                subscribers.sort_by(|a, b| a.addr.cmp(&b.addr));
+                Some(RoomStatus {
+                    name: n.to_string(),
+                    group: room.group.to_string(),
+                    configured: room.source == RoomSource::Configured,
+                    keep: room.keep,
+                    joined: self.groups.is_joined(n),
+                    subscribers,
+                })
+            })
+            .collect();
+        let mut joined_groups: Vec<String> =
+            self.groups.groups().map(|(_, g)| g.to_string()).collect();
+        joined_groups.sort();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_secs: now.saturating_duration_since(self.started).as_secs(),
+            rooms_file: self.settings.origin.to_string(),
+            listen: self
+                .settings
+                .daemon
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            subscribers: self.subs.total(),
+            joined_groups,
+            rooms,
+            counters: self.counters.clone(),
+            repair_cache: self.cache.stats(),
+            history: None,
+        }
+    }
+
+    /// A reloaded configuration: new limits, rules and rooms. Rooms that vanished or moved
+    /// to another group have their subscribers told (`closed`, "room removed"); groups are
+    /// joined and left to match. `listen`, `status_socket`, `ttl`, `iface` and `state_dir`
+    /// keep their running values until a restart (they belong to sockets and files the
+    /// driver opened); the answer names those that changed.
+    pub(crate) fn reconfigure(&mut self, mut new: Settings, now: Instant) -> Reconfigured {
+        let old = &self.settings.daemon;
+        let d = &mut new.daemon;
+        let mut need_restart = Vec::new();
+        if d.listen != old.listen {
+            need_restart.push("listen");
+            d.listen.clone_from(&old.listen);
+        }
+        if d.status_socket != old.status_socket {
+            need_restart.push("status_socket");
+            d.status_socket.clone_from(&old.status_socket);
+        }
+        if d.ttl != old.ttl {
+            need_restart.push("ttl");
+            d.ttl = old.ttl;
+        }
+        if d.iface != old.iface {
+            need_restart.push("iface");
+            d.iface.clone_from(&old.iface);
+        }
+        if d.state_dir != old.state_dir {
+            need_restart.push("state_dir");
+            d.state_dir.clone_from(&old.state_dir);
+        }
+        self.admission.reconfigure(d);
+        self.subs.set_limits(d.max_subscribers, d.max_rooms);
+        self.cache.set_bounds(d.repair_cache_bytes, d.repair_window, now);
+        self.policy = history_policy(&new);
+        let before: Vec<(RoomName, std::net::SocketAddr)> = self
+            .subs
+            .rooms()
+            .filter_map(|n| self.room(n.as_str()).map(|r| (r.name, r.group)))
+            .collect();
+        self.settings = new;
+        for (name, group) in before {
+            if self.room(name.as_str()).map(|r| r.group) != Some(group) {
+                let dropped = self.subs.close_room(&name);
+                tracing::info!(room = %name, subscribers = dropped.len(), "room closed: removed by reload");
+                self.tell_closed(&name, &dropped, "room removed");
+            }
+        }
+        self.reconcile();
+        Reconfigured { need_restart }
+    }
+
+    /// The retention rules now in force (for the history writer).
+    pub(crate) fn policy(&self) -> &crate::history::Policy {
+        &self.policy
+    }
+
+    /// The settings now in force.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}

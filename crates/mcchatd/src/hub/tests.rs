@@ -1,0 +1,530 @@
+//! Hub unit tests: no sockets, injected time. Each names the rule of docs/PROTOCOL.md it pins.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mcchat_core::peer::Now;
+use mcchat_core::room::RoomName;
+use mcchat_core::wire::{self, Kind};
+
+use super::*;
+use crate::test_support::settings;
+
+const ROOMS: &str = r#"
+[daemon]
+allow = ["loopback", "connected"]
+lease_secs = 60
+
+[rooms.room1]
+group = "239.255.77.1"
+port = 5555
+
+[rooms.history]
+group = "239.255.77.2"
+port = 5556
+history_count = 100
+
+[rooms.kept]
+group = "239.255.77.3"
+port = 5557
+keep = true
+"#;
+
+/// The daemon's host address that clients reach it on (one of two).
+const LOCAL_A: &str = "192.0.2.1";
+const LOCAL_B: &str = "192.0.2.2";
+/// The relay id the tests' hub uses.
+const ID: u32 = 0x0a0b_0c0d;
+
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn room(s: &str) -> RoomName {
+    RoomName::new(s).expect("room")
+}
+
+/// A hub on injected time, and what it said.
+struct T {
+    hub: Hub,
+    t0: Instant,
+    unix0: u64,
+    now: Duration,
+}
+
+impl T {
+    fn new(text: &str, recording: bool) -> Self {
+        let t0 = Instant::now();
+        let unix0 = 1_800_000_000_000;
+        let seed = Seed {
+            cookie_key: [7; 64],
+            relay_id: ID,
+        };
+        let hub = Hub::new(
+            settings(text),
+            recording,
+            vec!["192.0.2.0/24".parse().expect("net")],
+            seed,
+            Now {
+                mono: t0,
+                unix_ms: unix0,
+            },
+        );
+        let mut t = Self {
+            hub,
+            t0,
+            unix0,
+            now: Duration::ZERO,
+        };
+        // The groups kept joined from the start (keep, history).
+        let joins = t.drain();
+        t.finish_joins(&joins);
+        t
+    }
+
+    fn at(&mut self, d: Duration) -> Now {
+        self.now = d;
+        self.now()
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.t0 + self.now,
+            unix_ms: self.unix0 + u64::try_from(self.now.as_millis()).expect("ms"),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.hub.poll_output()).collect()
+    }
+
+    /// A datagram at the relay port from `from`, sent to `local`.
+    fn unicast(&mut self, from: &str, local: &str, data: &[u8]) -> Vec<Output> {
+        let now = self.now();
+        self.hub.on_input(
+            Port::Relay {
+                local: Some(ip(local)),
+            },
+            sa(from),
+            data,
+            now,
+        );
+        self.drain()
+    }
+
+    fn group(&mut self, name: &str, from: &str, data: &[u8]) -> Vec<Output> {
+        let now = self.now();
+        let r = room(name);
+        let generation = self.hub.groups.generation(&r).expect("joined");
+        self.hub.on_input(Port::Group { room: r, generation }, sa(from), data, now);
+        self.drain()
+    }
+
+    fn poll(&mut self, d: Duration) -> Vec<Output> {
+        let now = self.at(d);
+        self.hub.poll(now);
+        self.drain()
+    }
+
+    /// Subscribes `from` to `name` the way a client does (challenge, then sub with the
+    /// cookie); returns the cookie from `subok`.
+    fn subscribe(&mut self, name: &str, from: &str, local: &str) -> String {
+        let sub = request(Kind::Subscribe, name, None);
+        let out = self.unicast(from, local, sub.as_bytes());
+        let cookie = reply_tag(&out, Kind::Challenge, "cookie").expect("a challenge");
+        let sub = request(Kind::Subscribe, name, Some(&cookie));
+        let out = self.unicast(from, local, sub.as_bytes());
+        self.finish_joins(&out);
+        reply_tag(&out, Kind::Subscribed, "cookie").expect("subok with a cookie")
+    }
+
+    /// Reports every join in `out` as done.
+    fn finish_joins(&mut self, out: &[Output]) {
+        for o in out {
+            if let Output::Join {
+                room, generation, ..
+            } = o
+            {
+                self.hub.join_done(room, *generation, Ok(()));
+            }
+        }
+    }
+
+    fn counter(&self, reason: &str) -> u64 {
+        self.hub.counters.dropped.get(reason).copied().unwrap_or(0)
+    }
+}
+
+fn request(kind: Kind, room: &str, cookie: Option<&str>) -> String {
+    let mut out = String::new();
+    wire::relay_request(kind, room, "alice", cookie, wire::MIN_RELAY_REQUEST, &mut out)
+        .expect("request");
+    out
+}
+
+fn chat(room: &str, text: &str, seq: u64) -> String {
+    format!("@id=00000000000000aa;seq={seq};ts=1 {room}|bob|{text}")
+}
+
+/// The value of `key` in the first `ToUdp` datagram of `kind`.
+fn reply_tag(out: &[Output], kind: Kind, key: &str) -> Option<String> {
+    out.iter().find_map(|o| match o {
+        Output::ToUdp { data, .. } => {
+            let f = wire::decode(data).ok()?;
+            (f.meta.kind == kind).then(|| f.tags.get(key).map(|v| v.into_owned()))?
+        }
+        _ => None,
+    })
+}
+
+fn to_group(out: &[Output]) -> Vec<Bytes> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::ToGroup { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every unicast destination of `out`, with the datagrams.
+fn to_udp(out: &[Output]) -> Vec<(UdpDest, Bytes)> {
+    let mut v = Vec::new();
+    for o in out {
+        match o {
+            Output::ToUdp { to, data } => v.push((*to, data.clone())),
+            Output::FanOut { to, except, data } => v.extend(
+                to.iter()
+                    .filter(|d| Some(d.addr) != *except)
+                    .map(|d| (*d, data.clone())),
+            ),
+            _ => {}
+        }
+    }
+    v
+}
+
+fn kinds(out: &[(UdpDest, Bytes)]) -> Vec<Kind> {
+    out.iter()
+        .map(|(_, d)| wire::decode(d).expect("decodes").meta.kind)
+        .collect()
+}
+
+#[test]
+fn a_unicast_message_goes_to_the_group_tagged_and_to_the_other_subscribers() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    t.subscribe("room1", "192.0.2.11:4000", LOCAL_B);
+    let msg = chat("room1", "hi", 1);
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, msg.as_bytes());
+    let group = to_group(&out);
+    assert_eq!(group.len(), 1);
+    let f = wire::decode(&group[0]).unwrap();
+    assert_eq!(f.tags.get(RELAY_TAG).as_deref(), Some("0a0b0c0d"));
+    assert_eq!(
+        tags::end_to_end(&group[0]).as_ref(),
+        msg.as_bytes(),
+        "the sender's bytes are unchanged"
+    );
+    let udp = to_udp(&out);
+    assert_eq!(udp.len(), 1, "not back to its source");
+    assert_eq!(udp[0].0.addr, sa("192.0.2.11:4000"));
+    assert_eq!(udp[0].0.src, Some(ip(LOCAL_B)), "from the address it subscribed on");
+    assert_eq!(udp[0].1.as_ref(), msg.as_bytes(), "subscribers get it as sent");
+}
+
+#[test]
+fn a_group_message_goes_to_subscribers_only() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let msg = chat("room1", "hi", 1);
+    let out = t.group("room1", "192.0.2.50:5555", msg.as_bytes());
+    assert!(to_group(&out).is_empty(), "never from a group to a group");
+    let udp = to_udp(&out);
+    assert_eq!(udp.len(), 1);
+    assert_eq!(udp[0].1.as_ref(), msg.as_bytes());
+}
+
+#[test]
+fn own_forwards_are_recognised_by_the_relay_tag_not_by_address() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, chat("room1", "hi", 1).as_bytes());
+    let forwarded = to_group(&out).remove(0);
+    // Heard back through multicast loopback, from the relay socket's own address.
+    let out = t.group("room1", "192.0.2.1:5554", &forwarded);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(t.hub.counters.own_forwards_ignored, 1);
+    // Another daemon's forward is an ordinary group datagram.
+    let other = format!("@relay=99999999;{}", &chat("room1", "other", 1)[1..]);
+    let out = t.group("room1", "192.0.2.9:5554", other.as_bytes());
+    assert_eq!(to_udp(&out).len(), 1);
+    // A peer on this host, in a room whose port is the relay port, sends from this host's
+    // address and the relay port: it is relayed like anyone.
+    let out = t.group("room1", "192.0.2.1:5554", chat("room1", "local peer", 2).as_bytes());
+    assert_eq!(to_udp(&out).len(), 1, "a local peer is not mistaken for the daemon");
+    // Our own tag at the relay port is a loop: dropped.
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, &forwarded);
+    assert!(out.is_empty());
+    assert_eq!(t.counter("own_forward"), 1);
+}
+
+#[test]
+fn admission_drops_bad_sources_and_networks_not_allowed() {
+    let mut t = T::new(ROOMS, false);
+    let msg = chat("room1", "hi", 1);
+    for from in ["0.0.0.0:5", "192.0.2.7:0", "239.1.1.1:5", "255.255.255.255:5", "192.0.2.255:5"] {
+        assert!(t.unicast(from, LOCAL_A, msg.as_bytes()).is_empty(), "{from}");
+    }
+    assert_eq!(t.counter("bad_source"), 5);
+    assert!(t.unicast("198.51.100.1:5", LOCAL_A, msg.as_bytes()).is_empty());
+    assert_eq!(t.counter("not_allowed"), 1);
+    assert!(!t.unicast("127.0.0.1:5", "127.0.0.1", msg.as_bytes()).is_empty());
+}
+
+#[test]
+fn the_challenge_is_never_larger_than_the_request() {
+    let mut t = T::new(ROOMS, false);
+    // A bare, unpadded sub: shorter than the cookie answer.
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, b"@kind=sub room1|a|");
+    assert!(out.is_empty());
+    assert_eq!(t.counter("request_too_small"), 1);
+    for len in [120, 256, 600] {
+        let sub = format!("@kind=sub;pad={} room1|a|", "x".repeat(len));
+        let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+        for (to, data) in to_udp(&out) {
+            assert!(data.len() <= sub.len(), "{} > {}", data.len(), sub.len());
+            assert_eq!(to.src, Some(ip(LOCAL_A)));
+        }
+    }
+}
+
+#[test]
+fn subok_carries_a_fresh_cookie_and_renewals_stay_verified_past_the_first_cookie() {
+    let mut t = T::new(ROOMS, false);
+    let victim = "192.0.2.10:4000";
+    let mut cookie = t.subscribe("room1", victim, LOCAL_A);
+    let spoof = request(Kind::Subscribe, "room1", None);
+    for s in (20..=130).step_by(20).chain([130]) {
+        t.at(Duration::from_secs(s));
+        // A spoofer floods subscribes in the victim's name: the unverified bucket drains.
+        for _ in 0..50 {
+            t.unicast(victim, LOCAL_A, spoof.as_bytes());
+        }
+        let renew = request(Kind::Subscribe, "room1", Some(&cookie));
+        let out = t.unicast(victim, LOCAL_A, renew.as_bytes());
+        let fresh = reply_tag(&out, Kind::Subscribed, "cookie")
+            .unwrap_or_else(|| panic!("renewal at {s} s answered with subok: {out:?}"));
+        assert_ne!(fresh, cookie, "a fresh cookie at {s} s");
+        cookie = fresh;
+    }
+    assert!(t.counter("rate_limited") > 0, "the spoofer was limited");
+    // t = 135 s: unsub with the cookie from the last subok works.
+    t.at(Duration::from_secs(135));
+    let unsub = request(Kind::Unsubscribe, "room1", Some(&cookie));
+    t.unicast(victim, LOCAL_A, unsub.as_bytes());
+    assert_eq!(t.hub.counters.unsubscribed, 1);
+    assert_eq!(t.hub.subs.total(), 0);
+}
+
+#[test]
+fn one_cookie_serves_every_room_of_a_source() {
+    let mut t = T::new(ROOMS, false);
+    let cookie = t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let sub = request(Kind::Subscribe, "kept", Some(&cookie));
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+    assert!(reply_tag(&out, Kind::Subscribed, "lease").is_some());
+    // But not another port of the same host.
+    let out = t.unicast("192.0.2.10:4001", LOCAL_A, sub.as_bytes());
+    assert!(reply_tag(&out, Kind::Challenge, "cookie").is_some());
+}
+
+#[test]
+fn unsub_without_a_valid_cookie_is_dropped() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let unsub = request(Kind::Unsubscribe, "room1", Some("1.00"));
+    t.unicast("192.0.2.10:4000", LOCAL_A, unsub.as_bytes());
+    assert_eq!(t.counter("bad_cookie"), 1);
+    assert_eq!(t.hub.subs.total(), 1);
+}
+
+#[test]
+fn leases_lapse_and_the_group_is_left() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    assert!(t.hub.groups.is_joined(&room("room1")));
+    let out = t.poll(Duration::from_secs(59));
+    assert!(!out.iter().any(|o| matches!(o, Output::Leave { .. })));
+    let out = t.poll(Duration::from_secs(61));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Leave { room: r, .. } if r.as_str() == "room1"))
+    );
+    assert_eq!(t.hub.counters.expired, 1);
+    assert!(t.hub.groups.is_joined(&room("kept")), "keep rooms stay joined");
+}
+
+#[test]
+fn caps_refuse_with_closed() {
+    let text = format!("{ROOMS}\n").replace("lease_secs = 60", "lease_secs = 60\nmax_subscribers = 2\nmax_rooms = 1");
+    let mut t = T::new(&text, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    // A second room: over max_rooms.
+    let c = t.subscribe_expect_closed("kept", "192.0.2.11:4000");
+    assert_eq!(c, "too_many_rooms");
+    t.subscribe("room1", "192.0.2.12:4000", LOCAL_A);
+    let c = t.subscribe_expect_closed("room1", "192.0.2.13:4000");
+    assert_eq!(c, "too_many_subscribers");
+}
+
+#[test]
+fn per_source_cap_counts_an_ipv6_64_as_one_source() {
+    let mut t = T::new(&ROOMS.replace("\"connected\"]", "\"connected\", \"2001:db8::/32\"]"), false);
+    for i in 0..crate::subs::MAX_PER_SOURCE {
+        // Within the subscribe bucket's rate (one /64 is one source for it too).
+        t.at(Duration::from_millis(200 * i as u64));
+        t.subscribe("room1", &format!("[2001:db8::{:x}]:4000", i + 1), LOCAL_A);
+    }
+    t.at(Duration::from_secs(14));
+    let c = t.subscribe_expect_closed("room1", "[2001:db8::ffff]:4000");
+    assert_eq!(c, "too_many_from_source");
+}
+
+impl T {
+    /// A subscription the hub refuses: the `closed` text.
+    fn subscribe_expect_closed(&mut self, name: &str, from: &str) -> String {
+        let sub = request(Kind::Subscribe, name, None);
+        let out = self.unicast(from, LOCAL_A, sub.as_bytes());
+        let cookie = reply_tag(&out, Kind::Challenge, "cookie").expect("a challenge");
+        let sub = request(Kind::Subscribe, name, Some(&cookie));
+        let out = self.unicast(from, LOCAL_A, sub.as_bytes());
+        let closed: Vec<_> = to_udp(&out)
+            .into_iter()
+            .filter_map(|(_, d)| {
+                let f = wire::decode(&d).ok()?;
+                (f.meta.kind == Kind::Closed).then(|| f.text.to_owned())
+            })
+            .collect();
+        assert_eq!(closed.len(), 1, "{out:?}");
+        closed[0].clone()
+    }
+}
+
+#[test]
+fn a_failed_join_closes_the_room_for_its_subscribers() {
+    let mut t = T::new(ROOMS, false);
+    let sub = request(Kind::Subscribe, "room1", None);
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+    let cookie = reply_tag(&out, Kind::Challenge, "cookie").unwrap();
+    let sub = request(Kind::Subscribe, "room1", Some(&cookie));
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+    let (r, generation) = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Join {
+                room, generation, ..
+            } => Some((room.clone(), *generation)),
+            _ => None,
+        })
+        .expect("a join");
+    t.hub.join_done(&r, generation, Err("no such device".into()));
+    let out = t.drain();
+    let udp = to_udp(&out);
+    assert_eq!(kinds(&udp), [Kind::Closed]);
+    assert!(
+        wire::decode(&udp[0].1)
+            .unwrap()
+            .text
+            .contains("cannot join the group: no such device")
+    );
+    assert_eq!(t.hub.subs.total(), 0);
+    // Tried again at the next retry, not before.
+    assert!(t.poll(Duration::from_secs(5)).is_empty());
+}
+
+#[test]
+fn datagrams_of_an_old_membership_are_dropped() {
+    let mut t = T::new(ROOMS, false);
+    let r = room("kept");
+    let old = t.hub.groups.generation(&r).unwrap();
+    let now = t.now();
+    t.hub
+        .on_input(Port::Group { room: r, generation: old + 1 }, sa("192.0.2.50:5"), b"kept|a|x", now);
+    assert_eq!(t.counter("stale_group"), 1);
+}
+
+#[test]
+fn reload_adds_removes_and_refuses() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    t.hub.settings.daemon.adhoc_rooms = true;
+    let text = ROOMS
+        .replace("[rooms.room1]\ngroup = \"239.255.77.1\"\nport = 5555\n", "")
+        .replace("lease_secs = 60", "lease_secs = 60\nadhoc_rooms = false\nttl = 4")
+        + "\n[rooms.added]\ngroup = \"239.255.77.9\"\nport = 5559\nkeep = true\n";
+    let changed = t.hub.reconfigure(settings(&text), t.now().mono);
+    assert_eq!(changed.need_restart, ["ttl"]);
+    let out = t.drain();
+    let udp = to_udp(&out);
+    assert_eq!(kinds(&udp), [Kind::Closed], "room1's subscriber is told");
+    assert!(out.iter().any(|o| matches!(o, Output::Join { room: r, .. } if r.as_str() == "added")));
+    assert!(out.iter().any(|o| matches!(o, Output::Leave { room: r, .. } if r.as_str() == "room1")));
+    // room1 is gone now that ad-hoc rooms are off.
+    t.unicast("192.0.2.10:4000", LOCAL_A, chat("room1", "x", 1).as_bytes());
+    assert_eq!(t.counter("unknown_room"), 1);
+}
+
+#[test]
+fn history_records_configured_rooms_and_adhoc_ones_only_while_subscribed() {
+    let mut t = T::new(&ROOMS.replace("lease_secs = 60", "lease_secs = 60\nhistory_count = 0"), true);
+    assert!(t.hub.groups.is_joined(&room("history")), "history rooms stay joined");
+    let out = t.group("history", "192.0.2.50:5", chat("history", "a", 1).as_bytes());
+    assert!(out.iter().any(|o| matches!(o, Output::Record { .. })));
+    // room1 keeps none (the default here is 0).
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, chat("room1", "b", 1).as_bytes());
+    assert!(!out.iter().any(|o| matches!(o, Output::Record { .. })));
+}
+
+#[test]
+fn subscriber_nacks_are_answered_from_the_cache_to_that_subscriber() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    t.group("room1", "192.0.2.50:5", chat("room1", "one", 1).as_bytes());
+    let nack = "@kind=nack;id=00000000000000cc;seq=1;for=00000000000000aa;seqs=1 room1|alice|";
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, nack.as_bytes());
+    let udp = to_udp(&out);
+    assert_eq!(udp.len(), 1);
+    assert_eq!(udp[0].0.src, Some(ip(LOCAL_A)));
+    let f = wire::decode(&udp[0].1).unwrap();
+    assert_eq!(f.text, "one");
+    assert!(f.tags.get("repair").is_some());
+    assert!(to_group(&out).is_empty(), "held whole: it goes no further");
+    // A NACK from an address that is not subscribed is never answered, only relayed.
+    let out = t.unicast("192.0.2.99:4000", LOCAL_A, nack.as_bytes());
+    let udp = to_udp(&out);
+    assert!(udp.iter().all(|(to, _)| to.addr != sa("192.0.2.99:4000")));
+    assert_eq!(kinds(&udp), [Kind::Nack], "relayed to the subscriber");
+    assert_eq!(to_group(&out).len(), 1);
+}
+
+#[test]
+fn shutdown_tells_every_subscriber_and_leaves_every_group() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    t.subscribe("room1", "[::1]:4000", "::1");
+    t.hub.shutdown();
+    let out = t.drain();
+    let udp = to_udp(&out);
+    assert_eq!(kinds(&udp), [Kind::Closed, Kind::Closed]);
+    assert_eq!(
+        out.iter().filter(|o| matches!(o, Output::Leave { .. })).count(),
+        2,
+        "room1 and kept"
+    );
+}

@@ -1,0 +1,20 @@
+//! Helpers shared by the crate's unit tests.
+
+use mcchat_core::config::{Found, Origin};
+use mcchat_core::room::Registry;
+
+use crate::settings::Settings;
+
+/// Settings from a rooms file's text, with no flags.
+pub(crate) fn settings(text: &str) -> Settings {
+    let registry = Registry::from_toml(text, "test rooms.toml").expect("rooms");
+    let daemon = registry.daemon().clone();
+    Settings {
+        registry,
+        daemon,
+        origin: Origin {
+            path: None,
+            found: Found::BuiltIn,
+        },
+    }
+}
