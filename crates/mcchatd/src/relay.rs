@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
+use mcchat_core::control::{HistoryStatus, RoomStatus, Status, SubscriberStatus};
 use mcchat_core::daemon::Allow;
 use mcchat_core::ratelimit::LogLimiter;
 use mcchat_core::repair::{Nack, REPAIR_TAG};
@@ -35,9 +36,7 @@ use crate::history::{History, Policy, Retention};
 use crate::limiter::Limiter;
 use crate::notify;
 use crate::settings::{self, Settings};
-use crate::status::{
-    self, HistoryStatus, RoomStatus, Services, Status, StatusRequest, SubscriberStatus,
-};
+use crate::status::{self, Services, StatusRequest};
 use crate::subs::{Subscribed, Subscriptions};
 
 /// The sender name in datagrams the daemon itself writes.
@@ -1142,7 +1141,7 @@ impl Relay {
             self.joined.values().map(|j| j.group.to_string()).collect();
         joined_groups.sort();
         let status = Status {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
             rooms_file: self.settings.origin.to_string(),
             listen: self
@@ -1152,17 +1151,18 @@ impl Relay {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
-            subscribers: self.subs.total(),
+            subscribers: self.subs.total() as u64,
             joined_groups,
             rooms,
             counters: Counters {
                 own_forwards_ignored: self.own_forwards.load(std::sync::atomic::Ordering::Relaxed),
                 ..self.counters.clone()
-            },
-            repair_cache: self.cache.stats(),
+            }
+            .into(),
+            repair_cache: self.cache.stats().into(),
             history: self.history.as_ref().map(|h| HistoryStatus {
                 path: h.path().display().to_string(),
-                stats: h.stats(),
+                dropped: h.stats().dropped,
             }),
         };
         serde_json::to_string(&status).unwrap_or_else(|_| "{}".to_owned())
