@@ -4,6 +4,8 @@
 //! - [`tags`]: end-to-end and hop-by-hop tags: adding a hop-by-hop tag, the end-to-end part
 //!   (pure, on raw bytes).
 //! - [`room`]: room names, derived groups and the validated [`room::Registry`] (pure).
+//! - [`control`]: mcchatd's control contract: the request line and the JSON answers (status,
+//!   history, errors), shared by the daemon and the CLI (pure).
 //! - [`config`]: where `rooms.toml` is looked for, and reading it.
 //! - [`daemon`]: the `[daemon]` table of `rooms.toml`, mcchatd's settings (pure).
 //! - [`presence`]: who is in a room, from join/leave/heartbeat datagrams (pure, time passed in).
@@ -19,6 +21,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod peer;
 pub mod presence;

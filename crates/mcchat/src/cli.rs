@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueHint};
 use clap_complete::Shell;
+use mcchat_core::control;
 use mcchat_core::room::RoomName;
 use mcchat_core::wire::{MAX_SENDER_CHARS, is_valid_sender};
 
@@ -231,8 +232,8 @@ pub struct HistoryArgs {
     pub grep: Option<String>,
 
     /// The last N messages at most
-    #[arg(long, value_name = "N", default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, value_name = "N", default_value_t = control::DEFAULT_QUERY_LIMIT,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(control::MAX_QUERY)))]
     pub limit: u32,
 
     /// One JSON object per line instead of text

@@ -2,16 +2,17 @@
 //! request line out, one JSON document back. `mcchat status`, `mcchat history` and the
 //! catch-up of `mcchat join` all go through here.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use mcchat_core::control::{HistoryQuery, HistoryReply, Request, Status};
+use mcchat_core::peer::Received;
 use mcchat_core::wire::{InstanceId, Kind};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::via;
-use mcchat_core::peer::Received;
 
 /// Where a daemon answers.
 #[derive(Debug, Clone)]
@@ -27,6 +28,15 @@ impl Endpoint {
         match via {
             Some(spec) => Self::Tcp(spec.to_owned()),
             None => Self::Unix(socket),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(spec) => f.write_str(spec),
+            Self::Unix(path) => write!(f, "{}", path.display()),
         }
     }
 }
@@ -77,35 +87,43 @@ pub(crate) async fn request(endpoint: &Endpoint, line: &str, timeout: Duration) 
     Ok(String::from_utf8_lossy(&doc).trim().to_owned())
 }
 
-/// A history request (docs/PROTOCOL.md 6).
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct HistoryQuery {
-    pub(crate) room: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) since_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) grep: Option<String>,
-    pub(crate) limit: u32,
+/// Asks for the status document; also returns it as the daemon wrote it, for `--json`
+/// (which passes on fields this mcchat does not know).
+pub(crate) async fn status(endpoint: &Endpoint, timeout: Duration) -> Result<(Status, String)> {
+    let doc = request(endpoint, &Request::Status.line(), timeout).await?;
+    let status = parse_status(&doc, endpoint)?;
+    Ok((status, doc))
 }
 
-#[derive(Debug, Deserialize)]
-struct Record {
-    room: String,
-    kind: String,
-    sender: String,
-    text: String,
-    id: Option<String>,
-    seq: Option<u64>,
-    ts_ms: Option<u64>,
-    recv_ms: u64,
+fn parse_status(doc: &str, endpoint: &Endpoint) -> Result<Status> {
+    serde_json::from_str(doc).map_err(|e| {
+        /// Just the version, which every status document has had.
+        #[derive(serde::Deserialize)]
+        struct Version {
+            version: String,
+        }
+        let versions = match serde_json::from_str::<Version>(doc) {
+            Ok(v) => format!(
+                "mcchatd {}, mcchat {}",
+                v.version,
+                env!("CARGO_PKG_VERSION")
+            ),
+            Err(_) => format!(
+                "mcchat {}; it begins {:?}",
+                env!("CARGO_PKG_VERSION"),
+                start_of(doc)
+            ),
+        };
+        anyhow::anyhow!(
+            "mcchatd at {endpoint} sent a status document this mcchat cannot read: {e}; \
+             versions differ? ({versions})"
+        )
+    })
 }
 
-/// A history answer: `messages`, or `error`. Neither (a status document, say) is refused.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Answer {
-    Messages { messages: Vec<Record> },
-    Error { error: String },
+/// The first characters of a document, for an error.
+fn start_of(doc: &str) -> String {
+    doc.chars().take(80).collect()
 }
 
 /// Asks for history; the messages come oldest first.
@@ -114,19 +132,23 @@ pub(crate) async fn history(
     query: &HistoryQuery,
     timeout: Duration,
 ) -> Result<Vec<Received>> {
-    let line = serde_json::json!({ "history": query }).to_string();
+    let line = Request::History(query.clone()).line();
     let doc = request(endpoint, &line, timeout).await?;
-    parse_history(&doc, &query.room)
+    parse_history(&doc, &query.room, endpoint)
 }
 
-fn parse_history(doc: &str, room: &str) -> Result<Vec<Received>> {
-    let answer: Answer = serde_json::from_str(doc).with_context(|| {
-        let start: String = doc.chars().take(80).collect();
-        format!("mcchatd's history answer is not what this mcchat understands: {start:?} (a daemon older than the history feature?)")
+fn parse_history(doc: &str, room: &str, endpoint: &Endpoint) -> Result<Vec<Received>> {
+    let answer: HistoryReply = serde_json::from_str(doc).map_err(|_| {
+        // serde's message for an untagged enum says only that nothing matched.
+        anyhow::anyhow!(
+            "mcchatd at {endpoint} sent a history answer this mcchat cannot read: it begins \
+             {:?}; versions differ? (a daemon older than the history feature?)",
+            start_of(doc)
+        )
     })?;
     let messages = match answer {
-        Answer::Error { error } => bail!("mcchatd: {error}"),
-        Answer::Messages { messages } => messages,
+        HistoryReply::Error(e) => bail!("mcchatd: {}", e.error),
+        HistoryReply::Messages(answer) => answer.messages,
     };
     Ok(messages
         .into_iter()
@@ -155,6 +177,10 @@ fn parse_history(doc: &str, room: &str) -> Result<Vec<Received>> {
 mod tests {
     use super::*;
 
+    fn endpoint() -> Endpoint {
+        Endpoint::Tcp("192.0.2.1:5554".into())
+    }
+
     #[test]
     fn answers_parse_and_errors_say_what_the_daemon_said() {
         let doc = r#"{"room":"room1","messages":[
@@ -164,17 +190,45 @@ mod tests {
              "ts_ms":null,"recv_ms":1},
             {"room":"room1","kind":"message","sender":"b","text":"bare","id":null,"seq":null,
              "ts_ms":null,"recv_ms":9}]}"#;
-        let got = parse_history(doc, "room1").unwrap();
+        let got = parse_history(doc, "room1", &endpoint()).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].kind, Kind::Action);
         assert_eq!(got[0].instance, Some(InstanceId(0xff)));
         assert_eq!((got[1].ts_ms, got[1].seq), (9, None));
-        let e = parse_history(r#"{"error":"history is off"}"#, "room1").unwrap_err();
+        let e = parse_history(r#"{"error":"history is off"}"#, "room1", &endpoint()).unwrap_err();
         assert_eq!(e.to_string(), "mcchatd: history is off");
-        assert!(parse_history("<html>", "room1").is_err());
+        let e = parse_history("<html>", "room1", &endpoint()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mcchatd at 192.0.2.1:5554 sent a history answer this mcchat cannot read: it begins \
+             \"<html>\"; versions differ? (a daemon older than the history feature?)"
+        );
         assert!(
-            parse_history(r#"{"version":"0.1.0","rooms":[]}"#, "room1").is_err(),
+            parse_history(r#"{"version":"0.1.0","rooms":[]}"#, "room1", &endpoint()).is_err(),
             "a status document is not an empty history"
+        );
+    }
+
+    #[test]
+    fn a_status_document_this_mcchat_cannot_read_is_a_clear_error() {
+        let e = parse_status(r#"{"version":"9.0.0","rooms":[]}"#, &endpoint()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "mcchatd at 192.0.2.1:5554 sent a status document this mcchat cannot read: \
+                 missing field `uptime_secs` at line 1 column 30; versions differ? \
+                 (mcchatd 9.0.0, mcchat {})",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+        let unix = Endpoint::Unix("/run/mcchat/mcchatd.sock".into());
+        let e = parse_status("not json", &unix).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "mcchatd at /run/mcchat/mcchatd.sock sent a status document this mcchat cannot \
+                 read: expected ident at line 1 column 2; versions differ? (mcchat "
+            ) && e.ends_with("; it begins \"not json\")"),
+            "{e}"
         );
     }
 }

@@ -6,13 +6,14 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::cli::{HistoryArgs, JoinArgs};
-use crate::daemon::{self, Endpoint, HistoryQuery};
-use crate::display;
-use crate::output::Stdout;
+use mcchat_core::control::HistoryQuery;
 use mcchat_core::peer::Event;
 use mcchat_core::wire::now_ms;
 
+use crate::daemon::{self, Endpoint};
+use crate::display;
 use crate::driver::{Peer, now};
+use crate::output::Stdout;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// What `join` shows when it finds a daemon and was not told otherwise.
@@ -31,7 +32,7 @@ pub(crate) async fn run(args: &HistoryArgs) -> Result<()> {
         room: args.room.to_string(),
         since_ms,
         grep: args.grep.clone(),
-        limit: args.limit,
+        limit: Some(args.limit),
     };
     let messages = daemon::history(&endpoint, &query, TIMEOUT).await?;
     let mut out = Stdout::new();
@@ -66,10 +67,8 @@ pub(crate) async fn catch_up(peer: &mut Peer, args: &JoinArgs) {
         return;
     }
     let query = HistoryQuery {
-        room: args.room.to_string(),
-        since_ms: None,
-        grep: None,
-        limit: wanted,
+        limit: Some(wanted),
+        ..HistoryQuery::new(args.room.as_str())
     };
     match daemon::history(&endpoint, &query, JOIN_TIMEOUT).await {
         Ok(messages) => {

@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
-use serde_json::Value;
+use anyhow::Result;
+use mcchat_core::control::Status;
+use mcchat_core::sanitize::for_terminal;
 
 use crate::cli::StatusArgs;
 use crate::daemon::{self, Endpoint};
@@ -15,65 +16,50 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(args: &StatusArgs) -> Result<()> {
     let endpoint = Endpoint::new(args.via.as_deref(), args.socket.clone());
-    let text = daemon::request(&endpoint, "status", TIMEOUT).await?;
-    let value: Value =
-        serde_json::from_str(&text).context("mcchatd sent a status document that is not JSON")?;
+    let (status, text) = daemon::status(&endpoint, TIMEOUT).await?;
     let mut out = Stdout::new();
     if args.json {
+        // As the daemon wrote it: fields this mcchat does not know are passed on.
         return out.line(&text);
     }
-    out.write_bytes(render(&value).as_bytes())
+    out.write_bytes(render(&status).as_bytes())
 }
 
-fn s(v: &Value) -> String {
-    let raw = match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    };
-    mcchat_core::sanitize::for_terminal(&raw).into_owned()
-}
-
-/// The document as a table. Every value is sanitised: the document carries names clients
+/// The document as a table. Every string is sanitised: the document carries names clients
 /// chose.
-fn render(v: &Value) -> String {
+fn render(v: &Status) -> String {
     let mut o = String::new();
     // Writing to a String cannot fail; results are ignored for that reason.
     let _ = writeln!(
         o,
         "mcchatd {} up {} s, rooms from {}, listening on {}, {} subscribers",
-        s(&v["version"]),
-        s(&v["uptime_secs"]),
-        s(&v["rooms_file"]),
-        v["listen"]
-            .as_array()
-            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default(),
-        s(&v["subscribers"]),
+        for_terminal(&v.version),
+        v.uptime_secs,
+        for_terminal(&v.rooms_file),
+        v.listen
+            .iter()
+            .map(|a| for_terminal(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+        v.subscribers,
     );
     let _ = writeln!(
         o,
         "{:<20} {:<26} {:<6} SUBSCRIBERS",
         "ROOM", "GROUP:PORT", "JOINED"
     );
-    for room in v["rooms"].as_array().into_iter().flatten() {
-        let subs: Vec<String> = room["subscribers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|sub| format!("{}@{}", s(&sub["name"]), s(&sub["addr"])))
+    for room in &v.rooms {
+        let subs: Vec<String> = room
+            .subscribers
+            .iter()
+            .map(|sub| format!("{}@{}", for_terminal(&sub.name), for_terminal(&sub.addr)))
             .collect();
-        let joined = if room["joined"].as_bool() == Some(true) {
-            "yes"
-        } else {
-            "no"
-        };
         let _ = writeln!(
             o,
             "{:<20} {:<26} {:<6} {}{}",
-            s(&room["name"]),
-            s(&room["group"]),
-            joined,
+            for_terminal(&room.name),
+            for_terminal(&room.group),
+            if room.joined { "yes" } else { "no" },
             subs.len(),
             if subs.is_empty() {
                 String::new()
@@ -82,42 +68,36 @@ fn render(v: &Value) -> String {
             }
         );
     }
-    let c = &v["counters"];
+    let c = &v.counters;
     let _ = writeln!(
         o,
         "received {} unicast, {} multicast; relayed {} to groups, {} to subscribers; \
          {} subscribed, {} expired, {} challenges",
-        s(&c["received_unicast"]),
-        s(&c["received_multicast"]),
-        s(&c["relayed_to_group"]),
-        s(&c["relayed_to_subscribers"]),
-        s(&c["subscribed"]),
-        s(&c["expired"]),
-        s(&c["challenges"]),
+        c.received_unicast,
+        c.received_multicast,
+        c.relayed_to_group,
+        c.relayed_to_subscribers,
+        c.subscribed,
+        c.expired,
+        c.challenges,
     );
-    let dropped: Vec<String> = c["dropped"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, n)| format!("{}={}", mcchat_core::sanitize::for_terminal(k), s(n)))
+    let dropped: Vec<String> = c
+        .dropped
+        .iter()
+        .map(|(why, n)| format!("{}={n}", for_terminal(why)))
         .collect();
-    let r = &v["repair_cache"];
+    let r = &v.repair_cache;
     let _ = writeln!(
         o,
         "repair cache: {} messages, {} bytes; repaired {} to groups, {} to subscribers",
-        s(&r["messages"]),
-        s(&r["bytes"]),
-        s(&r["repairs_to_group"]),
-        s(&r["repairs_to_subscribers"]),
+        r.messages, r.bytes, r.repairs_to_group, r.repairs_to_subscribers,
     );
-    let h = &v["history"];
     let _ = writeln!(
         o,
         "history: {}",
-        if h.is_null() {
-            "off".to_owned()
-        } else {
-            format!("{} ({} not stored)", s(&h["path"]), s(&h["dropped"]))
+        match &v.history {
+            None => "off".to_owned(),
+            Some(h) => format!("{} ({} not stored)", for_terminal(&h.path), h.dropped),
         }
     );
     let _ = writeln!(
@@ -130,4 +110,85 @@ fn render(v: &Value) -> String {
         }
     );
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use mcchat_core::control::{
+        Counters, HistoryStatus, RepairCacheStats, RoomStatus, SubscriberStatus,
+    };
+
+    use super::*;
+
+    #[test]
+    fn the_table_shows_every_part_and_sanitises_names() {
+        let status = Status {
+            version: "0.1.0".into(),
+            uptime_secs: 42,
+            rooms_file: "built-in rooms".into(),
+            listen: vec!["127.0.0.1:5554".into(), "[::1]:5554".into()],
+            subscribers: 1,
+            joined_groups: vec!["239.255.77.1:5555".into()],
+            rooms: vec![RoomStatus {
+                name: "room1".into(),
+                group: "239.255.77.1:5555".into(),
+                configured: true,
+                keep: false,
+                joined: true,
+                subscribers: vec![SubscriberStatus {
+                    addr: "127.0.0.1:40000".into(),
+                    name: "al\u{1b}[2Jice".into(),
+                    expires_in_secs: 59,
+                }],
+            }],
+            counters: Counters {
+                received_unicast: 1,
+                received_multicast: 2,
+                relayed_to_group: 3,
+                relayed_to_subscribers: 4,
+                subscribed: 7,
+                expired: 10,
+                challenges: 6,
+                dropped: [("bad_cookie".to_owned(), 11)].into(),
+                ..Counters::default()
+            },
+            repair_cache: RepairCacheStats {
+                messages: 13,
+                bytes: 14,
+                repairs_to_group: 16,
+                repairs_to_subscribers: 17,
+                ..RepairCacheStats::default()
+            },
+            history: Some(HistoryStatus {
+                path: "/var/lib/mcchat/history.sqlite3".into(),
+                dropped: 19,
+            }),
+        };
+        let table = render(&status);
+        let want = [
+            "mcchatd 0.1.0 up 42 s, rooms from built-in rooms, listening on 127.0.0.1:5554 \
+             [::1]:5554, 1 subscribers",
+            "ROOM                 GROUP:PORT                 JOINED SUBSCRIBERS",
+            &format!(
+                "room1                239.255.77.1:5555          yes    1 ({}@127.0.0.1:40000)",
+                for_terminal("al\u{1b}[2Jice")
+            ),
+            "received 1 unicast, 2 multicast; relayed 3 to groups, 4 to subscribers; \
+             7 subscribed, 10 expired, 6 challenges",
+            "repair cache: 13 messages, 14 bytes; repaired 16 to groups, 17 to subscribers",
+            "history: /var/lib/mcchat/history.sqlite3 (19 not stored)",
+            "dropped: bad_cookie=11",
+        ];
+        assert_eq!(table.lines().collect::<Vec<_>>(), want);
+        assert!(!table.contains('\u{1b}'), "{table:?}");
+        let off = render(&Status {
+            history: None,
+            counters: Counters::default(),
+            ..status
+        });
+        assert!(
+            off.contains("\nhistory: off\n") && off.ends_with("dropped: none\n"),
+            "{off}"
+        );
+    }
 }

@@ -77,8 +77,8 @@ struct SenderCache {
 
 type SenderKey = (RoomName, InstanceId);
 
-/// Counters, for status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+/// Counters, for status (as [`mcchat_core::control::RepairCacheStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct CacheStats {
     /// Messages held now.
     pub(crate) messages: usize,
@@ -92,6 +92,20 @@ pub(crate) struct CacheStats {
     pub(crate) repairs_to_subscribers: u64,
     /// Standby repairs not needed because the sender repaired first.
     pub(crate) standby_skipped: u64,
+}
+
+impl From<CacheStats> for mcchat_core::control::RepairCacheStats {
+    fn from(s: CacheStats) -> Self {
+        // usize is at most 64 bits on every platform mcchat builds for.
+        Self {
+            messages: s.messages as u64,
+            bytes: s.bytes as u64,
+            evicted_for_space: s.evicted_for_space,
+            repairs_to_group: s.repairs_to_group,
+            repairs_to_subscribers: s.repairs_to_subscribers,
+            standby_skipped: s.standby_skipped,
+        }
+    }
 }
 
 /// See the module documentation.

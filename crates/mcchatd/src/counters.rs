@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use mcchat_core::control;
 use mcchat_core::wire::DropReason;
-use serde::Serialize;
 
 /// Why the daemon dropped a datagram or request. Every drop is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,8 +67,9 @@ impl Drop {
     }
 }
 
-/// Counters since start.
-#[derive(Debug, Clone, Default, Serialize)]
+/// Counters since start. Kept apart from [`control::Counters`] so that counting a drop
+/// never allocates (the reasons are `&'static str` here); status converts.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Counters {
     /// Datagrams received on the relay port.
     pub(crate) received_unicast: u64,
@@ -100,5 +101,27 @@ impl Counters {
         let n = self.dropped.entry(why.name()).or_insert(0);
         *n += 1;
         *n
+    }
+}
+
+impl From<Counters> for control::Counters {
+    fn from(c: Counters) -> Self {
+        Self {
+            received_unicast: c.received_unicast,
+            received_multicast: c.received_multicast,
+            relayed_to_group: c.relayed_to_group,
+            relayed_to_subscribers: c.relayed_to_subscribers,
+            own_forwards_ignored: c.own_forwards_ignored,
+            challenges: c.challenges,
+            subscribed: c.subscribed,
+            renewed: c.renewed,
+            unsubscribed: c.unsubscribed,
+            expired: c.expired,
+            dropped: c
+                .dropped
+                .into_iter()
+                .map(|(why, n)| (why.to_owned(), n))
+                .collect(),
+        }
     }
 }

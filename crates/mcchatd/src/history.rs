@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mcchat_core::wire::{self, Kind, now_ms};
+use mcchat_core::wire::now_ms;
 use rusqlite::{Connection, OpenFlags, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::oneshot;
 
 /// Records queued for the writer at most; beyond it new ones are dropped and counted (the
@@ -34,7 +34,7 @@ const GATHER: Duration = Duration::from_millis(5);
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// Messages one query returns at most.
-pub const MAX_QUERY: u32 = 10_000;
+pub use mcchat_core::control::MAX_QUERY;
 /// The file, under the state directory.
 pub const FILE_NAME: &str = "history.sqlite3";
 
@@ -57,42 +57,8 @@ pub enum HistoryError {
     Stopped,
 }
 
-/// One stored message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    pub room: String,
-    /// `message` or `action`.
-    pub kind: String,
-    pub sender: String,
-    pub text: String,
-    /// The sender's instance id (hex), for deduplication; `None` for bare datagrams.
-    pub id: Option<String>,
-    pub seq: Option<u64>,
-    /// The sender's clock, ms since the epoch.
-    pub ts_ms: Option<u64>,
-    /// When the daemon received it, ms since the epoch.
-    pub recv_ms: u64,
-}
-
-impl Record {
-    /// The record for a chat datagram (`msg` or `me`); `None` for anything else.
-    fn decode(data: &[u8], recv_ms: u64) -> Option<Self> {
-        let frame = wire::decode(data).ok()?;
-        if !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
-            return None;
-        }
-        Some(Self {
-            room: frame.room.to_owned(),
-            kind: frame.meta.kind.name().to_owned(),
-            sender: frame.sender.to_owned(),
-            text: frame.text.to_owned(),
-            id: frame.meta.instance.map(|i| i.to_string()),
-            seq: frame.meta.seq,
-            ts_ms: frame.meta.ts_ms,
-            recv_ms,
-        })
-    }
-}
+/// One stored message (the control contract's record, so a query's answer is what is stored).
+pub use mcchat_core::control::HistoryRecord as Record;
 
 /// What to keep of a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,20 +81,7 @@ impl Policy {
 }
 
 /// A history request, as a client sends it (one JSON line on the status connection).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Query {
-    pub room: String,
-    /// Only messages received at or after this (ms since the epoch).
-    #[serde(default)]
-    pub since_ms: Option<u64>,
-    /// Only messages whose text contains this, ignoring ASCII case.
-    #[serde(default)]
-    pub grep: Option<String>,
-    /// The last this many (at most [`MAX_QUERY`]).
-    #[serde(default)]
-    pub limit: Option<u32>,
-}
+pub use mcchat_core::control::HistoryQuery as Query;
 
 enum Cmd {
     /// A datagram as received: decoded on the writer thread, so the relay loop pays only a
@@ -326,7 +279,7 @@ fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
     .map_err(db_err(path))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(db_err(path))?;
-    let limit = q.limit.unwrap_or(100).min(MAX_QUERY);
+    let limit = q.max_messages();
     // `since` becomes a lower bound on the row id: the first message received at or after
     // it, found on the time index. Rows are numbered in the order received, so the scan
     // below stays on the (room, id) index and reads only what it returns (plus what `grep`

@@ -9,63 +9,17 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use mcchat_core::control::{self, ErrorAnswer, HistoryAnswer, HistoryQuery, Request};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UnixListener};
-
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::CacheStats;
-use crate::counters::Counters;
-use crate::history::{self, HistoryStats, Query, Reader};
-
-/// One subscriber, as status shows it.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct SubscriberStatus {
-    pub(crate) addr: String,
-    pub(crate) name: String,
-    pub(crate) expires_in_secs: u64,
-}
-
-/// One room the daemon knows.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct RoomStatus {
-    pub(crate) name: String,
-    pub(crate) group: String,
-    pub(crate) configured: bool,
-    pub(crate) keep: bool,
-    pub(crate) joined: bool,
-    pub(crate) subscribers: Vec<SubscriberStatus>,
-}
-
-/// The whole status document.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Status {
-    pub(crate) version: &'static str,
-    pub(crate) uptime_secs: u64,
-    pub(crate) rooms_file: String,
-    pub(crate) listen: Vec<String>,
-    pub(crate) subscribers: usize,
-    pub(crate) joined_groups: Vec<String>,
-    pub(crate) rooms: Vec<RoomStatus>,
-    pub(crate) counters: Counters,
-    pub(crate) repair_cache: CacheStats,
-    /// `None` when history is off.
-    pub(crate) history: Option<HistoryStatus>,
-}
-
-/// History, as status shows it.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct HistoryStatus {
-    pub(crate) path: String,
-    #[serde(flatten)]
-    pub(crate) stats: HistoryStats,
-}
+use crate::history::Reader;
 
 /// What the listeners answer with: status from the relay loop, history from the database.
 #[derive(Debug, Clone)]
@@ -74,19 +28,12 @@ pub(crate) struct Services {
     pub(crate) history: Option<Reader>,
 }
 
-/// One request line.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Request {
-    history: Query,
-}
-
 /// How long the daemon waits for a request line to begin before it sends the status.
 pub(crate) const REQUEST_WAIT: Duration = Duration::from_millis(100);
 /// How long a request line that has begun may take to end.
 const REQUEST_TIME: Duration = Duration::from_secs(2);
 /// The longest request line.
-const MAX_REQUEST: u64 = 4096;
+const MAX_REQUEST: u64 = control::MAX_REQUEST_LINE as u64;
 
 /// A request for the current status, answered by the relay loop.
 pub(crate) type StatusRequest = oneshot::Sender<String>;
@@ -119,16 +66,17 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         let _ = tokio::time::timeout(REQUEST_TIME, reader.read_until(b'\n', &mut line)).await;
     }
     let line = String::from_utf8_lossy(&line);
-    let line = line.trim();
-    let doc = if line.is_empty() || line == "status" {
-        let (tx, rx) = oneshot::channel();
-        if services.status.send(tx).await.is_err() {
-            return;
+    let doc = match Request::parse(&line) {
+        Ok(Request::Status) => {
+            let (tx, rx) = oneshot::channel();
+            if services.status.send(tx).await.is_err() {
+                return;
+            }
+            let Ok(doc) = rx.await else { return };
+            doc
         }
-        let Ok(doc) = rx.await else { return };
-        doc
-    } else {
-        history_answer(line, services.history.as_ref()).await
+        Ok(Request::History(query)) => history_answer(query, services.history.as_ref()).await,
+        Err(e) => error_doc(&e.to_string()),
     };
     let write = async {
         w.write_all(doc.as_bytes()).await?;
@@ -141,33 +89,26 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 fn error_doc(message: &str) -> String {
-    serde_json::json!({ "error": message }).to_string()
+    to_json(&ErrorAnswer::new(message))
 }
 
-/// Answers a history request line: the messages, or `{"error": ...}` saying what was wrong.
-async fn history_answer(line: &str, history: Option<&Reader>) -> String {
-    let request: Request = match serde_json::from_str(line) {
-        Ok(r) => r,
-        Err(e) => {
-            return error_doc(&format!(
-                "bad request ({e}); send `status` or {{\"history\":{{\"room\":\"NAME\"}}}}"
-            ));
-        }
-    };
+/// The document as one line. The control types are strings, integers and string-keyed maps,
+/// which always serialise.
+pub(crate) fn to_json(doc: &impl serde::Serialize) -> String {
+    serde_json::to_string(doc).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Answers a history query: the messages, or `{"error": ...}` saying what was wrong.
+async fn history_answer(query: HistoryQuery, history: Option<&Reader>) -> String {
     let Some(history) = history else {
         return error_doc("history is off on this daemon (state_dir is \"\" or not writable)");
     };
-    let room = request.history.room.clone();
-    if let Some(limit) = request.history.limit
-        && limit > history::MAX_QUERY
-    {
-        return error_doc(&format!(
-            "limit {limit} is too large; use at most {}",
-            history::MAX_QUERY
-        ));
+    if let Err(e) = query.check() {
+        return error_doc(&e.to_string());
     }
-    match history.query(request.history).await {
-        Ok(messages) => serde_json::json!({ "room": room, "messages": messages }).to_string(),
+    let room = query.room.clone();
+    match history.query(query).await {
+        Ok(messages) => to_json(&HistoryAnswer { room, messages }),
         Err(e) => {
             tracing::warn!(error = %e, "history query failed");
             error_doc(&format!("history query failed: {e}"))

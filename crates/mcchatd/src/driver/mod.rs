@@ -30,7 +30,8 @@ use crate::hub::{Hub, Output, Port, Seed, UdpDest};
 use crate::port::group::{self, GroupDatagram};
 use crate::port::udp::{RecvBatch, RelaySocket};
 use crate::settings::{self, Settings};
-use crate::status::{self, HistoryStatus, Services, StatusRequest};
+use crate::status::{self, Services, StatusRequest};
+use mcchat_core::control::HistoryStatus;
 use crate::notify;
 
 #[cfg(test)]
@@ -619,7 +620,7 @@ impl Driver {
         let mut status = self.hub.snapshot(self.now().mono);
         status.history = self.history.as_ref().map(|h| HistoryStatus {
             path: h.path().display().to_string(),
-            stats: h.stats(),
+            dropped: h.stats().dropped,
         });
         serde_json::to_string(&status).unwrap_or_else(|_| "{}".to_owned())
     }

@@ -6,7 +6,7 @@ use mcchat_core::room::{RoomName, RoomSource};
 
 use super::{Hub, Reconfigured, history_policy};
 use crate::settings::Settings;
-use crate::status::{RoomStatus, Status, SubscriberStatus};
+use mcchat_core::control::{RoomStatus, Status, SubscriberStatus};
 
 impl Hub {
     /// The status document as the hub knows it (history's part is the driver's).
@@ -51,7 +51,7 @@ impl Hub {
             self.groups.groups().map(|(_, g)| g.to_string()).collect();
         joined_groups.sort();
         Status {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: now.saturating_duration_since(self.started).as_secs(),
             rooms_file: self.settings.origin.to_string(),
             listen: self
@@ -61,11 +61,11 @@ impl Hub {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
-            subscribers: self.subs.total(),
+            subscribers: self.subs.total() as u64,
             joined_groups,
             rooms,
-            counters: self.counters.clone(),
-            repair_cache: self.cache.stats(),
+            counters: self.counters.clone().into(),
+            repair_cache: self.cache.stats().into(),
             history: None,
         }
     }
