@@ -2,6 +2,7 @@
 # lan.sh — a small LAN of network namespaces for mcchat's integration tests.
 #
 # Usage: scripts/lan.sh up PREFIX | down PREFIX | status PREFIX | down-all
+#        scripts/lan.sh addr PREFIX HOST ADDR/LEN...
 #
 # PREFIX is 1-16 letters/digits and names every namespace of one LAN, so several LANs can
 # coexist. (Interface names are fixed per namespace — eth0, eth1, br0, h1.. — so the prefix
@@ -42,6 +43,11 @@
 # installed its routes). `down` is idempotent. `down-all` tears down every LAN whose state is
 # in $LAN_STATE_DIR (scripts/test.sh calls it on exit). `status` prints the namespaces,
 # addresses and multicast routes of one LAN.
+#
+# `addr` adds more addresses to eth0 of HOST (h1..h4 or r) of a LAN that is up, for tests of
+# a multi-address host: IPv4 ones as given (a second address in a subnet the interface already
+# has is what the kernel calls a secondary address), IPv6 ones with `nodad`, so every one is
+# usable (not tentative) when it returns. It prints nothing on success.
 set -euo pipefail
 
 STATE_ROOT=${LAN_STATE_DIR:-/run/mcchat-lan}
@@ -55,6 +61,7 @@ die() {
 
 usage() {
     echo "usage: $0 up PREFIX | down PREFIX | status PREFIX | down-all" >&2
+    echo "       $0 addr PREFIX HOST ADDR/LEN..." >&2
     exit 2
 }
 
@@ -254,6 +261,28 @@ lan_status() {
     fi
 }
 
+# Adds addresses $3... (ADDR/LEN, IPv4 or IPv6) to eth0 of host $2 of LAN $1; returns once
+# every one is on the interface and none is tentative.
+lan_addr() {
+    local p=$1 host=$2 a
+    shift 2
+    [[ $host =~ ^(h[1-4]|r)$ ]] || die "HOST must be h1, h2, h3, h4 or r, got '$host'"
+    local ns=$p-$host
+    ns_exists "$ns" || die "namespace $ns does not exist (run: $0 up $p)"
+    for a in "$@"; do
+        [[ $a == */* ]] || die "address '$a' needs a prefix length (ADDR/LEN)"
+        if [[ $a == *:* ]]; then
+            ip -n "$ns" -6 addr add "$a" dev eth0 nodad
+        else
+            ip -n "$ns" addr add "$a" dev eth0
+        fi
+    done
+    # With nodad an address is never tentative: a check, not a wait.
+    if ip -n "$ns" -6 -o addr show dev eth0 tentative | grep -q .; then
+        die "$ns eth0 has tentative IPv6 addresses: $(ip -n "$ns" -6 -o addr show dev eth0 tentative)"
+    fi
+}
+
 (($# >= 1)) || usage
 cmd=$1
 case $cmd in
@@ -271,6 +300,11 @@ down-all)
             [[ $p =~ ^[A-Za-z0-9]{1,16}$ ]] && lan_down "$p"
         done
     fi
+    ;;
+addr)
+    (($# >= 4)) || usage
+    check_prefix "$2"
+    lan_addr "$2" "$3" "${@:4}"
     ;;
 *) usage ;;
 esac

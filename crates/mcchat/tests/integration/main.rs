@@ -8,6 +8,7 @@ mod cli;
 mod history;
 mod hostile;
 mod lan;
+mod multihome;
 mod pty;
 mod relay;
 mod util;

@@ -482,3 +482,53 @@ pub fn local_daemon(extra: &[&str]) -> (Proc, SocketAddr) {
     let addr = relay_addr(&d);
     (d, addr)
 }
+
+impl Lan {
+    /// Adds addresses (`ADDR/LEN`) to `host`'s eth0 with `scripts/lan.sh addr`: IPv6 ones
+    /// without duplicate address detection, so every one is usable when this returns.
+    pub fn add_addrs(&self, host: &str, addrs: &[&str]) {
+        let out = Command::new("bash")
+            .arg(lan_script())
+            .args(["addr", &self.prefix, host])
+            .args(addrs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lan.sh addr {} {host} {addrs:?} failed: {}{}",
+            self.prefix,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Proc {
+    /// Waits for a stderr line containing any of `needles` and returns it: a readiness line
+    /// and the known failure line for it are told apart at once, not after the cap.
+    pub fn expect_err_any(&self, needles: &[&str]) -> String {
+        let what = needles.join(" or ");
+        self.stderr
+            .wait_for(&what, |l| needles.iter().any(|n| l.contains(n)))
+            .unwrap_or_else(|lines| self.fail(&what, "stderr", &lines))
+    }
+
+    /// How many stdout lines so far contain `needle`.
+    pub fn count_out(&self, needle: &str) -> usize {
+        self.stdout().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// The `(sender, text)` of every `kind: message` line a `listen --json` printed so far, in
+/// order.
+pub fn json_messages(p: &Proc) -> Vec<(String, String)> {
+    p.stdout()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "message")
+        .map(|v| {
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            (field("sender"), field("text"))
+        })
+        .collect()
+}
