@@ -121,6 +121,7 @@ fn spawn_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send +
     stream: S,
     slots: &Arc<Semaphore>,
     services: &Services,
+    token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
@@ -128,8 +129,13 @@ fn spawn_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send +
         return;
     };
     let services = services.clone();
+    let token = token.clone();
     tracker.spawn(async move {
-        answer(stream, &services).await;
+        // Shutdown ends a slow client's answer at once rather than after its timeouts.
+        tokio::select! {
+            () = token.cancelled() => {}
+            () = answer(stream, &services) => {}
+        }
         drop(permit);
     });
 }
@@ -150,7 +156,7 @@ pub(crate) async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) if allowed(peer) => {
-                spawn_answer(stream, &slots, &services, &tracker)
+                spawn_answer(stream, &slots, &services, &token, &tracker)
             }
             Ok((_, peer)) => tracing::debug!(%peer, "status request from a network not allowed"),
             Err(error) => {
@@ -176,7 +182,7 @@ pub(crate) async fn serve_unix(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => spawn_answer(stream, &slots, &services, &tracker),
+            Ok((stream, _)) => spawn_answer(stream, &slots, &services, &token, &tracker),
             Err(error) => {
                 tracing::warn!(%error, "status socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -528,3 +528,29 @@ fn shutdown_tells_every_subscriber_and_leaves_every_group() {
         "room1 and kept"
     );
 }
+
+#[test]
+fn the_verified_bucket_is_per_source_with_the_subscribe_rate() {
+    let mut t = T::new(ROOMS, false);
+    let a = "192.0.2.10:4000";
+    let cookie = t.subscribe("room1", a, LOCAL_A);
+    let b = "192.0.2.11:4000";
+    let cookie_b = t.subscribe("room1", b, LOCAL_A);
+    // The subscribe above took one token; the burst is 20, the rate 10/s.
+    let renew = request(Kind::Subscribe, "room1", Some(&cookie));
+    let answered = (0..30)
+        .filter(|_| {
+            let out = t.unicast(a, LOCAL_A, renew.as_bytes());
+            reply_tag(&out, Kind::Subscribed, "lease").is_some()
+        })
+        .count();
+    assert_eq!(answered, 19);
+    // Another source is not affected.
+    let renew_b = request(Kind::Subscribe, "room1", Some(&cookie_b));
+    let out = t.unicast(b, LOCAL_A, renew_b.as_bytes());
+    assert!(reply_tag(&out, Kind::Subscribed, "lease").is_some());
+    // 100 ms later one more token.
+    t.at(Duration::from_millis(100));
+    let out = t.unicast(a, LOCAL_A, renew.as_bytes());
+    assert!(reply_tag(&out, Kind::Subscribed, "lease").is_some());
+}
