@@ -1,4 +1,4 @@
-//! End-to-end and hop-by-hop tags (docs/PROTOCOL.md 2.2).
+//! End-to-end and hop-by-hop tags (docs/PROTOCOL.md 2.8).
 //!
 //! A datagram's tags are of two sorts. End-to-end tags are what the sender wrote (`id`,
 //! `seq`, `ts`, `kind`, `for`, `seqs`, `lease`, and any tag this version does not know):
@@ -151,15 +151,31 @@ pub fn add_hop_tag(data: &[u8], key: &str, value: &str, out: &mut Vec<u8>) -> Re
 /// without hop-by-hop tags, or whose tag prefix is malformed (which `decode` refuses
 /// anyway), is returned as it is, borrowed.
 pub fn end_to_end(data: &[u8]) -> Cow<'_, [u8]> {
+    strip(data, is_hop_tag)
+}
+
+/// `data` without its hop-by-hop tag `key` (every copy of it), the other tags as they are:
+/// for a relay that forwards to a group what already carries another daemon's `relay` tag
+/// (a cached copy heard there), before it adds its own. Borrowed when there is nothing to
+/// remove, or `key` is not hop-by-hop (end-to-end tags are never removed).
+pub fn without_hop_tag<'a>(data: &'a [u8], key: &str) -> Cow<'a, [u8]> {
+    if !is_hop_by_hop(key) {
+        return Cow::Borrowed(data);
+    }
+    strip(data, |tag| key_of(tag) == key.as_bytes())
+}
+
+/// `data` without the tags `remove` picks.
+fn strip(data: &[u8], remove: impl Fn(&[u8]) -> bool) -> Cow<'_, [u8]> {
     let Ok(Some((raw, body))) = tag_section(data) else {
         return Cow::Borrowed(data);
     };
-    if !raw.split(|b| *b == b';').any(is_hop_tag) {
+    if !raw.split(|b| *b == b';').any(&remove) {
         return Cow::Borrowed(data);
     }
     let mut out = Vec::with_capacity(data.len());
     let mut first = true;
-    for tag in raw.split(|b| *b == b';').filter(|t| !is_hop_tag(t)) {
+    for tag in raw.split(|b| *b == b';').filter(|t| !remove(t)) {
         out.push(if first { b'@' } else { b';' });
         first = false;
         out.extend_from_slice(tag);
@@ -243,6 +259,17 @@ mod tests {
             );
         }
         assert!(matches!(end_to_end(b"@id=1 a|b|c"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn one_hop_tag_can_be_taken_out() {
+        let heard = b"@relay=0123abcd;repair=1;id=2 a|b|c";
+        assert_eq!(&*without_hop_tag(heard, "relay"), b"@repair=1;id=2 a|b|c");
+        assert_eq!(&*without_hop_tag(b"@relay=1 a|b|c", "relay"), b"a|b|c");
+        assert!(matches!(without_hop_tag(heard, "id"), Cow::Borrowed(_)));
+        assert!(matches!(without_hop_tag(heard, "pad"), Cow::Borrowed(_)));
+        let mine = add(&without_hop_tag(heard, "relay"), "relay", "ffffffff").unwrap();
+        assert_eq!(mine, b"@relay=ffffffff;repair=1;id=2 a|b|c");
     }
 
     #[test]

@@ -563,7 +563,7 @@ fn write_tags(header: &Header<'_>, out: &mut String) -> Result<(), EncodeError> 
         out.push(if first { '@' } else { ';' });
         first = false;
     };
-    // Hop-by-hop tags precede end-to-end ones (PROTOCOL.md 2.2), in the order given.
+    // Hop-by-hop tags precede end-to-end ones (PROTOCOL.md 2.8), in the order given.
     for (key, value) in header.extra.iter().filter(|(k, _)| tags::is_hop_by_hop(k)) {
         sep(out);
         write_tag(key, value, out);

@@ -1,4 +1,4 @@
-//! Properties of the end-to-end / hop-by-hop split (docs/PROTOCOL.md 2.2), on datagrams as
+//! Properties of the end-to-end / hop-by-hop split (docs/PROTOCOL.md 2.8), on datagrams as
 //! mcchat writes them: adding a hop-by-hop tag never changes the end-to-end part, is refused
 //! past the datagram limit, and stripping does not depend on where or in what order the
 //! hop-by-hop tags were put.

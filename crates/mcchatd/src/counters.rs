@@ -25,8 +25,6 @@ pub(crate) enum Drop {
     /// A kind only the daemon sends (`cookie`, `subok`, `closed`) came from a client, or
     /// relay control came from a group.
     UnexpectedKind,
-    /// No relay socket of the room's address family.
-    NoSocketForFamily,
     /// The kernel refused a send.
     SendFailed,
     /// An unsubscribe without a valid cookie.
@@ -55,7 +53,6 @@ impl Drop {
             Self::TooManySubscribers => "too_many_subscribers",
             Self::TooManyRooms => "too_many_rooms",
             Self::UnexpectedKind => "unexpected_kind",
-            Self::NoSocketForFamily => "no_socket_for_family",
             Self::SendFailed => "send_failed",
             Self::BadCookie => "bad_cookie",
             Self::TooManyFromSource => "too_many_from_source",

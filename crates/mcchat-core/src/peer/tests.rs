@@ -672,7 +672,7 @@ fn a_nack_is_answered_with_repairs_once_per_20_ms() {
     assert_eq!(got.len(), 3);
     for ((_, to, d), original) in got.iter().zip(&originals) {
         assert_eq!(*to, group());
-        // The same datagram with `repair=1` in front of its tags (PROTOCOL 2.2), byte for byte.
+        // The same datagram with `repair=1` in front of its tags (PROTOCOL 2.8), byte for byte.
         let text = std::str::from_utf8(original).unwrap();
         let want = format!("@repair=1;{}", text.strip_prefix('@').unwrap());
         assert_eq!(Dg::parse(want.as_bytes()), *d);
@@ -1538,7 +1538,7 @@ fn forged_joins_bring_heartbeats_forward_at_most_once_a_second() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 10. Hop-by-hop tags (PROTOCOL 2.2)
+// 10. Hop-by-hop tags (PROTOCOL 2.8)
 
 /// `data` with the hop-by-hop tag `key=value` in front, as a relay or cache adds it.
 fn with_hop_tag(data: &[u8], key: &str, value: &str) -> Vec<u8> {
@@ -1644,4 +1644,257 @@ fn long_text_is_split_within_the_hop_reserve() {
         assert_eq!(repair.len(), original.len() + "repair=1;".len());
         assert!(with_hop_tag(repair, "relay", "0123abcd").len() <= MAX_DATAGRAM);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. Rules PROTOCOL.md states for a second implementation
+
+fn meta_of(id: Option<InstanceId>, seq: Option<u64>, ts: Option<u64>, kind: Kind) -> Meta {
+    Meta {
+        instance: id,
+        seq,
+        ts_ms: ts,
+        kind,
+    }
+}
+
+/// PROTOCOL 5: a NACK carries the NACKer's latest `seq` (like `hb`) and takes no number;
+/// its `for` and `seqs` name what it asks for.
+#[test]
+fn a_nack_carries_the_latest_seq_and_takes_no_number() {
+    let mut r = Rig::peer("alice", ALICE);
+    r.enter(0);
+    r.say(10, Kind::Message, "one");
+    r.say(20, Kind::Message, "two");
+    r.take();
+    r.hear(100, &msg(BOB, "bob", 1, UNIX0 + 100), host(2));
+    r.hear(110, &msg(BOB, "bob", 3, UNIX0 + 110), host(2));
+    r.run_to(200);
+    let nacks = sends_of(&r.take(), Kind::Nack);
+    assert_eq!(nacks.len(), 1);
+    let d = &nacks[0].2;
+    assert_eq!(
+        (d.id, d.seq, d.sender.as_str()),
+        (Some(ALICE), Some(2), "alice")
+    );
+    assert_eq!(
+        (d.tag("for"), d.tag("seqs")),
+        (Some("b0b0000000000002"), Some("2"))
+    );
+    r.say(300, Kind::Message, "three");
+    let next = sends_of(&r.take(), Kind::Message);
+    assert_eq!(next[0].2.seq, Some(3), "the NACK took no number");
+}
+
+/// PROTOCOL 5: a sender's repairs go where it sends everything: the group, or the daemon
+/// with `--via` (which relays them); `repair=1` is the first tag.
+#[test]
+fn repairs_go_to_the_daemon_with_via() {
+    let mut r = Rig::new(PeerConfig::new(ROOM, "alice", daemon()), ALICE);
+    r.say(10, Kind::Message, "one");
+    r.take();
+    r.hear(100, &nack(BOB, "bob", ALICE, "1", UNIX0 + 100), daemon());
+    let log = r.take();
+    let repairs: Vec<(SocketAddr, Vec<u8>)> = log
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Send { to, bytes } => Some((to, bytes)),
+            Effect::Show(_) => None,
+        })
+        .collect();
+    assert_eq!(repairs.len(), 1);
+    assert_eq!(repairs[0].0, daemon());
+    assert!(
+        repairs[0]
+            .1
+            .starts_with(b"@repair=1;id=a11ce00000000001;seq=1;")
+    );
+}
+
+/// PROTOCOL 2.4: only a `join` from an instance not in the roster is shown; one first heard
+/// through a heartbeat or a message is a member without an announcement (it was there
+/// before), and a later `join` from it is not shown either.
+#[test]
+fn a_join_from_an_instance_already_heard_is_not_shown() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    r.hear(
+        100,
+        &control(ALICE, "alice", Kind::Heartbeat, 0, UNIX0 + 100),
+        host(1),
+    );
+    r.hear(
+        200,
+        &control(ALICE, "alice", Kind::Join, 0, UNIX0 + 200),
+        host(1),
+    );
+    r.hear(
+        300,
+        &control(CAROL, "carol", Kind::Join, 0, UNIX0 + 300),
+        host(3),
+    );
+    r.hear(
+        400,
+        &control(CAROL, "carol", Kind::Join, 0, UNIX0 + 400),
+        host(3),
+    );
+    assert_eq!(r.e.members(), ["alice", "bob", "carol"]);
+    let presence: Vec<Event> = events(&r.take())
+        .into_iter()
+        .filter(|e| matches!(e, Event::Presence(_)))
+        .collect();
+    assert_eq!(presence, [Event::Presence(Change::Joined("carol".into()))]);
+}
+
+/// PROTOCOL 2.4: a member is gone once more than 50 s passed since its last datagram (a
+/// NACK does not count), checked every second: noticed 50-51 s after it.
+#[test]
+fn silence_is_noticed_50_to_51_s_after_the_last_datagram() {
+    let mut r = Rig::new(PeerConfig::new(ROOM, "", group()), BOB);
+    let last = 1_300;
+    r.hear(
+        last,
+        &control(ALICE, "alice", Kind::Heartbeat, 0, UNIX0 + last),
+        host(1),
+    );
+    r.hear(
+        20_000,
+        &nack(ALICE, "alice", CAROL, "1", UNIX0 + 20_000),
+        host(1),
+    );
+    r.run_to(last + 50_000);
+    assert!(events(&r.log).is_empty(), "not at 50 s");
+    r.run_to(120_000);
+    let gone: Vec<u64> = shown(&r.take())
+        .into_iter()
+        .filter(|(_, e)| *e == Event::Presence(Change::TimedOut("alice".into())))
+        .map(|(t, _)| r.since(t).as_millis() as u64)
+        .collect();
+    assert_eq!(gone.len(), 1);
+    assert!(
+        (last + 50_000..=last + 51_000).contains(&gone[0]),
+        "noticed at {} ms",
+        gone[0]
+    );
+}
+
+/// PROTOCOL 2.2: `id` without `seq`: a member (presence counts it), its message shown as it
+/// comes, unnumbered, never asked for. `seq` without `id`: a bare datagram (no instance to
+/// number), shown as it comes, no member, no NACK whatever the number.
+#[test]
+fn id_without_seq_and_seq_without_id() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    r.take();
+    let id_only = encode(
+        meta_of(Some(ALICE), None, Some(UNIX0 + 100), Kind::Message),
+        &[],
+        "alice",
+        "unnumbered",
+    );
+    let seq_only = encode(
+        meta_of(None, Some(7), Some(UNIX0 + 200), Kind::Message),
+        &[],
+        "carol",
+        "seven",
+    );
+    r.hear(100, &id_only, host(1));
+    r.hear(200, &seq_only, host(3));
+    r.hear(300, &seq_only, host(3));
+    r.run_to(10_000);
+    let log = r.take();
+    assert!(sends_of(&log, Kind::Nack).is_empty());
+    let shown: Vec<(Option<InstanceId>, Option<u64>, String)> = events(&log)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.instance, m.seq, m.text)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (Some(ALICE), None, "unnumbered".into()),
+            (None, Some(7), "seven".into()),
+            (None, Some(7), "seven".into()),
+        ],
+        "nothing without an id is a duplicate"
+    );
+    assert_eq!(r.e.members(), ["alice", "bob"]);
+}
+
+/// PROTOCOL 2.2 and 5: a message without `ts` counts as sent when it arrived: it is shown
+/// with that time, and a low `seq` from a new instance is followed from 1 (sent moments ago).
+#[test]
+fn a_missing_ts_is_the_arrival_time() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    r.take();
+    let no_ts = encode(
+        meta_of(Some(ALICE), Some(3), None, Kind::Message),
+        &[],
+        "alice",
+        "m3",
+    );
+    r.hear(5_000, &no_ts, host(1));
+    r.run_to(5_100);
+    let log = r.take();
+    let m = events(&log).into_iter().find_map(|e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    });
+    assert!(m.is_none(), "held: 1 and 2 are missing");
+    let nacks = sends_of(&log, Kind::Nack);
+    assert_eq!(nacks[0].2.tag("seqs"), Some("1-2"));
+    r.hear(5_200, &repair_of(ALICE, "alice", 1, UNIX0 + 4_000), host(1));
+    r.hear(5_200, &repair_of(ALICE, "alice", 2, UNIX0 + 4_500), host(1));
+    let times: Vec<(u64, u64, u64)> = events(&r.take())
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.seq.unwrap(), m.ts_ms, m.recv_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        times,
+        [
+            (1, UNIX0 + 4_000, UNIX0 + 5_200),
+            (2, UNIX0 + 4_500, UNIX0 + 5_200),
+            (3, UNIX0 + 5_000, UNIX0 + 5_000),
+        ]
+    );
+}
+
+/// PROTOCOL 2.2: an upper-case `id` is the same instance: a copy of a message with the id in
+/// upper case is a duplicate, and a NACK whose `for` is upper case is answered.
+#[test]
+fn upper_case_ids_are_the_same_instance() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    r.say(10, Kind::Message, "mine");
+    r.take();
+    let lower = msg(ALICE, "alice", 1, UNIX0 + 100);
+    let upper = format!(
+        "@id={:016X};seq=1;ts={} room1|alice|m1",
+        ALICE.0,
+        UNIX0 + 100
+    );
+    r.hear(100, &lower, host(1));
+    r.hear(110, upper.as_bytes(), host(1));
+    let nack_upper = format!(
+        "@id={:016X};seq=0;ts={};kind=nack;for={:016X};seqs=1 room1|carol|",
+        CAROL.0,
+        UNIX0 + 200,
+        BOB.0
+    );
+    r.hear(200, nack_upper.as_bytes(), host(3));
+    let log = r.take();
+    assert_eq!(shown_seqs(&log, ALICE), [1]);
+    let repairs: Vec<Dg> = sends(&log)
+        .into_iter()
+        .map(|(_, _, d)| d)
+        .filter(Dg::is_repair)
+        .collect();
+    assert_eq!(repairs.len(), 1);
+    assert_eq!((repairs[0].id, repairs[0].seq), (Some(BOB), Some(1)));
 }

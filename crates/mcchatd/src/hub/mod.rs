@@ -350,8 +350,10 @@ impl Hub {
 
     /// Sends `data` to `room`'s group with this hub's `relay` tag.
     fn to_group(&mut self, room: &Room, data: &[u8], now: Instant, from: SocketAddr) {
-        self.scratch.clear();
-        if tags::add_hop_tag(data, RELAY_TAG, &self.relay_id, &mut self.scratch).is_err() {
+        // Another daemon's tag (a client that forwards what it heard) is replaced: the tag
+        // says who sent it to this group.
+        let data = tags::without_hop_tag(data, RELAY_TAG);
+        if tags::add_hop_tag(&data, RELAY_TAG, &self.relay_id, &mut self.scratch).is_err() {
             // No room for the tag: sent, it would come back unrecognised and loop.
             return self.count_drop(Drop::NoRoomForRelayTag, from, now);
         }

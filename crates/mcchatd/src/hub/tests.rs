@@ -267,6 +267,17 @@ fn own_forwards_are_recognised_by_the_relay_tag_not_by_address() {
     // address and the relay port: it is relayed like anyone.
     let out = t.group("room1", "192.0.2.1:5554", chat("room1", "local peer", 2).as_bytes());
     assert_eq!(to_udp(&out).len(), 1, "a local peer is not mistaken for the daemon");
+    // A client datagram with another daemon's tag: the tag is replaced by ours.
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, other.as_bytes());
+    let g = to_group(&out);
+    assert_eq!(wire::decode(&g[0]).unwrap().tags.get(RELAY_TAG).as_deref(), Some("0a0b0c0d"));
+    assert_eq!(tags::end_to_end(&g[0]), tags::end_to_end(other.as_bytes()));
+    // Too long to take the tag: not to the group (it would loop), still to subscribers.
+    let long = format!("room1|bob|{}", "x".repeat(1190 - 10));
+    let out = t.unicast("192.0.2.11:4000", LOCAL_A, long.as_bytes());
+    assert!(to_group(&out).is_empty());
+    assert_eq!(to_udp(&out).len(), 1);
+    assert_eq!(t.counter("no_room_for_relay_tag"), 1);
     // Our own tag at the relay port is a loop: dropped.
     let out = t.unicast("192.0.2.10:4000", LOCAL_A, &forwarded);
     assert!(out.is_empty());
