@@ -16,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use mcchat_core::control::{HistoryStatus, RoomStatus, Status, SubscriberStatus};
-use mcchat_core::daemon::Allow;
 use mcchat_core::ratelimit::LogLimiter;
 use mcchat_core::repair::{Nack, REPAIR_TAG};
 use mcchat_core::room::{Room, RoomName, RoomSource};
@@ -30,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::{Outgoing, RepairCache};
 use crate::cli::Cli;
+use crate::config::Allow;
 use crate::cookie::CookieJar;
 use crate::counters::{Counters, Drop};
 use crate::history::{History, Policy, Retention};
@@ -158,10 +158,10 @@ fn history_policy(settings: &Settings) -> Policy {
         .rooms()
         .map(|r| {
             let keep = Retention {
-                count: r.history_count.unwrap_or(default.count),
-                age: r.history_age.unwrap_or(default.age),
+                count: r.history_count().unwrap_or(default.count),
+                age: r.history_age().unwrap_or(default.age),
             };
-            (r.name.to_string(), keep)
+            (r.name().to_string(), keep)
         })
         .collect();
     Policy { rooms, default }
@@ -499,7 +499,8 @@ impl Relay {
     /// Resolves a room name under the current rules, or says why not.
     fn room(&self, name: &str) -> Option<Room> {
         let room = self.settings.registry.resolve(name).ok()?;
-        (room.source == RoomSource::Configured || self.settings.daemon.adhoc_rooms).then_some(room)
+        (room.source() == RoomSource::Configured || self.settings.daemon.adhoc_rooms)
+            .then_some(room)
     }
 
     fn socket_for(&self, addr: SocketAddr) -> Option<&Arc<UdpSocket>> {
@@ -580,10 +581,10 @@ impl Relay {
                     // otherwise it goes on to the sender as well. Only subscribers (whose
                     // address the cookie proved) are answered: a NACK is small and its answer
                     // is not, so a forged source must get nothing back.
-                    let subscribed = self.subs.subscribers(&room.name).any(|a| a == from);
+                    let subscribed = self.subs.subscribers(room.name()).any(|a| a == from);
                     if subscribed && let Some(nack) = Nack::from_frame(&frame) {
                         let (found, complete) =
-                            self.cache.answer(&room.name, nack.instance, &nack.ranges);
+                            self.cache.answer(room.name(), nack.instance, &nack.ranges);
                         for data in found {
                             self.send(&data, from).await;
                         }
@@ -593,19 +594,19 @@ impl Relay {
                     }
                 } else {
                     self.cache
-                        .observe(&room.name, &frame.meta, is_repair(&frame), data, now);
-                    self.record(&room.name, &frame, data);
+                        .observe(room.name(), &frame.meta, is_repair(&frame), data, now);
+                    self.record(room.name(), &frame, data);
                 }
                 self.use_ttl(
-                    room.group.is_ipv6(),
-                    room.ttl.unwrap_or(self.settings.daemon.ttl),
+                    room.group().is_ipv6(),
+                    room.ttl().unwrap_or(self.settings.daemon.ttl),
                 );
-                if self.send(data, room.group).await {
+                if self.send(data, room.group()).await {
                     self.counters.relayed_to_group += 1;
                 }
                 let subscribers: Vec<SocketAddr> = self
                     .subs
-                    .subscribers(&room.name)
+                    .subscribers(room.name())
                     .filter(|a| *a != from)
                     .collect();
                 self.fan_out(data, &subscribers).await;
@@ -682,7 +683,7 @@ impl Relay {
             let cookie = self.cookies.issue(from, now_secs());
             if !self.control(
                 Kind::Challenge,
-                room.name.as_str(),
+                room.name().as_str(),
                 &[("cookie", &cookie)],
                 "",
             ) {
@@ -697,11 +698,11 @@ impl Relay {
         let lease = Duration::from_secs(u64::from(self.settings.daemon.lease_secs));
         let outcome = self
             .subs
-            .subscribe(&room.name, from, frame.sender, Instant::now(), lease);
+            .subscribe(room.name(), from, frame.sender, Instant::now(), lease);
         match outcome {
             Subscribed::Added { first } => {
                 self.counters.subscribed += 1;
-                tracing::info!(room = %room.name, %from, name = frame.sender, "subscribed");
+                tracing::info!(room = %room.name(), %from, name = frame.sender, "subscribed");
                 if first {
                     self.reconcile();
                     self.flush_closed().await;
@@ -717,7 +718,7 @@ impl Relay {
                     _ => Drop::TooManySubscribers,
                 };
                 self.count_drop(why, from);
-                if self.control(Kind::Closed, room.name.as_str(), &[], why.name()) {
+                if self.control(Kind::Closed, room.name().as_str(), &[], why.name()) {
                     self.reply(from).await;
                 }
                 return;
@@ -725,13 +726,13 @@ impl Relay {
         }
         // A join that failed in reconcile closed the room again: then there is nothing to
         // confirm (the subscriber was told).
-        if !self.subs.subscribers(&room.name).any(|a| a == from) {
+        if !self.subs.subscribers(room.name()).any(|a| a == from) {
             return;
         }
         let lease = self.settings.daemon.lease_secs.to_string();
         if self.control(
             Kind::Subscribed,
-            room.name.as_str(),
+            room.name().as_str(),
             &[("lease", &lease)],
             "",
         ) {
@@ -801,12 +802,12 @@ impl Relay {
                 continue;
             };
             self.use_ttl(
-                room.group.is_ipv6(),
-                room.ttl.unwrap_or(self.settings.daemon.ttl),
+                room.group().is_ipv6(),
+                room.ttl().unwrap_or(self.settings.daemon.ttl),
             );
-            self.send(&o.data, room.group).await;
+            self.send(&o.data, room.group()).await;
             if o.to_subscribers {
-                let subscribers: Vec<SocketAddr> = self.subs.subscribers(&room.name).collect();
+                let subscribers: Vec<SocketAddr> = self.subs.subscribers(room.name()).collect();
                 self.fan_out(&o.data, &subscribers).await;
             }
         }
@@ -888,12 +889,14 @@ impl Relay {
             .settings
             .registry
             .rooms()
-            .filter(|r| r.keep || (recording && self.policy.for_room(r.name.as_str()).count > 0))
-            .map(|r| (r.name.clone(), r.group))
+            .filter(|r| {
+                r.keep() || (recording && self.policy.for_room(r.name().as_str()).count > 0)
+            })
+            .map(|r| (r.name().clone(), r.group()))
             .collect();
         for name in self.subs.rooms() {
             if let Some(room) = self.room(name.as_str()) {
-                wanted.insert(room.name, room.group);
+                wanted.insert(room.name().clone(), room.group());
             }
         }
         wanted
@@ -1039,7 +1042,7 @@ impl Relay {
                 let old_rooms: HashMap<RoomName, SocketAddr> = self
                     .subs
                     .rooms()
-                    .filter_map(|n| self.room(n.as_str()).map(|r| (r.name, r.group)))
+                    .filter_map(|n| self.room(n.as_str()).map(|r| (r.name().clone(), r.group())))
                     .collect();
                 let keep_ttl = (self.settings.daemon.ttl, self.settings.daemon.iface.clone());
                 self.settings = new;
@@ -1057,7 +1060,7 @@ impl Relay {
                 );
                 // Rooms that vanished or moved to another group: their subscribers are told.
                 for (name, group) in old_rooms {
-                    if self.room(name.as_str()).map(|r| r.group) != Some(group) {
+                    if self.room(name.as_str()).map(|r| r.group()) != Some(group) {
                         let addrs = self.subs.close_room(&name);
                         self.pending_closed
                             .push((name, addrs, "room removed".to_owned()));
@@ -1105,7 +1108,7 @@ impl Relay {
             .settings
             .registry
             .rooms()
-            .map(|r| r.name.clone())
+            .map(|r| r.name().clone())
             .collect();
         for n in self.subs.rooms().chain(self.joined.keys()) {
             if !names.contains(n) {
@@ -1129,9 +1132,9 @@ impl Relay {
                 subscribers.sort_by(|a, b| a.addr.cmp(&b.addr));
                 Some(RoomStatus {
                     name: n.to_string(),
-                    group: room.group.to_string(),
-                    configured: room.source == RoomSource::Configured,
-                    keep: room.keep,
+                    group: room.group().to_string(),
+                    configured: room.source() == RoomSource::Configured,
+                    keep: room.keep(),
                     joined: self.joined.contains_key(n),
                     subscribers,
                 })
@@ -1179,9 +1182,9 @@ pub fn check_config(cli: &Cli) -> Result<String> {
         .map(|r| {
             format!(
                 "{} {}{}",
-                r.name,
-                r.group,
-                if r.keep { " keep" } else { "" }
+                r.name(),
+                r.group(),
+                if r.keep() { " keep" } else { "" }
             )
         })
         .collect();
