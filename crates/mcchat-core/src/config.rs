@@ -2,11 +2,15 @@
 //!
 //! [`locate`] decides which file to read from the flag, the environment and which files
 //! exist, all passed in, so the order is unit-tested without touching the disk. [`load`] does
-//! the reading and hands the text to [`Registry::from_toml`].
+//! the reading and hands the text to [`Registry::from_toml`]. [`from_table`] turns one TOML
+//! table into its serde struct with errors that name the key, for the rooms here and for
+//! mcchatd's `[daemon]` table.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
 
 use crate::room::{ConfigError, Registry};
 
@@ -56,6 +60,16 @@ impl fmt::Display for Origin {
         match &self.path {
             Some(p) => write!(f, "{} ({how})", p.display()),
             None => f.write_str(how),
+        }
+    }
+}
+
+impl Origin {
+    /// The file as errors name it: its path, or `built-in rooms.toml`.
+    pub fn label(&self) -> String {
+        match &self.path {
+            Some(p) => p.display().to_string(),
+            None => "built-in rooms.toml".to_owned(),
         }
     }
 }
@@ -139,7 +153,7 @@ pub fn load(flag: Option<&Path>) -> Result<Loaded, LoadError> {
 /// Reads and validates the file `origin` names.
 pub fn load_from(origin: Origin) -> Result<Loaded, LoadError> {
     let registry = match &origin.path {
-        None => Registry::from_toml(BUILTIN_ROOMS, "built-in rooms.toml")?,
+        None => Registry::from_toml(BUILTIN_ROOMS, &origin.label())?,
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|cause| LoadError::Read {
                 path: path.clone(),
@@ -150,10 +164,97 @@ pub fn load_from(origin: Origin) -> Result<Loaded, LoadError> {
                 },
                 cause,
             })?;
-            Registry::from_toml(&text, &path.display().to_string())?
+            Registry::from_toml(&text, &origin.label())?
         }
     };
     Ok(Loaded { registry, origin })
+}
+
+/// A TOML table that does not fit its serde struct, said for the person who wrote the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{problem}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct TableError {
+    /// The key at fault (`listen[0]` inside an array), when the problem is one key's value;
+    /// `None` when the message names the key itself (unknown or missing keys).
+    pub key: Option<String>,
+    /// What is wrong, and the remedy when there is one.
+    pub problem: String,
+}
+
+/// Deserialises a table into `T` (a raw struct with `deny_unknown_fields`), so the keys and
+/// their types come from the struct alone. Errors name the key and say what type it wants
+/// and found, in TOML's words ("expected an integer, found a string"), or which keys exist.
+pub fn from_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, TableError> {
+    let value = toml::Value::Table(table.clone());
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().clone();
+        describe(&value, &path, e.into_inner().message().trim())
+    })
+}
+
+/// Rewrites serde's message for what went wrong at `path` in `value`.
+fn describe(value: &toml::Value, path: &serde_path_to_error::Path, message: &str) -> TableError {
+    use serde_path_to_error::Segment;
+    let mut found = Some(value);
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key: k } => {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(k);
+                found = found.and_then(|v| v.get(k.as_str()));
+            }
+            Segment::Seq { index } => {
+                key.push_str(&format!("[{index}]"));
+                found = found.and_then(|v| v.get(*index));
+            }
+            _ => found = None,
+        }
+    }
+    let key = (!key.is_empty()).then_some(key);
+    if message.starts_with("unknown field") {
+        return TableError {
+            key: None,
+            problem: format!("{message}; remove or correct the key"),
+        };
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ")
+        && let Some((unexpected, expected)) = rest.rsplit_once(", expected ")
+    {
+        let found = found.map_or_else(|| unexpected.to_owned(), |v| with_article(v.type_str()));
+        return TableError {
+            key,
+            problem: format!("expected {}, found {found}", toml_type(expected)),
+        };
+    }
+    TableError {
+        key,
+        problem: message.to_owned(),
+    }
+}
+
+/// serde's name for what a field wants, as the TOML type a file writer knows.
+fn toml_type(expected: &str) -> String {
+    match expected {
+        "i8" | "i16" | "i32" | "i64" | "i128" | "u8" | "u16" | "u32" | "u64" | "u128" | "isize"
+        | "usize" => "an integer".to_owned(),
+        "f32" | "f64" => "a float".to_owned(),
+        "a sequence" => "an array".to_owned(),
+        "a map" => "a table".to_owned(),
+        other if other.starts_with("struct ") => "a table".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+fn with_article(word: &str) -> String {
+    let article = if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {word}")
 }
 
 #[cfg(test)]
@@ -215,6 +316,67 @@ mod tests {
             e.starts_with("cannot read rooms file /nonexistent/rooms.toml (given with --rooms): "),
             "{e}"
         );
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Raw {
+        name: String,
+        #[serde(default)]
+        count: Option<i64>,
+        #[serde(default)]
+        on: Option<bool>,
+        #[serde(default)]
+        list: Option<Vec<String>>,
+    }
+
+    fn table_err(text: &str) -> String {
+        let table: toml::Table = text.parse().unwrap();
+        from_table::<Raw>(&table).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn table_errors_name_the_key_and_the_types() {
+        let cases = [
+            (
+                "name = 1",
+                "key `name`: expected a string, found an integer",
+            ),
+            (
+                "name = \"a\"\ncount = \"3\"",
+                "key `count`: expected an integer, found a string",
+            ),
+            (
+                "name = \"a\"\ncount = 1.5",
+                "key `count`: expected an integer, found a float",
+            ),
+            (
+                "name = \"a\"\non = 1",
+                "key `on`: expected a boolean, found an integer",
+            ),
+            (
+                "name = \"a\"\nlist = \"x\"",
+                "key `list`: expected an array, found a string",
+            ),
+            (
+                "name = \"a\"\nlist = [\"x\", 2]",
+                "key `list[1]`: expected a string, found an integer",
+            ),
+            ("name = {}", "key `name`: expected a string, found a table"),
+            (
+                "name = \"a\"\nbogus = 1",
+                "unknown field `bogus`, expected one of `name`, `count`, `on`, `list`; remove or \
+                 correct the key",
+            ),
+            ("count = 1", "missing field `name`"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(table_err(text), want, "for {text:?}");
+        }
+        let table: toml::Table = "name = \"a\"\ncount = 3".parse().unwrap();
+        let raw: Raw = from_table(&table).unwrap();
+        assert_eq!((raw.name.as_str(), raw.count), ("a", Some(3)));
     }
 
     #[test]

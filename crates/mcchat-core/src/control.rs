@@ -21,6 +21,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::{self, Kind};
 
+/// The relay port mcchatd listens on by default (UDP for relaying, TCP for these requests).
+pub const DEFAULT_RELAY_PORT: u16 = 5554;
+
+/// Where mcchatd's local status socket is by default (systemd's `RuntimeDirectory=mcchat`).
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/mcchat/mcchatd.sock";
+
 /// The longest request line the daemon reads, in bytes.
 pub const MAX_REQUEST_LINE: usize = 4096;
 

@@ -6,8 +6,8 @@
 //! - [`room`]: room names, derived groups and the validated [`room::Registry`] (pure).
 //! - [`control`]: mcchatd's control contract: the request line and the JSON answers (status,
 //!   history, errors), shared by the daemon and the CLI (pure).
-//! - [`config`]: where `rooms.toml` is looked for, and reading it.
-//! - [`daemon`]: the `[daemon]` table of `rooms.toml`, mcchatd's settings (pure).
+//! - [`config`]: where `rooms.toml` is looked for, and reading it; TOML tables into serde
+//!   structs with errors that name the key. (The `[daemon]` table's keys are mcchatd's.)
 //! - [`presence`]: who is in a room, from join/leave/heartbeat datagrams (pure, time passed in).
 //! - [`sanitize`]: network text made safe for a terminal (pure).
 //! - [`repair`]: gap detection, NACKs with suppression, in-order release and the sender's
@@ -22,7 +22,6 @@
 
 pub mod config;
 pub mod control;
-pub mod daemon;
 pub mod peer;
 pub mod presence;
 pub mod ratelimit;

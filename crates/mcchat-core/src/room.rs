@@ -3,6 +3,9 @@
 //! Parsing happens in two steps, so that an invalid registry cannot be represented: the TOML
 //! text becomes a raw serde struct per room, and [`Registry::from_toml`] turns those into
 //! [`Room`]s, checking every rule once, with errors that name the file, the room and the key.
+//! A [`Room`] can only be had from a [`Registry`]: its fields are private.
+//! The `[daemon]` table is mcchatd's: the registry checks only that it is a table and keeps
+//! it for mcchatd to validate, so `mcchat` reads a file with one without knowing its keys.
 //! This module reads no files; [`crate::config`] finds and reads them.
 
 use std::collections::BTreeMap;
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::{DaemonSettings, RawDaemon};
+use crate::config::from_table;
 
 /// Longest room name, in bytes (room names are ASCII).
 pub const MAX_ROOM_NAME: usize = 64;
@@ -78,26 +81,61 @@ pub enum RoomSource {
     Derived,
 }
 
-/// A room, ready to join.
+/// A room, ready to join. Only a [`Registry`] makes one, so every `Room` has passed its
+/// checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Room {
+    name: RoomName,
+    group: SocketAddr,
+    ttl: Option<u32>,
+    description: Option<String>,
+    keep: bool,
+    history_count: Option<u64>,
+    history_age: Option<Duration>,
+    source: RoomSource,
+}
+
+impl Room {
     /// The room's name.
-    pub name: RoomName,
-    /// Its multicast group and port. Always a multicast address with a non-zero port.
-    pub group: SocketAddr,
-    /// A TTL / hop limit for this room, overriding the default of 1.
-    pub ttl: Option<u32>,
+    pub fn name(&self) -> &RoomName {
+        &self.name
+    }
+
+    /// Its multicast group and port: always a multicast address with a non-zero port.
+    pub fn group(&self) -> SocketAddr {
+        self.group
+    }
+
+    /// A TTL / hop limit for this room (1-255), overriding the default of 1.
+    pub fn ttl(&self) -> Option<u32> {
+        self.ttl
+    }
+
     /// Free text for `mcchat rooms`.
-    pub description: Option<String>,
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
     /// mcchatd stays joined to this room's group even with no subscribers.
-    pub keep: bool,
+    pub fn keep(&self) -> bool {
+        self.keep
+    }
+
     /// History kept by mcchatd: at most this many messages (0: none), overriding the
     /// `[daemon]` default.
-    pub history_count: Option<u64>,
+    pub fn history_count(&self) -> Option<u64> {
+        self.history_count
+    }
+
     /// History kept by mcchatd: messages at most this old, overriding the `[daemon]` default.
-    pub history_age: Option<Duration>,
+    pub fn history_age(&self) -> Option<Duration> {
+        self.history_age
+    }
+
     /// Configured or derived.
-    pub source: RoomSource,
+    pub fn source(&self) -> RoomSource {
+        self.source
+    }
 }
 
 /// The group and port for a room name that is not in the file.
@@ -151,13 +189,11 @@ pub enum ConfigError {
         /// The file.
         origin: String,
     },
-    /// The `[daemon]` table broke a rule.
-    #[error("{origin}: [daemon]: {problem}")]
-    Daemon {
+    /// `daemon` is not a table (its keys are mcchatd's to check).
+    #[error("{origin}: [daemon]: must be a table")]
+    DaemonNotTable {
         /// The file.
         origin: String,
-        /// What is wrong, naming the key.
-        problem: String,
     },
     /// A room table broke a rule.
     #[error("{origin}: room {room:?}: {problem}")]
@@ -203,11 +239,12 @@ struct RawRoom {
     history_age: Option<String>,
 }
 
-/// The validated contents of a rooms file: the configured rooms and mcchatd's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The validated contents of a rooms file: the configured rooms, and the `[daemon]` table as
+/// written (mcchatd validates it).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Registry {
     rooms: BTreeMap<RoomName, Room>,
-    daemon: DaemonSettings,
+    daemon: Option<toml::Table>,
 }
 
 impl Registry {
@@ -223,21 +260,15 @@ impl Registry {
             }
         })?;
         let mut rooms = BTreeMap::new();
-        let mut daemon = DaemonSettings::default();
+        let mut daemon = None;
         for (key, value) in table {
             if key == "daemon" {
-                let problem = |problem: String| ConfigError::Daemon {
-                    origin: origin.to_owned(),
-                    problem,
+                let toml::Value::Table(t) = value else {
+                    return Err(ConfigError::DaemonNotTable {
+                        origin: origin.to_owned(),
+                    });
                 };
-                if !value.is_table() {
-                    return Err(problem("must be a table".to_owned()));
-                }
-                check_types(&value, crate::daemon::KEY_TYPES).map_err(problem)?;
-                let raw: RawDaemon = value
-                    .try_into()
-                    .map_err(|e: toml::de::Error| problem(e.message().trim().to_owned()))?;
-                daemon = raw.validate().map_err(problem)?;
+                daemon = Some(t);
                 continue;
             }
             if key != "rooms" {
@@ -309,37 +340,19 @@ impl Registry {
         self.rooms.values().find(|r| r.name.as_str() == name)
     }
 
-    /// mcchatd's settings from the `[daemon]` table (defaults where absent).
-    pub fn daemon(&self) -> &DaemonSettings {
-        &self.daemon
+    /// The `[daemon]` table as written, if the file has one: mcchatd's settings, which
+    /// mcchatd validates (`mcchat` has no use for them).
+    pub fn daemon_table(&self) -> Option<&toml::Table> {
+        self.daemon.as_ref()
     }
 }
 
 fn room_from_value(name: &str, value: toml::Value) -> Result<Room, String> {
     let name = RoomName::new(name).map_err(|e| e.to_string())?;
-    if !value.is_table() {
+    let toml::Value::Table(table) = value else {
         return Err("must be a table with `group` and `port`".to_owned());
-    }
-    check_types(
-        &value,
-        &[
-            ("group", "string"),
-            ("port", "integer"),
-            ("ttl", "integer"),
-            ("description", "string"),
-            ("keep", "boolean"),
-            ("history_count", "integer"),
-            ("history_age", "string"),
-        ],
-    )?;
-    let raw: RawRoom = value.try_into().map_err(|e: toml::de::Error| {
-        let msg = e.message().trim().to_owned();
-        if msg.starts_with("unknown field") {
-            format!("{msg}; remove or correct the key")
-        } else {
-            msg
-        }
-    })?;
+    };
+    let raw: RawRoom = from_table(&table).map_err(|e| e.to_string())?;
     let ip: IpAddr = raw.group.parse().map_err(|_| {
         format!(
             "key `group`: {:?} is not an IP address; use a multicast address such as 239.255.77.1",
@@ -410,35 +423,6 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Checks the TOML types of known keys, so a wrong type is reported with its key (serde's
-/// message would not name it).
-pub(crate) fn check_types(value: &toml::Value, expected: &[(&str, &str)]) -> Result<(), String> {
-    let Some(table) = value.as_table() else {
-        return Ok(());
-    };
-    for (key, want) in expected {
-        if let Some(v) = table.get(*key)
-            && v.type_str() != *want
-        {
-            let article = if want.starts_with(['a', 'i']) {
-                "an"
-            } else {
-                "a"
-            };
-            return Err(format!(
-                "key `{key}`: expected {article} {want}, found {} {}",
-                if v.type_str().starts_with(['a', 'i']) {
-                    "an"
-                } else {
-                    "a"
-                },
-                v.type_str()
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);
@@ -465,13 +449,13 @@ mod tests {
     fn shipped_file_is_valid_and_has_the_promised_rooms() {
         let reg = Registry::from_toml(SHIPPED, "rooms.toml").unwrap();
         let r1 = reg.resolve("room1").unwrap();
-        assert_eq!(r1.group, "239.255.77.1:5555".parse().unwrap());
-        assert_eq!(r1.source, RoomSource::Configured);
+        assert_eq!(r1.group(), "239.255.77.1:5555".parse().unwrap());
+        assert_eq!(r1.source(), RoomSource::Configured);
         assert_eq!(
-            reg.resolve("room2").unwrap().group,
+            reg.resolve("room2").unwrap().group(),
             "239.255.77.2:5556".parse().unwrap()
         );
-        assert!(reg.rooms().any(|r| r.group.is_ipv6()));
+        assert!(reg.rooms().any(|r| r.group().is_ipv6()));
     }
 
     #[test]
@@ -557,14 +541,26 @@ mod tests {
                 "rooms.toml: room \"a\": key `history_age`: expected a string, found an integer",
             ),
             (
-                "[daemon]\nhistory_age = \"0s\"",
-                "rooms.toml: [daemon]: key `history_age`: \"0s\" is zero; give a positive \
-                 duration such as \"30d\"",
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = \"7\"",
+                "rooms.toml: room \"a\": key `port`: expected an integer, found a string",
             ),
             (
-                "[daemon]\nrepair_cache_bytes = -5",
-                "rooms.toml: [daemon]: key `repair_cache_bytes`: -5 is out of range; use \
-                 0-1073741824",
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nkeep = \"yes\"",
+                "rooms.toml: room \"a\": key `keep`: expected a boolean, found a string",
+            ),
+            (
+                "[rooms.a]\ngroup = [\"239.1.1.1\"]\nport = 7",
+                "rooms.toml: room \"a\": key `group`: expected a string, found an array",
+            ),
+            (
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nttl = 1.5",
+                "rooms.toml: room \"a\": key `ttl`: expected an integer, found a float",
+            ),
+            (
+                "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nbogus = 1",
+                "rooms.toml: room \"a\": unknown field `bogus`, expected one of `group`, `port`, \
+                 `ttl`, `description`, `keep`, `history_count`, `history_age`; remove or correct \
+                 the key",
             ),
         ];
         for (text, want) in cases {
@@ -573,75 +569,39 @@ mod tests {
     }
 
     #[test]
-    fn history_settings_have_defaults_and_overrides() {
+    fn rooms_override_history_settings() {
         let reg = Registry::from_toml(
-            "[daemon]\nhistory_count = 50\nhistory_age = \"12h\"\nstate_dir = \"/srv/mc\"\n\
-             [rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nhistory_count = 0\n\
+            "[rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nhistory_count = 0\n\
              [rooms.b]\ngroup = \"239.1.1.2\"\nport = 7\nhistory_age = \"7d\"",
             "x",
         )
         .unwrap();
-        let d = reg.daemon();
-        assert_eq!(d.history_count, 50);
-        assert_eq!(d.history_age, Duration::from_secs(12 * 3600));
-        assert_eq!(
-            d.state_dir.as_deref(),
-            Some(std::path::Path::new("/srv/mc"))
-        );
         let a = reg.resolve("a").unwrap();
-        assert_eq!((a.history_count, a.history_age), (Some(0), None));
+        assert_eq!((a.history_count(), a.history_age()), (Some(0), None));
         let b = reg.resolve("b").unwrap();
-        assert_eq!(b.history_age, Some(Duration::from_secs(7 * 24 * 3600)));
-        let plain = Registry::from_toml("", "x").unwrap();
-        assert_eq!(plain.daemon().history_count, 10_000);
-        assert_eq!(plain.daemon().state_dir, None);
+        assert_eq!(b.history_age(), Some(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(b.history_count(), None);
     }
 
+    /// The `[daemon]` table is mcchatd's to check: the registry keeps it as written, so a
+    /// file with one (even with keys this mcchat has never heard of) serves `mcchat`.
     #[test]
-    fn daemon_table_is_validated() {
+    fn the_daemon_table_is_kept_for_mcchatd() {
         let reg = Registry::from_toml(
-            "[daemon]\nlisten = [\"127.0.0.1:6000\"]\nallow = [\"loopback\", \"192.0.2.0/24\"]\n\
-             lease_secs = 30\nadhoc_rooms = false\nstatus_socket = \"\"\n\
+            "[daemon]\nlease_secs = 30\nfrom_a_newer_mcchatd = true\n\
              [rooms.a]\ngroup = \"239.1.1.1\"\nport = 7\nkeep = true",
             "x",
         )
         .unwrap();
-        let d = reg.daemon();
-        assert_eq!(d.listen, vec!["127.0.0.1:6000".parse().unwrap()]);
-        assert_eq!(d.lease_secs, 30);
-        assert!(!d.adhoc_rooms);
-        assert_eq!(d.status_socket, None);
-        assert_eq!(d.allow.len(), 2);
-        assert!(reg.resolve("a").unwrap().keep);
+        let d = reg.daemon_table().unwrap();
         assert_eq!(
-            Registry::from_toml("", "x").unwrap().daemon(),
-            &DaemonSettings::default()
+            d.get("lease_secs").and_then(toml::Value::as_integer),
+            Some(30)
         );
-        let cases = [
-            (
-                "[daemon]\nbogus = 1",
-                "rooms.toml: [daemon]: unknown field `bogus`",
-            ),
-            (
-                "[daemon]\nlease_secs = 1",
-                "rooms.toml: [daemon]: key `lease_secs`: 1 is out of range; use 5-3600",
-            ),
-            (
-                "[daemon]\nallow = [\"everyone\"]",
-                "rooms.toml: [daemon]: key `allow`: \"everyone\" is not `loopback`, `connected` \
-                 or a network such as 192.0.2.0/24",
-            ),
-            (
-                "[daemon]\nlisten = [\"5554\"]",
-                "rooms.toml: [daemon]: key `listen`: \"5554\" is not an address:port such as \
-                 \"0.0.0.0:5554\" or \"[::]:5554\"",
-            ),
-            ("daemon = 1", "rooms.toml: [daemon]: must be a table"),
-        ];
-        for (text, want) in cases {
-            let e = err(text);
-            assert!(e.starts_with(want), "for {text:?}: {e}");
-        }
+        assert_eq!(d.len(), 2);
+        assert!(reg.resolve("a").unwrap().keep());
+        assert_eq!(Registry::from_toml("", "x").unwrap().daemon_table(), None);
+        assert_eq!(err("daemon = 1"), "rooms.toml: [daemon]: must be a table");
     }
 
     #[test]
@@ -683,8 +643,8 @@ mod tests {
     fn unknown_rooms_resolve_to_derived_groups() {
         let reg = Registry::from_toml("", "x").unwrap();
         let r = reg.resolve("lunch").unwrap();
-        assert_eq!(r.source, RoomSource::Derived);
-        assert_eq!(r.group, derive_group(&r.name));
+        assert_eq!(r.source(), RoomSource::Derived);
+        assert_eq!(r.group(), derive_group(r.name()));
         assert!(reg.resolve("no spaces").is_err());
     }
 

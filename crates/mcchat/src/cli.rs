@@ -159,7 +159,7 @@ pub struct JoinArgs {
     pub history: Option<u32>,
 
     /// The local mcchatd's socket, for history (with --via, the daemon there is asked)
-    #[arg(long, value_name = "PATH", default_value = mcchat_core::daemon::DEFAULT_STATUS_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_STATUS_SOCKET)]
     pub socket: PathBuf,
 
     #[command(flatten)]
@@ -208,7 +208,7 @@ pub struct StatusArgs {
     pub via: Option<String>,
 
     /// Ask the daemon on this Unix socket
-    #[arg(long, value_name = "PATH", default_value = mcchat_core::daemon::DEFAULT_STATUS_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_STATUS_SOCKET)]
     pub socket: PathBuf,
 
     /// Print the daemon's JSON document as is
@@ -245,7 +245,7 @@ pub struct HistoryArgs {
     pub via: Option<String>,
 
     /// Ask the daemon on this Unix socket
-    #[arg(long, value_name = "PATH", default_value = mcchat_core::daemon::DEFAULT_STATUS_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_STATUS_SOCKET)]
     pub socket: PathBuf,
 }
 

@@ -108,7 +108,7 @@ impl Peer {
             .context("failed to get random bytes for the jitter seed")?
             .0;
         let name = mode.name.unwrap_or_default();
-        let mut config = PeerConfig::new(room.name.as_str(), &name, transport.dest(&room));
+        let mut config = PeerConfig::new(room.name().as_str(), &name, transport.dest(&room));
         config.presence = mode.presence && !name.is_empty();
         config.echo_own = mode.echo_own;
         let via = matches!(transport, Transport::Via { .. });
@@ -180,7 +180,7 @@ impl Peer {
     pub(crate) async fn say_now(&mut self, kind: Kind, text: &str) -> Result<()> {
         self.engine
             .say(kind, text, now())
-            .with_context(|| format!("cannot send to room {}", self.room.name))?;
+            .with_context(|| format!("cannot send to room {}", self.room.name()))?;
         self.perform().await?;
         Ok(())
     }
@@ -240,10 +240,12 @@ impl Peer {
     /// Logs a transient socket error (rate limited) and carries on; returns a fatal one.
     fn transient(&mut self, e: std::io::Error, what: &str) -> Result<()> {
         if is_fatal(&e) {
-            return Err(anyhow::Error::new(e).context(format!("{what} in room {}", self.room.name)));
+            return Err(
+                anyhow::Error::new(e).context(format!("{what} in room {}", self.room.name()))
+            );
         }
         if let Some(suppressed) = self.error_log.check(now().mono) {
-            tracing::warn!(error = %e, suppressed, room = %self.room.name, "{what}; carrying on");
+            tracing::warn!(error = %e, suppressed, room = %self.room.name(), "{what}; carrying on");
         }
         Ok(())
     }
@@ -325,7 +327,7 @@ impl Peer {
                     .collect();
                 Some(format!(
                     "in {} ({}): {}",
-                    self.room.name,
+                    self.room.name(),
                     names.len(),
                     names.join(", ")
                 ))
@@ -375,7 +377,7 @@ impl Peer {
         if drops.total() > 0 {
             let by_reason: Vec<String> = drops.nonzero().map(|(r, n)| format!("{r}={n}")).collect();
             tracing::info!(
-                room = %self.room.name,
+                room = %self.room.name(),
                 total = drops.total(),
                 reasons = %by_reason.join(" "),
                 "dropped datagrams"

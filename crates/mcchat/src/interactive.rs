@@ -70,7 +70,7 @@ pub(crate) async fn run(mut peer: Peer, shutdown: impl Future<Output = Result<()
         .create_external_printer()
         .context("failed to set up terminal output")?;
     let color = std::env::var_os("NO_COLOR").is_none();
-    let prompt = format!("[{}] ", peer.room().name);
+    let prompt = format!("[{}] ", peer.room().name());
 
     if let Ok(log_printer) = editor.create_external_printer() {
         crate::log::to_printer(log_printer);

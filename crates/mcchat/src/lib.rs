@@ -100,7 +100,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let mut peer = Peer::open(room, &args.net, mode).await?;
             peer.connect().await?;
             note(&format!("listening to {}", peer.describe()));
-            let mut out = stdout_writer(args.json, peer.room().name.to_string())?;
+            let mut out = stdout_writer(args.json, peer.room().name().to_string())?;
             let result = peer.run(None, &mut out, shutdown, true).await;
             finish(result, out)
         }
@@ -198,10 +198,10 @@ fn rooms(loaded: &Loaded) -> Result<()> {
         .rooms()
         .map(|r| {
             [
-                r.name.to_string(),
-                r.group.to_string(),
-                r.ttl.map_or_else(|| "1".to_owned(), |t| t.to_string()),
-                r.description.clone().unwrap_or_default(),
+                r.name().to_string(),
+                r.group().to_string(),
+                r.ttl().map_or_else(|| "1".to_owned(), |t| t.to_string()),
+                r.description().unwrap_or_default().to_owned(),
             ]
         })
         .collect();

@@ -92,7 +92,7 @@ fn to_input(line_no: &mut u64, line: Line) -> Option<Input> {
 pub(crate) async fn run(mut peer: Peer, shutdown: impl Future<Output = Result<()>>) -> Result<()> {
     peer.enter().await?;
     note(&format!("joined {}", peer.describe()));
-    let mut out = crate::stdout_writer(false, peer.room().name.to_string())?;
+    let mut out = crate::stdout_writer(false, peer.room().name().to_string())?;
     let (tx, rx) = mpsc::channel(64);
     let mut line_no = 0u64;
     let reader: JoinHandle<std::io::Result<()>> =

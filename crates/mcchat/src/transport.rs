@@ -30,14 +30,14 @@ impl Transport {
             None => Iface::system_default(),
         };
         let config = MulticastConfig {
-            ttl: net.ttl.or(room.ttl).unwrap_or(socket::DEFAULT_TTL),
+            ttl: net.ttl.or(room.ttl()).unwrap_or(socket::DEFAULT_TTL),
             loopback: true,
             iface,
         };
-        let joined = socket::open(room.group, &config)?;
+        let joined = socket::open(room.group(), &config)?;
         let local = joined.socket.local_addr().ok();
         tracing::debug!(
-            group = %room.group,
+            group = %room.group(),
             local = ?local,
             iface = %config.iface.label,
             ttl = config.ttl,
@@ -49,7 +49,7 @@ impl Transport {
             tracing::debug!("IP_MULTICAST_ALL not supported; relying on the room-name check");
         }
         let socket = UdpSocket::from_std(joined.socket)
-            .with_context(|| format!("failed to register the socket for {}", room.group))?;
+            .with_context(|| format!("failed to register the socket for {}", room.group()))?;
         Ok(Self::Direct {
             socket,
             iface: config.iface.label,
@@ -76,7 +76,7 @@ impl Transport {
     /// Where the engine's datagrams go.
     pub(crate) fn dest(&self, room: &Room) -> SocketAddr {
         match self {
-            Self::Direct { .. } => room.group,
+            Self::Direct { .. } => room.group(),
             Self::Via { daemon, .. } => *daemon,
         }
     }
@@ -85,13 +85,13 @@ impl Transport {
     pub(crate) fn describe(&self, room: &Room) -> String {
         match self {
             Self::Direct { iface, .. } => {
-                let how = match room.source {
+                let how = match room.source() {
                     RoomSource::Configured => "from rooms.toml",
                     RoomSource::Derived => "derived from the room name",
                 };
-                format!("{} on {} ({how}) via {iface}", room.name, room.group)
+                format!("{} on {} ({how}) via {iface}", room.name(), room.group())
             }
-            Self::Via { daemon, .. } => format!("{} through mcchatd at {daemon}", room.name),
+            Self::Via { daemon, .. } => format!("{} through mcchatd at {daemon}", room.name()),
         }
     }
 

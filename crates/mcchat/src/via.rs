@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, Result};
-use mcchat_core::daemon::DEFAULT_RELAY_PORT;
+use mcchat_core::control::DEFAULT_RELAY_PORT;
 
 /// Resolves `HOST[:PORT]` (the port defaults to 5554).
 pub(crate) async fn resolve(spec: &str) -> Result<SocketAddr> {

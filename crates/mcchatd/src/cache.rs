@@ -587,7 +587,7 @@ mod tests {
 
     #[test]
     fn a_tag_that_would_not_fit_leaves_the_original() {
-        let long = vec![b'x'; mcchat_core::wire::MAX_DATAGRAM];
+        let long = vec![b'x'; wire::MAX_DATAGRAM];
         assert_eq!(&*as_repair(&long), &long[..]);
         // Another hop's tags are not kept; the sender's are, in order.
         assert_eq!(

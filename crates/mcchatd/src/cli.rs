@@ -1,10 +1,13 @@
-//! mcchatd's command line. Every flag that shadows a `[daemon]` key overrides the file.
+//! mcchatd's command line. Every flag that shadows a `[daemon]` key overrides the file, and
+//! its value is checked by the same function as the key's ([`crate::config`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Parser, ValueEnum};
+
+use crate::config::{self, Allow};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -29,20 +32,22 @@ pub struct Cli {
 
     /// Relay address (UDP; TCP for status on the same port); repeat for several; overrides
     /// `listen` in the file [default: 0.0.0.0:5554 and [::]:5554]
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_listen)]
     pub listen: Vec<SocketAddr>,
 
     /// Who may use the relay: `loopback`, `connected` or a network; repeat for several;
     /// overrides `allow` in the file [default: loopback and connected]
-    #[arg(long, value_name = "NET", value_parser = parse_allow)]
-    pub allow: Vec<mcchat_core::daemon::Allow>,
+    #[arg(long, value_name = "NET", value_parser = config::parse_allow)]
+    pub allow: Vec<Allow>,
 
-    /// Subscription lease in seconds; overrides `lease_secs` in the file [default: 60]
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(5..=3600))]
+    /// Subscription lease in seconds, 5-3600; overrides `lease_secs` in the file
+    /// [default: 60]
+    #[arg(long, value_name = "SECS", value_parser = config::LEASE_SECS.flag::<u32>())]
     pub lease_secs: Option<u32>,
 
-    /// Most subscribers at once; overrides `max_subscribers` in the file [default: 10000]
-    #[arg(long, value_name = "N")]
+    /// Most subscribers at once, 1-1000000; overrides `max_subscribers` in the file
+    /// [default: 10000]
+    #[arg(long, value_name = "N", value_parser = config::MAX_SUBSCRIBERS.flag::<usize>())]
     pub max_subscribers: Option<usize>,
 
     /// Relay only the rooms in the file; overrides `adhoc_rooms` in the file
@@ -54,12 +59,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from))]
     pub status_socket: Option<PathBuf>,
 
-    /// TTL / hop limit for datagrams sent to groups; overrides `ttl` in the file [default: 1]
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    /// TTL / hop limit for datagrams sent to groups, 1-255; overrides `ttl` in the file
+    /// [default: 1]
+    #[arg(long, value_parser = config::TTL.flag::<u32>())]
     pub ttl: Option<u32>,
 
-    /// Interface (name or address) for group membership and sending; overrides `iface` in
-    /// the file [default: the system's choice]
+    /// Interface (name or address) for group membership and sending, "" for the system's
+    /// choice; overrides `iface` in the file [default: the system's choice]
     #[arg(long, value_name = "NAME|ADDR")]
     pub iface: Option<String>,
 
@@ -93,10 +99,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-fn parse_allow(s: &str) -> Result<mcchat_core::daemon::Allow, String> {
-    mcchat_core::daemon::parse_allow(s)
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! that cannot use multicast (Wi-Fi that drops it, VPN clients, containers) take part.
 //!
 //! - [`cli`]: flags; each one that shadows a `[daemon]` key overrides the file.
+//! - [`config`]: the `[daemon]` table validated into [`config::DaemonSettings`], and the
+//!   checks each flag shares with the key it shadows.
 //! - `settings`: the file and the flags settled into one value ([`relay::check_config`],
 //!   start-up and reload share it).
 //! - `subs`: who subscribes to which room until when (pure state machine).
@@ -19,6 +21,7 @@
 
 mod cache;
 pub mod cli;
+pub mod config;
 mod cookie;
 pub mod driver;
 mod counters;

@@ -4,16 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use mcchat_core::config::{self, Origin};
-use mcchat_core::daemon::DaemonSettings;
+use mcchat_core::config::Origin;
 use mcchat_core::room::Registry;
 
 use crate::cli::Cli;
+use crate::config::{self, DaemonSettings};
 
 /// Everything the relay runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
-    /// The rooms (and the raw `[daemon]` table, superseded by `daemon`).
+    /// The rooms (and the raw `[daemon]` table, which `daemon` is made from).
     pub(crate) registry: Registry,
     /// The daemon settings after flags.
     pub(crate) daemon: DaemonSettings,
@@ -23,8 +23,9 @@ pub(crate) struct Settings {
 
 /// Loads the rooms file the flags or search path name, and applies the flags.
 pub(crate) fn load(cli: &Cli) -> Result<Settings> {
-    let loaded = config::load(cli.rooms.as_deref())?;
-    let daemon = apply_flags(loaded.registry.daemon().clone(), cli);
+    let loaded = mcchat_core::config::load(cli.rooms.as_deref())?;
+    let file = DaemonSettings::from_registry(&loaded.registry, &loaded.origin.label())?;
+    let daemon = apply_flags(file, cli);
     Ok(Settings {
         registry: loaded.registry,
         daemon,
@@ -49,13 +50,13 @@ fn apply_flags(mut d: DaemonSettings, cli: &Cli) -> DaemonSettings {
         d.adhoc_rooms = false;
     }
     if let Some(p) = &cli.status_socket {
-        d.status_socket = (!p.as_os_str().is_empty()).then(|| p.clone());
+        d.status_socket = config::path_or_off(p.clone());
     }
     if let Some(v) = cli.ttl {
         d.ttl = v;
     }
     if let Some(v) = &cli.iface {
-        d.iface = Some(v.clone());
+        d.iface = config::iface(v);
     }
     if let Some(p) = &cli.state_dir {
         d.state_dir = Some(p.clone());
@@ -100,6 +101,10 @@ mod tests {
             ttl: 3,
             ..DaemonSettings::default()
         };
+        let file = DaemonSettings {
+            iface: Some("eth0".into()),
+            ..file
+        };
         let cli = Cli::parse_from([
             "mcchatd",
             "--lease-secs",
@@ -109,6 +114,8 @@ mod tests {
             "--no-adhoc-rooms",
             "--status-socket",
             "",
+            "--iface",
+            "",
         ]);
         assert_ne!(file.lease_secs, 90);
         let d = apply_flags(file, &cli);
@@ -117,5 +124,6 @@ mod tests {
         assert_eq!(d.listen, vec!["127.0.0.1:7000".parse().unwrap()]);
         assert!(!d.adhoc_rooms);
         assert_eq!(d.status_socket, None);
+        assert_eq!(d.iface, None, "\"\" is the system's choice, as in the file");
     }
 }

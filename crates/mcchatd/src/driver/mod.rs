@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use ipnet::IpNet;
-use mcchat_core::daemon::Allow;
+use crate::config::Allow;
 use mcchat_core::peer::Now;
 use mcchat_core::room::RoomName;
 use mcchat_core::socket::{self, Iface, MulticastConfig};
@@ -48,8 +48,10 @@ const NETS_EVERY: Duration = Duration::from_secs(10);
 /// starts at a given time and runs with tokio's (pausable) clock.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Wall {
+    /// The system's clock.
     System,
     /// `unix_ms` at the moment the daemon starts, then advancing with tokio's time.
+    #[cfg_attr(not(test), allow(dead_code))]
     From(u64),
 }
 
@@ -62,6 +64,7 @@ pub(crate) struct Bound {
 
 impl Bound {
     /// The relay sockets' addresses (with the ports the system chose for port 0).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn relay_addrs(&self) -> Vec<SocketAddr> {
         self.relay.iter().map(RelaySocket::local_addr).collect()
     }
@@ -665,9 +668,9 @@ pub fn check_config(cli: &crate::cli::Cli) -> Result<String> {
         .map(|r| {
             format!(
                 "{} {}{}",
-                r.name,
-                r.group,
-                if r.keep { " keep" } else { "" }
+                r.name(),
+                r.group(),
+                if r.keep() { " keep" } else { "" }
             )
         })
         .collect();

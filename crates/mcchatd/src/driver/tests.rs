@@ -173,7 +173,7 @@ async fn reload_closes_a_removed_room_and_keeps_running_on_a_bad_file() {
     let loader = Box::new(move || {
         let text = std::fs::read_to_string(&p)?;
         let registry = mcchat_core::room::Registry::from_toml(&text, "rooms.toml")?;
-        let daemon = registry.daemon().clone();
+        let daemon = crate::config::DaemonSettings::from_registry(&registry, "rooms.toml")?;
         Ok(Settings {
             registry,
             daemon,
@@ -203,7 +203,7 @@ async fn reload_closes_a_removed_room_and_keeps_running_on_a_bad_file() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
+fn tempfile_dir() -> PathBuf {
     let mut id = [0u8; 8];
     getrandom::fill(&mut id).unwrap();
     let dir = std::env::temp_dir().join(format!("mcchatd-test-{}", u64::from_le_bytes(id)));

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use ipnet::IpNet;
-use mcchat_core::daemon::{Allow, DaemonSettings};
+use crate::config::{Allow, DaemonSettings};
 
 use crate::counters::Drop;
 use crate::limiter::Limiter;

@@ -84,7 +84,7 @@ impl Hub {
             // Return-routability first: answer with a cookie, never with more bytes than the
             // request carried, so a spoofed source cannot be used for amplification.
             let cookie = self.cookies.issue(from.addr, now.unix_ms / 1000);
-            if !self.control(Kind::Challenge, room.name.as_str(), &[("cookie", &cookie)], "") {
+            if !self.control(Kind::Challenge, room.name().as_str(), &[("cookie", &cookie)], "") {
                 return;
             }
             if self.text.len() > request_len {
@@ -94,11 +94,11 @@ impl Hub {
             return self.reply(from);
         }
         let lease = Duration::from_secs(u64::from(self.settings.daemon.lease_secs));
-        let outcome = self.subs.subscribe(&room.name, from, frame.sender, now.mono, lease);
+        let outcome = self.subs.subscribe(room.name(), from, frame.sender, now.mono, lease);
         match outcome {
             Subscribed::Added { first } => {
                 self.counters.subscribed += 1;
-                tracing::info!(room = %room.name, from = %from.addr, name = frame.sender, "subscribed");
+                tracing::info!(room = %room.name(), from = %from.addr, name = frame.sender, "subscribed");
                 if first {
                     self.reconcile();
                 }
@@ -114,7 +114,7 @@ impl Hub {
                 };
                 self.count_drop(why, from.addr, now.mono);
                 // `closed` is also the answer to a subscription refused.
-                return self.tell_closed(&room.name, &[from], why.name());
+                return self.tell_closed(room.name(), &[from], why.name());
             }
         }
         // A fresh cookie with every `subok`, so the client's is never older than one renewal
@@ -123,7 +123,7 @@ impl Hub {
         let cookie = self.cookies.issue(from.addr, now.unix_ms / 1000);
         if self.control(
             Kind::Subscribed,
-            room.name.as_str(),
+            room.name().as_str(),
             &[("lease", &lease), ("cookie", &cookie)],
             "",
         ) {

@@ -67,13 +67,13 @@ impl Hub {
             .registry
             .rooms()
             .filter(|r| {
-                r.keep || (self.recording && self.policy.for_room(r.name.as_str()).count > 0)
+                r.keep() || (self.recording && self.policy.for_room(r.name().as_str()).count > 0)
             })
-            .map(|r| (r.name.clone(), r.group))
+            .map(|r| (r.name().clone(), r.group()))
             .collect();
         for name in self.subs.rooms() {
             if let Some(room) = self.room(name.as_str()) {
-                wanted.insert(room.name, room.group);
+                wanted.insert(room.name().clone(), room.group());
             }
         }
         wanted

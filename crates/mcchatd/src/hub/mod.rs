@@ -30,7 +30,7 @@ use mcchat_core::room::{Room, RoomName, RoomSource};
 use mcchat_core::tags;
 use mcchat_core::wire::{self, Frame, Kind};
 
-use crate::cache::{CacheStats, Outgoing, RepairCache};
+use crate::cache::{Outgoing, RepairCache};
 use crate::cookie::CookieJar;
 use crate::counters::{Counters, Drop};
 use crate::history::{Policy, Retention};
@@ -147,10 +147,10 @@ pub(crate) fn history_policy(settings: &Settings) -> Policy {
         .rooms()
         .map(|r| {
             let keep = Retention {
-                count: r.history_count.unwrap_or(default.count),
-                age: r.history_age.unwrap_or(default.age),
+                count: r.history_count().unwrap_or(default.count),
+                age: r.history_age().unwrap_or(default.age),
             };
-            (r.name.to_string(), keep)
+            (r.name().to_string(), keep)
         })
         .collect();
     Policy { rooms, default }
@@ -244,11 +244,6 @@ impl Hub {
         self.admission.connected()
     }
 
-    /// Whether `ip` may use the relay and its status port.
-    pub(crate) fn allowed(&self, ip: IpAddr) -> bool {
-        self.admission.allowed(ip)
-    }
-
     /// A datagram arrived at `port` from `from`.
     pub(crate) fn on_input(&mut self, port: Port, from: SocketAddr, data: &[u8], now: Now) {
         let from = canonical(from);
@@ -280,11 +275,11 @@ impl Hub {
     /// are on.
     fn room(&self, name: &str) -> Option<Room> {
         let room = self.settings.registry.resolve(name).ok()?;
-        (room.source == RoomSource::Configured || self.settings.daemon.adhoc_rooms).then_some(room)
+        (room.source() == RoomSource::Configured || self.settings.daemon.adhoc_rooms).then_some(room)
     }
 
     fn ttl(&self, room: &Room) -> u32 {
-        room.ttl.unwrap_or(self.settings.daemon.ttl)
+        room.ttl().unwrap_or(self.settings.daemon.ttl)
     }
 
     /// A datagram on the relay port.
@@ -323,10 +318,10 @@ impl Hub {
             // otherwise it goes on to the sender as well. Only subscribers (whose address
             // the cookie proved) are answered: a NACK is small and its answer is not, so a
             // forged source must get nothing back.
-            if self.subs.is_subscribed(&room.name, from.addr)
+            if self.subs.is_subscribed(room.name(), from.addr)
                 && let Some(nack) = Nack::from_frame(frame)
             {
-                let (found, complete) = self.cache.answer(&room.name, nack.instance, &nack.ranges);
+                let (found, complete) = self.cache.answer(room.name(), nack.instance, &nack.ranges);
                 for data in found {
                     self.out.push_back(Output::ToUdp { to: from, data });
                 }
@@ -336,20 +331,20 @@ impl Hub {
             }
         } else {
             self.cache
-                .observe(&room.name, &frame.meta, is_repair(frame), data, now.mono);
-            self.record(&room.name, frame, data, now);
+                .observe(room.name(), &frame.meta, is_repair(frame), data, now.mono);
+            self.record(room.name(), frame, data, now);
         }
         let data = Bytes::copy_from_slice(data);
         if forwards(PortKind::Udp, PortKind::Group) {
-            self.to_group(&room, &data, now.mono, from.addr);
+            self.send_to_group(&room, &data, now.mono, from.addr);
         }
         if forwards(PortKind::Udp, PortKind::Udp) {
-            self.fan_out(&room.name, data, Some(from.addr));
+            self.fan_out(room.name(), data, Some(from.addr));
         }
     }
 
     /// Sends `data` to `room`'s group with this hub's `relay` tag.
-    fn to_group(&mut self, room: &Room, data: &[u8], now: Instant, from: SocketAddr) {
+    fn send_to_group(&mut self, room: &Room, data: &[u8], now: Instant, from: SocketAddr) {
         // Another daemon's tag (a client that forwards what it heard) is replaced: the tag
         // says who sent it to this group.
         let data = tags::without_hop_tag(data, RELAY_TAG);
@@ -359,7 +354,7 @@ impl Hub {
         }
         self.counters.relayed_to_group += 1;
         self.out.push_back(Output::ToGroup {
-            group: room.group,
+            group: room.group(),
             ttl: self.ttl(room),
             data: Bytes::copy_from_slice(&self.scratch),
         });
@@ -425,9 +420,9 @@ impl Hub {
             let Some(room) = self.room(o.room.as_str()) else {
                 continue;
             };
-            self.to_group(&room, &o.data, now, room.group);
+            self.send_to_group(&room, &o.data, now, room.group());
             if o.to_subscribers {
-                self.fan_out(&room.name, o.data, None);
+                self.fan_out(room.name(), o.data, None);
             }
         }
     }
@@ -450,10 +445,5 @@ impl Hub {
             data: Bytes::copy_from_slice(data),
             recv_ms: now.unix_ms,
         });
-    }
-
-    /// The repair cache's counters.
-    pub(crate) fn cache_stats(&self) -> CacheStats {
-        self.cache.stats()
     }
 }

@@ -15,7 +15,7 @@ impl Hub {
             .settings
             .registry
             .rooms()
-            .map(|r| r.name.clone())
+            .map(|r| r.name().clone())
             .collect();
         for n in self.subs.rooms().chain(self.groups.groups().map(|(r, _)| r)) {
             if !names.contains(n) {
@@ -39,9 +39,9 @@ impl Hub {
                 subscribers.sort_by(|a, b| a.addr.cmp(&b.addr));
                 Some(RoomStatus {
                     name: n.to_string(),
-                    group: room.group.to_string(),
-                    configured: room.source == RoomSource::Configured,
-                    keep: room.keep,
+                    group: room.group().to_string(),
+                    configured: room.source() == RoomSource::Configured,
+                    keep: room.keep(),
                     joined: self.groups.is_joined(n),
                     subscribers,
                 })
@@ -106,11 +106,11 @@ impl Hub {
         let before: Vec<(RoomName, std::net::SocketAddr)> = self
             .subs
             .rooms()
-            .filter_map(|n| self.room(n.as_str()).map(|r| (r.name, r.group)))
+            .filter_map(|n| self.room(n.as_str()).map(|r| (r.name().clone(), r.group())))
             .collect();
         self.settings = new;
         for (name, group) in before {
-            if self.room(name.as_str()).map(|r| r.group) != Some(group) {
+            if self.room(name.as_str()).map(|r| r.group()) != Some(group) {
                 let dropped = self.subs.close_room(&name);
                 tracing::info!(room = %name, subscribers = dropped.len(), "room closed: removed by reload");
                 self.tell_closed(&name, &dropped, "room removed");
