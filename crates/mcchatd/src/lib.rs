@@ -12,6 +12,9 @@
 //! - [`history`]: room history in SQLite, written on its own thread (public for its
 //!   benchmark).
 //! - [`relay`]: the loop that owns the state and does the I/O.
+//! - [`port`]: thin I/O layers; [`port::udp`] is the relay's UDP socket with batched
+//!   receives and replies from the address asked (public for its benchmark; not yet wired
+//!   into `relay`).
 //! - `status`: the status document, served on TCP and a Unix socket.
 //! - `notify`: systemd readiness, reload, stop and watchdog notifications.
 
@@ -24,6 +27,7 @@ mod counters;
 pub mod history;
 mod limiter;
 mod notify;
+pub mod port;
 pub mod relay;
 mod settings;
 mod status;
