@@ -1,6 +1,10 @@
-//! Ports: the thin I/O around the hub. They only move bytes: the relay sockets (`udp`) and
-//! the joined groups (`group`). Everything they receive goes to `hub::Hub::on_input`;
-//! everything they send came out of it.
+//! The daemon's I/O ports: thin layers that only move bytes between sockets and the hub.
+//! Everything they receive goes to `hub::Hub::on_input`; everything they send came out of it.
+//!
+//! - [`udp`]: the relay's UDP sockets, with batched receives, the local address each datagram
+//!   was sent to, and replies sent from that address (quinn-udp underneath). Public only for
+//!   its benchmark (`benches/udp_port.rs`).
+//! - `group`: one task per joined group, cancellable in its receives and sends.
 
 pub(crate) mod group;
-pub(crate) mod udp;
+pub mod udp;

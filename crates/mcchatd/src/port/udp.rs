@@ -120,7 +120,7 @@ fn segments<'a>(meta: &RecvMeta, buf: &'a [u8]) -> impl Iterator<Item = Received
     let whole = meta.stride == 0 || meta.stride >= len;
     let stride = if whole { len.max(1) } else { meta.stride };
     let count = if whole { 1 } else { len.div_ceil(stride) };
-    let cut = !whole && len == buf.len() && len % stride != 0;
+    let cut = !whole && len == buf.len() && !len.is_multiple_of(stride);
     let count = count - usize::from(cut);
     let from = canonical(meta.addr);
     let local = meta.dst_ip.and_then(usable_source);
@@ -269,10 +269,7 @@ impl RelaySocket {
     /// Like [`recv`](Self::recv), without waiting: `WouldBlock` if nothing is queued.
     pub fn try_recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         for _ in 0..SKIP_LIMIT {
-            match self
-                .io
-                .try_io(Interest::READABLE, || self.recv_once(batch))
-            {
+            match self.io.try_io(Interest::READABLE, || self.recv_once(batch)) {
                 Err(e) if is_icmp_error(&e) => self.skipped(),
                 r => return r,
             }
@@ -415,18 +412,51 @@ mod tests {
         RelaySocket::open(addr.parse().unwrap(), &MulticastConfig::default()).unwrap()
     }
 
+    /// The cap on any one wait: it turns a lost datagram into a failure rather than a hang.
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+    /// `fut`, or a panic naming `what` if it takes longer than [`WAIT`].
+    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        tokio::time::timeout(WAIT, fut)
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+    }
+
+    type Owned = (SocketAddr, Option<IpAddr>, Vec<u8>);
+
     /// Reads until `want` datagrams have come; returns them (owned) and the receive calls.
-    async fn recv_n(port: &RelaySocket, want: usize) -> (Vec<(SocketAddr, Option<IpAddr>, Vec<u8>)>, usize) {
+    async fn recv_n(port: &RelaySocket, want: usize) -> (Vec<Owned>, usize) {
         let mut batch = RecvBatch::new();
         let mut got = Vec::new();
         let mut calls = 0;
         while got.len() < want {
-            let n = port.recv(&mut batch).await.unwrap();
+            let n = within("datagram", port.recv(&mut batch)).await.unwrap();
             assert!(n >= 1);
             calls += 1;
             got.extend(batch.iter().map(|r| (r.from, r.local, r.data.to_vec())));
         }
         (got, calls)
+    }
+
+    /// Reads until a datagram `end`; returns what came before it.
+    async fn recv_until(port: &RelaySocket, end: &[u8]) -> Vec<Owned> {
+        let mut got = Vec::new();
+        loop {
+            let (more, _) = recv_n(port, 1).await;
+            for d in more {
+                if d.2 == end {
+                    return got;
+                }
+                got.push(d);
+            }
+        }
+    }
+
+    /// One datagram on `client`, within [`WAIT`].
+    async fn client_recv(client: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let n = within("reply", client.recv(&mut buf)).await.unwrap();
+        buf[..n].to_vec()
     }
 
     /// Adds `addr` to lo (this namespace's only interface, so nothing can leave through it);
@@ -439,7 +469,10 @@ mod tests {
             Ok(o) if o.status.success() => true,
             Ok(o) if String::from_utf8_lossy(&o.stderr).contains("exists") => true,
             Ok(o) => {
-                eprintln!("ip -6 addr add {addr} dev lo: {}", String::from_utf8_lossy(&o.stderr));
+                eprintln!(
+                    "ip -6 addr add {addr} dev lo: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
                 false
             }
             Err(e) => {
@@ -471,9 +504,7 @@ mod tests {
         // in order, so if the first had been accepted it would be read first.
         port.send(*from, None, b"kernel's choice").await.unwrap();
         port.send(*from, *local, b"from 127.0.0.2").await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = client.recv(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"from 127.0.0.2");
+        assert_eq!(client_recv(&client).await, b"from 127.0.0.2");
     }
 
     /// IPv6 on [::1], then on a second address of lo (added here), where the bug shows too:
@@ -488,12 +519,16 @@ mod tests {
         client.send(b"on ::1").await.unwrap();
         let (got, _) = recv_n(&port, 1).await;
         let (from, local, data) = &got[0];
-        assert_eq!((*from, *local), (client.local_addr().unwrap(), Some(Ipv6Addr::LOCALHOST.into())));
+        assert_eq!(
+            (*from, *local),
+            (
+                client.local_addr().unwrap(),
+                Some(Ipv6Addr::LOCALHOST.into())
+            )
+        );
         assert_eq!(data, b"on ::1");
         port.send(*from, *local, b"reply").await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = client.recv(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"reply");
+        assert_eq!(client_recv(&client).await, b"reply");
 
         let second: Ipv6Addr = "fd6d:6363:706f:7274::2".parse().unwrap();
         if !add_to_lo(&format!("{second}/128")) {
@@ -508,8 +543,7 @@ mod tests {
         assert_eq!(*local, Some(second.into()));
         port.send(*from, None, b"kernel's choice").await.unwrap();
         port.send(*from, *local, b"from the second").await.unwrap();
-        let n = client.recv(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"from the second");
+        assert_eq!(client_recv(&client).await, b"from the second");
     }
 
     /// A reply to a link-local address needs the sender's scope id, which `from` keeps.
@@ -524,7 +558,9 @@ mod tests {
         let lo = nix::net::if_::if_nametoindex("lo").unwrap();
         let port = open("[::]:0");
         let relay = SocketAddrV6::new(ll, port.local_addr().port(), 0, lo);
-        let client = UdpSocket::bind(SocketAddrV6::new(ll, 0, 0, lo)).await.unwrap();
+        let client = UdpSocket::bind(SocketAddrV6::new(ll, 0, 0, lo))
+            .await
+            .unwrap();
         client.connect(relay).await.unwrap();
         client.send(b"link-local").await.unwrap();
         let (got, _) = recv_n(&port, 1).await;
@@ -534,9 +570,7 @@ mod tests {
         };
         assert_eq!((from6.scope_id(), *local), (lo, Some(ll.into())));
         port.send(*from, *local, b"back").await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = client.recv(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"back");
+        assert_eq!(client_recv(&client).await, b"back");
     }
 
     /// A burst is read in batches, not one datagram per call.
@@ -550,7 +584,11 @@ mod tests {
         }
         let (got, calls) = recv_n(&port, 100).await;
         assert_eq!(got.len(), 100);
-        assert!(got.iter().enumerate().all(|(i, (_, _, d))| d == &[i as u8; 100]));
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, (_, _, d))| d == &[i as u8; 100])
+        );
         assert!(calls < 100 / 2, "{calls} receive calls for 100 datagrams");
         let mut batch = RecvBatch::new();
         let e = port.try_recv(&mut batch).unwrap_err();
@@ -567,7 +605,11 @@ mod tests {
         client.send_to(&[7; 1500], port.local_addr()).unwrap();
         client.send_to(b"next", port.local_addr()).unwrap();
         let (got, _) = recv_n(&port, 2).await;
-        assert!(got[0].2.len() > MAX_DATAGRAM, "cut to {} bytes", got[0].2.len());
+        assert!(
+            got[0].2.len() > MAX_DATAGRAM,
+            "cut to {} bytes",
+            got[0].2.len()
+        );
         assert_eq!(got[1].2, b"next");
     }
 
@@ -592,10 +634,15 @@ mod tests {
             src_ip: None,
         };
         state.try_send((&client).into(), &transmit).unwrap();
-        let (got, _) = recv_n(&port, 4).await;
+        client.send_to(b"end", port.local_addr()).unwrap();
+        let got = recv_until(&port, b"end").await;
         let lens: Vec<usize> = got.iter().map(|(_, _, d)| d.len()).collect();
         assert_eq!(lens, [500; 4]);
-        assert!(got.iter().enumerate().all(|(i, (_, _, d))| d == &[i as u8; 500]));
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, (_, _, d))| d == &[i as u8; 500])
+        );
     }
 
     /// An ICMP port unreachable for an earlier send does not end a receive.
@@ -607,7 +654,10 @@ mod tests {
         port.state
             .enable_transport_errors((&port.io).into())
             .unwrap();
-        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         port.send(closed, None, b"to nobody").await.unwrap();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client.send_to(b"after", port.local_addr()).unwrap();
@@ -632,10 +682,15 @@ mod tests {
             .map(|(i, r)| (r.local_addr().unwrap(), src.filter(|_| i % 2 == 0)))
             .collect();
         let report = port.send_many(items, b"fan-out").await;
-        assert_eq!((report.sent, report.failed), (50, 0), "{:?}", report.first_error);
+        assert_eq!(
+            (report.sent, report.failed),
+            (50, 0),
+            "{:?}",
+            report.first_error
+        );
         let mut buf = [0u8; 64];
         for r in &receivers {
-            let (n, from) = r.recv_from(&mut buf).await.unwrap();
+            let (n, from) = within("fan-out", r.recv_from(&mut buf)).await.unwrap();
             assert_eq!(&buf[..n], b"fan-out");
             assert_eq!(from.port(), port.local_addr().port());
         }
