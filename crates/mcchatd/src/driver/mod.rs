@@ -311,8 +311,14 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
     nets_tick.reset();
     let watchdog = notify::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    // One timer, moved only when the hub's deadline moves (not one per wake-up).
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(driver.hub.next_deadline()));
+    tokio::pin!(timer);
     loop {
         let deadline = tokio::time::Instant::from_std(driver.hub.next_deadline());
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             () = control.shutdown.cancelled() => break,
             Some(()) = control.reload.recv() => driver.reload(&control.loader),
@@ -328,7 +334,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             Some(req) = status_rx.recv() => {
                 let _ = req.send(driver.status_json());
             }
-            () = tokio::time::sleep_until(deadline) => {
+            () = &mut timer => {
                 let now = driver.now();
                 driver.hub.poll(now);
             }

@@ -313,6 +313,8 @@ impl Hub {
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
         };
+        // One copy, shared by history and every subscriber.
+        let shared = Bytes::copy_from_slice(data);
         if frame.meta.kind == Kind::Nack {
             // A subscriber's NACK: answered from the cache when it holds all of it;
             // otherwise it goes on to the sender as well. Only subscribers (whose address
@@ -332,14 +334,13 @@ impl Hub {
         } else {
             self.cache
                 .observe(room.name(), &frame.meta, is_repair(frame), data, now.mono);
-            self.record(room.name(), frame, data, now);
+            self.record(room.name(), frame, &shared, now);
         }
-        let data = Bytes::copy_from_slice(data);
         if forwards(PortKind::Udp, PortKind::Group) {
-            self.send_to_group(&room, &data, now.mono, from.addr);
+            self.send_to_group(&room, data, now.mono, from.addr);
         }
         if forwards(PortKind::Udp, PortKind::Udp) {
-            self.fan_out(room.name(), data, Some(from.addr));
+            self.fan_out(room.name(), shared, Some(from.addr));
         }
     }
 
@@ -396,6 +397,7 @@ impl Hub {
         if frame.meta.kind.is_relay_control() {
             return self.count_drop(Drop::UnexpectedKind, from, now.mono);
         }
+        let shared = Bytes::copy_from_slice(data);
         if frame.meta.kind == Kind::Nack {
             if let Some(nack) = Nack::from_frame(&frame) {
                 let repairs = self
@@ -406,10 +408,10 @@ impl Hub {
         } else {
             self.cache
                 .observe(room, &frame.meta, is_repair(&frame), data, now.mono);
-            self.record(room, &frame, data, now);
+            self.record(room, &frame, &shared, now);
         }
         if forwards(PortKind::Group, PortKind::Udp) {
-            self.fan_out(room, Bytes::copy_from_slice(data), None);
+            self.fan_out(room, shared, None);
         }
     }
 
@@ -428,7 +430,7 @@ impl Hub {
     }
 
     /// Queues a chat message for history, if its room keeps any.
-    fn record(&mut self, room: &RoomName, frame: &Frame<'_>, data: &[u8], now: Now) {
+    fn record(&mut self, room: &RoomName, frame: &Frame<'_>, data: &Bytes, now: Now) {
         if !self.recording || !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
             return;
         }
@@ -442,7 +444,7 @@ impl Hub {
             return;
         }
         self.out.push_back(Output::Record {
-            data: Bytes::copy_from_slice(data),
+            data: data.clone(),
             recv_ms: now.unix_ms,
         });
     }
