@@ -60,7 +60,7 @@ fn write(c: &mut Criterion) {
         });
     });
     group.finish();
-    history.close();
+    assert!(history.close(Duration::from_secs(60)));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -385,7 +385,7 @@ pub async fn run(cli: Cli, token: CancellationToken) -> Result<()> {
     );
     relay.shutdown().await;
     if let Some(h) = &mut relay.history {
-        h.close();
+        h.close(crate::history::CLOSE_DEADLINE);
     }
     status::unlink(unix_bound);
     tracing::info!("stopped");
