@@ -10,9 +10,9 @@
 //! - `history/cpu/...`: printed before the criterion groups: CPU time per record on the relay
 //!   side (the calling thread's CPU clock, around the hand-over only) and in the writer (the
 //!   process's CPU clock less the calling thread's), for a burst and for a steady stream of
-//!   10,000 a second, handed over one by one or in batches. CPU time, unlike wall time, does not depend on
-//!   what else runs on the machine, and on a machine of two cores it is the writer's CPU that
-//!   the relay loses.
+//!   10,000 a second, handed over one by one or in batches. CPU time, unlike wall time, does
+//!   not depend on what else runs on the machine, and on a machine of two cores it is the
+//!   writer's CPU that the relay loses.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
