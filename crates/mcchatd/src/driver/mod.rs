@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
-use bytes::Bytes;
 use ipnet::IpNet;
 use crate::config::Allow;
 use mcchat_core::peer::Now;
@@ -202,7 +201,7 @@ struct Driver {
     joined: HashMap<RoomName, (u64, CancellationToken)>,
     group_tx: mpsc::Sender<GroupDatagram>,
     history: Option<History>,
-    records: Vec<(Bytes, u64)>,
+    records: crate::history::Batch,
     /// Scratch for one fan-out's destinations.
     dests: Vec<(SocketAddr, Option<IpAddr>)>,
     shared_nets: SharedNets,
@@ -253,7 +252,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         joined: HashMap::new(),
         group_tx,
         history,
-        records: Vec::new(),
+        records: crate::history::Batch::new(),
         dests: Vec::new(),
         shared_nets,
         token: token.clone(),
@@ -532,19 +531,19 @@ impl Driver {
                         stop.cancel();
                     }
                 }
-                Output::Record { data, recv_ms } => self.records.push((data, recv_ms)),
+                Output::Record { data, recv_ms } => self.records.push(&data, recv_ms),
             }
         }
         if !self.records.is_empty()
             && let Some(h) = &mut self.history
         {
-            for (data, recv_ms) in self.records.drain(..) {
-                h.store_datagram(&data, recv_ms);
-            }
-            let dropped = h.stats().dropped;
-            if dropped > 0
+            // One hand-over per wake-up; never blocks (a full queue drops and counts).
+            let queued = self.records.len();
+            let stored = h.store_batch(&mut self.records);
+            if stored < queued
                 && let Some(suppressed) = self.history_log.check(tokio::time::Instant::now().into_std())
             {
+                let dropped = h.stats().dropped;
                 tracing::warn!(dropped, suppressed, "history writer is behind; messages not stored");
             }
         }
@@ -652,11 +651,7 @@ impl Driver {
         if let Some(mut h) = self.history.take() {
             let left = SHUTDOWN_GRACE.saturating_sub(started.elapsed());
             // Off the runtime: the writer's last commit may touch the disk.
-            let closed = tokio::task::spawn_blocking(move || {
-                h.close();
-                left > Duration::ZERO
-            })
-            .await;
+            let closed = tokio::task::spawn_blocking(move || h.close(left)).await;
             if !matches!(closed, Ok(true)) {
                 tracing::warn!("history did not finish its last commit in time; what was committed is safe");
             }
