@@ -337,7 +337,11 @@ where
 /// Opens a unicast UDP socket bound to `addr` that can also send to multicast groups with
 /// `config`'s TTL, loopback and interface: mcchatd's relay socket. IPv6 sockets are IPv6-only,
 /// so an IPv4 and an IPv6 socket can share a port.
-pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocket, SocketError> {
+pub fn open_relay(
+    addr: SocketAddr,
+    config: &MulticastConfig,
+    share_port: bool,
+) -> Result<UdpSocket, SocketError> {
     let fail = failer(addr, config);
     let socket = udp_socket(addr).map_err(fail("create a UDP socket"))?;
     // Best effort: a larger buffer rides out bursts.
@@ -346,13 +350,15 @@ pub fn open_relay(addr: SocketAddr, config: &MulticastConfig) -> Result<UdpSocke
     if addr.is_ipv6() {
         socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY"))?;
     }
-    // A room whose port is the relay port has its group socket bound to the group address
-    // and that port, beside this one: both need SO_REUSEADDR. (Not SO_REUSEPORT: a second
-    // daemon must not share the relay port; its status listener, TCP on the same port,
-    // refuses it.)
-    socket
-        .set_reuse_address(true)
-        .map_err(fail("set SO_REUSEADDR"))?;
+    // `share_port`: a room whose port is the relay port has its group socket bound to the
+    // group address and that port, beside this one, and both need SO_REUSEADDR. Only then:
+    // with it, any local process could bind the port too and take unicast meant for the
+    // daemon. (Never SO_REUSEPORT, which would share the port's datagrams out.)
+    if share_port {
+        socket
+            .set_reuse_address(true)
+            .map_err(fail("set SO_REUSEADDR"))?;
+    }
     socket.bind(&SockAddr::from(addr)).map_err(fail("bind"))?;
     // It joins no group, so with IP_MULTICAST_ALL off it hears no multicast at all: a room
     // whose port equals the relay port cannot feed the daemon its own forwards.

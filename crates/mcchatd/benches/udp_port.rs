@@ -62,8 +62,9 @@ fn fan_out(c: &mut Criterion) {
     let _enter = rt.enter();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mcast = MulticastConfig::default();
-    let port = RelaySocket::open(any, &mcast).unwrap();
-    let plain = tokio::net::UdpSocket::from_std(socket::open_relay(any, &mcast).unwrap()).unwrap();
+    let port = RelaySocket::open(any, &mcast, false).unwrap();
+    let plain =
+        tokio::net::UdpSocket::from_std(socket::open_relay(any, &mcast, false).unwrap()).unwrap();
     let receivers: Vec<UdpSocket> = (0..RECEIVERS)
         .map(|_| {
             let s = UdpSocket::bind(any).unwrap();

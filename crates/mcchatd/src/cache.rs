@@ -194,6 +194,15 @@ impl RepairCache {
                     self.stats.bytes += SENDER_OVERHEAD;
                     SenderCache::default()
                 });
+                // A new message after a `leave` (a forged one, or the sender is back): it is
+                // a member again, so the daemon stands by for it rather than answering at once,
+                // and repeats no leave for it.
+                if !is_repair && sender.left {
+                    sender.left = false;
+                    if let Some((_, _, due)) = sender.leave.take() {
+                        self.leaves.remove(&(due, key.clone()));
+                    }
+                }
                 sender.messages.insert(
                     seq,
                     Entry {
@@ -525,6 +534,26 @@ mod tests {
     }
 
     #[test]
+    fn a_message_after_a_leave_makes_the_sender_a_member_again() {
+        let t0 = Instant::now();
+        let mut c = filled(2, t0);
+        // A forged leave, then the sender's next message.
+        let (meta, data) = datagram(Kind::Leave, 2, "");
+        c.observe(&room(), &meta, false, &data, t0);
+        let (meta, data) = datagram(Kind::Message, 3, "m3");
+        c.observe(&room(), &meta, false, &data, t0);
+        // No leave repeats, and a NACK waits on standby for the live sender.
+        assert!(c.poll(t0 + Duration::from_secs(6)).is_empty());
+        let now = t0 + Duration::from_secs(6);
+        assert!(c.on_nack(&room(), InstanceId(7), &[1..=3], now).is_empty());
+        assert_eq!(
+            c.poll(now + STANDBY).len(),
+            3,
+            "then repaired, the sender not having"
+        );
+    }
+
+    #[test]
     fn via_subscribers_are_answered_from_the_cache() {
         let now = Instant::now();
         let mut c = filled(10, now);
@@ -594,7 +623,10 @@ mod tests {
             &*as_repair(b"@relay=0a0b0c0d;id=1;seq=2 a|b|c"),
             b"@repair=1;id=1;seq=2 a|b|c"
         );
-        assert_eq!(&*as_repair(b"@repair=1;id=1 a|b|c"), b"@repair=1;id=1 a|b|c");
+        assert_eq!(
+            &*as_repair(b"@repair=1;id=1 a|b|c"),
+            b"@repair=1;id=1 a|b|c"
+        );
         assert_eq!(&*as_repair(b"a|b|c"), b"@repair=1 a|b|c");
         assert_eq!(&*as_repair(b"@id=1 a|b|c"), b"@repair=1;id=1 a|b|c");
     }

@@ -53,7 +53,7 @@ pub struct DaemonSettings {
     pub lease_secs: u32,
     /// Most subscriptions at once, over all rooms ([`MAX_SUBSCRIBERS`]).
     pub max_subscribers: usize,
-    /// Most rooms with subscribers (or joined) at once ([`MAX_ROOMS`]).
+    /// Most rooms with subscribers at once ([`MAX_ROOMS`]).
     pub max_rooms: usize,
     /// Datagrams per second one source may have relayed (token bucket rate).
     pub relay_rate: u32,

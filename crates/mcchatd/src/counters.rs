@@ -31,12 +31,14 @@ pub(crate) enum Drop {
     BadCookie,
     /// One source holds its share of subscriptions already.
     TooManyFromSource,
-    /// Port 0, an unspecified or multicast source, or the daemon's own relay socket.
+    /// Port 0, or an unspecified, multicast or broadcast source.
     BadSource,
     /// A datagram from a group the daemon has since left or re-joined.
     StaleGroup,
-    /// A datagram carrying this daemon's own `relay` tag at the relay port (a loop).
-    OwnForward,
+    /// A datagram carrying a `relay` tag at the relay port: a daemon's forward (a loop).
+    RelayTagged,
+    /// A datagram the relay socket heard that was sent to a group or a broadcast address.
+    NotUnicast,
     /// A datagram too long to take the `relay` tag, so it cannot be sent to a group without
     /// coming back unrecognised.
     NoRoomForRelayTag,
@@ -58,7 +60,8 @@ impl Drop {
             Self::TooManyFromSource => "too_many_from_source",
             Self::BadSource => "bad_source",
             Self::StaleGroup => "stale_group",
-            Self::OwnForward => "own_forward",
+            Self::RelayTagged => "relay_tagged",
+            Self::NotUnicast => "not_unicast",
             Self::NoRoomForRelayTag => "no_room_for_relay_tag",
         }
     }

@@ -61,9 +61,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// The writer's nice value (Linux, per thread): 10 gives it about a tenth of the CPU the relay
 /// loop (nice 0) gets when both want it, and all of it when the relay loop is idle.
 const WRITER_NICE: i32 = 10;
-/// How long [`History::close`] may take when the daemon stops: the relay's own shutdown takes
-/// up to 700 ms of the second that a stop may last.
-pub const CLOSE_DEADLINE: Duration = Duration::from_millis(250);
 /// How long dropping a [`History`] that was not closed waits for the writer.
 const DROP_DEADLINE: Duration = Duration::from_millis(100);
 /// Messages one query returns at most.

@@ -8,7 +8,7 @@ use mcchat_core::config::Origin;
 use mcchat_core::room::Registry;
 
 use crate::cli::Cli;
-use crate::config::{self, DaemonSettings};
+use crate::config::{self, Allow, DaemonSettings};
 
 /// Everything the relay runs with.
 #[derive(Debug, Clone)]
@@ -86,6 +86,67 @@ pub(crate) fn state_dir(d: &DaemonSettings) -> Option<(PathBuf, bool)> {
     env("XDG_STATE_HOME")
         .or_else(|| env("HOME").map(|h| h.join(".local/state")))
         .map(|base| (base.join("mcchat"), false))
+}
+
+/// `--check-config`: a summary of what would run.
+pub fn check_config(cli: &Cli) -> Result<String> {
+    let s = load(cli)?;
+    let d = &s.daemon;
+    let rooms: Vec<String> = s
+        .registry
+        .rooms()
+        .map(|r| {
+            format!(
+                "{} {}{}",
+                r.name(),
+                r.group(),
+                if r.keep() { " keep" } else { "" }
+            )
+        })
+        .collect();
+    let history = match state_dir(d) {
+        None => "off".to_owned(),
+        Some((dir, _)) => format!(
+            "{} (default: last {} messages, at most {} old, per room)",
+            dir.join(crate::history::FILE_NAME).display(),
+            d.history_count,
+            humantime::format_duration(d.history_age),
+        ),
+    };
+    Ok(format!(
+        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}\nrepair cache: {} bytes, {} s\nhistory: {}",
+        s.origin,
+        if rooms.is_empty() {
+            "(none)".to_owned()
+        } else {
+            rooms.join(", ")
+        },
+        d.listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        d.allow
+            .iter()
+            .map(|a| match a {
+                Allow::Loopback => "loopback".to_owned(),
+                Allow::Connected => "connected".to_owned(),
+                Allow::Net(n) => n.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        if d.adhoc_rooms { "on" } else { "off" },
+        d.lease_secs,
+        d.max_subscribers,
+        d.max_rooms,
+        d.ttl,
+        d.status_socket
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+        d.repair_cache_bytes,
+        d.repair_window.as_secs(),
+        history,
+    ))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mcchat_core::room::RoomName;
 
 use crate::hub::UdpDest;
-use crate::hub::admission::source_key;
+use crate::hub::admission::{net_key, source_key};
 
 /// One subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +41,12 @@ pub(crate) enum Subscribed {
     TooManyFromSource,
 }
 
-/// Subscriptions one source may hold: enough for a host with many users and rooms, far too
-/// few for one host to take the daemon's caps for itself.
+/// Subscriptions one source (an address) may hold: enough for a host with many users and
+/// rooms, far too few for one host to take the daemon's caps for itself.
 pub(crate) const MAX_PER_SOURCE: usize = 64;
+/// Subscriptions one IPv6 /64 may hold together: the hosts of a LAN share one, and one host
+/// may use any number of its addresses.
+pub(crate) const MAX_PER_NET: usize = 1024;
 
 /// A subscription that ended on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +68,7 @@ struct RoomSubs {
 pub(crate) struct Subscriptions {
     rooms: HashMap<RoomName, RoomSubs>,
     per_source: HashMap<IpAddr, usize>,
+    per_net: HashMap<IpAddr, usize>,
     total: usize,
     max_subscribers: usize,
     max_rooms: usize,
@@ -75,6 +79,7 @@ impl Subscriptions {
         Self {
             rooms: HashMap::new(),
             per_source: HashMap::new(),
+            per_net: HashMap::new(),
             total: 0,
             max_subscribers,
             max_rooms,
@@ -116,7 +121,10 @@ impl Subscriptions {
             return Subscribed::TooManySubscribers;
         }
         let key = source_key(addr.ip());
-        if self.per_source.get(&key).copied().unwrap_or(0) >= MAX_PER_SOURCE {
+        let net = net_key(addr.ip());
+        if self.per_source.get(&key).copied().unwrap_or(0) >= MAX_PER_SOURCE
+            || net.is_some_and(|n| self.per_net.get(&n).copied().unwrap_or(0) >= MAX_PER_NET)
+        {
             return Subscribed::TooManyFromSource;
         }
         let first = !self.rooms.contains_key(room);
@@ -135,6 +143,9 @@ impl Subscriptions {
         );
         self.total += 1;
         *self.per_source.entry(key).or_insert(0) += 1;
+        if let Some(n) = net {
+            *self.per_net.entry(n).or_insert(0) += 1;
+        }
         Subscribed::Added { first }
     }
 
@@ -147,7 +158,7 @@ impl Subscriptions {
         if removed {
             r.list = None;
             self.total -= 1;
-            Self::release(&mut self.per_source, addr);
+            Self::release(&mut self.per_source, &mut self.per_net, addr);
         }
         if r.subs.is_empty() {
             self.rooms.remove(room);
@@ -155,12 +166,21 @@ impl Subscriptions {
         removed
     }
 
-    fn release(per_source: &mut HashMap<IpAddr, usize>, addr: SocketAddr) {
-        let key = source_key(addr.ip());
-        if let Some(n) = per_source.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                per_source.remove(&key);
+    fn release(
+        per_source: &mut HashMap<IpAddr, usize>,
+        per_net: &mut HashMap<IpAddr, usize>,
+        addr: SocketAddr,
+    ) {
+        let keys = [
+            Some((source_key(addr.ip()), &mut *per_source)),
+            net_key(addr.ip()).map(|n| (n, &mut *per_net)),
+        ];
+        for (key, map) in keys.into_iter().flatten() {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
             }
         }
     }
@@ -185,7 +205,7 @@ impl Subscriptions {
         });
         self.total -= lapsed.len();
         for l in &lapsed {
-            Self::release(&mut self.per_source, l.addr);
+            Self::release(&mut self.per_source, &mut self.per_net, l.addr);
         }
         lapsed
     }
@@ -195,7 +215,7 @@ impl Subscriptions {
         let r = self.rooms.remove(room).unwrap_or_default();
         self.total -= r.subs.len();
         for addr in r.subs.keys() {
-            Self::release(&mut self.per_source, *addr);
+            Self::release(&mut self.per_source, &mut self.per_net, *addr);
         }
         r.subs
             .into_iter()
@@ -221,7 +241,9 @@ impl Subscriptions {
 
     /// Whether `addr` subscribes to `room`.
     pub(crate) fn is_subscribed(&self, room: &RoomName, addr: SocketAddr) -> bool {
-        self.rooms.get(room).is_some_and(|r| r.subs.contains_key(&addr))
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.subs.contains_key(&addr))
     }
 
     /// Subscriptions of `room`, for status.
@@ -235,8 +257,7 @@ impl Subscriptions {
     }
 
     /// Whether `room` has subscribers.
-    #[cfg(test)]
-    pub(crate) fn has_room(&self, room: &RoomName) -> bool {
+    pub(crate) fn has_subscribers(&self, room: &RoomName) -> bool {
         self.rooms.contains_key(room)
     }
 
@@ -248,9 +269,15 @@ impl Subscriptions {
     /// Every subscriber of every room (for telling them all something).
     pub(crate) fn all(&self) -> impl Iterator<Item = (&RoomName, UdpDest)> {
         self.rooms.iter().flat_map(|(room, r)| {
-            r.subs
-                .iter()
-                .map(move |(addr, sub)| (room, UdpDest { addr: *addr, src: sub.src }))
+            r.subs.iter().map(move |(addr, sub)| {
+                (
+                    room,
+                    UdpDest {
+                        addr: *addr,
+                        src: sub.src,
+                    },
+                )
+            })
         })
     }
 }
@@ -298,9 +325,9 @@ mod tests {
         assert_eq!(subs, [addr(1), addr(2)]);
         assert!(s.unsubscribe(&r, addr(1)));
         assert!(!s.unsubscribe(&r, addr(1)));
-        assert!(s.has_room(&r));
+        assert!(s.has_subscribers(&r));
         assert!(s.unsubscribe(&r, addr(2)));
-        assert!(!s.has_room(&r), "an empty room is gone");
+        assert!(!s.has_subscribers(&r), "an empty room is gone");
         assert_eq!(s.total(), 0);
     }
 
@@ -324,7 +351,7 @@ mod tests {
         );
         assert_eq!(s.total(), 1);
         assert_eq!(s.expire(t0 + Duration::from_secs(90)).len(), 1);
-        assert!(!s.has_room(&r));
+        assert!(!s.has_subscribers(&r));
     }
 
     #[test]
@@ -374,25 +401,34 @@ mod tests {
             s.subscribe(&room("r"), d(addr(9999)), "x", t0, LEASE),
             Subscribed::TooManyFromSource
         );
-        // Another address in the same IPv6 /64 is the same source.
-        let v6 = |last: u16, port| {
-            SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last), port))
+        // The addresses of one IPv6 /64 have their own shares, and MAX_PER_NET together.
+        let v6 = |i: u32, port| {
+            let [hi, lo] = [(i >> 16) as u16, i as u16];
+            SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, hi, lo), port))
         };
         let mut s = Subscriptions::new(10_000, 10_000);
-        for i in 0..MAX_PER_SOURCE as u16 {
-            s.subscribe(&room("r"), d(v6(i, 1)), "x", t0, LEASE);
+        for i in 0..MAX_PER_NET as u32 {
+            assert!(matches!(
+                s.subscribe(&room("r"), d(v6(i, 1)), "x", t0, LEASE),
+                Subscribed::Added { .. }
+            ));
         }
         assert_eq!(
-            s.subscribe(&room("r"), d(v6(999, 1)), "x", t0, LEASE),
+            s.subscribe(&room("r"), d(v6(99_999, 1)), "x", t0, LEASE),
             Subscribed::TooManyFromSource
         );
+        let other_net = SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1), 1));
+        assert!(matches!(
+            s.subscribe(&room("r"), d(other_net), "x", t0, LEASE),
+            Subscribed::Added { .. }
+        ));
         // Leaving frees the share.
         assert!(s.unsubscribe(&room("r"), v6(0, 1)));
         assert!(matches!(
-            s.subscribe(&room("r"), d(v6(999, 1)), "x", t0, LEASE),
+            s.subscribe(&room("r"), d(v6(99_999, 1)), "x", t0, LEASE),
             Subscribed::Added { .. }
         ));
-        assert_eq!(s.expire(t0 + LEASE).len(), MAX_PER_SOURCE);
+        assert_eq!(s.expire(t0 + LEASE).len(), MAX_PER_NET + 1);
         assert!(matches!(
             s.subscribe(&room("r"), d(v6(5, 1)), "x", t0 + LEASE, LEASE),
             Subscribed::Added { .. }

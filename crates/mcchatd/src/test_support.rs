@@ -8,7 +8,8 @@ use crate::settings::Settings;
 /// Settings from a rooms file's text, with no flags.
 pub(crate) fn settings(text: &str) -> Settings {
     let registry = Registry::from_toml(text, "test rooms.toml").expect("rooms");
-    let daemon = crate::config::DaemonSettings::from_registry(&registry, "test rooms.toml").expect("daemon settings");
+    let daemon = crate::config::DaemonSettings::from_registry(&registry, "test rooms.toml")
+        .expect("daemon settings");
     Settings {
         registry,
         daemon,

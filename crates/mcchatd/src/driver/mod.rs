@@ -9,32 +9,35 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::config::Allow;
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
-use crate::config::Allow;
 use mcchat_core::peer::Now;
 use mcchat_core::room::RoomName;
-use mcchat_core::socket::{self, Iface, MulticastConfig};
-use tokio::net::{TcpListener, UnixListener};
+use mcchat_core::socket::{self, MulticastConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::history::History;
 use crate::hub::{Hub, Output, Port, Seed, UdpDest};
-use crate::port::group::{self, GroupDatagram};
+use crate::notify;
+use crate::port::group::{self, GroupDatagram, OwnForwards};
 use crate::port::udp::{RecvBatch, RelaySocket};
 use crate::settings::{self, Settings};
 use crate::status::{self, Services, StatusRequest};
 use mcchat_core::control::HistoryStatus;
-use crate::notify;
 
+mod bind;
 #[cfg(test)]
 mod tests;
+
+pub use crate::settings::check_config;
+use bind::multicast_config;
+pub(crate) use bind::{Bound, bind};
 
 /// Group datagrams handled per wake-up before the loop looks at its other inputs again.
 const GROUP_BATCH: usize = 64;
@@ -52,91 +55,6 @@ pub(crate) enum Wall {
     /// `unix_ms` at the moment the daemon starts, then advancing with tokio's time.
     #[cfg_attr(not(test), allow(dead_code))]
     From(u64),
-}
-
-/// Every socket the daemon serves on, opened before it runs.
-pub(crate) struct Bound {
-    relay: Vec<RelaySocket>,
-    tcp: Vec<TcpListener>,
-    unix: Option<(UnixListener, PathBuf)>,
-}
-
-impl Bound {
-    /// The relay sockets' addresses (with the ports the system chose for port 0).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn relay_addrs(&self) -> Vec<SocketAddr> {
-        self.relay.iter().map(RelaySocket::local_addr).collect()
-    }
-}
-
-/// The multicast settings every send and join uses.
-fn multicast_config(settings: &Settings) -> Result<MulticastConfig> {
-    let iface = match &settings.daemon.iface {
-        Some(spec) => Iface::resolve(spec)?,
-        None => Iface::system_default(),
-    };
-    Ok(MulticastConfig {
-        ttl: settings.daemon.ttl,
-        loopback: true,
-        iface,
-    })
-}
-
-/// Opens the relay sockets (UDP), the status listeners on the same ports (TCP) and the
-/// local status socket.
-pub(crate) fn bind(settings: &Settings) -> Result<Bound> {
-    let mcast = multicast_config(settings)?;
-    let mut relay: Vec<RelaySocket> = Vec::new();
-    let mut tcp = Vec::new();
-    for addr in &settings.daemon.listen {
-        if relay.iter().any(|r| r.local_addr().is_ipv4() == addr.is_ipv4()) {
-            anyhow::bail!(
-                "two listen addresses of one family ({addr}); give one IPv4 and one IPv6 address"
-            );
-        }
-        let tcp_listen = |at: SocketAddr| {
-            socket::tcp_listener(at)
-                .and_then(TcpListener::from_std)
-                .with_context(|| {
-                    format!("failed to listen for status on TCP {at} (is another mcchatd running?)")
-                })
-        };
-        // The TCP listener first where the port is given: it refuses a second daemon before
-        // that one's UDP socket (SO_REUSEADDR, for rooms on the relay port) could take
-        // datagrams meant for the first.
-        let early = if addr.port() == 0 {
-            None
-        } else {
-            Some(tcp_listen(*addr)?)
-        };
-        let sock = RelaySocket::open(*addr, &mcast)?;
-        let bound = sock.local_addr();
-        let listener = match early {
-            Some(l) => l,
-            None => tcp_listen(bound)?,
-        };
-        tracing::info!(%bound, "relaying on UDP, status on TCP");
-        relay.push(sock);
-        tcp.push(listener);
-    }
-    let unix = match &settings.daemon.status_socket {
-        None => None,
-        Some(path) => match status::bind_unix(path) {
-            Ok(listener) => {
-                tracing::info!(path = %path.display(), "status on Unix socket");
-                Some((listener, path.clone()))
-            }
-            Err(error) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    %error,
-                    "status socket not available; use `mcchat status --via HOST` or set status_socket"
-                );
-                None
-            }
-        },
-    };
-    Ok(Bound { relay, tcp, unix })
 }
 
 /// What drives a running daemon from outside: its shutdown, reloads, and how a reload
@@ -199,7 +117,8 @@ struct Driver {
     ttl6: u32,
     mcast: MulticastConfig,
     joined: HashMap<RoomName, (u64, CancellationToken)>,
-    group_tx: mpsc::Sender<GroupDatagram>,
+    /// What the group ports share (own forwards they dropped count toward the hub's).
+    feed: group::Feed,
     history: Option<History>,
     records: crate::history::Batch,
     /// Scratch for one fan-out's destinations.
@@ -236,21 +155,27 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
     }
     let start = tokio::time::Instant::now();
     let ttl = settings.daemon.ttl;
+    let hub = Hub::new(
+        settings,
+        history.is_some(),
+        nets.subnets,
+        random_seed()?,
+        now(control.wall, start),
+    );
+    let own = Arc::new(OwnForwards::new(hub.relay_id()));
     let mut driver = Driver {
-        hub: Hub::new(
-            settings,
-            history.is_some(),
-            nets.subnets,
-            random_seed()?,
-            now(control.wall, start),
-        ),
+        hub,
         relay4,
         relay6,
         ttl4: ttl,
         ttl6: ttl,
         mcast,
         joined: HashMap::new(),
-        group_tx,
+        feed: group::Feed {
+            tx: group_tx,
+            own,
+            tracker: tracker.clone(),
+        },
         history,
         records: crate::history::Batch::new(),
         dests: Vec::new(),
@@ -311,7 +236,8 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
     let watchdog = notify::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     // One timer, moved only when the hub's deadline moves (not one per wake-up).
-    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(driver.hub.next_deadline()));
+    let timer =
+        tokio::time::sleep_until(tokio::time::Instant::from_std(driver.hub.next_deadline()));
     tokio::pin!(timer);
     loop {
         let deadline = tokio::time::Instant::from_std(driver.hub.next_deadline());
@@ -340,11 +266,16 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             _ = nets_tick.tick() => driver.refresh_networks(),
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
         }
-        driver.flush().await;
+        // A wake-up's sends can be many (a batch times 10,000 subscribers): a stop does not
+        // wait for them; what is left goes out within the shutdown's bound, or not at all.
+        tokio::select! {
+            () = driver.flush() => {}
+            () = control.shutdown.cancelled() => break,
+        }
     }
 
     notify::stopping();
-    tracing::info!(subscribers = driver.hub.snapshot(driver.now().mono).subscribers, "shutting down");
+    tracing::info!(subscribers = driver.hub.subscribers(), "shutting down");
     driver.shutdown().await;
     status::unlink(unix_path);
     tracing::info!("stopped");
@@ -356,7 +287,8 @@ pub async fn run(cli: crate::cli::Cli, token: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let settings = settings::load(&cli)?;
     let mut hup = signal(SignalKind::hangup()).context("failed to install a SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?;
+    let mut term =
+        signal(SignalKind::terminate()).context("failed to install a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("failed to install a SIGINT handler")?;
     let bound = bind(&settings)?;
     let (reload_tx, reload) = mpsc::channel(4);
@@ -428,8 +360,15 @@ impl Driver {
             Ok(_) => {
                 let now = self.now();
                 for d in batch.iter() {
-                    self.hub
-                        .on_input(Port::Relay { local: d.local }, d.from, d.data, now);
+                    self.hub.on_input(
+                        Port::Relay {
+                            local: d.local,
+                            unicast: d.unicast,
+                        },
+                        d.from,
+                        d.data,
+                        now,
+                    );
                 }
             }
             Err(error) => {
@@ -509,14 +448,15 @@ impl Driver {
                         group,
                         generation,
                         &self.mcast,
-                        self.group_tx.clone(),
+                        &self.feed,
                         stop.clone(),
-                        &self.tracker,
                     );
                     match result {
                         Ok(()) => {
                             tracing::info!(%room, %group, "joined group");
-                            if let Some((_, old)) = self.joined.insert(room.clone(), (generation, stop)) {
+                            if let Some((_, old)) =
+                                self.joined.insert(room.clone(), (generation, stop))
+                            {
                                 old.cancel();
                             }
                             self.hub.join_done(&room, generation, Ok(()));
@@ -525,7 +465,10 @@ impl Driver {
                     }
                 }
                 Output::Leave { room, generation } => {
-                    if self.joined.get(&room).is_some_and(|(g, _)| *g == generation)
+                    if self
+                        .joined
+                        .get(&room)
+                        .is_some_and(|(g, _)| *g == generation)
                         && let Some((_, stop)) = self.joined.remove(&room)
                     {
                         stop.cancel();
@@ -541,10 +484,16 @@ impl Driver {
             let queued = self.records.len();
             let stored = h.store_batch(&mut self.records);
             if stored < queued
-                && let Some(suppressed) = self.history_log.check(tokio::time::Instant::now().into_std())
+                && let Some(suppressed) = self
+                    .history_log
+                    .check(tokio::time::Instant::now().into_std())
             {
                 let dropped = h.stats().dropped;
-                tracing::warn!(dropped, suppressed, "history writer is behind; messages not stored");
+                tracing::warn!(
+                    dropped,
+                    suppressed,
+                    "history writer is behind; messages not stored"
+                );
             }
         }
         self.records.clear();
@@ -567,7 +516,12 @@ impl Driver {
         }
     }
 
-    async fn send_batch(&mut self, ipv4: bool, dests: &[(SocketAddr, Option<IpAddr>)], data: &[u8]) {
+    async fn send_batch(
+        &mut self,
+        ipv4: bool,
+        dests: &[(SocketAddr, Option<IpAddr>)],
+        data: &[u8],
+    ) {
         let Some(sock) = self.socket_for(ipv4) else {
             self.hub.send_failed(dests.len() as u64);
             return;
@@ -626,6 +580,11 @@ impl Driver {
 
     fn status_json(&self) -> String {
         let mut status = self.hub.snapshot(self.now().mono);
+        status.counters.own_forwards_ignored += self
+            .feed
+            .own
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
         status.history = self.history.as_ref().map(|h| HistoryStatus {
             path: h.path().display().to_string(),
             dropped: h.stats().dropped,
@@ -645,7 +604,10 @@ impl Driver {
         self.token.cancel();
         self.joined.clear();
         self.tracker.close();
-        if tokio::time::timeout(budget, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(budget, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop in time");
         }
         if let Some(mut h) = self.history.take() {
@@ -653,69 +615,10 @@ impl Driver {
             // Off the runtime: the writer's last commit may touch the disk.
             let closed = tokio::task::spawn_blocking(move || h.close(left)).await;
             if !matches!(closed, Ok(true)) {
-                tracing::warn!("history did not finish its last commit in time; what was committed is safe");
+                tracing::warn!(
+                    "history did not finish its last commit in time; what was committed is safe"
+                );
             }
         }
     }
-}
-
-/// `--check-config`: a summary of what would run.
-pub fn check_config(cli: &crate::cli::Cli) -> Result<String> {
-    let s = settings::load(cli)?;
-    let d = &s.daemon;
-    let rooms: Vec<String> = s
-        .registry
-        .rooms()
-        .map(|r| {
-            format!(
-                "{} {}{}",
-                r.name(),
-                r.group(),
-                if r.keep() { " keep" } else { "" }
-            )
-        })
-        .collect();
-    let history = match settings::state_dir(d) {
-        None => "off".to_owned(),
-        Some((dir, _)) => format!(
-            "{} (default: last {} messages, at most {} old, per room)",
-            dir.join(crate::history::FILE_NAME).display(),
-            d.history_count,
-            humantime::format_duration(d.history_age),
-        ),
-    };
-    Ok(format!(
-        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}\nrepair cache: {} bytes, {} s\nhistory: {}",
-        s.origin,
-        if rooms.is_empty() {
-            "(none)".to_owned()
-        } else {
-            rooms.join(", ")
-        },
-        d.listen
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(" "),
-        d.allow
-            .iter()
-            .map(|a| match a {
-                Allow::Loopback => "loopback".to_owned(),
-                Allow::Connected => "connected".to_owned(),
-                Allow::Net(n) => n.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
-        if d.adhoc_rooms { "on" } else { "off" },
-        d.lease_secs,
-        d.max_subscribers,
-        d.max_rooms,
-        d.ttl,
-        d.status_socket
-            .as_ref()
-            .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
-        d.repair_cache_bytes,
-        d.repair_window.as_secs(),
-        history,
-    ))
 }

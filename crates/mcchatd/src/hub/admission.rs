@@ -1,24 +1,72 @@
 //! Admission: whether a datagram from a source may be handled at all, and its share of the
-//! relay. Source sanity, the allow list, and per-source token buckets, where a source is an
-//! IPv4 address or an IPv6 /64 (one host can have any number of addresses in its prefix).
+//! relay. Source sanity, the allow list, and per-source token buckets, at two levels for
+//! IPv6: each address has the configured share, and each /64 together [`NET_SHARE`] times
+//! that, since one host can have any number of addresses in its prefix, while the hosts of
+//! one LAN usually share one /64 and must not share one bucket.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
-use ipnet::IpNet;
 use crate::config::{Allow, DaemonSettings};
+use ipnet::IpNet;
 
 use crate::counters::Drop;
 use crate::limiter::Limiter;
 
-/// What counts as one source for limits: an IPv4 address, or an IPv6 /64.
+/// How many sources' shares one IPv6 /64 has together.
+pub(crate) const NET_SHARE: u32 = 16;
+
+/// What counts as one source: an IPv4 address (IPv4-mapped IPv6 included) or an IPv6 address.
 pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(ip) => IpAddr::V4(ip),
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(ip) & !0xffff_ffff_ffff_ffff)),
-        },
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// The IPv6 /64 `ip` is in, for the second level of limits; `None` for IPv4.
+pub(crate) fn net_key(ip: IpAddr) -> Option<IpAddr> {
+    match source_key(ip) {
+        IpAddr::V6(v6) => Some(IpAddr::V6(Ipv6Addr::from(
+            u128::from(v6) & !0xffff_ffff_ffff_ffff,
+        ))),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// One bucket per source and, for IPv6, one per /64 with [`NET_SHARE`] times the rate.
+#[derive(Debug)]
+struct TwoLevel {
+    source: Limiter,
+    net: Limiter,
+}
+
+impl TwoLevel {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            source: Limiter::new(rate, burst),
+            net: Limiter::new(
+                rate.saturating_mul(NET_SHARE),
+                burst.saturating_mul(NET_SHARE),
+            ),
+        }
+    }
+
+    fn set_rate(&mut self, rate: u32, burst: u32) {
+        self.source.set_rate(rate, burst);
+        self.net.set_rate(
+            rate.saturating_mul(NET_SHARE),
+            burst.saturating_mul(NET_SHARE),
+        );
+    }
+
+    fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.source.allow(source_key(ip), now) && net_key(ip).is_none_or(|n| self.net.allow(n, now))
+    }
+
+    fn forget_idle(&mut self, now: Instant) {
+        self.source.forget_idle(now);
+        self.net.forget_idle(now);
     }
 }
 
@@ -50,9 +98,9 @@ pub(crate) enum Bucket {
 pub(crate) struct Admission {
     allow: Vec<Allow>,
     connected: Vec<IpNet>,
-    relay: Limiter,
-    unverified: Limiter,
-    verified: Limiter,
+    relay: TwoLevel,
+    unverified: TwoLevel,
+    verified: TwoLevel,
 }
 
 impl Admission {
@@ -60,9 +108,9 @@ impl Admission {
         Self {
             allow: d.allow.clone(),
             connected,
-            relay: Limiter::new(d.relay_rate, d.relay_burst),
-            unverified: Limiter::new(d.subscribe_rate, d.subscribe_burst),
-            verified: Limiter::new(d.subscribe_rate, d.subscribe_burst),
+            relay: TwoLevel::new(d.relay_rate, d.relay_burst),
+            unverified: TwoLevel::new(d.subscribe_rate, d.subscribe_burst),
+            verified: TwoLevel::new(d.subscribe_rate, d.subscribe_burst),
         }
     }
 
@@ -70,7 +118,8 @@ impl Admission {
     pub(crate) fn reconfigure(&mut self, d: &DaemonSettings) {
         self.allow.clone_from(&d.allow);
         self.relay.set_rate(d.relay_rate, d.relay_burst);
-        self.unverified.set_rate(d.subscribe_rate, d.subscribe_burst);
+        self.unverified
+            .set_rate(d.subscribe_rate, d.subscribe_burst);
         self.verified.set_rate(d.subscribe_rate, d.subscribe_burst);
     }
 
@@ -94,8 +143,7 @@ impl Admission {
     /// host's subnets), which no host sends from; then the allow list.
     pub(crate) fn check_source(&self, from: SocketAddr) -> Result<(), Drop> {
         let ip = from.ip();
-        if from.port() == 0 || ip.is_unspecified() || ip.is_multicast() || self.is_broadcast(ip)
-        {
+        if from.port() == 0 || ip.is_unspecified() || ip.is_multicast() || self.is_broadcast(ip) {
             return Err(Drop::BadSource);
         }
         if !self.allowed(ip) {
@@ -104,7 +152,8 @@ impl Admission {
         Ok(())
     }
 
-    fn is_broadcast(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is the limited broadcast or a broadcast address of one of the subnets.
+    pub(crate) fn is_broadcast(&self, ip: IpAddr) -> bool {
         let IpAddr::V4(v4) = ip else {
             return false;
         };
@@ -116,13 +165,12 @@ impl Admission {
             })
     }
 
-    /// Takes a token from `ip`'s share of `bucket`.
+    /// Takes a token from `ip`'s share of `bucket` (and of its /64's).
     pub(crate) fn take(&mut self, bucket: Bucket, ip: IpAddr, now: Instant) -> bool {
-        let key = source_key(ip);
         match bucket {
-            Bucket::Relay => self.relay.allow(key, now),
-            Bucket::Unverified => self.unverified.allow(key, now),
-            Bucket::Verified => self.verified.allow(key, now),
+            Bucket::Relay => self.relay.allow(ip, now),
+            Bucket::Unverified => self.unverified.allow(ip, now),
+            Bucket::Verified => self.verified.allow(ip, now),
         }
     }
 
@@ -143,7 +191,13 @@ mod tests {
             allow: vec![Allow::Loopback, Allow::Connected],
             ..DaemonSettings::default()
         };
-        Admission::new(&d, vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/64".parse().unwrap()])
+        Admission::new(
+            &d,
+            vec![
+                "192.0.2.0/24".parse().unwrap(),
+                "2001:db8::/64".parse().unwrap(),
+            ],
+        )
     }
 
     fn sa(s: &str) -> SocketAddr {
@@ -168,11 +222,15 @@ mod tests {
         assert_eq!(a.check_source(sa("192.0.2.7:5")), Ok(()));
         assert_eq!(a.check_source(sa("127.0.0.1:5")), Ok(()));
         assert_eq!(a.check_source(sa("[2001:db8::9]:5")), Ok(()));
-        assert_eq!(a.check_source(sa("[::ffff:127.0.0.1]:5")), Ok(()), "mapped IPv4");
+        assert_eq!(
+            a.check_source(sa("[::ffff:127.0.0.1]:5")),
+            Ok(()),
+            "mapped IPv4"
+        );
     }
 
     #[test]
-    fn one_bucket_per_ipv4_address_and_per_ipv6_64() {
+    fn one_bucket_per_address_and_one_per_ipv6_64_for_many() {
         let d = DaemonSettings {
             relay_rate: 1,
             relay_burst: 3,
@@ -180,14 +238,18 @@ mod tests {
         };
         let mut a = Admission::new(&d, Vec::new());
         let t = Instant::now();
-        // Every address of one /64 shares one bucket.
-        let taken = (0..10u16)
-            .filter(|i| {
-                let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0xaaaa, 0, 0, *i));
-                a.take(Bucket::Relay, ip, t)
-            })
-            .count();
-        assert_eq!(taken, 3);
+        let v6 = |i: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0xaaaa, 0, 0, i));
+        // One address has its burst.
+        assert_eq!(
+            (0..10).filter(|_| a.take(Bucket::Relay, v6(1), t)).count(),
+            3
+        );
+        // Neighbours in the /64 have theirs, until the /64's share (16 bursts) is spent,
+        // however many addresses one host uses.
+        let neighbours: usize = (2..200u16)
+            .map(|i| (0..3).filter(|_| a.take(Bucket::Relay, v6(i), t)).count())
+            .sum();
+        assert_eq!(3 + neighbours, 16 * 3);
         // Another /64 has its own; so does every IPv4 address.
         assert!(a.take(Bucket::Relay, "2001:db8:0:1::1".parse().unwrap(), t));
         assert!(a.take(Bucket::Relay, "192.0.2.1".parse().unwrap(), t));

@@ -18,7 +18,13 @@ pub(crate) const DAEMON_NAME: &str = "mcchatd";
 
 impl Hub {
     /// Writes a daemon datagram for `room` into `self.text`; false if it cannot be encoded.
-    pub(super) fn control(&mut self, kind: Kind, room: &str, extra: &[(&str, &str)], text: &str) -> bool {
+    pub(super) fn control(
+        &mut self,
+        kind: Kind,
+        room: &str,
+        extra: &[(&str, &str)],
+        text: &str,
+    ) -> bool {
         let header = Header {
             meta: Meta {
                 kind,
@@ -53,11 +59,17 @@ impl Hub {
         frame
             .tags
             .get("cookie")
-            .is_some_and(|c| self.cookies.verify(&c, from.addr, now.unix_ms / 1000))
+            .is_some_and(|c| self.cookies.verify(&c, from.addr, self.cookie_time(now)))
     }
 
     /// A `sub` or `unsub`.
-    pub(super) fn on_control(&mut self, frame: &Frame<'_>, request_len: usize, from: UdpDest, now: Now) {
+    pub(super) fn on_control(
+        &mut self,
+        frame: &Frame<'_>,
+        request_len: usize,
+        from: UdpDest,
+        now: Now,
+    ) {
         // Requests with a valid cookie come from the address itself; only they may use its
         // renewal bucket, so a spoofer cannot drain it and lapse a victim.
         let verified = self.cookie_ok(frame, from, now);
@@ -76,15 +88,27 @@ impl Hub {
         }
     }
 
-    fn on_subscribe(&mut self, frame: &Frame<'_>, request_len: usize, from: UdpDest, verified: bool, now: Now) {
+    fn on_subscribe(
+        &mut self,
+        frame: &Frame<'_>,
+        request_len: usize,
+        from: UdpDest,
+        verified: bool,
+        now: Now,
+    ) {
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
         };
         if !verified {
             // Return-routability first: answer with a cookie, never with more bytes than the
             // request carried, so a spoofed source cannot be used for amplification.
-            let cookie = self.cookies.issue(from.addr, now.unix_ms / 1000);
-            if !self.control(Kind::Challenge, room.name().as_str(), &[("cookie", &cookie)], "") {
+            let cookie = self.cookies.issue(from.addr, self.cookie_time(now));
+            if !self.control(
+                Kind::Challenge,
+                room.name().as_str(),
+                &[("cookie", &cookie)],
+                "",
+            ) {
                 return;
             }
             if self.text.len() > request_len {
@@ -94,12 +118,17 @@ impl Hub {
             return self.reply(from);
         }
         let lease = Duration::from_secs(u64::from(self.settings.daemon.lease_secs));
-        let outcome = self.subs.subscribe(room.name(), from, frame.sender, now.mono, lease);
+        let outcome = self
+            .subs
+            .subscribe(room.name(), from, frame.sender, now.mono, lease);
         match outcome {
             Subscribed::Added { first } => {
                 self.counters.subscribed += 1;
                 tracing::info!(room = %room.name(), from = %from.addr, name = frame.sender, "subscribed");
                 if first {
+                    // A first subscriber is worth a join attempt now, even in the backoff of
+                    // an earlier failure: it is told `closed` at once if it fails again.
+                    self.groups.retry_now(room.name());
                     self.reconcile();
                 }
             }
@@ -120,7 +149,7 @@ impl Hub {
         // A fresh cookie with every `subok`, so the client's is never older than one renewal
         // interval and its renewals and `unsub` always draw on the verified bucket.
         let lease = self.settings.daemon.lease_secs.to_string();
-        let cookie = self.cookies.issue(from.addr, now.unix_ms / 1000);
+        let cookie = self.cookies.issue(from.addr, self.cookie_time(now));
         if self.control(
             Kind::Subscribed,
             room.name().as_str(),
@@ -138,7 +167,11 @@ impl Hub {
         }
         // The codec checked the room name already.
         let Ok(room) = RoomName::new(frame.room) else {
-            return self.count_drop(Drop::Malformed(wire::DropReason::BadRoom), from.addr, now.mono);
+            return self.count_drop(
+                Drop::Malformed(wire::DropReason::BadRoom),
+                from.addr,
+                now.mono,
+            );
         };
         if self.subs.unsubscribe(&room, from.addr) {
             self.counters.unsubscribed += 1;

@@ -48,6 +48,11 @@ impl Membership {
         self.backoff.clear();
     }
 
+    /// Lets the next reconcile try `room` again at once.
+    pub(crate) fn retry_now(&mut self, room: &RoomName) {
+        self.backoff.remove(room);
+    }
+
     /// Every membership, ended.
     pub(crate) fn leave_all(&mut self) -> Vec<(RoomName, u64)> {
         self.joined
@@ -122,7 +127,12 @@ impl Hub {
     /// How the driver's join of `room`'s group for the membership `generation` went. On
     /// failure its subscribers are told (`closed`), and the join is tried again within 10 s
     /// if the room is still wanted.
-    pub(crate) fn join_done(&mut self, room: &RoomName, generation: u64, result: Result<(), String>) {
+    pub(crate) fn join_done(
+        &mut self,
+        room: &RoomName,
+        generation: u64,
+        result: Result<(), String>,
+    ) {
         if self.groups.generation(room) != Some(generation) {
             return;
         }
@@ -134,6 +144,7 @@ impl Hub {
         };
         self.groups.joined.remove(room);
         self.groups.backoff.insert(room.clone());
+        self.cache.forget_room(room);
         // Said once per room until a join works, however often it is retried.
         if self.groups.failed.insert(room.clone()) {
             tracing::error!(%room, %error, "cannot join group; retrying every 10 s");
@@ -141,7 +152,11 @@ impl Hub {
         let dropped = self.subs.close_room(room);
         if !dropped.is_empty() {
             tracing::info!(%room, subscribers = dropped.len(), "room closed: cannot join its group");
-            self.tell_closed(room, &dropped, &format!("mcchatd cannot join the group: {error}"));
+            self.tell_closed(
+                room,
+                &dropped,
+                &format!("mcchatd cannot join the group: {error}"),
+            );
         }
     }
 }

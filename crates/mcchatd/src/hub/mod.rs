@@ -60,8 +60,12 @@ pub(crate) struct UdpDest {
 /// Where a datagram entered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Port {
-    /// The relay port; `local` is the address the datagram was sent to, when known.
-    Relay { local: Option<IpAddr> },
+    /// The relay port; `local` is the address the datagram was sent to, when known;
+    /// `unicast` is false if it was sent to a group or the limited broadcast address.
+    Relay {
+        local: Option<IpAddr>,
+        unicast: bool,
+    },
     /// A joined group, by room and by the membership it was heard in.
     Group { room: RoomName, generation: u64 },
 }
@@ -83,7 +87,7 @@ pub(crate) enum Output {
         except: Option<SocketAddr>,
         data: Bytes,
     },
-    /// Join a room's group; report failure with [`Hub::join_failed`]. Datagrams heard there
+    /// Join a room's group; report how it went with [`Hub::join_done`]. Datagrams heard there
     /// come in as [`Port::Group`] with this generation.
     Join {
         room: RoomName,
@@ -132,6 +136,9 @@ pub(crate) struct Hub {
     next_tick: Instant,
     next_join_retry: Instant,
     started: Instant,
+    /// The wall clock (Unix seconds) when the hub started: cookie times count from it on the
+    /// monotonic clock, so a step of the wall clock cannot expire or invalidate them.
+    cookie_epoch: u64,
     drop_log: LogLimiter,
 }
 
@@ -188,6 +195,7 @@ impl Hub {
             next_tick: now.mono + TICK,
             next_join_retry: now.mono + JOIN_RETRY,
             started: now.mono,
+            cookie_epoch: now.unix_ms / 1000,
             drop_log: LogLimiter::default(),
             settings,
         };
@@ -237,6 +245,43 @@ impl Hub {
     /// The host's subnets changed.
     pub(crate) fn set_connected(&mut self, connected: Vec<IpNet>) {
         self.admission.set_connected(connected);
+        self.close_disallowed();
+    }
+
+    /// Ends the subscriptions of sources the allow list no longer admits (after a reload or
+    /// a change of the host's subnets), telling them why.
+    pub(super) fn close_disallowed(&mut self) {
+        let gone: Vec<(RoomName, UdpDest)> = self
+            .subs
+            .all()
+            .filter(|(_, d)| !self.admission.allowed(d.addr.ip()))
+            .map(|(r, d)| (r.clone(), d))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for (room, dest) in &gone {
+            self.subs.unsubscribe(room, dest.addr);
+            tracing::info!(%room, addr = %dest.addr, "subscription ended: source no longer allowed");
+            self.tell_closed(room, &[*dest], "not allowed");
+        }
+        self.reconcile();
+    }
+
+    /// The time cookies are issued and checked at: Unix seconds as of the start, advanced by
+    /// the monotonic clock.
+    pub(super) fn cookie_time(&self, now: Now) -> u64 {
+        self.cookie_epoch + now.mono.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// Subscriptions now.
+    pub(crate) fn subscribers(&self) -> usize {
+        self.subs.total()
+    }
+
+    /// This hub's `relay` tag value.
+    pub(crate) fn relay_id(&self) -> &str {
+        &self.relay_id
     }
 
     /// The host's subnets as last set.
@@ -248,9 +293,21 @@ impl Hub {
     pub(crate) fn on_input(&mut self, port: Port, from: SocketAddr, data: &[u8], now: Now) {
         let from = canonical(from);
         match port {
-            Port::Relay { local } => {
+            Port::Relay { local, unicast } => {
                 self.counters.received_unicast += 1;
-                self.on_unicast(UdpDest { addr: from, src: local }, data, now);
+                // Sent to a group or a broadcast address, the relay socket still hears it (a
+                // room on the relay port, a broadcast): not for the daemon to relay or answer.
+                if !unicast || local.is_some_and(|l| self.admission.is_broadcast(l)) {
+                    return self.count_drop(Drop::NotUnicast, from, now.mono);
+                }
+                self.on_unicast(
+                    UdpDest {
+                        addr: from,
+                        src: local,
+                    },
+                    data,
+                    now,
+                );
             }
             Port::Group { room, generation } => {
                 self.counters.received_multicast += 1;
@@ -268,14 +325,19 @@ impl Hub {
 
     /// The driver could not send `n` datagrams.
     pub(crate) fn send_failed(&mut self, n: u64) {
-        *self.counters.dropped.entry(Drop::SendFailed.name()).or_insert(0) += n;
+        *self
+            .counters
+            .dropped
+            .entry(Drop::SendFailed.name())
+            .or_insert(0) += n;
     }
 
     /// A room by name under the current rules: configured, or derived while ad-hoc rooms
     /// are on.
     fn room(&self, name: &str) -> Option<Room> {
         let room = self.settings.registry.resolve(name).ok()?;
-        (room.source() == RoomSource::Configured || self.settings.daemon.adhoc_rooms).then_some(room)
+        (room.source() == RoomSource::Configured || self.settings.daemon.adhoc_rooms)
+            .then_some(room)
     }
 
     fn ttl(&self, room: &Room) -> u32 {
@@ -303,9 +365,11 @@ impl Hub {
     /// A chat datagram (or NACK) from a unicast client: to the group and the other
     /// subscribers, as the routing table says.
     fn relay_unicast(&mut self, frame: &Frame<'_>, data: &[u8], from: UdpDest, now: Now) {
-        if frame.tags.get(RELAY_TAG).as_deref() == Some(self.relay_id.as_str()) {
-            // Our own forward, back at the relay port: a loop somewhere; never relay it.
-            return self.count_drop(Drop::OwnForward, from.addr, now.mono);
+        if frame.tags.get(RELAY_TAG).is_some() {
+            // A daemon's forward (ours or another's) at the relay port: clients never send the
+            // tag, so this is a loop somewhere (two daemons, a room on the relay port); never
+            // relay it.
+            return self.count_drop(Drop::RelayTagged, from.addr, now.mono);
         }
         if !self.admission.take(Bucket::Relay, from.addr.ip(), now.mono) {
             return self.count_drop(Drop::RateLimited, from.addr, now.mono);
@@ -313,6 +377,14 @@ impl Hub {
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
         };
+        // A datagram with no room for the `relay` tag could not go to the group without
+        // coming back unrecognised; rather than reach some members and not others (the LAN
+        // would ask for it in vain), it goes nowhere. mcchat never writes one (HOP_RESERVE).
+        let mut tagged = std::mem::take(&mut self.scratch);
+        if tags::add_hop_tag(data, RELAY_TAG, &self.relay_id, &mut tagged).is_err() {
+            self.scratch = tagged;
+            return self.count_drop(Drop::NoRoomForRelayTag, from.addr, now.mono);
+        }
         // One copy, shared by history and every subscriber.
         let shared = Bytes::copy_from_slice(data);
         if frame.meta.kind == Kind::Nack {
@@ -328,6 +400,7 @@ impl Hub {
                     self.out.push_back(Output::ToUdp { to: from, data });
                 }
                 if complete {
+                    self.scratch = tagged;
                     return;
                 }
             }
@@ -337,23 +410,33 @@ impl Hub {
             self.record(room.name(), frame, &shared, now);
         }
         if forwards(PortKind::Udp, PortKind::Group) {
-            self.send_to_group(&room, data, now.mono, from.addr);
+            self.counters.relayed_to_group += 1;
+            self.out.push_back(Output::ToGroup {
+                group: room.group(),
+                ttl: self.ttl(&room),
+                data: Bytes::copy_from_slice(&tagged),
+            });
         }
+        self.scratch = tagged;
         if forwards(PortKind::Udp, PortKind::Udp) {
             self.fan_out(room.name(), shared, Some(from.addr));
         }
     }
 
-    /// Sends `data` to `room`'s group with this hub's `relay` tag.
-    fn send_to_group(&mut self, room: &Room, data: &[u8], now: Instant, from: SocketAddr) {
-        // Another daemon's tag (a client that forwards what it heard) is replaced: the tag
-        // says who sent it to this group.
-        let data = tags::without_hop_tag(data, RELAY_TAG);
-        if tags::add_hop_tag(&data, RELAY_TAG, &self.relay_id, &mut self.scratch).is_err() {
-            // No room for the tag: sent, it would come back unrecognised and loop.
-            return self.count_drop(Drop::NoRoomForRelayTag, from, now);
+    /// Sends what the hub made itself (a repair, a leave repeat) to `room`'s group with this
+    /// hub's `relay` tag; skipped if it has no room for the tag.
+    fn send_own_to_group(&mut self, room: &Room, data: &[u8], now: Instant) {
+        if tags::add_hop_tag(data, RELAY_TAG, &self.relay_id, &mut self.scratch).is_err() {
+            *self
+                .counters
+                .dropped
+                .entry(Drop::NoRoomForRelayTag.name())
+                .or_insert(0) += 1;
+            if let Some(suppressed) = self.drop_log.check(now) {
+                tracing::debug!(room = %room.name(), suppressed, "repair too long for the relay tag");
+            }
+            return;
         }
-        self.counters.relayed_to_group += 1;
         self.out.push_back(Output::ToGroup {
             group: room.group(),
             ttl: self.ttl(room),
@@ -410,6 +493,12 @@ impl Hub {
                 .observe(room, &frame.meta, is_repair(&frame), data, now.mono);
             self.record(room, &frame, &shared, now);
         }
+        if forwards(PortKind::Group, PortKind::Group) {
+            // Never true (routing.rs says why); asked so that the table is the one authority.
+            if let Some(r) = self.room(room.as_str()) {
+                self.send_own_to_group(&r, data, now.mono);
+            }
+        }
         if forwards(PortKind::Group, PortKind::Udp) {
             self.fan_out(room, shared, None);
         }
@@ -422,7 +511,7 @@ impl Hub {
             let Some(room) = self.room(o.room.as_str()) else {
                 continue;
             };
-            self.send_to_group(&room, &o.data, now, room.group());
+            self.send_own_to_group(&room, &o.data, now);
             if o.to_subscribers {
                 self.fan_out(room.name(), o.data, None);
             }
@@ -440,7 +529,7 @@ impl Hub {
         // Rooms not in the file are kept only while someone subscribes: anyone allowed to
         // relay could otherwise fill the disk with room names of their own.
         let configured = self.settings.registry.configured(room.as_str()).is_some();
-        if !configured && self.subs.fanout(room).is_none() {
+        if !configured && !self.subs.has_subscribers(room) {
             return;
         }
         self.out.push_back(Output::Record {

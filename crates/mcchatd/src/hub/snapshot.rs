@@ -11,18 +11,14 @@ use mcchat_core::control::{RoomStatus, Status, SubscriberStatus};
 impl Hub {
     /// The status document as the hub knows it (history's part is the driver's).
     pub(crate) fn snapshot(&self, now: Instant) -> Status {
-        let mut names: Vec<RoomName> = self
+        let names: std::collections::BTreeSet<&RoomName> = self
             .settings
             .registry
             .rooms()
-            .map(|r| r.name().clone())
+            .map(|r| r.name())
+            .chain(self.subs.rooms())
+            .chain(self.groups.groups().map(|(r, _)| r))
             .collect();
-        for n in self.subs.rooms().chain(self.groups.groups().map(|(r, _)| r)) {
-            if !names.contains(n) {
-                names.push(n.clone());
-            }
-        }
-        names.sort();
         let rooms = names
             .iter()
             .filter_map(|n| {
@@ -72,7 +68,7 @@ impl Hub {
 
     /// A reloaded configuration: new limits, rules and rooms. Rooms that vanished or moved
     /// to another group have their subscribers told (`closed`, "room removed"); groups are
-    /// joined and left to match. `listen`, `status_socket`, `ttl`, `iface` and `state_dir`
+    /// joined and left to match. `listen`, `status_socket`, `iface` and `state_dir`
     /// keep their running values until a restart (they belong to sockets and files the
     /// driver opened); the answer names those that changed.
     pub(crate) fn reconfigure(&mut self, mut new: Settings, now: Instant) -> Reconfigured {
@@ -87,10 +83,6 @@ impl Hub {
             need_restart.push("status_socket");
             d.status_socket.clone_from(&old.status_socket);
         }
-        if d.ttl != old.ttl {
-            need_restart.push("ttl");
-            d.ttl = old.ttl;
-        }
         if d.iface != old.iface {
             need_restart.push("iface");
             d.iface.clone_from(&old.iface);
@@ -101,7 +93,8 @@ impl Hub {
         }
         self.admission.reconfigure(d);
         self.subs.set_limits(d.max_subscribers, d.max_rooms);
-        self.cache.set_bounds(d.repair_cache_bytes, d.repair_window, now);
+        self.cache
+            .set_bounds(d.repair_cache_bytes, d.repair_window, now);
         self.policy = history_policy(&new);
         let before: Vec<(RoomName, std::net::SocketAddr)> = self
             .subs
@@ -117,6 +110,7 @@ impl Hub {
             }
         }
         self.reconcile();
+        self.close_disallowed();
         Reconfigured { need_restart }
     }
 

@@ -36,7 +36,6 @@ const LOCAL_B: &str = "192.0.2.2";
 /// The relay id the tests' hub uses.
 const ID: u32 = 0x0a0b_0c0d;
 
-
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("address")
 }
@@ -109,6 +108,7 @@ impl T {
         self.hub.on_input(
             Port::Relay {
                 local: Some(ip(local)),
+                unicast: true,
             },
             sa(from),
             data,
@@ -121,7 +121,15 @@ impl T {
         let now = self.now();
         let r = room(name);
         let generation = self.hub.groups.generation(&r).expect("joined");
-        self.hub.on_input(Port::Group { room: r, generation }, sa(from), data, now);
+        self.hub.on_input(
+            Port::Group {
+                room: r,
+                generation,
+            },
+            sa(from),
+            data,
+            now,
+        );
         self.drain()
     }
 
@@ -162,8 +170,15 @@ impl T {
 
 fn request(kind: Kind, room: &str, cookie: Option<&str>) -> String {
     let mut out = String::new();
-    wire::relay_request(kind, room, "alice", cookie, wire::MIN_RELAY_REQUEST, &mut out)
-        .expect("request");
+    wire::relay_request(
+        kind,
+        room,
+        "alice",
+        cookie,
+        wire::MIN_RELAY_REQUEST,
+        &mut out,
+    )
+    .expect("request");
     out
 }
 
@@ -233,8 +248,16 @@ fn a_unicast_message_goes_to_the_group_tagged_and_to_the_other_subscribers() {
     let udp = to_udp(&out);
     assert_eq!(udp.len(), 1, "not back to its source");
     assert_eq!(udp[0].0.addr, sa("192.0.2.11:4000"));
-    assert_eq!(udp[0].0.src, Some(ip(LOCAL_B)), "from the address it subscribed on");
-    assert_eq!(udp[0].1.as_ref(), msg.as_bytes(), "subscribers get it as sent");
+    assert_eq!(
+        udp[0].0.src,
+        Some(ip(LOCAL_B)),
+        "from the address it subscribed on"
+    );
+    assert_eq!(
+        udp[0].1.as_ref(),
+        msg.as_bytes(),
+        "subscribers get it as sent"
+    );
 }
 
 #[test]
@@ -253,7 +276,11 @@ fn a_group_message_goes_to_subscribers_only() {
 fn own_forwards_are_recognised_by_the_relay_tag_not_by_address() {
     let mut t = T::new(ROOMS, false);
     t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
-    let out = t.unicast("192.0.2.10:4000", LOCAL_A, chat("room1", "hi", 1).as_bytes());
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        chat("room1", "hi", 1).as_bytes(),
+    );
     let forwarded = to_group(&out).remove(0);
     // Heard back through multicast loopback, from the relay socket's own address.
     let out = t.group("room1", "192.0.2.1:5554", &forwarded);
@@ -265,36 +292,74 @@ fn own_forwards_are_recognised_by_the_relay_tag_not_by_address() {
     assert_eq!(to_udp(&out).len(), 1);
     // A peer on this host, in a room whose port is the relay port, sends from this host's
     // address and the relay port: it is relayed like anyone.
-    let out = t.group("room1", "192.0.2.1:5554", chat("room1", "local peer", 2).as_bytes());
-    assert_eq!(to_udp(&out).len(), 1, "a local peer is not mistaken for the daemon");
-    // A client datagram with another daemon's tag: the tag is replaced by ours.
+    let out = t.group(
+        "room1",
+        "192.0.2.1:5554",
+        chat("room1", "local peer", 2).as_bytes(),
+    );
+    assert_eq!(
+        to_udp(&out).len(),
+        1,
+        "a local peer is not mistaken for the daemon"
+    );
+    // A daemon's forward at the relay port (another daemon's, or ours): a loop; dropped.
     let out = t.unicast("192.0.2.10:4000", LOCAL_A, other.as_bytes());
-    let g = to_group(&out);
-    assert_eq!(wire::decode(&g[0]).unwrap().tags.get(RELAY_TAG).as_deref(), Some("0a0b0c0d"));
-    assert_eq!(tags::end_to_end(&g[0]), tags::end_to_end(other.as_bytes()));
-    // Too long to take the tag: not to the group (it would loop), still to subscribers.
+    assert!(out.is_empty());
+    // Too long to take the tag: it could not go to the group without looping, so it goes
+    // nowhere rather than to some members only.
     let long = format!("room1|bob|{}", "x".repeat(1190 - 10));
     let out = t.unicast("192.0.2.11:4000", LOCAL_A, long.as_bytes());
-    assert!(to_group(&out).is_empty());
-    assert_eq!(to_udp(&out).len(), 1);
+    assert!(out.is_empty());
     assert_eq!(t.counter("no_room_for_relay_tag"), 1);
-    // Our own tag at the relay port is a loop: dropped.
+    // At the limit it fits: 1184 bytes bare, 1200 with the tag.
+    let fits = format!("room1|bob|{}", "x".repeat(1184 - 10));
+    let out = t.unicast("192.0.2.11:4000", LOCAL_A, fits.as_bytes());
+    assert_eq!(to_group(&out)[0].len(), 1200);
     let out = t.unicast("192.0.2.10:4000", LOCAL_A, &forwarded);
     assert!(out.is_empty());
-    assert_eq!(t.counter("own_forward"), 1);
+    assert_eq!(t.counter("relay_tagged"), 2);
+    // What the relay socket hears that was sent to a group or a broadcast address is not
+    // for the daemon (a room on the relay port, a broadcast).
+    let now = t.now();
+    let msg = chat("room1", "to a group", 3);
+    for (local, unicast) in [(None, false), (Some(ip("192.0.2.255")), true)] {
+        t.hub.on_input(
+            Port::Relay { local, unicast },
+            sa("192.0.2.10:4000"),
+            msg.as_bytes(),
+            now,
+        );
+    }
+    assert!(t.drain().is_empty());
+    assert_eq!(t.counter("not_unicast"), 2);
 }
 
 #[test]
 fn admission_drops_bad_sources_and_networks_not_allowed() {
     let mut t = T::new(ROOMS, false);
     let msg = chat("room1", "hi", 1);
-    for from in ["0.0.0.0:5", "192.0.2.7:0", "239.1.1.1:5", "255.255.255.255:5", "192.0.2.255:5"] {
-        assert!(t.unicast(from, LOCAL_A, msg.as_bytes()).is_empty(), "{from}");
+    for from in [
+        "0.0.0.0:5",
+        "192.0.2.7:0",
+        "239.1.1.1:5",
+        "255.255.255.255:5",
+        "192.0.2.255:5",
+    ] {
+        assert!(
+            t.unicast(from, LOCAL_A, msg.as_bytes()).is_empty(),
+            "{from}"
+        );
     }
     assert_eq!(t.counter("bad_source"), 5);
-    assert!(t.unicast("198.51.100.1:5", LOCAL_A, msg.as_bytes()).is_empty());
+    assert!(
+        t.unicast("198.51.100.1:5", LOCAL_A, msg.as_bytes())
+            .is_empty()
+    );
     assert_eq!(t.counter("not_allowed"), 1);
-    assert!(!t.unicast("127.0.0.1:5", "127.0.0.1", msg.as_bytes()).is_empty());
+    assert!(
+        !t.unicast("127.0.0.1:5", "127.0.0.1", msg.as_bytes())
+            .is_empty()
+    );
 }
 
 #[test]
@@ -377,12 +442,18 @@ fn leases_lapse_and_the_group_is_left() {
             .any(|o| matches!(o, Output::Leave { room: r, .. } if r.as_str() == "room1"))
     );
     assert_eq!(t.hub.counters.expired, 1);
-    assert!(t.hub.groups.is_joined(&room("kept")), "keep rooms stay joined");
+    assert!(
+        t.hub.groups.is_joined(&room("kept")),
+        "keep rooms stay joined"
+    );
 }
 
 #[test]
 fn caps_refuse_with_closed() {
-    let text = format!("{ROOMS}\n").replace("lease_secs = 60", "lease_secs = 60\nmax_subscribers = 2\nmax_rooms = 1");
+    let text = format!("{ROOMS}\n").replace(
+        "lease_secs = 60",
+        "lease_secs = 60\nmax_subscribers = 2\nmax_rooms = 1",
+    );
     let mut t = T::new(&text, false);
     t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
     // A second room: over max_rooms.
@@ -394,16 +465,21 @@ fn caps_refuse_with_closed() {
 }
 
 #[test]
-fn per_source_cap_counts_an_ipv6_64_as_one_source() {
-    let mut t = T::new(&ROOMS.replace("\"connected\"]", "\"connected\", \"2001:db8::/32\"]"), false);
+fn per_source_cap_counts_one_address_whatever_its_ports() {
+    let mut t = T::new(
+        &ROOMS.replace("\"connected\"]", "\"connected\", \"2001:db8::/32\"]"),
+        false,
+    );
     for i in 0..crate::subs::MAX_PER_SOURCE {
-        // Within the subscribe bucket's rate (one /64 is one source for it too).
+        // Within the subscribe bucket's rate.
         t.at(Duration::from_millis(200 * i as u64));
-        t.subscribe("room1", &format!("[2001:db8::{:x}]:4000", i + 1), LOCAL_A);
+        t.subscribe("room1", &format!("[2001:db8::1]:{}", 4000 + i), LOCAL_A);
     }
     t.at(Duration::from_secs(14));
-    let c = t.subscribe_expect_closed("room1", "[2001:db8::ffff]:4000");
+    let c = t.subscribe_expect_closed("room1", "[2001:db8::1]:9999");
     assert_eq!(c, "too_many_from_source");
+    // A neighbour in the same /64 is another source.
+    t.subscribe("room1", "[2001:db8::2]:4000", LOCAL_A);
 }
 
 impl T {
@@ -443,7 +519,8 @@ fn a_failed_join_closes_the_room_for_its_subscribers() {
             _ => None,
         })
         .expect("a join");
-    t.hub.join_done(&r, generation, Err("no such device".into()));
+    t.hub
+        .join_done(&r, generation, Err("no such device".into()));
     let out = t.drain();
     let udp = to_udp(&out);
     assert_eq!(kinds(&udp), [Kind::Closed]);
@@ -454,18 +531,79 @@ fn a_failed_join_closes_the_room_for_its_subscribers() {
             .contains("cannot join the group: no such device")
     );
     assert_eq!(t.hub.subs.total(), 0);
-    // Tried again at the next retry, not before.
-    assert!(t.poll(Duration::from_secs(5)).is_empty());
+}
+
+#[test]
+fn a_room_kept_joined_is_joined_again_at_the_next_retry() {
+    let mut t = T::new(ROOMS, false);
+    let kept = room("kept");
+    let generation = t.hub.groups.generation(&kept).unwrap();
+    t.hub
+        .join_done(&kept, generation, Err("no such device".into()));
+    let joins = |out: &[Output]| {
+        out.iter()
+            .filter(|o| matches!(o, Output::Join { room: r, .. } if r.as_str() == "kept"))
+            .count()
+    };
+    assert_eq!(
+        joins(&t.poll(Duration::from_secs(5))),
+        0,
+        "not before the retry"
+    );
+    assert_eq!(joins(&t.poll(Duration::from_secs(10))), 1, "at the retry");
+}
+
+#[test]
+fn a_first_subscriber_gets_a_join_attempt_at_once_even_in_backoff() {
+    let mut t = T::new(ROOMS, false);
+    let sub = request(Kind::Subscribe, "room1", None);
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+    let cookie = reply_tag(&out, Kind::Challenge, "cookie").unwrap();
+    let sub = request(Kind::Subscribe, "room1", Some(&cookie));
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+    let (r, generation) = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Join {
+                room, generation, ..
+            } => Some((room.clone(), *generation)),
+            _ => None,
+        })
+        .unwrap();
+    t.hub.join_done(&r, generation, Err("down".into()));
+    t.drain();
+    // Subscribing again at once: a join is attempted, not a silent subok.
+    t.at(Duration::from_secs(1));
+    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Join { .. })),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn datagrams_of_an_old_membership_are_dropped() {
     let mut t = T::new(ROOMS, false);
-    let r = room("kept");
+    // Joined, left (the lease lapsed), joined again: the first membership's datagrams,
+    // still queued in its port, are told apart.
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let r = room("room1");
     let old = t.hub.groups.generation(&r).unwrap();
+    t.poll(Duration::from_secs(61));
+    assert_eq!(t.hub.groups.generation(&r), None);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    assert_ne!(t.hub.groups.generation(&r), Some(old));
     let now = t.now();
-    t.hub
-        .on_input(Port::Group { room: r, generation: old + 1 }, sa("192.0.2.50:5"), b"kept|a|x", now);
+    t.hub.on_input(
+        Port::Group {
+            room: r,
+            generation: old,
+        },
+        sa("192.0.2.50:5"),
+        b"room1|a|x",
+        now,
+    );
+    assert!(t.drain().is_empty());
     assert_eq!(t.counter("stale_group"), 1);
 }
 
@@ -476,15 +614,29 @@ fn reload_adds_removes_and_refuses() {
     t.hub.settings.daemon.adhoc_rooms = true;
     let text = ROOMS
         .replace("[rooms.room1]\ngroup = \"239.255.77.1\"\nport = 5555\n", "")
-        .replace("lease_secs = 60", "lease_secs = 60\nadhoc_rooms = false\nttl = 4")
+        .replace(
+            "lease_secs = 60",
+            "lease_secs = 60\nadhoc_rooms = false\nttl = 4",
+        )
         + "\n[rooms.added]\ngroup = \"239.255.77.9\"\nport = 5559\nkeep = true\n";
     let changed = t.hub.reconfigure(settings(&text), t.now().mono);
-    assert_eq!(changed.need_restart, ["ttl"]);
+    assert!(
+        changed.need_restart.is_empty(),
+        "{:?}",
+        changed.need_restart
+    );
+    assert_eq!(t.hub.settings().daemon.ttl, 4, "the TTL applies at once");
     let out = t.drain();
     let udp = to_udp(&out);
     assert_eq!(kinds(&udp), [Kind::Closed], "room1's subscriber is told");
-    assert!(out.iter().any(|o| matches!(o, Output::Join { room: r, .. } if r.as_str() == "added")));
-    assert!(out.iter().any(|o| matches!(o, Output::Leave { room: r, .. } if r.as_str() == "room1")));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Join { room: r, .. } if r.as_str() == "added"))
+    );
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Leave { room: r, .. } if r.as_str() == "room1"))
+    );
     // room1 is gone now that ad-hoc rooms are off.
     t.unicast("192.0.2.10:4000", LOCAL_A, chat("room1", "x", 1).as_bytes());
     assert_eq!(t.counter("unknown_room"), 1);
@@ -492,14 +644,60 @@ fn reload_adds_removes_and_refuses() {
 
 #[test]
 fn history_records_configured_rooms_and_adhoc_ones_only_while_subscribed() {
-    let mut t = T::new(&ROOMS.replace("lease_secs = 60", "lease_secs = 60\nhistory_count = 0"), true);
-    assert!(t.hub.groups.is_joined(&room("history")), "history rooms stay joined");
-    let out = t.group("history", "192.0.2.50:5", chat("history", "a", 1).as_bytes());
+    let mut t = T::new(
+        &ROOMS.replace("lease_secs = 60", "lease_secs = 60\nhistory_count = 0"),
+        true,
+    );
+    assert!(
+        t.hub.groups.is_joined(&room("history")),
+        "history rooms stay joined"
+    );
+    let out = t.group(
+        "history",
+        "192.0.2.50:5",
+        chat("history", "a", 1).as_bytes(),
+    );
     assert!(out.iter().any(|o| matches!(o, Output::Record { .. })));
     // room1 keeps none (the default here is 0).
     t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
     let out = t.unicast("192.0.2.10:4000", LOCAL_A, chat("room1", "b", 1).as_bytes());
     assert!(!out.iter().any(|o| matches!(o, Output::Record { .. })));
+}
+
+#[test]
+fn adhoc_rooms_are_recorded_only_while_someone_subscribes() {
+    let text = ROOMS.replace("lease_secs = 60", "lease_secs = 60\nadhoc_rooms = true");
+    let mut t = T::new(&text, true);
+    let recorded = |out: &[Output]| out.iter().any(|o| matches!(o, Output::Record { .. }));
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        chat("adhoc", "nobody here", 1).as_bytes(),
+    );
+    assert!(
+        !recorded(&out),
+        "an ad-hoc room nobody subscribes to is not stored"
+    );
+    t.subscribe("adhoc", "192.0.2.11:4000", LOCAL_A);
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        chat("adhoc", "someone", 2).as_bytes(),
+    );
+    assert!(recorded(&out));
+}
+
+#[test]
+fn narrowing_the_allow_list_ends_subscriptions_it_no_longer_admits() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    t.subscribe("room1", "127.0.0.1:4000", "127.0.0.1");
+    t.hub.set_connected(Vec::new());
+    let out = t.drain();
+    let udp = to_udp(&out);
+    assert_eq!(kinds(&udp), [Kind::Closed]);
+    assert_eq!(udp[0].0.addr, sa("192.0.2.10:4000"));
+    assert_eq!(t.hub.subs.total(), 1, "loopback is still allowed");
 }
 
 #[test]
@@ -534,7 +732,9 @@ fn shutdown_tells_every_subscriber_and_leaves_every_group() {
     let udp = to_udp(&out);
     assert_eq!(kinds(&udp), [Kind::Closed, Kind::Closed]);
     assert_eq!(
-        out.iter().filter(|o| matches!(o, Output::Leave { .. })).count(),
+        out.iter()
+            .filter(|o| matches!(o, Output::Leave { .. }))
+            .count(),
         2,
         "room1 and kept"
     );

@@ -63,6 +63,9 @@ pub struct Received<'a> {
     /// The local address the datagram was sent to: the source for a reply. `None` when the
     /// kernel did not say, or when it is no unicast address (multicast, 255.255.255.255).
     pub local: Option<IpAddr>,
+    /// False when the datagram was sent to a group or to the limited broadcast address (which
+    /// a wildcard socket can receive): nothing sent there is the daemon's to answer.
+    pub unicast: bool,
     /// The payload: at most `MAX_DATAGRAM + 1` bytes, and that many only if it was longer
     /// than [`MAX_DATAGRAM`] (cut).
     pub data: &'a [u8],
@@ -124,11 +127,13 @@ fn segments<'a>(meta: &RecvMeta, buf: &'a [u8]) -> impl Iterator<Item = Received
     let count = count - usize::from(cut);
     let from = canonical(meta.addr);
     let local = meta.dst_ip.and_then(usable_source);
+    let unicast = meta.dst_ip.is_none() || local.is_some();
     (0..count).map(move |i| {
         let start = i * stride;
         Received {
             from,
             local,
+            unicast,
             data: &data[start..(start + stride).min(len)],
         }
     })
@@ -214,8 +219,12 @@ impl RelaySocket {
     /// Opens a relay socket on `addr` with `socket::open_relay`'s options (IPv6-only, no
     /// multicast heard, `mcast`'s TTL, loopback and interface), then asks for each datagram's
     /// destination and turns GRO off. Must be called within a tokio runtime.
-    pub fn open(addr: SocketAddr, mcast: &MulticastConfig) -> anyhow::Result<Self> {
-        let sock = socket::open_relay(addr, mcast)?;
+    pub fn open(
+        addr: SocketAddr,
+        mcast: &MulticastConfig,
+        share_port: bool,
+    ) -> anyhow::Result<Self> {
+        let sock = socket::open_relay(addr, mcast, share_port)?;
         let state = UdpSocketState::new((&sock).into()).with_context(|| {
             format!("failed to enable packet info (IP_PKTINFO / IPV6_RECVPKTINFO) on {addr}")
         })?;
@@ -424,7 +433,7 @@ mod tests {
     }
 
     fn open(addr: &str) -> RelaySocket {
-        RelaySocket::open(addr.parse().unwrap(), &MulticastConfig::default()).unwrap()
+        RelaySocket::open(addr.parse().unwrap(), &MulticastConfig::default(), false).unwrap()
     }
 
     /// The cap on any one wait: it turns a lost datagram into a failure rather than a hang.

@@ -1,0 +1,117 @@
+//! Opening the daemon's sockets, before it runs: the relay sockets (UDP), the status
+//! listeners on the same ports (TCP) and the local status socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use mcchat_core::socket::{self, Iface, MulticastConfig};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::port::udp::RelaySocket;
+use crate::settings::Settings;
+use crate::status;
+
+/// Every socket the daemon serves on, opened before it runs.
+pub(crate) struct Bound {
+    pub(super) relay: Vec<RelaySocket>,
+    pub(super) tcp: Vec<TcpListener>,
+    pub(super) unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Bound {
+    /// The relay sockets' addresses (with the ports the system chose for port 0).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn relay_addrs(&self) -> Vec<SocketAddr> {
+        self.relay.iter().map(RelaySocket::local_addr).collect()
+    }
+}
+
+/// The multicast settings every send and join uses.
+pub(super) fn multicast_config(settings: &Settings) -> Result<MulticastConfig> {
+    let iface = match &settings.daemon.iface {
+        Some(spec) => Iface::resolve(spec)?,
+        None => Iface::system_default(),
+    };
+    Ok(MulticastConfig {
+        ttl: settings.daemon.ttl,
+        loopback: true,
+        iface,
+    })
+}
+
+/// Whether a room the daemon may join has its group on `port` (then the relay socket must
+/// let the group's socket bind the port too).
+fn shares_port(settings: &Settings, port: u16) -> bool {
+    use mcchat_core::room::{DERIVED_PORT_BASE, DERIVED_PORT_SPAN};
+    let derived = settings.daemon.adhoc_rooms
+        && (DERIVED_PORT_BASE..DERIVED_PORT_BASE.saturating_add(DERIVED_PORT_SPAN)).contains(&port);
+    derived || settings.registry.rooms().any(|r| r.group().port() == port)
+}
+
+/// Opens the relay sockets (UDP), the status listeners on the same ports (TCP) and the
+/// local status socket.
+pub(crate) fn bind(settings: &Settings) -> Result<Bound> {
+    let mcast = multicast_config(settings)?;
+    let mut relay: Vec<RelaySocket> = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in &settings.daemon.listen {
+        if relay
+            .iter()
+            .any(|r| r.local_addr().is_ipv4() == addr.is_ipv4())
+        {
+            anyhow::bail!(
+                "two listen addresses of one family ({addr}); give one IPv4 and one IPv6 address"
+            );
+        }
+        let tcp_listen = |at: SocketAddr| {
+            socket::tcp_listener(at)
+                .and_then(TcpListener::from_std)
+                .with_context(|| {
+                    format!("failed to listen for status on TCP {at} (is another mcchatd running?)")
+                })
+        };
+        // The TCP listener first where the port is given: it refuses a second daemon before
+        // that one's UDP socket (SO_REUSEADDR, for rooms on the relay port) could take
+        // datagrams meant for the first.
+        let early = if addr.port() == 0 {
+            None
+        } else {
+            Some(tcp_listen(*addr)?)
+        };
+        let share = shares_port(settings, addr.port());
+        if share {
+            tracing::warn!(
+                port = addr.port(),
+                "a room uses the relay port: the relay socket allows port sharing (SO_REUSEADDR) so that room's group can be joined; on a multi-user host give the room another port"
+            );
+        }
+        let sock = RelaySocket::open(*addr, &mcast, share)?;
+        let bound = sock.local_addr();
+        let listener = match early {
+            Some(l) => l,
+            None => tcp_listen(bound)?,
+        };
+        tracing::info!(%bound, "relaying on UDP, status on TCP");
+        relay.push(sock);
+        tcp.push(listener);
+    }
+    let unix = match &settings.daemon.status_socket {
+        None => None,
+        Some(path) => match status::bind_unix(path) {
+            Ok(listener) => {
+                tracing::info!(path = %path.display(), "status on Unix socket");
+                Some((listener, path.clone()))
+            }
+            Err(error) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "status socket not available; use `mcchat status --via HOST` or set status_socket"
+                );
+                None
+            }
+        },
+    };
+    Ok(Bound { relay, tcp, unix })
+}
