@@ -188,6 +188,17 @@ fn table(r: &Value) -> String {
         ratio(med(&c["mcchatd"]), med(&c["node"])),
         "-",
     );
+    let lc = &r["load_cpu_s_per_million"];
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22} {:>22} {:>22} {:>8} {:>8}",
+        "  sender + receiver CPU s per million",
+        cell(&lc["mcchatd"]),
+        cell(&lc["node"]),
+        cell(&lc["kernel"]),
+        "-",
+        "-",
+    );
     if let Some(f) = r["fanout"].as_object() {
         let mut keys: Vec<&String> = f.keys().collect();
         keys.sort_by_key(|k| k.parse::<u64>().unwrap_or(0));
