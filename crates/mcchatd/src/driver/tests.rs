@@ -14,12 +14,11 @@ use crate::test_support::settings;
 
 /// Opens sockets only inside the test namespace (scripts/test.sh); anywhere else the test
 /// fails rather than pass without having run.
-fn in_netns() -> bool {
+fn require_netns() {
     assert!(
         std::env::var_os("MCCHAT_TEST_NETNS").is_some(),
         "this test opens sockets: run it with scripts/test.sh"
     );
-    true
 }
 
 fn rooms(extra_daemon: &str, state_dir: &str) -> String {
@@ -72,6 +71,13 @@ fn start(text: String, loader: Box<dyn Fn() -> Result<Settings> + Send>) -> Daem
         reload,
         task,
     }
+}
+
+/// A daemon on `text`, reloading the same text.
+fn start_plain(text: String) -> Daemon {
+    require_netns();
+    let t = text.clone();
+    start(text, Box::new(move || Ok(settings(&t))))
 }
 
 async fn status(addr: SocketAddr) -> serde_json::Value {
@@ -135,11 +141,7 @@ async fn subscribe(sock: &UdpSocket, room: &str) -> String {
 
 #[tokio::test(start_paused = true)]
 async fn a_lease_lapses_on_paused_time() {
-    if !in_netns() {
-        return;
-    }
-    let text = rooms("", "");
-    let d = start(text.clone(), Box::new(move || Ok(settings(&text))));
+    let d = start_plain(rooms("", ""));
     let c = client(d.addr).await;
     subscribe(&c, "room1").await;
     let s = status(d.addr).await;
@@ -158,11 +160,7 @@ async fn a_lease_lapses_on_paused_time() {
 
 #[tokio::test(start_paused = true)]
 async fn renewals_past_the_first_cookies_life_keep_the_subscription() {
-    if !in_netns() {
-        return;
-    }
-    let text = rooms("", "");
-    let d = start(text.clone(), Box::new(move || Ok(settings(&text))));
+    let d = start_plain(rooms("", ""));
     let c = client(d.addr).await;
     let mut cookie = subscribe(&c, "room1").await;
     let mut req = String::new();
@@ -207,9 +205,7 @@ async fn renewals_past_the_first_cookies_life_keep_the_subscription() {
 
 #[tokio::test(start_paused = true)]
 async fn reload_closes_a_removed_room_and_keeps_running_on_a_bad_file() {
-    if !in_netns() {
-        return;
-    }
+    require_netns();
     let dir = tempfile_dir();
     let path = dir.join("rooms.toml");
     let text = rooms("adhoc_rooms = false", "");
@@ -274,9 +270,7 @@ fn tempfile_dir() -> PathBuf {
 /// tells the subscriber.
 #[tokio::test]
 async fn shutdown_is_bounded_with_history_on_and_the_writer_stuck() {
-    if !in_netns() {
-        return;
-    }
+    require_netns();
     let dir = tempfile_dir();
     let text = rooms("history_count = 100000", dir.to_str().unwrap());
     let t = text.clone();

@@ -482,7 +482,30 @@ fn per_source_cap_counts_one_address_whatever_its_ports() {
     t.subscribe("room1", "[2001:db8::2]:4000", LOCAL_A);
 }
 
+/// The first join in `out`: its room and generation.
+fn first_join(out: &[Output]) -> (RoomName, u64) {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Join {
+                room, generation, ..
+            } => Some((room.clone(), *generation)),
+            _ => None,
+        })
+        .expect("a join")
+}
+
 impl T {
+    /// Subscribes `from` to `name` without reporting the join done: the subscribe request
+    /// with the cookie (to send again), and what its answer brought.
+    fn subscribe_unjoined(&mut self, name: &str, from: &str) -> (String, Vec<Output>) {
+        let sub = request(Kind::Subscribe, name, None);
+        let out = self.unicast(from, LOCAL_A, sub.as_bytes());
+        let cookie = reply_tag(&out, Kind::Challenge, "cookie").expect("a challenge");
+        let sub = request(Kind::Subscribe, name, Some(&cookie));
+        let out = self.unicast(from, LOCAL_A, sub.as_bytes());
+        (sub, out)
+    }
+
     /// A subscription the hub refuses: the `closed` text.
     fn subscribe_expect_closed(&mut self, name: &str, from: &str) -> String {
         let sub = request(Kind::Subscribe, name, None);
@@ -505,20 +528,8 @@ impl T {
 #[test]
 fn a_failed_join_closes_the_room_for_its_subscribers() {
     let mut t = T::new(ROOMS, false);
-    let sub = request(Kind::Subscribe, "room1", None);
-    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
-    let cookie = reply_tag(&out, Kind::Challenge, "cookie").unwrap();
-    let sub = request(Kind::Subscribe, "room1", Some(&cookie));
-    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
-    let (r, generation) = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Join {
-                room, generation, ..
-            } => Some((room.clone(), *generation)),
-            _ => None,
-        })
-        .expect("a join");
+    let (_, out) = t.subscribe_unjoined("room1", "192.0.2.10:4000");
+    let (r, generation) = first_join(&out);
     t.hub
         .join_done(&r, generation, Err("no such device".into()));
     let out = t.drain();
@@ -556,20 +567,8 @@ fn a_room_kept_joined_is_joined_again_at_the_next_retry() {
 #[test]
 fn a_first_subscriber_gets_a_join_attempt_at_once_even_in_backoff() {
     let mut t = T::new(ROOMS, false);
-    let sub = request(Kind::Subscribe, "room1", None);
-    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
-    let cookie = reply_tag(&out, Kind::Challenge, "cookie").unwrap();
-    let sub = request(Kind::Subscribe, "room1", Some(&cookie));
-    let out = t.unicast("192.0.2.10:4000", LOCAL_A, sub.as_bytes());
-    let (r, generation) = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Join {
-                room, generation, ..
-            } => Some((room.clone(), *generation)),
-            _ => None,
-        })
-        .unwrap();
+    let (sub, out) = t.subscribe_unjoined("room1", "192.0.2.10:4000");
+    let (r, generation) = first_join(&out);
     t.hub.join_done(&r, generation, Err("down".into()));
     t.drain();
     // Subscribing again at once: a join is attempted, not a silent subok.
