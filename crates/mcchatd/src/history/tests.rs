@@ -1,0 +1,276 @@
+//! History on a temporary directory: storing, querying, retention, bounds, a bounded close.
+
+use super::*;
+
+/// A deadline for a close that is expected to finish: generous, so a slow test machine
+/// does not fail it.
+const LONG: Duration = Duration::from_secs(60);
+
+/// A message from alice's instance `aa` with `seq`, as the relay loop hands it over.
+fn datagram(room: &str, seq: u64, text: &str) -> Vec<u8> {
+    format!("@id=00000000000000aa;seq={seq};ts=1 {room}|alice|{text}").into_bytes()
+}
+
+fn policy(count: u64) -> Policy {
+    Policy {
+        rooms: HashMap::new(),
+        default: Retention {
+            count,
+            age: Duration::from_secs(3600),
+        },
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mcchatd-history-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn query(room: &str) -> Query {
+    Query {
+        room: room.into(),
+        since_ms: None,
+        grep: None,
+        limit: Some(MAX_QUERY),
+    }
+}
+
+#[tokio::test]
+async fn stores_once_reads_in_order_and_survives_reopening() {
+    let dir = temp_dir("basic");
+    let mut h = History::open(&dir, policy(1000)).unwrap();
+    for seq in 1..=5 {
+        assert!(h.store_datagram(&datagram("room1", seq, &format!("Hello {seq}")), now_ms()));
+    }
+    assert!(
+        h.store_datagram(&datagram("room1", 3, "a repair of 3"), now_ms()),
+        "queued..."
+    );
+    let now = now_ms();
+    assert!(h.store_datagram(b"@id=00000000000000bb;seq=1;kind=me room1|bob|waves", now));
+    assert!(
+        h.store_datagram(b"@kind=hb room1|bob|", now),
+        "queued, but not a chat message"
+    );
+    assert!(h.store_datagram(b"room1|alice|bare", now));
+    assert!(h.store_datagram(b"room1|alice|bare", now));
+    assert!(h.store_datagram(&datagram("room2", 1, "elsewhere"), now));
+    let got = h.reader().query(query("room1")).await.unwrap();
+    let texts: Vec<&str> = got.iter().map(|r| r.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "Hello 1", "Hello 2", "Hello 3", "Hello 4", "Hello 5", "waves", "bare", "bare"
+        ],
+        "...but stored once; bare datagrams cannot be told apart and are all kept"
+    );
+    let mut q = query("room1");
+    q.grep = Some("HELLO 4".into());
+    assert_eq!(h.reader().query(q).await.unwrap().len(), 1);
+    let mut q = query("room1");
+    q.limit = Some(2);
+    let last: Vec<String> = h
+        .reader()
+        .query(q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert_eq!(last, ["bare", "bare"]);
+    let mut q = query("room1");
+    q.since_ms = Some(now_ms() + 60_000);
+    assert!(h.reader().query(q).await.unwrap().is_empty());
+    let reader = h.reader();
+    assert!(
+        h.close(LONG),
+        "with a reader still alive: must not wait for it"
+    );
+    assert!(matches!(
+        reader.query(query("room1")).await,
+        Err(HistoryError::Stopped)
+    ));
+    let h = History::open(&dir, policy(1000)).unwrap();
+    assert_eq!(h.reader().query(query("room1")).await.unwrap().len(), 8);
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_per_room() {
+    let dir = temp_dir("retention");
+    let mut h = History::open(&dir, policy(1000)).unwrap();
+    for seq in 1..=50 {
+        h.store_datagram(&datagram("room1", seq, &seq.to_string()), now_ms());
+    }
+    h.store_datagram(&datagram("room2", 1, "old"), 1);
+    h.store_datagram(&datagram("room2", 2, "new"), now_ms());
+    h.reader().query(query("room1")).await.unwrap();
+    assert!(h.close(LONG));
+    let h = History::open(&dir, policy(10)).unwrap();
+    let got = h.reader().query(query("room1")).await.unwrap();
+    let seqs: Vec<u64> = got.iter().filter_map(|r| r.seq).collect();
+    assert_eq!(seqs, (41..=50).collect::<Vec<_>>());
+    let got = h.reader().query(query("room2")).await.unwrap();
+    assert_eq!(got.len(), 1, "older than an hour: gone");
+    assert_eq!(got[0].text, "new");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_batch_is_queued_at_once_and_emptied() {
+    let dir = temp_dir("batch");
+    let mut h = History::open(&dir, policy(1000)).unwrap();
+    let mut batch = Batch::new();
+    for seq in 1..=100 {
+        batch.push(&datagram("room1", seq, &format!("m{seq}")), now_ms());
+    }
+    batch.push(b"@kind=hb room1|bob|", now_ms());
+    batch.push(b"not a datagram at all", now_ms());
+    batch.push(&datagram("room1", 7, "a repair of 7"), now_ms());
+    assert_eq!(h.store_batch(&mut batch), 103, "all queued, decoded later");
+    assert!(batch.is_empty(), "emptied for the next wake-up");
+    batch.push(&datagram("room1", 101, "m101"), now_ms());
+    assert_eq!(
+        h.store_batch(&mut batch),
+        1,
+        "the emptied batch is reusable"
+    );
+    let got = h.reader().query(query("room1")).await.unwrap();
+    let texts: Vec<String> = got.into_iter().map(|r| r.text).collect();
+    let want: Vec<String> = (1..=101).map(|s| format!("m{s}")).collect();
+    assert_eq!(texts, want, "chat messages only, once each, in order");
+    assert_eq!(h.stats().dropped, 0);
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_batch_is_admitted_up_to_the_queue_bounds() {
+    let mut queue = Batch::new();
+    let mut offered = Batch::new();
+    let big = vec![b'x'; 1000];
+    for _ in 0..QUEUE {
+        offered.push(&big, 1);
+    }
+    assert_eq!(
+        queue.room_for(&offered),
+        QUEUE_BYTES / 1000,
+        "bounded by bytes: {QUEUE} datagrams of 1000 bytes are more than {QUEUE_BYTES}"
+    );
+    let mut small = Batch::new();
+    for _ in 0..QUEUE + 10 {
+        small.push(b"x", 1);
+    }
+    assert_eq!(queue.room_for(&small), QUEUE, "bounded by records");
+    queue.take_from(&mut small, 3);
+    offered.clear();
+    offered.push(b"ab", 2);
+    offered.push(b"cde", 3);
+    assert_eq!(queue.room_for(&offered), 2);
+    queue.take_from(&mut offered, 2);
+    let got: Vec<(&[u8], u64)> = (0..queue.len()).map(|i| queue.get(i)).collect();
+    assert_eq!(
+        got,
+        [
+            (&b"x"[..], 1),
+            (b"x", 1),
+            (b"x", 1),
+            (b"ab", 2),
+            (b"cde", 3)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn close_commits_what_is_queued() {
+    let dir = temp_dir("drain");
+    let mut h = History::open(&dir, policy(100_000)).unwrap();
+    for seq in 1..=5000 {
+        assert!(h.store_datagram(&datagram("room1", seq, "queued"), now_ms()));
+    }
+    assert!(h.close(LONG), "no query flushed them: the stop does");
+    assert!(!h.store_datagram(&datagram("room1", 5001, "late"), now_ms()));
+    assert_eq!(h.stats().dropped, 1, "refused once closing");
+    let h = History::open(&dir, policy(100_000)).unwrap();
+    assert_eq!(h.reader().query(query("room1")).await.unwrap().len(), 5000);
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A full queue and a writer stuck on a locked database: storing never waits, and close
+/// gives up at its deadline rather than waiting for the disk.
+#[tokio::test]
+async fn close_is_bounded_with_a_full_queue_and_a_locked_database() {
+    let dir = temp_dir("bounded");
+    let mut h = History::open(&dir, policy(100_000)).unwrap();
+    let reader = h.reader();
+    // Holds the write lock: the writer's commits wait for it (busy_timeout, 5 s).
+    let blocker = Connection::open(dir.join(FILE_NAME)).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut seq = 0;
+    let mut batch = Batch::new();
+    for _ in 0..3 * QUEUE {
+        seq += 1;
+        batch.push(&datagram("room1", seq, "held back"), now_ms());
+    }
+    assert_eq!(
+        h.store_batch(&mut batch),
+        QUEUE,
+        "the queue's bound, no more"
+    );
+    assert_eq!(h.stats().dropped, 2 * u64::try_from(QUEUE).unwrap());
+    // The writer has taken at most one queue's worth: the queue fills again.
+    let mut refused = 0;
+    for _ in 0..2 * QUEUE {
+        seq += 1;
+        if !h.store_datagram(&datagram("room1", seq, "held back"), now_ms()) {
+            refused += 1;
+        }
+    }
+    assert!(refused >= QUEUE, "{refused} refused");
+    assert!(!h.close(Duration::from_millis(300)), "the writer is stuck");
+    // Released only now: close returned while the database was still locked.
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert!(!h.store_datagram(&datagram("room1", 0, "late"), now_ms()));
+    assert!(matches!(
+        reader.query(query("room1")).await,
+        Err(HistoryError::Stopped)
+    ));
+    assert!(h.close(LONG), "once unblocked it ends, without a panic");
+    let h = History::open(&dir, policy(100_000)).unwrap();
+    let stored = h.reader().query(query("room1")).await.unwrap().len();
+    assert!(
+        stored <= BATCH,
+        "{stored} stored: at most the transaction under way at the deadline"
+    );
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The writer's nice value, read from /proc (Linux), once it has started.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_writer_runs_at_a_lower_priority() {
+    let dir = temp_dir("nice");
+    let h = History::open(&dir, policy(10)).unwrap();
+    // Answered by the writer, so it has set its priority by now.
+    h.reader().query(query("room1")).await.unwrap();
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        if comm.trim_end() == "history" {
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+            // Fields after the command's closing parenthesis start at the 3rd; the
+            // scheduling policy is the 41st (5: SCHED_IDLE).
+            let (_, rest) = stat.rsplit_once(')').unwrap();
+            policies.push(rest.split_whitespace().nth(38).unwrap().to_owned());
+        }
+    }
+    assert_eq!(policies, ["5"], "the writer runs under SCHED_IDLE");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,374 @@
+//! The writer thread: takes what is queued, decodes it into rows and commits them; retention.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use mcchat_core::wire::{self, Kind};
+use rusqlite::{Connection, Transaction};
+use tokio::sync::oneshot;
+
+use super::*;
+
+/// Marks the writer's end, however it ends (a panic too): pending queries fail rather than
+/// wait, and [`History::close`] stops waiting.
+pub(super) struct Ended<'a> {
+    pub(super) shared: &'a Shared,
+    /// Dropped after `drop` below has run: its disconnection tells `close`.
+    pub(super) _signal: mpsc::Sender<()>,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        let mut q = self.shared.lock();
+        q.ended = true;
+        q.flushes.clear();
+        let abandoned = q.records.len() + self.shared.in_hand.load(Ordering::Relaxed);
+        q.records = Batch::default();
+        drop(q);
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "history stopped before these messages could be stored"
+            );
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority (best effort: history only falls behind sooner
+/// without it). On Linux the writer runs under SCHED_IDLE: it gets a core only when nothing
+/// else wants it, and a relay or client thread that wakes takes the core from it at once (a
+/// nice value alone lets it keep a core for its time slice, milliseconds: the relay's p99).
+/// The queue rides out the time it waits. Where SCHED_IDLE is refused, nice 10.
+pub(super) fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+            set_thread_priority_and_policy, thread_native_id,
+        };
+        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+        if let Err(error) =
+            set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
+        {
+            tracing::debug!(
+                ?error,
+                "SCHED_IDLE refused for the history writer; nice instead"
+            );
+            let tid = rustix::thread::gettid();
+            if let Err(error) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
+                tracing::debug!(%error, nice = WRITER_NICE, "cannot lower the history writer's priority");
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::debug!("the history writer runs at the relay's priority on this system");
+}
+
+/// Waits on the writer's condition variable for at most `timeout`.
+fn wait_timeout<'a>(
+    shared: &'a Shared,
+    q: MutexGuard<'a, Queue>,
+    timeout: Duration,
+) -> MutexGuard<'a, Queue> {
+    shared
+        .wake
+        .wait_timeout(q, timeout)
+        .unwrap_or_else(PoisonError::into_inner)
+        .0
+}
+
+/// Inserts `rows` with `sql`, the statement for exactly that many.
+fn insert(tx: &Transaction<'_>, sql: &str, rows: &[Row<'_>]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(sql)?;
+    for (n, row) in rows.iter().enumerate() {
+        row.bind(&mut stmt, n)?;
+    }
+    stmt.raw_execute()?;
+    Ok(())
+}
+
+/// One message, decoded from its datagram and borrowing from it, ready to bind.
+struct Row<'a> {
+    room: &'a str,
+    kind: &'static str,
+    sender: &'a str,
+    text: &'a str,
+    /// The instance id in hex, as `Record::id` has it.
+    instance: Option<[u8; 16]>,
+    seq: Option<i64>,
+    ts_ms: Option<i64>,
+    recv_ms: i64,
+}
+
+impl<'a> Row<'a> {
+    /// The row for a chat datagram (`msg` or `me`); `None` for anything else.
+    fn decode(data: &'a [u8], recv_ms: u64) -> Option<Self> {
+        let frame = wire::decode(data).ok()?;
+        if !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
+            return None;
+        }
+        Some(Self {
+            room: frame.room,
+            kind: frame.meta.kind.name(),
+            sender: frame.sender,
+            text: frame.text,
+            instance: frame.meta.instance.map(|i| hex16(i.0)),
+            seq: frame.meta.seq.map(to_sql),
+            ts_ms: frame.meta.ts_ms.map(to_sql),
+            recv_ms: to_sql(recv_ms),
+        })
+    }
+
+    /// Binds this row as the `n`th (from 0) of a multi-row INSERT.
+    fn bind(&self, stmt: &mut rusqlite::Statement<'_>, n: usize) -> rusqlite::Result<()> {
+        let at = n * COLUMNS;
+        stmt.raw_bind_parameter(at + 1, self.room)?;
+        stmt.raw_bind_parameter(at + 2, self.kind)?;
+        stmt.raw_bind_parameter(at + 3, self.sender)?;
+        stmt.raw_bind_parameter(at + 4, self.text)?;
+        let instance = self
+            .instance
+            .as_ref()
+            .and_then(|h| std::str::from_utf8(h).ok());
+        stmt.raw_bind_parameter(at + 5, instance)?;
+        stmt.raw_bind_parameter(at + 6, self.seq)?;
+        stmt.raw_bind_parameter(at + 7, self.ts_ms)?;
+        stmt.raw_bind_parameter(at + 8, self.recv_ms)
+    }
+}
+
+/// `v` in 16 lowercase hex digits, as [`wire::InstanceId`] displays it, without allocating.
+fn hex16(v: u64) -> [u8; 16] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = DIGITS[usize::try_from((v >> (60 - 4 * i)) & 0xf).unwrap_or(0)];
+    }
+    out
+}
+
+/// `INSERT OR IGNORE` of `rows` rows (deduplicated by the unique index on room, instance
+/// and seq).
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT OR IGNORE INTO messages
+         (room, kind, sender, text, instance, seq, ts_ms, recv_ms) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?,?,?,?)");
+    }
+    sql
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    policy: Arc<Mutex<Policy>>,
+    pruned: Instant,
+    failures: u64,
+    /// The statements for [`ROWS`] rows, in that order.
+    inserts: Vec<String>,
+}
+
+impl Writer {
+    pub(super) fn new(conn: Connection, path: PathBuf, policy: Arc<Mutex<Policy>>) -> Self {
+        Self {
+            conn,
+            path,
+            policy,
+            pruned: Instant::now(),
+            failures: 0,
+            inserts: ROWS.iter().map(|&n| insert_sql(n)).collect(),
+        }
+    }
+
+    pub(super) fn run(mut self, shared: &Shared) {
+        self.prune();
+        let mut taken = Batch::new();
+        let mut flushes = Vec::new();
+        let stop = loop {
+            let stop = self.wait(shared, &mut taken, &mut flushes);
+            let committed = self.commit_all(shared, &taken);
+            if taken.bytes.capacity() > KEEP_BYTES {
+                taken = Batch::new();
+            } else {
+                taken.clear();
+            }
+            if committed {
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
+                }
+            } else {
+                // Not everything they wait for is stored: they fail (as queries after a stop).
+                flushes.clear();
+            }
+            if let Some(until) = stop {
+                // Go on while there is more queued and time to commit it.
+                if !committed || shared.lock().records.is_empty() {
+                    break until;
+                }
+                continue;
+            }
+            if self.pruned.elapsed() >= PRUNE_EVERY {
+                self.prune();
+            }
+        };
+        // Fold the WAL into the database on a clean stop, so the directory holds one file;
+        // waiting for readers no longer than the stop allows.
+        let left = stop.saturating_duration_since(Instant::now());
+        if !left.is_zero() && self.conn.busy_timeout(left).is_ok() {
+            let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+        }
+    }
+
+    /// Waits for work, then takes what is queued into `taken` and `flushes`; returns the
+    /// stop's deadline if there is one. Records are let gather for [`GATHER`] (a query's
+    /// flush or a stop ends that at once), so a stream of messages costs one wake-up and
+    /// one transaction per few milliseconds, not one each.
+    fn wait(
+        &mut self,
+        shared: &Shared,
+        taken: &mut Batch,
+        flushes: &mut Vec<oneshot::Sender<()>>,
+    ) -> Option<Instant> {
+        let mut q = shared.lock();
+        let mut gathered_until = None;
+        loop {
+            if q.stop.is_some() || !q.flushes.is_empty() || q.records.len() >= BATCH {
+                break;
+            }
+            let now = Instant::now();
+            if !q.records.is_empty() {
+                let until = *gathered_until.get_or_insert(now + GATHER);
+                if now >= until {
+                    break;
+                }
+                q = wait_timeout(shared, q, until - now);
+                continue;
+            }
+            let prune_at = self.pruned + PRUNE_EVERY;
+            if now >= prune_at {
+                drop(q);
+                self.prune();
+                q = shared.lock();
+                continue;
+            }
+            q.idle = true;
+            q = wait_timeout(shared, q, prune_at - now);
+            q.idle = false;
+        }
+        std::mem::swap(&mut q.records, taken);
+        flushes.append(&mut q.flushes);
+        shared.in_hand.store(taken.len(), Ordering::Relaxed);
+        q.stop
+    }
+
+    /// Commits `taken` in transactions of up to [`BATCH`]; returns false if a stop's
+    /// deadline passed before all of it was (the rest is given up).
+    fn commit_all(&mut self, shared: &Shared, taken: &Batch) -> bool {
+        let mut start = 0;
+        while start < taken.len() {
+            if shared
+                .lock()
+                .stop
+                .is_some_and(|until| Instant::now() >= until)
+            {
+                return false;
+            }
+            let end = (start + BATCH).min(taken.len());
+            self.commit(taken, start..end);
+            start = end;
+            shared.in_hand.store(taken.len() - start, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Stores the chat messages among `batch`'s datagrams `range`, in one transaction.
+    fn commit(&mut self, batch: &Batch, range: Range<usize>) {
+        let records = range.len();
+        let inserts = &self.inserts;
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self.conn.transaction()?;
+            let mut rows = Vec::with_capacity(ROWS[0]);
+            for i in range {
+                let (data, recv_ms) = batch.get(i);
+                rows.extend(Row::decode(data, recv_ms));
+                if rows.len() == ROWS[0] {
+                    insert(&tx, &inserts[0], &rows)?;
+                    rows.clear();
+                }
+            }
+            let mut rest = &rows[..];
+            for (&n, sql) in ROWS.iter().zip(inserts).skip(1) {
+                while rest.len() >= n {
+                    insert(&tx, sql, &rest[..n])?;
+                    rest = &rest[n..];
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(error) = result {
+            self.failures += 1;
+            tracing::error!(
+                path = %self.path.display(),
+                %error,
+                records,
+                failures = self.failures,
+                "cannot write history; these messages are not stored"
+            );
+        }
+    }
+
+    /// Applies retention: by age, then by count, room by room.
+    fn prune(&mut self) {
+        self.pruned = Instant::now();
+        let now = now_ms();
+        let policy = self
+            .policy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let result = (|| -> rusqlite::Result<usize> {
+            let rooms: Vec<String> = {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached("SELECT DISTINCT room FROM messages")?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            };
+            let tx = self.conn.transaction()?;
+            let mut deleted = 0;
+            for room in rooms {
+                let keep = policy.for_room(&room);
+                let oldest =
+                    now.saturating_sub(u64::try_from(keep.age.as_millis()).unwrap_or(u64::MAX));
+                deleted += tx.execute(
+                    "DELETE FROM messages WHERE room = ?1 AND recv_ms < ?2",
+                    params![room, to_sql(oldest)],
+                )?;
+                deleted += tx.execute(
+                    "DELETE FROM messages WHERE room = ?1 AND id <= coalesce(
+                       (SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC
+                        LIMIT 1 OFFSET ?2), -1)",
+                    params![room, to_sql(keep.count)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(deleted)
+        })();
+        match result {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "history retention applied"),
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "history retention failed")
+            }
+        }
+    }
+}
