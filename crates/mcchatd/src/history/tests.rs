@@ -274,3 +274,33 @@ async fn the_writer_runs_at_a_lower_priority() {
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The writer decodes into borrowed rows for speed; what a query returns must still be the
+/// control contract's record of each datagram (`HistoryRecord::decode`), field for field.
+#[tokio::test]
+async fn what_is_stored_is_the_contracts_record() {
+    let dir = temp_dir("contract");
+    let mut h = History::open(&dir, policy(1000)).unwrap();
+    let datagrams: [&[u8]; 7] = [
+        b"@id=00000000000000AB;seq=007;ts=5;kind=me r|al|waves",
+        b"@relay=0a0b0c0d;repair=1;id=00000000000000ac;seq=1 r|al|tagged",
+        b"@id=00000000000000ad r|al|no seq",
+        b"@seq=9;ts=3 r|al|no id",
+        b"r|al|bare text | with bars",
+        b"@kind=hb;id=00000000000000ae;seq=1 r|al|",
+        b"not a datagram",
+    ];
+    for (i, d) in datagrams.iter().enumerate() {
+        assert!(h.store_datagram(d, 1000 + i as u64));
+    }
+    let got = h.reader().query(query("r")).await.unwrap();
+    let want: Vec<Record> = datagrams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| Record::decode(d, 1000 + i as u64))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 5, "the heartbeat and the garbage are not stored");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
