@@ -404,6 +404,9 @@ impl RelaySocket {
                 ),
             ));
         }
+        // Bound to one address, the socket sends from it whatever `IP_PKTINFO` says: the
+        // control message would only cost (the plain `sendto` of `try_send`).
+        let src = src.filter(|_| self.addr.ip().is_unspecified());
         Ok(Transmit {
             destination: to,
             ecn: None,
