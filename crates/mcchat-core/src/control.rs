@@ -229,7 +229,7 @@ pub struct Status {
     pub uptime_secs: u64,
     /// Where the rooms came from, e.g. `/etc/mcchat/rooms.toml (system config)`.
     pub rooms_file: String,
-    /// The relay addresses as configured (`ADDR:PORT`); status answers on TCP on the same ports.
+    /// The relay addresses as bound (`ADDR:PORT`; the port the system chose for a `:0`); status answers on TCP on the same ports.
     pub listen: Vec<String>,
     /// Subscriptions at the moment, over all rooms.
     pub subscribers: u64,

@@ -585,6 +585,12 @@ impl Driver {
             .own
             .dropped
             .load(std::sync::atomic::Ordering::Relaxed);
+        // As bound: the port the system chose for port 0, not the `:0` asked for.
+        status.listen = [&self.relay4, &self.relay6]
+            .into_iter()
+            .flatten()
+            .map(|s| s.local_addr().to_string())
+            .collect();
         status.history = self.history.as_ref().map(|h| HistoryStatus {
             path: h.path().display().to_string(),
             dropped: h.stats().dropped,

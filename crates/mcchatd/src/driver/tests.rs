@@ -147,6 +147,11 @@ async fn a_lease_lapses_on_paused_time() {
     let s = status(d.addr).await;
     assert_eq!(s["subscribers"], 1);
     assert_eq!(s["rooms"][0]["joined"], true);
+    assert_eq!(
+        s["listen"][0],
+        d.addr.to_string(),
+        "as bound, not 127.0.0.1:0"
+    );
     tokio::time::sleep(Duration::from_secs(50)).await;
     assert_eq!(status(d.addr).await["subscribers"], 1, "within the lease");
     tokio::time::sleep(Duration::from_secs(11)).await;
