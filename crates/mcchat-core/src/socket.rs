@@ -374,6 +374,19 @@ pub fn open_relay(
     Ok(socket.into())
 }
 
+/// An IPv4-mapped IPv6 address as the IPv4 address it is; any other address unchanged (an
+/// IPv6 one keeps its scope id and flow label). Dual-stack sockets report IPv4 peers this
+/// way; limits, cookies and subscriptions must see one address per host.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
 /// Sets the TTL (IPv4) or hop limit (IPv6) of multicast sent from `socket`: mcchatd sends
 /// each room's datagrams with that room's TTL.
 pub fn set_multicast_ttl(socket: &impl std::os::fd::AsFd, ipv6: bool, ttl: u32) -> io::Result<()> {

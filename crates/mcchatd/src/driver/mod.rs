@@ -200,8 +200,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             let nets = nets
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ip = crate::hub::admission::canonical(peer).ip();
-            nets.0.iter().any(|a| a.matches(ip, &nets.1))
+            crate::hub::admission::allows(&nets.0, &nets.1, peer.ip())
         };
         tracker.spawn(status::serve_tcp(
             listener,

@@ -109,30 +109,18 @@ async fn recv_kind(sock: &UdpSocket) -> (Kind, String, String) {
     (f.meta.kind, cookie, f.text.to_owned())
 }
 
-async fn subscribe(sock: &UdpSocket, room: &str) -> String {
+/// Sends a relay request as mcchat does (padded), with `cookie` if given.
+async fn send_request(sock: &UdpSocket, kind: Kind, room: &str, cookie: Option<&str>) {
     let mut req = String::new();
-    wire::relay_request(
-        Kind::Subscribe,
-        room,
-        "t",
-        None,
-        wire::MIN_RELAY_REQUEST,
-        &mut req,
-    )
-    .unwrap();
+    wire::relay_request(kind, room, "t", cookie, wire::MIN_RELAY_REQUEST, &mut req).unwrap();
     sock.send(req.as_bytes()).await.unwrap();
+}
+
+async fn subscribe(sock: &UdpSocket, room: &str) -> String {
+    send_request(sock, Kind::Subscribe, room, None).await;
     let (kind, cookie, _) = recv_kind(sock).await;
     assert_eq!(kind, Kind::Challenge);
-    wire::relay_request(
-        Kind::Subscribe,
-        room,
-        "t",
-        Some(&cookie),
-        wire::MIN_RELAY_REQUEST,
-        &mut req,
-    )
-    .unwrap();
-    sock.send(req.as_bytes()).await.unwrap();
+    send_request(sock, Kind::Subscribe, room, Some(&cookie)).await;
     let (kind, cookie, _) = recv_kind(sock).await;
     assert_eq!(kind, Kind::Subscribed);
     assert!(!cookie.is_empty(), "subok carries a cookie");
@@ -168,19 +156,9 @@ async fn renewals_past_the_first_cookies_life_keep_the_subscription() {
     let d = start_plain(rooms("", ""));
     let c = client(d.addr).await;
     let mut cookie = subscribe(&c, "room1").await;
-    let mut req = String::new();
     for _ in 0..7 {
         tokio::time::sleep(Duration::from_secs(20)).await;
-        wire::relay_request(
-            Kind::Subscribe,
-            "room1",
-            "t",
-            Some(&cookie),
-            wire::MIN_RELAY_REQUEST,
-            &mut req,
-        )
-        .unwrap();
-        c.send(req.as_bytes()).await.unwrap();
+        send_request(&c, Kind::Subscribe, "room1", Some(&cookie)).await;
         let (kind, fresh, _) = recv_kind(&c).await;
         assert_eq!(
             kind,
@@ -190,16 +168,7 @@ async fn renewals_past_the_first_cookies_life_keep_the_subscription() {
         cookie = fresh;
     }
     // 140 s in: an unsub with the latest cookie works.
-    wire::relay_request(
-        Kind::Unsubscribe,
-        "room1",
-        "t",
-        Some(&cookie),
-        wire::MIN_RELAY_REQUEST,
-        &mut req,
-    )
-    .unwrap();
-    c.send(req.as_bytes()).await.unwrap();
+    send_request(&c, Kind::Unsubscribe, "room1", Some(&cookie)).await;
     let s = status(d.addr).await;
     assert_eq!(s["subscribers"], 0);
     assert_eq!(s["counters"]["unsubscribed"], 1);

@@ -70,15 +70,11 @@ impl TwoLevel {
     }
 }
 
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        SocketAddr::V4(_) => addr,
-    }
+/// Whether the allow list admits `ip`, given the host's subnets: the one rule for the relay
+/// port and the status port.
+pub(crate) fn allows(allow: &[Allow], connected: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    allow.iter().any(|a| a.matches(ip, connected))
 }
 
 /// Which bucket a request draws from.
@@ -134,8 +130,7 @@ impl Admission {
 
     /// Whether `ip` may use the relay (and its status port).
     pub(crate) fn allowed(&self, ip: IpAddr) -> bool {
-        let ip = canonical(SocketAddr::new(ip, 0)).ip();
-        self.allow.iter().any(|a| a.matches(ip, &self.connected))
+        allows(&self.allow, &self.connected, ip)
     }
 
     /// Whether `from` can be a real sender at all: not port 0, not an unspecified, multicast

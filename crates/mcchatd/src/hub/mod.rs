@@ -36,7 +36,7 @@ use crate::counters::{Counters, Drop};
 use crate::history::{Policy, Retention};
 use crate::settings::Settings;
 use crate::subs::Subscriptions;
-use admission::{Admission, Bucket, canonical};
+use admission::{Admission, Bucket};
 use membership::Membership;
 use routing::{PortKind, forwards};
 
@@ -291,7 +291,7 @@ impl Hub {
 
     /// A datagram arrived at `port` from `from`.
     pub(crate) fn on_input(&mut self, port: Port, from: SocketAddr, data: &[u8], now: Now) {
-        let from = canonical(from);
+        let from = mcchat_core::socket::canonical(from);
         match port {
             Port::Relay { local, unicast } => {
                 self.counters.received_unicast += 1;

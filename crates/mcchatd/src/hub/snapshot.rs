@@ -9,7 +9,8 @@ use crate::settings::Settings;
 use mcchat_core::control::{RoomStatus, Status, SubscriberStatus};
 
 impl Hub {
-    /// The status document as the hub knows it (history's part is the driver's).
+    /// The status document as the hub knows it (`listen` and `history` are the driver's: it
+    /// holds the sockets and the history handle).
     pub(crate) fn snapshot(&self, now: Instant) -> Status {
         let names: std::collections::BTreeSet<&RoomName> = self
             .settings
@@ -50,13 +51,8 @@ impl Hub {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: now.saturating_duration_since(self.started).as_secs(),
             rooms_file: self.settings.origin.to_string(),
-            listen: self
-                .settings
-                .daemon
-                .listen
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            // The sockets' part: the driver knows them as bound.
+            listen: Vec::new(),
             subscribers: self.subs.total() as u64,
             joined_groups,
             rooms,

@@ -41,7 +41,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use mcchat_core::socket::{self, MulticastConfig};
+use mcchat_core::socket::{self, MulticastConfig, canonical};
 use mcchat_core::wire::MAX_DATAGRAM;
 
 /// How many datagrams one receive reads at most: quinn-udp's `recvmmsg` batch.
@@ -137,18 +137,6 @@ fn segments<'a>(meta: &RecvMeta, buf: &'a [u8]) -> impl Iterator<Item = Received
             data: &data[start..(start + stride).min(len)],
         }
     })
-}
-
-/// An IPv4-mapped IPv6 address as IPv4; any other address unchanged (an IPv6 one keeps its
-/// scope id and flow label).
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        SocketAddr::V4(_) => addr,
-    }
 }
 
 /// `ip` if a reply can be sent from it: a unicast address, not a group or the broadcast one.
