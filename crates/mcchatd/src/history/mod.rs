@@ -34,6 +34,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 mod reader;
+mod retention;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -63,7 +64,8 @@ const COLUMNS: usize = 8;
 /// much CPU as 50 rows: at 10,000 messages a second, 20 ms makes it 200 rows (5 ms, 25% more
 /// CPU per message). A killed process loses at most the messages of this last moment.
 const GATHER: Duration = Duration::from_millis(20);
-/// How often retention runs.
+/// How often a retention pass runs: the age rule, and a count that commits have not yet
+/// applied (see `retention`); sooner while a pass leaves work.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// The writer's nice value (Linux, per thread): 10 gives it about a tenth of the CPU the relay
 /// loop (nice 0) gets when both want it, and all of it when the relay loop is idle.

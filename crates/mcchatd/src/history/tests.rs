@@ -120,6 +120,93 @@ async fn retention_keeps_the_newest_per_room() {
 }
 
 #[tokio::test]
+async fn a_burst_is_cut_to_the_count_when_it_is_committed() {
+    // Not at the next retention run 30 s later: the table never holds the burst.
+    let dir = temp_dir("burst");
+    let mut h = History::open(&dir, policy(100)).unwrap();
+    let mut batch = Batch::new();
+    for seq in 1..=1000 {
+        batch.push(&datagram("room1", seq, &seq.to_string()), now_ms());
+    }
+    assert_eq!(h.store_batch(&mut batch), 1000);
+    let got = h.reader().query(query("room1")).await.unwrap();
+    let seqs: Vec<u64> = got.iter().filter_map(|r| r.seq).collect();
+    assert_eq!(seqs, (901..=1000).collect::<Vec<_>>());
+    // Duplicates (repairs of what is stored) are not counted as rows.
+    for seq in 990..=1002 {
+        h.store_datagram(&datagram("room1", seq, &seq.to_string()), now_ms());
+    }
+    let got = h.reader().query(query("room1")).await.unwrap();
+    let seqs: Vec<u64> = got.iter().filter_map(|r| r.seq).collect();
+    assert_eq!(seqs, (903..=1002).collect::<Vec<_>>());
+    assert!(h.close(LONG));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `n` rows of `room` received at `recv_ms`, inserted straight into the table.
+fn fill(conn: &Connection, room: &str, n: u64, recv_ms: u64) {
+    let mut stmt = conn
+        .prepare(
+            "INSERT INTO messages (room, kind, sender, text, recv_ms)
+             VALUES (?1, 'msg', 'alice', 'x', ?2)",
+        )
+        .unwrap();
+    for _ in 0..n {
+        stmt.execute(params![room, to_sql(recv_ms)]).unwrap();
+    }
+}
+
+fn rows_of(conn: &Connection, room: &str) -> u64 {
+    conn.query_row(
+        "SELECT count(*) FROM messages WHERE room = ?1",
+        [room],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .unwrap()
+}
+
+#[test]
+fn a_backlog_is_worked_off_a_chunk_per_pass() {
+    use super::retention::{CHUNK, Rows};
+    let dir = temp_dir("backlog");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut conn = open_db(&dir.join(FILE_NAME)).unwrap();
+    let now = now_ms();
+    // A count lowered on reload (5,000 rows, 10 kept), and rows past their age.
+    fill(&conn, "big", 5000, now);
+    fill(&conn, "old", 2500, now - 7_200_000);
+    fill(&conn, "old", 5, now);
+    let policy = policy(10);
+    let mut rows = Rows::default();
+    rows.load(&conn).unwrap();
+    assert_eq!(rows.count("big"), Some(5000));
+    let mut passes = 0;
+    loop {
+        let tx = conn.transaction().unwrap();
+        let deleted = rows.pass(&tx, &policy, now).unwrap();
+        tx.commit().unwrap();
+        passes += 1;
+        assert!(
+            deleted <= 2 * 2 * CHUNK,
+            "at most a chunk per room and rule"
+        );
+        if !rows.backlog() {
+            break;
+        }
+        assert!(
+            passes < 10,
+            "a backlog of 4,990 rows takes 5 passes, not {passes}"
+        );
+    }
+    assert_eq!(passes, 5);
+    assert_eq!((rows_of(&conn, "big"), rows.count("big")), (10, Some(10)));
+    assert_eq!((rows_of(&conn, "old"), rows.count("old")), (5, Some(5)));
+    drop(conn);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_batch_is_queued_at_once_and_emptied() {
     let dir = temp_dir("batch");
     let mut h = History::open(&dir, policy(1000)).unwrap();

@@ -11,6 +11,7 @@ use mcchat_core::wire::{self, Kind};
 use rusqlite::{Connection, Transaction};
 use tokio::sync::oneshot;
 
+use super::retention::{Added, Rows};
 use super::*;
 
 /// Marks the writer's end, however it ends (a panic too): pending queries fail rather than
@@ -82,12 +83,20 @@ fn wait_timeout<'a>(
 }
 
 /// Inserts `rows` with `sql`, the statement for exactly that many.
-fn insert(tx: &Transaction<'_>, sql: &str, rows: &[Row<'_>]) -> rusqlite::Result<()> {
+/// Inserts `rows` with the statement `sql` (made for that many) and notes in `added` what
+/// changed.
+fn insert<'a>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    rows: &[Row<'a>],
+    added: &mut Added<'a>,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(sql)?;
     for (n, row) in rows.iter().enumerate() {
         row.bind(&mut stmt, n)?;
     }
-    stmt.raw_execute()?;
+    let changed = stmt.raw_execute()?;
+    added.statement(rows.iter().map(|r| r.room), changed);
     Ok(())
 }
 
@@ -172,6 +181,10 @@ pub(super) struct Writer {
     path: PathBuf,
     policy: Arc<Mutex<Policy>>,
     pruned: Instant,
+    /// Row counts per room, for retention at every commit.
+    rows: Rows,
+    /// Rows retention passes deleted since the last log line about it.
+    pruned_rows: u64,
     failures: u64,
     /// The statements for [`ROWS`] rows, in that order.
     inserts: Vec<String>,
@@ -184,6 +197,8 @@ impl Writer {
             path,
             policy,
             pruned: Instant::now(),
+            rows: Rows::default(),
+            pruned_rows: 0,
             failures: 0,
             inserts: ROWS.iter().map(|&n| insert_sql(n)).collect(),
         }
@@ -216,7 +231,7 @@ impl Writer {
                 }
                 continue;
             }
-            if self.pruned.elapsed() >= PRUNE_EVERY {
+            if self.rows.backlog() || self.pruned.elapsed() >= PRUNE_EVERY {
                 self.prune();
             }
         };
@@ -253,7 +268,11 @@ impl Writer {
                 q = wait_timeout(shared, q, until - now);
                 continue;
             }
-            let prune_at = self.pruned + PRUNE_EVERY;
+            let prune_at = if self.rows.backlog() {
+                self.pruned
+            } else {
+                self.pruned + PRUNE_EVERY
+            };
             if now >= prune_at {
                 drop(q);
                 self.prune();
@@ -294,27 +313,32 @@ impl Writer {
     fn commit(&mut self, batch: &Batch, range: Range<usize>) {
         let records = range.len();
         let inserts = &self.inserts;
+        let policy = self.policy();
         let result = (|| -> rusqlite::Result<()> {
+            self.rows.load(&self.conn)?;
             let tx = self.conn.transaction()?;
             let mut rows = Vec::with_capacity(ROWS[0]);
+            let mut added = Added::default();
             for i in range {
                 let (data, recv_ms) = batch.get(i);
                 rows.extend(Row::decode(data, recv_ms));
                 if rows.len() == ROWS[0] {
-                    insert(&tx, &inserts[0], &rows)?;
+                    insert(&tx, &inserts[0], &rows, &mut added)?;
                     rows.clear();
                 }
             }
             let mut rest = &rows[..];
             for (&n, sql) in ROWS.iter().zip(inserts).skip(1) {
                 while rest.len() >= n {
-                    insert(&tx, sql, &rest[..n])?;
+                    insert(&tx, sql, &rest[..n], &mut added)?;
                     rest = &rest[n..];
                 }
             }
+            self.rows.after_insert(&tx, &added, &policy)?;
             tx.commit()
         })();
         if let Err(error) = result {
+            self.rows.forget();
             self.failures += 1;
             tracing::error!(
                 path = %self.path.display(),
@@ -326,48 +350,37 @@ impl Writer {
         }
     }
 
-    /// Applies retention: by age, then by count, room by room.
-    fn prune(&mut self) {
-        self.pruned = Instant::now();
-        let now = now_ms();
-        let policy = self
-            .policy
+    /// The retention rules now (copied: a reload must not wait for a commit).
+    fn policy(&self) -> Policy {
+        self.policy
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let result = (|| -> rusqlite::Result<usize> {
-            let rooms: Vec<String> = {
-                let mut stmt = self
-                    .conn
-                    .prepare_cached("SELECT DISTINCT room FROM messages")?;
-                stmt.query_map([], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?
-            };
+            .clone()
+    }
+
+    /// One retention pass (by age, then by count; bounded, see `retention`).
+    fn prune(&mut self) {
+        self.pruned = Instant::now();
+        let policy = self.policy();
+        let result = (|| -> rusqlite::Result<u64> {
+            self.rows.load(&self.conn)?;
             let tx = self.conn.transaction()?;
-            let mut deleted = 0;
-            for room in rooms {
-                let keep = policy.for_room(&room);
-                let oldest =
-                    now.saturating_sub(u64::try_from(keep.age.as_millis()).unwrap_or(u64::MAX));
-                deleted += tx.execute(
-                    "DELETE FROM messages WHERE room = ?1 AND recv_ms < ?2",
-                    params![room, to_sql(oldest)],
-                )?;
-                deleted += tx.execute(
-                    "DELETE FROM messages WHERE room = ?1 AND id <= coalesce(
-                       (SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC
-                        LIMIT 1 OFFSET ?2), -1)",
-                    params![room, to_sql(keep.count)],
-                )?;
-            }
+            let deleted = self.rows.pass(&tx, &policy, now_ms())?;
             tx.commit()?;
             Ok(deleted)
         })();
         match result {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "history retention applied"),
+            Ok(deleted) => {
+                self.pruned_rows += deleted;
+                // One line when a pass, or a run of passes working off a backlog, is done.
+                if self.pruned_rows > 0 && !self.rows.backlog() {
+                    tracing::info!(deleted = self.pruned_rows, "history retention applied");
+                    self.pruned_rows = 0;
+                }
+            }
             Err(error) => {
-                tracing::warn!(path = %self.path.display(), %error, "history retention failed")
+                self.rows.forget();
+                tracing::warn!(path = %self.path.display(), %error, "history retention failed");
             }
         }
     }
