@@ -295,14 +295,26 @@ fn db_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> HistoryError + '_ {
     }
 }
 
-/// SQLite stores integers as i64; sequence numbers and times fit (they are far below 2^63),
-/// and anything larger is clamped rather than wrapped.
+/// SQLite stores integers as i64; times fit (they are far below 2^63), and anything larger
+/// is clamped rather than wrapped. (Sequence numbers use the whole range: [`seq_to_sql`].)
 fn to_sql(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn from_sql(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// A sequence number as stored: its 64 bits as SQLite's signed integer, so that every value of
+/// the whole u64 range is kept exactly (clamping would make distinct numbers above 2^63-1
+/// collide in the unique index). Only equality matters for `seq`; nothing orders by it.
+fn seq_to_sql(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// The inverse of [`seq_to_sql`].
+fn seq_from_sql(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
 }
 
 /// Opens (creating if needed) the database in `dir` and its schema.

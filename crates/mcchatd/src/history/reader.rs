@@ -83,7 +83,7 @@ fn read(path: &Path, q: &Query) -> Result<Vec<Record>, HistoryError> {
                     sender: r.get(2)?,
                     text: r.get(3)?,
                     id: r.get(4)?,
-                    seq: r.get::<_, Option<i64>>(5)?.map(from_sql),
+                    seq: r.get::<_, Option<i64>>(5)?.map(seq_from_sql),
                     ts_ms: r.get::<_, Option<i64>>(6)?.map(from_sql),
                     recv_ms: from_sql(r.get(7)?),
                 })

@@ -11,7 +11,8 @@
 //! at most [`CHUNK`] of an older excess (a lowered count, an old file). So a room never holds
 //! more than its count and one commit, and the table stays as small as the policy says.
 //!
-//! The age rule, and an excess in rooms that receive nothing, are left to the periodic
+//! The age rule is applied the same way at every commit, to the rooms it touched. Both rules
+//! in rooms that receive nothing (an old file, a lowered count) are left to the periodic
 //! [`Rows::pass`], at most [`CHUNK`] rows per room and rule per pass; while something is left
 //! the writer runs another pass after its next wait instead of in 30 s.
 
@@ -134,13 +135,15 @@ impl Rows {
     }
 
     /// After a commit's inserts, in its transaction: counts what was added and deletes each
-    /// touched room's rows beyond its count, at most the rows it gained plus [`CHUNK`].
-    /// Returns how many rows went. [`load`](Self::load) must have run.
+    /// touched room's rows past their age and beyond its count, each rule at most the rows
+    /// the room gained plus [`CHUNK`]. Returns how many rows went. [`load`](Self::load) must
+    /// have run.
     pub(super) fn after_insert(
         &mut self,
         tx: &Transaction<'_>,
         added: &Added<'_>,
         policy: &Policy,
+        now_ms: u64,
     ) -> rusqlite::Result<u64> {
         let mut deleted = 0;
         for room in added.rooms() {
@@ -158,7 +161,14 @@ impl Rows {
                         .into_mut()
                 }
             };
-            let keep = policy.for_room(room).count;
+            let Retention { count: keep, age } = policy.for_room(room);
+            let oldest = now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+            let aged = delete_older(tx, room, oldest, gained + CHUNK)?;
+            *count -= aged.min(*count);
+            deleted += aged;
+            if aged == gained + CHUNK {
+                self.backlog = true;
+            }
             if *count > keep {
                 let excess = *count - keep;
                 let gone = delete_oldest(tx, room, excess.min(gained + CHUNK))?;

@@ -206,6 +206,30 @@ fn a_backlog_is_worked_off_a_chunk_per_pass() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sequence numbers over the whole u64 range are stored exactly, and told apart: clamped,
+/// every seq above 2^63-1 would collide with the others in the unique index.
+#[tokio::test]
+async fn sequence_numbers_above_2_pow_63_are_kept_exactly() {
+    let dir = temp_dir("bigseq");
+    let mut h = History::open(&dir, policy(1000)).unwrap();
+    let seqs = [u64::MAX - 1, 1 << 63, (1 << 63) - 1, (1 << 63) + 5, 7];
+    for seq in seqs {
+        assert!(h.store_datagram(&datagram("room1", seq, &seq.to_string()), now_ms()));
+    }
+    // A repeat of one of them is still recognised as stored.
+    h.store_datagram(&datagram("room1", 1 << 63, "again"), now_ms());
+    let got = h.reader().query(query("room1")).await.unwrap();
+    let back: Vec<(u64, &str)> = got
+        .iter()
+        .map(|r| (r.seq.unwrap(), r.text.as_str()))
+        .collect();
+    let want: Vec<(u64, String)> = seqs.iter().map(|&s| (s, s.to_string())).collect();
+    let want: Vec<(u64, &str)> = want.iter().map(|(s, t)| (*s, t.as_str())).collect();
+    assert_eq!(back, want);
+    assert!(h.close(LONG));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_batch_is_queued_at_once_and_emptied() {
     let dir = temp_dir("batch");
@@ -377,14 +401,16 @@ async fn what_is_stored_is_the_contracts_record() {
         b"@kind=hb;id=00000000000000ae;seq=1 r|al|",
         b"not a datagram",
     ];
+    // Received now: older than the hour the policy keeps would be deleted as stored.
+    let now = now_ms();
     for (i, d) in datagrams.iter().enumerate() {
-        assert!(h.store_datagram(d, 1000 + i as u64));
+        assert!(h.store_datagram(d, now + i as u64));
     }
     let got = h.reader().query(query("r")).await.unwrap();
     let want: Vec<Record> = datagrams
         .iter()
         .enumerate()
-        .filter_map(|(i, d)| Record::decode(d, 1000 + i as u64))
+        .filter_map(|(i, d)| Record::decode(d, now + i as u64))
         .collect();
     assert_eq!(got, want);
     assert_eq!(got.len(), 5, "the heartbeat and the garbage are not stored");

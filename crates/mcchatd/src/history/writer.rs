@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use mcchat_core::ratelimit::LogLimiter;
 use mcchat_core::wire::{self, Kind};
 use rusqlite::{Connection, Transaction};
 use tokio::sync::oneshot;
@@ -126,7 +127,7 @@ impl<'a> Row<'a> {
             sender: frame.sender,
             text: frame.text,
             instance: frame.meta.instance.map(|i| hex16(i.0)),
-            seq: frame.meta.seq.map(to_sql),
+            seq: frame.meta.seq.map(seq_to_sql),
             ts_ms: frame.meta.ts_ms.map(to_sql),
             recv_ms: to_sql(recv_ms),
         })
@@ -186,6 +187,10 @@ pub(super) struct Writer {
     /// Rows retention passes deleted since the last log line about it.
     pruned_rows: u64,
     failures: u64,
+    /// Records lost to failed commits since the last error line.
+    lost: u64,
+    /// Write errors are logged at most once a minute (each line says how many it stands for).
+    error_log: LogLimiter,
     /// The statements for [`ROWS`] rows, in that order.
     inserts: Vec<String>,
 }
@@ -200,6 +205,8 @@ impl Writer {
             rows: Rows::default(),
             pruned_rows: 0,
             failures: 0,
+            lost: 0,
+            error_log: LogLimiter::new(1, Duration::from_secs(60)),
             inserts: ROWS.iter().map(|&n| insert_sql(n)).collect(),
         }
     }
@@ -334,19 +341,25 @@ impl Writer {
                     rest = &rest[n..];
                 }
             }
-            self.rows.after_insert(&tx, &added, &policy)?;
+            self.rows.after_insert(&tx, &added, &policy, now_ms())?;
             tx.commit()
         })();
         if let Err(error) = result {
             self.rows.forget();
             self.failures += 1;
-            tracing::error!(
-                path = %self.path.display(),
-                %error,
-                records,
-                failures = self.failures,
-                "cannot write history; these messages are not stored"
-            );
+            self.lost += records as u64;
+            // A full disk fails every commit: one line a minute, with what it cost since.
+            if let Some(suppressed) = self.error_log.check(Instant::now()) {
+                tracing::error!(
+                    path = %self.path.display(),
+                    %error,
+                    records = self.lost,
+                    failures = self.failures,
+                    suppressed,
+                    "cannot write history; these messages are not stored"
+                );
+                self.lost = 0;
+            }
         }
     }
 
@@ -380,7 +393,9 @@ impl Writer {
             }
             Err(error) => {
                 self.rows.forget();
-                tracing::warn!(path = %self.path.display(), %error, "history retention failed");
+                if let Some(suppressed) = self.error_log.check(Instant::now()) {
+                    tracing::warn!(path = %self.path.display(), %error, suppressed, "history retention failed");
+                }
             }
         }
     }
