@@ -20,6 +20,10 @@ pub const BUILTIN_ROOMS: &str = include_str!("../../../rooms.toml");
 /// System-wide location, the one the systemd unit uses.
 pub const SYSTEM_PATH: &str = "/etc/mcchat/rooms.toml";
 
+/// The longest rooms file read (the built-in one is about 3 KiB; a thousand rooms fit in
+/// a tenth of this).
+pub const MAX_ROOMS_FILE: u64 = 1 << 20;
+
 /// How the rooms file was chosen.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +159,7 @@ pub fn load_from(origin: Origin) -> Result<Loaded, LoadError> {
     let registry = match &origin.path {
         None => Registry::from_toml(BUILTIN_ROOMS, &origin.label())?,
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|cause| LoadError::Read {
+            let text = read_bounded(path).map_err(|cause| LoadError::Read {
                 path: path.clone(),
                 how: match origin.found {
                     Found::Flag => "given with --rooms",
@@ -168,6 +172,46 @@ pub fn load_from(origin: Origin) -> Result<Loaded, LoadError> {
         }
     };
     Ok(Loaded { registry, origin })
+}
+
+/// Reads a rooms file, which must be a regular file of at most [`MAX_ROOMS_FILE`] bytes in
+/// UTF-8. Opened without blocking, so a FIFO (or a device) named by mistake is refused at
+/// once rather than wait for a writer; `/dev/zero` is not read without end.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, a device or a directory); name the TOML file itself",
+        ));
+    }
+    if meta.len() > MAX_ROOMS_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{} bytes, more than the {MAX_ROOMS_FILE} a rooms file may have",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    // It may grow while read: never more than the bound.
+    file.take(MAX_ROOMS_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_ROOMS_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("grew past the {MAX_ROOMS_FILE} bytes a rooms file may have while read"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| Error::new(ErrorKind::InvalidData, format!("not UTF-8 text: {e}")))
 }
 
 /// A TOML table that does not fit its serde struct, said for the person who wrote the file.
@@ -273,6 +317,41 @@ mod tests {
             |k| env.get(k).cloned(),
             |p| files.iter().any(|f| Path::new(f) == p),
         )
+    }
+
+    /// A rooms file that is not a small regular file is refused at once with a clear error:
+    /// a FIFO (no writer: reading would block), a device that never ends, a directory, a
+    /// file past the bound. Nothing here waits or reads more than the bound.
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let dir = std::env::temp_dir().join(format!("mcchat-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |path: &Path| {
+            let e = load_from(Origin {
+                path: Some(path.to_owned()),
+                found: Found::Flag,
+            })
+            .unwrap_err();
+            assert!(matches!(e, LoadError::Read { .. }), "{e}");
+            e.to_string()
+        };
+        let fifo = dir.join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(err(&fifo).contains("not a regular file"));
+        assert!(err(Path::new("/dev/zero")).contains("not a regular file"));
+        assert!(err(&dir).contains("not a regular file"));
+        let big = dir.join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_ROOMS_FILE as usize + 1]).unwrap();
+        let e = err(&big);
+        assert!(e.contains("more than the 1048576"), "{e}");
+        let latin1 = dir.join("latin1.toml");
+        std::fs::write(&latin1, b"# caf\xe9\n").unwrap();
+        assert!(err(&latin1).contains("not UTF-8"));
+        let ok = dir.join("rooms.toml");
+        std::fs::write(&ok, BUILTIN_ROOMS).unwrap();
+        assert!(load(Some(&ok)).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

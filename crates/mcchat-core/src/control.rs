@@ -265,8 +265,10 @@ pub struct RoomStatus {
 /// One subscriber of a room.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscriberStatus {
-    /// Its address and port (`ADDR:PORT`).
-    pub addr: String,
+    /// Its address and port (`ADDR:PORT`): on the local socket only. Over TCP the daemon
+    /// leaves it out, so that no one on the network learns whose addresses to forge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
     /// The name it subscribed with (untrusted: sanitise before showing).
     pub name: String,
     /// Seconds until its lease runs out unless renewed.
@@ -296,6 +298,10 @@ pub struct Counters {
     pub unsubscribed: u64,
     /// Subscriptions whose lease ran out.
     pub expired: u64,
+    /// NACKs at the relay port that proved no subscription (no valid cookie): not answered
+    /// from the cache, passed on to the room. (Absent from mcchatd 0.1.0's answers.)
+    #[serde(default)]
+    pub nacks_unproven: u64,
     /// Drops by reason (docs/PROTOCOL.md 2.5 and 4.3: `bad_room`, `not_allowed`, ...); a
     /// reason that never happened is absent.
     pub dropped: BTreeMap<String, u64>,
@@ -316,6 +322,10 @@ pub struct RepairCacheStats {
     pub repairs_to_subscribers: u64,
     /// Standby repairs not needed because the sender repaired first.
     pub standby_skipped: u64,
+    /// Repairs not sent because a repair budget was spent (PROTOCOL.md 5.1). (Absent from
+    /// mcchatd 0.1.0's answers.)
+    #[serde(default)]
+    pub repairs_over_budget: u64,
 }
 
 /// Room history, when it is on.
@@ -365,7 +375,7 @@ mod tests {
                 keep: false,
                 joined: true,
                 subscribers: vec![SubscriberStatus {
-                    addr: "127.0.0.1:40000".into(),
+                    addr: Some("127.0.0.1:40000".into()),
                     name: "alice".into(),
                     expires_in_secs: 59,
                 }],
@@ -381,6 +391,7 @@ mod tests {
                 renewed: 8,
                 unsubscribed: 9,
                 expired: 10,
+                nacks_unproven: 0,
                 dropped: [
                     ("bad_cookie".to_owned(), 11),
                     ("not_allowed".to_owned(), 12),
@@ -394,6 +405,7 @@ mod tests {
                 repairs_to_group: 16,
                 repairs_to_subscribers: 17,
                 standby_skipped: 18,
+                repairs_over_budget: 0,
             },
             history: Some(HistoryStatus {
                 path: "/var/lib/mcchat/history.sqlite3".into(),
@@ -463,8 +475,16 @@ mod tests {
     }
 
     #[test]
-    fn the_status_document_is_the_one_mcchatd_0_1_0_wrote() {
-        assert_eq!(serde_json::to_string(&status()).unwrap(), STATUS_0_1_0);
+    fn the_status_document_is_the_one_mcchatd_0_1_0_wrote_plus_new_counters() {
+        // What 0.1.0 wrote, with the counters added since at the ends of their objects.
+        let now = STATUS_0_1_0
+            .replace(r#""expired":10,"#, r#""expired":10,"nacks_unproven":0,"#)
+            .replace(
+                r#""standby_skipped":18}"#,
+                r#""standby_skipped":18,"repairs_over_budget":0}"#,
+            );
+        assert_eq!(serde_json::to_string(&status()).unwrap(), now);
+        // A new client reads an old daemon's document.
         let read: Status = serde_json::from_str(STATUS_0_1_0).unwrap();
         assert_eq!(read, status());
         let off = STATUS_0_1_0.replace(

@@ -17,7 +17,11 @@ use crate::wire::MAX_DATAGRAM;
 
 /// Tags a relay or cache may add or strip; everything else is end-to-end (what the sender
 /// wrote: id, seq, ts, kind, for, seqs, lease, ...).
-pub const HOP_BY_HOP: &[&str] = &["repair", "pad", "cookie", "relay", "site", "hops"];
+pub const HOP_BY_HOP: &[&str] = &["repair", "pad", COOKIE, "relay", "site", "hops"];
+
+/// The return-routability cookie of mcchatd's relay protocol (PROTOCOL.md 4.2): in a
+/// challenge, `subok`, a request, and a subscriber's NACK to the daemon.
+pub const COOKIE: &str = "cookie";
 
 /// Whether `key` names a hop-by-hop tag (one of [`HOP_BY_HOP`]; `+repair` and
 /// `vendor/repair` are other keys, end-to-end).

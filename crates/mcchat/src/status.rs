@@ -52,7 +52,10 @@ fn render(v: &Status) -> String {
         let subs: Vec<String> = room
             .subscribers
             .iter()
-            .map(|sub| format!("{}@{}", for_terminal(&sub.name), for_terminal(&sub.addr)))
+            .map(|sub| match &sub.addr {
+                Some(addr) => format!("{}@{}", for_terminal(&sub.name), for_terminal(addr)),
+                None => for_terminal(&sub.name).into_owned(),
+            })
             .collect();
         let _ = writeln!(
             o,
@@ -136,7 +139,7 @@ mod tests {
                 keep: false,
                 joined: true,
                 subscribers: vec![SubscriberStatus {
-                    addr: "127.0.0.1:40000".into(),
+                    addr: Some("127.0.0.1:40000".into()),
                     name: "al\u{1b}[2Jice".into(),
                     expires_in_secs: 59,
                 }],

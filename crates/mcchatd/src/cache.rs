@@ -104,6 +104,8 @@ impl From<CacheStats> for mcchat_core::control::RepairCacheStats {
             repairs_to_group: s.repairs_to_group,
             repairs_to_subscribers: s.repairs_to_subscribers,
             standby_skipped: s.standby_skipped,
+            // The hub's budgets, not the cache, refuse repairs: it fills this in.
+            repairs_over_budget: 0,
         }
     }
 }
@@ -258,7 +260,6 @@ impl RepairCache {
                 }
                 if sender.left {
                     entry.repaired = Some(now);
-                    self.stats.repairs_to_group += 1;
                     out.push(Outgoing {
                         room: room.clone(),
                         data: entry.data.clone(),
@@ -271,6 +272,16 @@ impl RepairCache {
             }
         }
         out
+    }
+
+    /// Counts a repair the hub sent, to a group or to one subscriber: what this cache offers
+    /// is weighed against the hub's budgets first, and some may not go.
+    pub(crate) fn count_sent(&mut self, to_subscriber: bool) {
+        if to_subscriber {
+            self.stats.repairs_to_subscribers += 1;
+        } else {
+            self.stats.repairs_to_group += 1;
+        }
     }
 
     /// A NACK from a `--via` subscriber: what the cache holds of it (to send to that
@@ -295,7 +306,6 @@ impl RepairCache {
             .take(MAX_REPAIRS_PER_NACK)
             .map(|(_, e)| e.data.clone())
             .collect();
-        self.stats.repairs_to_subscribers += found.len() as u64;
         let complete = found.len() as u64 == wanted;
         (found, complete)
     }
@@ -323,7 +333,6 @@ impl RepairCache {
                 continue;
             }
             entry.repaired = Some(now);
-            self.stats.repairs_to_group += 1;
             out.push(Outgoing {
                 room: key.0.clone(),
                 data: entry.data.clone(),

@@ -91,6 +91,9 @@ pub(crate) struct Counters {
     pub(crate) unsubscribed: u64,
     /// Subscriptions whose lease ran out.
     pub(crate) expired: u64,
+    /// NACKs at the relay port that proved no subscription (no valid cookie): not answered
+    /// from the cache, passed on to the room.
+    pub(crate) nacks_unproven: u64,
     /// Drops by reason.
     pub(crate) dropped: BTreeMap<&'static str, u64>,
 }
@@ -117,6 +120,7 @@ impl From<Counters> for control::Counters {
             renewed: c.renewed,
             unsubscribed: c.unsubscribed,
             expired: c.expired,
+            nacks_unproven: c.nacks_unproven,
             dropped: c
                 .dropped
                 .into_iter()

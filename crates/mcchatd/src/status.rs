@@ -7,19 +7,21 @@
 //! closes the connection. A client that sends nothing within [`REQUEST_WAIT`] gets the
 //! status, so `nc HOST 5554 </dev/null` still works.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mcchat_core::control::{self, ErrorAnswer, HistoryAnswer, HistoryQuery, Request};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::history::Reader;
+use crate::hub::admission::{net_key, source_key};
 
 /// What the listeners answer with: status from the relay loop, history from the database.
 #[derive(Debug, Clone)]
@@ -36,22 +38,116 @@ const REQUEST_TIME: Duration = Duration::from_secs(2);
 const MAX_REQUEST: u64 = control::MAX_REQUEST_LINE as u64;
 
 /// A request for the current status, answered by the relay loop.
-pub(crate) type StatusRequest = oneshot::Sender<String>;
+#[derive(Debug)]
+pub(crate) struct StatusRequest {
+    /// Asked on the local socket: the answer may list subscribers' addresses.
+    pub(crate) local: bool,
+    pub(crate) reply: oneshot::Sender<String>,
+}
 
-/// How long a status client may take to read the answer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may read nothing of the answer before it is closed: a slow reader (a
+/// VPN, Wi-Fi) gets a long history whole, however long that takes, and one that stops
+/// reading gives its slot back.
+const WRITE_PROGRESS: Duration = Duration::from_secs(10);
+/// The answer is written in pieces of this size, each within [`WRITE_PROGRESS`].
+const WRITE_PIECE: usize = 64 * 1024;
 
-/// Status connections served at once; more are closed at once, so status can never crowd
+/// TCP status connections served at once; more are closed at once, so status can never crowd
 /// out relaying (each answer is built by the relay loop).
-pub(crate) const MAX_STATUS_CLIENTS: usize = 8;
+pub(crate) const MAX_TCP_CLIENTS: usize = 8;
+/// TCP status connections from one address at once ...
+pub(crate) const PER_ADDRESS: usize = 2;
+/// ... and from one IPv6 /64 (one host may have many of its addresses): so taking every
+/// slot needs at least four hosts, each proven by its TCP handshake.
+pub(crate) const PER_NET: usize = 4;
+/// Connections on the local socket at once: slots of their own, which no one on the network
+/// can take (`mcchat join`'s catch-up, `mcchat status` on the host).
+pub(crate) const MAX_LOCAL_CLIENTS: usize = 4;
+/// History answers built at once (each holds up to `MAX_QUERY` messages in memory); a
+/// query waits up to [`HISTORY_WAIT`] for its turn.
+pub(crate) const MAX_HISTORY_ANSWERS: usize = 2;
+const HISTORY_WAIT: Duration = Duration::from_secs(10);
 
-/// The connection slots shared by the TCP and Unix listeners.
-pub(crate) fn slots() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(MAX_STATUS_CLIENTS))
+/// The connection slots of the TCP and Unix listeners.
+#[derive(Debug, Clone)]
+pub(crate) struct Slots {
+    tcp: Arc<Semaphore>,
+    local: Arc<Semaphore>,
+    history: Arc<Semaphore>,
+    /// Connections held per address and per IPv6 /64.
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A connection's slot, given back when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    keys: Vec<IpAddr>,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in &self.keys {
+            if let Some(n) = sources.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    sources.remove(key);
+                }
+            }
+        }
+    }
+}
+
+impl Slots {
+    pub(crate) fn new() -> Self {
+        Self {
+            tcp: Arc::new(Semaphore::new(MAX_TCP_CLIENTS)),
+            local: Arc::new(Semaphore::new(MAX_LOCAL_CLIENTS)),
+            history: Arc::new(Semaphore::new(MAX_HISTORY_ANSWERS)),
+            sources: Arc::default(),
+        }
+    }
+
+    /// A slot for a TCP client from `ip`, if the total, its address and its /64 have room.
+    pub(crate) fn tcp(&self, ip: IpAddr) -> Option<Slot> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let addr = source_key(ip);
+        let mut keys = vec![(addr, PER_ADDRESS)];
+        keys.extend(net_key(ip).map(|net| (net, PER_NET)));
+        if keys
+            .iter()
+            .any(|(k, cap)| sources.get(k).copied().unwrap_or(0) >= *cap)
+        {
+            return None;
+        }
+        let permit = Arc::clone(&self.tcp).try_acquire_owned().ok()?;
+        for (k, _) in &keys {
+            *sources.entry(*k).or_insert(0) += 1;
+        }
+        Some(Slot {
+            _permit: permit,
+            keys: keys.into_iter().map(|(k, _)| k).collect(),
+            sources: Arc::clone(&self.sources),
+        })
+    }
+
+    /// A slot on the local socket, if one is free.
+    pub(crate) fn local(&self) -> Option<Slot> {
+        let permit = Arc::clone(&self.local).try_acquire_owned().ok()?;
+        Some(Slot {
+            _permit: permit,
+            keys: Vec::new(),
+            sources: Arc::clone(&self.sources),
+        })
+    }
 }
 
 async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: S,
+    local: bool,
+    history: &Arc<Semaphore>,
     services: &Services,
 ) {
     let (r, mut w) = tokio::io::split(stream);
@@ -68,24 +164,40 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let line = String::from_utf8_lossy(&line);
     let doc = match Request::parse(&line) {
         Ok(Request::Status) => {
-            let (tx, rx) = oneshot::channel();
-            if services.status.send(tx).await.is_err() {
+            let (reply, rx) = oneshot::channel();
+            if services
+                .status
+                .send(StatusRequest { local, reply })
+                .await
+                .is_err()
+            {
                 return;
             }
             let Ok(doc) = rx.await else { return };
             doc
         }
-        Ok(Request::History(query)) => history_answer(query, services.history.as_ref()).await,
+        Ok(Request::History(query)) => {
+            let turn = tokio::time::timeout(HISTORY_WAIT, Arc::clone(history).acquire_owned());
+            match turn.await {
+                Ok(Ok(_turn)) => history_answer(query, services.history.as_ref()).await,
+                _ => error_doc(&format!(
+                    "history is busy ({MAX_HISTORY_ANSWERS} queries at once); try again"
+                )),
+            }
+        }
         Err(e) => error_doc(&e.to_string()),
     };
-    let write = async {
-        w.write_all(doc.as_bytes()).await?;
-        w.write_all(b"\n").await?;
-        w.shutdown().await
-    };
-    if let Ok(Err(error)) = tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        tracing::debug!(%error, "status client went away");
+    drop(line);
+    let mut doc = doc.into_bytes();
+    doc.push(b'\n');
+    for piece in doc.chunks(WRITE_PIECE) {
+        match tokio::time::timeout(WRITE_PROGRESS, w.write_all(piece)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return tracing::debug!(%error, "status client went away"),
+            Err(_) => return tracing::debug!("status client stopped reading"),
+        }
     }
+    let _ = tokio::time::timeout(WRITE_PROGRESS, w.shutdown()).await;
 }
 
 fn error_doc(message: &str) -> String {
@@ -119,22 +231,25 @@ async fn history_answer(query: HistoryQuery, history: Option<&Reader>) -> String
 /// Answers one status client on its own task, if a slot is free; otherwise closes it.
 fn spawn_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
     stream: S,
-    slots: &Arc<Semaphore>,
+    slot: Option<Slot>,
+    slots: &Slots,
     services: &Services,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+    let Some(permit) = slot else {
         tracing::debug!("status: too many clients at once");
         return;
     };
+    let local = permit.keys.is_empty();
+    let history = Arc::clone(&slots.history);
     let services = services.clone();
     let token = token.clone();
     tracker.spawn(async move {
         // Shutdown ends a slow client's answer at once rather than after its timeouts.
         tokio::select! {
             () = token.cancelled() => {}
-            () = answer(stream, &services) => {}
+            () = answer(stream, local, &history, &services) => {}
         }
         drop(permit);
     });
@@ -145,7 +260,7 @@ pub(crate) async fn serve_tcp(
     listener: TcpListener,
     services: Services,
     allowed: impl Fn(SocketAddr) -> bool + Send + 'static,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -156,7 +271,8 @@ pub(crate) async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) if allowed(peer) => {
-                spawn_answer(stream, &slots, &services, &token, &tracker)
+                let slot = slots.tcp(peer.ip());
+                spawn_answer(stream, slot, &slots, &services, &token, &tracker)
             }
             Ok((_, peer)) => tracing::debug!(%peer, "status request from a network not allowed"),
             Err(error) => {
@@ -172,7 +288,7 @@ pub(crate) async fn serve_tcp(
 pub(crate) async fn serve_unix(
     listener: UnixListener,
     services: Services,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -182,7 +298,10 @@ pub(crate) async fn serve_unix(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => spawn_answer(stream, &slots, &services, &token, &tracker),
+            Ok((stream, _)) => {
+                let slot = slots.local();
+                spawn_answer(stream, slot, &slots, &services, &token, &tracker)
+            }
             Err(error) => {
                 tracing::warn!(%error, "status socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -242,5 +361,61 @@ mod unix_socket_tests {
         drop(first);
         assert!(bind_unix(&path).is_ok());
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// PROTOCOL 4.4: two connections per address, four per IPv6 /64, eight over TCP in all;
+    /// the local socket has its own; a slot comes back when its connection ends.
+    #[test]
+    fn connections_are_capped_per_address_per_net_and_in_all() {
+        let slots = Slots::new();
+        let a: Vec<Slot> = (0..PER_ADDRESS)
+            .map(|_| slots.tcp(ip("192.0.2.1")).expect("a slot"))
+            .collect();
+        assert!(
+            slots.tcp(ip("192.0.2.1")).is_none(),
+            "a third from one address"
+        );
+        assert!(
+            slots.tcp(ip("::ffff:192.0.2.1")).is_none(),
+            "the same address, mapped"
+        );
+        // One /64, many addresses: four at most.
+        let net: Vec<Slot> = (1..=4)
+            .filter_map(|i| slots.tcp(ip(&format!("2001:db8::{i}"))))
+            .collect();
+        assert_eq!(net.len(), PER_NET);
+        assert!(slots.tcp(ip("2001:db8::99")).is_none());
+        // Eight in all: two more from elsewhere, then none.
+        let rest: Vec<Slot> = (2..=3)
+            .filter_map(|i| slots.tcp(ip(&format!("192.0.2.{i}"))))
+            .collect();
+        assert_eq!(rest.len(), 2);
+        assert!(slots.tcp(ip("192.0.2.9")).is_none(), "all eight are taken");
+        // Taken by the network, the local socket still has its own.
+        let local: Vec<Slot> = (0..MAX_LOCAL_CLIENTS)
+            .filter_map(|_| slots.local())
+            .collect();
+        assert_eq!(local.len(), MAX_LOCAL_CLIENTS);
+        assert!(slots.local().is_none());
+        drop(a);
+        assert!(slots.tcp(ip("192.0.2.1")).is_some(), "given back");
+        drop(net);
+        assert!(
+            slots
+                .sources
+                .lock()
+                .unwrap()
+                .get(&ip("2001:db8::"))
+                .is_none()
+        );
     }
 }

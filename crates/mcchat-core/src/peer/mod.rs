@@ -7,10 +7,8 @@
 //!
 //! - this file: the engine (decoding, presence, repair on both sides, the budgets);
 //! - `heartbeat`: when presence heartbeats and tail probes go out;
-//! - `budget`: the byte budget of this peer's repairs;
 //! - `relay`: the client side of mcchatd's subscription protocol (`--via`).
 
-mod budget;
 mod heartbeat;
 mod relay;
 
@@ -21,12 +19,11 @@ use std::time::{Duration, Instant};
 use crate::presence::{Change, MEMBER_TIMEOUT, Roster};
 use crate::ratelimit::LogLimiter;
 use crate::repair::{
-    self, Delivery, Nack, Receiver, RepairConfig, RepairStats, SendBuffer, SplitMix64,
+    self, ByteBudget, Delivery, Nack, Receiver, RepairConfig, RepairStats, SendBuffer, SplitMix64,
 };
 use crate::tags;
 use crate::wire::{self, DropCounts, EncodeError, Header, InstanceId, Kind, MAX_DATAGRAM, Meta};
 
-use budget::ByteBudget;
 use heartbeat::Heartbeat;
 use relay::RelayClient;
 
@@ -746,9 +743,20 @@ impl PeerEngine {
             extra: &[("for", &target), ("seqs", &seqs)],
         };
         let sender = self.control_sender().to_owned();
-        if wire::encode(&header, &self.config.room, &sender, "", &mut self.out).is_ok() {
-            self.send_out();
+        if wire::encode(&header, &self.config.room, &sender, "", &mut self.out).is_err() {
+            return;
         }
+        // Through mcchatd a NACK carries the subscription's cookie (hop-by-hop): the daemon
+        // answers from its cache only a NACK that proves its source (PROTOCOL.md 4.3), so a
+        // forged one cannot aim its answer at this subscriber. Without room for the tag it
+        // goes bare, and the daemon passes it on to the room instead.
+        if let Some(cookie) = self.relay.as_ref().and_then(|r| r.cookie()) {
+            let mut tagged = Vec::with_capacity(self.out.len() + cookie.len() + 9);
+            if tags::add_hop_tag(self.out.as_bytes(), tags::COOKIE, cookie, &mut tagged).is_ok() {
+                return self.send(tagged);
+            }
+        }
+        self.send_out();
     }
 
     fn deliver(&mut self, out: Vec<Delivery<Received>>, now: Instant) {

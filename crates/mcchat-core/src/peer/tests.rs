@@ -1115,6 +1115,50 @@ fn subscribing_through_the_relay_cookie_subok_renewals_and_unsub() {
     assert!(!r.e.subscribed());
 }
 
+/// PROTOCOL 5.1: through mcchatd a NACK carries the subscription's newest cookie, as the
+/// first (hop-by-hop) tag, so the daemon can tell it from one with a forged source.
+#[test]
+fn nacks_through_the_relay_carry_the_newest_cookie() {
+    let mut r = via("alice");
+    r.enter(0);
+    r.hear(
+        300,
+        &relay_control(Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
+        daemon(),
+    );
+    r.hear(
+        350,
+        &relay_control(
+            Kind::Subscribed,
+            &[("lease", "60"), ("cookie", "6743a1f7.x1")],
+            "",
+        ),
+        daemon(),
+    );
+    r.hear(360, &msg(BOB, "bob", 1, UNIX0 + 360), daemon());
+    r.hear(400, &msg(BOB, "bob", 6, UNIX0 + 400), daemon());
+    r.run_to(700);
+    let log = r.take();
+    let nacks: Vec<_> = log
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Send { to, bytes } if Dg::parse(bytes).kind == Kind::Nack => {
+                Some((*to, bytes.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!nacks.is_empty());
+    for (to, bytes) in &nacks {
+        assert_eq!(*to, daemon());
+        assert!(
+            bytes.starts_with(b"@cookie=6743a1f7.x1;"),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+}
+
 #[test]
 fn no_answer_from_the_relay_in_3_tries_ends_the_engine() {
     let mut r = via("");

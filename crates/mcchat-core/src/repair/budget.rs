@@ -1,5 +1,6 @@
-//! The byte budget of a peer's repairs: what it sent in the last repair window, so forged
-//! NACKs cannot make it multicast many times what it said (PROTOCOL.md 5).
+//! The byte budget of repairs: what was sent in the last window, so forged NACKs cannot make
+//! a peer or a daemon send many times what it holds (PROTOCOL.md 5). Peers weigh their
+//! repairs with it, and mcchatd its repairs to groups and to each subscriber.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 /// most the cap within any window. (A token bucket of the cap refilled over the window would
 /// allow twice that: a full bucket, then a window of refill.)
 #[derive(Debug, Default)]
-pub(super) struct ByteBudget {
+pub struct ByteBudget {
     /// `(first, last, bytes)` of the repairs sent, oldest first; one entry covers at most a
     /// 64th of the window, so there are few.
     spent: VecDeque<(Instant, Instant, usize)>,
@@ -18,7 +19,7 @@ pub(super) struct ByteBudget {
 
 impl ByteBudget {
     /// Forgets what went out more than `window` before `now`.
-    pub(super) fn expire(&mut self, now: Instant, window: Duration) {
+    pub fn expire(&mut self, now: Instant, window: Duration) {
         while let Some(&(_, last, bytes)) = self.spent.front() {
             if now.saturating_duration_since(last) <= window {
                 break;
@@ -28,12 +29,18 @@ impl ByteBudget {
         }
     }
 
+    /// Bytes sent within the window (as of the last [`expire`](Self::expire)).
+    pub fn spent(&self) -> usize {
+        self.total
+    }
+
     /// Whether `bytes` more keep the window's total within `cap`.
-    pub(super) fn fits(&self, bytes: usize, cap: usize) -> bool {
+    pub fn fits(&self, bytes: usize, cap: usize) -> bool {
         self.total + bytes <= cap
     }
 
-    pub(super) fn spend(&mut self, bytes: usize, now: Instant, window: Duration) {
+    /// Counts `bytes` as sent at `now`.
+    pub fn spend(&mut self, bytes: usize, now: Instant, window: Duration) {
         self.total += bytes;
         match self.spent.back_mut() {
             Some((first, last, b)) if now.saturating_duration_since(*first) < window / 64 => {

@@ -6,6 +6,7 @@
 //! - [`Receiver`] (in `receiver.rs`): gaps, holds, NACK scheduling, suppression and giving
 //!   up, for every sender heard, under per-sender and global budgets.
 //! - [`SendBuffer`]: the sender's recent messages, to answer NACKs from.
+//! - [`ByteBudget`]: the repair bytes sent within a window, weighed against a cap.
 //! - NACK ranges on the wire: [`parse_ranges`], [`format_ranges`].
 //!
 //! Everything here takes the time (and, where it draws back-offs, a random source) as
@@ -13,6 +14,7 @@
 //! reordering injector. The I/O layer feeds it datagrams and timer ticks and sends what it
 //! returns.
 
+mod budget;
 mod followed;
 mod receiver;
 
@@ -20,6 +22,7 @@ use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
+pub use budget::ByteBudget;
 pub use receiver::{Delivery, Receiver, RepairConfig, RepairStats};
 
 use crate::wire::{Frame, InstanceId};

@@ -884,11 +884,13 @@ fn spoofed_subscribe_is_never_amplified() {
     assert_eq!(s["counters"]["dropped"]["request_too_small"], 1, "{s}");
 }
 
-/// A subscriber's NACK is answered from the daemon's repair cache, by unicast; the same NACK
-/// from an address that is not subscribed gets nothing back (its source could be forged, and
-/// the answer is far larger than the question).
+/// A subscriber's NACK that carries its subscription's cookie is answered from the daemon's
+/// repair cache, by unicast. The same NACK without the cookie gets nothing back, whether from
+/// an address that is not subscribed or from the subscriber's own address, as a forger on the
+/// LAN would send it: its source could be forged, and the answer is far larger than the
+/// question.
 #[test]
-fn nacks_are_answered_from_the_cache_only_for_subscribers() {
+fn nacks_are_answered_from_the_cache_only_with_the_subscriptions_cookie() {
     require_netns();
     let (d, addr) = local_daemon(&[]);
     let room = unique("nack");
@@ -908,16 +910,20 @@ fn nacks_are_answered_from_the_cache_only_for_subscribers() {
     };
     alice.close_stdin();
     assert!(alice.wait().success());
-    let nack = format!("@kind=nack;for={id};seqs=1-3 {room}|raw|");
+    let bare = format!("@kind=nack;for={id};seqs=1-3 {room}|raw|");
+    let cookie = sub.cookie.clone().unwrap();
+    let proven = format!("@cookie={cookie};kind=nack;for={id};seqs=1-3 {room}|raw|");
     let stranger = Raw::new("127.0.0.2", addr);
-    // The stranger asks first; the daemon handles datagrams in order, so by the time the
-    // subscriber has its answer, any answer to the stranger would be waiting too.
-    stranger.send(nack.as_bytes());
-    sub.send(nack.as_bytes());
+    // The bare ones first; the daemon handles datagrams in order, so by the time the
+    // subscriber has its answer, any answer to them would be waiting too.
+    stranger.send(bare.as_bytes());
+    sub.send(bare.as_bytes());
+    sub.send(proven.as_bytes());
     let mut repaired = Vec::new();
     while repaired.len() < 3 {
         let data = sub.recv();
         let f = wire::decode(&data).unwrap();
+        assert!(f.tags.get("cookie").is_none(), "a cookie was passed on");
         if f.meta.kind == Kind::Message && f.tags.get("repair").as_deref() == Some("1") {
             assert_eq!(f.meta.instance, Some(id));
             repaired.push(f.text.to_owned());
@@ -929,6 +935,11 @@ fn nacks_are_answered_from_the_cache_only_for_subscribers() {
         stranger.nothing_queued(),
         "a non-subscriber's NACK was answered"
     );
+    assert!(
+        sub.nothing_queued(),
+        "a NACK without the cookie was answered"
+    );
     let s = status(addr);
     assert_eq!(s["repair_cache"]["repairs_to_subscribers"], 3, "{s}");
+    assert_eq!(s["counters"]["nacks_unproven"], 2, "{s}");
 }

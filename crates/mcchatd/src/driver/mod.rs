@@ -32,6 +32,7 @@ use crate::status::{self, Services, StatusRequest};
 use mcchat_core::control::HistoryStatus;
 
 mod bind;
+mod reload;
 #[cfg(test)]
 mod tests;
 
@@ -64,8 +65,8 @@ pub(crate) struct Control {
     pub(crate) shutdown: CancellationToken,
     /// Each message: read the configuration again (SIGHUP).
     pub(crate) reload: mpsc::Receiver<()>,
-    /// Reads the configuration (the rooms file and the flags).
-    pub(crate) loader: Box<dyn Fn() -> Result<Settings> + Send>,
+    /// Reads the configuration (the rooms file and the flags), off the relay loop.
+    pub(crate) loader: reload::Loader,
     pub(crate) wall: Wall,
 }
 
@@ -193,7 +194,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         status: status_tx,
         history: driver.history.as_ref().map(History::reader),
     };
-    let slots = status::slots();
+    let slots = status::Slots::new();
     for listener in bound.tcp {
         let nets = Arc::clone(&driver.shared_nets);
         let is_allowed = move |peer: SocketAddr| {
@@ -206,7 +207,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             listener,
             services.clone(),
             is_allowed,
-            Arc::clone(&slots),
+            slots.clone(),
             token.child_token(),
             tracker.clone(),
         ));
@@ -216,7 +217,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         tracker.spawn(status::serve_unix(
             listener,
             services.clone(),
-            Arc::clone(&slots),
+            slots.clone(),
             token.child_token(),
             tracker.clone(),
         ));
@@ -227,6 +228,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
     tracing::info!(rooms, origin = %driver.hub.settings().origin, "mcchatd ready");
     notify::ready(&format!("relaying {rooms} configured rooms"));
 
+    let mut reloads = reload::Reloads::new(Arc::clone(&control.loader));
     let mut batch4 = RecvBatch::new();
     let mut batch6 = RecvBatch::new();
     let mut nets_tick = tokio::time::interval(NETS_EVERY);
@@ -245,7 +247,11 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         }
         tokio::select! {
             () = control.shutdown.cancelled() => break,
-            Some(()) = control.reload.recv() => driver.reload(&control.loader),
+            Some(()) = control.reload.recv() => reloads.request(&token, &tracker),
+            Some(result) = reloads.results.recv() => {
+                driver.reload(result);
+                reloads.done(&token, &tracker);
+            }
             r = recv_on(driver.relay4.as_ref(), &mut batch4) => driver.on_relay(r, &batch4),
             r = recv_on(driver.relay6.as_ref(), &mut batch6) => driver.on_relay(r, &batch6),
             Some(d) = group_rx.recv() => {
@@ -256,7 +262,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
                 }
             }
             Some(req) = status_rx.recv() => {
-                let _ = req.send(driver.status_json());
+                let _ = req.reply.send(driver.status_json(req.local));
             }
             () = &mut timer => {
                 let now = driver.now();
@@ -315,7 +321,7 @@ pub async fn run(cli: crate::cli::Cli, token: CancellationToken) -> Result<()> {
     let control = Control {
         shutdown: shutdown.clone(),
         reload,
-        loader: Box::new(move || settings::load(&cli)),
+        loader: Arc::new(move || settings::load(&cli)),
         wall: Wall::System,
     };
     let result = serve(settings, bound, control).await;
@@ -537,9 +543,9 @@ impl Driver {
     }
 
     /// SIGHUP: re-read the configuration; keep running on the old one if it is bad.
-    fn reload(&mut self, loader: &dyn Fn() -> Result<Settings>) {
-        notify::reloading();
-        match loader() {
+    /// Applies a reload's result (reload.rs read it).
+    fn reload(&mut self, result: Result<Settings>) {
+        match result {
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "reload failed; keeping the running configuration");
             }
@@ -577,8 +583,18 @@ impl Driver {
         );
     }
 
-    fn status_json(&self) -> String {
+    /// The status document; subscribers' addresses only for the local socket (`local`).
+    fn status_json(&self, local: bool) -> String {
         let mut status = self.hub.snapshot(self.now().mono);
+        if !local {
+            for sub in status
+                .rooms
+                .iter_mut()
+                .flat_map(|r| r.subscribers.iter_mut())
+            {
+                sub.addr = None;
+            }
+        }
         status.counters.own_forwards_ignored += self
             .feed
             .own

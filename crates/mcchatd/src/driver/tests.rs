@@ -52,7 +52,7 @@ struct Daemon {
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
-fn start(text: String, loader: Box<dyn Fn() -> Result<Settings> + Send>) -> Daemon {
+fn start(text: String, loader: reload::Loader) -> Daemon {
     let settings = settings(&text);
     let bound = bind(&settings).expect("bind");
     let addr = bound.relay_addrs()[0];
@@ -77,7 +77,7 @@ fn start(text: String, loader: Box<dyn Fn() -> Result<Settings> + Send>) -> Daem
 fn start_plain(text: String) -> Daemon {
     require_netns();
     let t = text.clone();
-    start(text, Box::new(move || Ok(settings(&t))))
+    start(text, Arc::new(move || Ok(settings(&t))))
 }
 
 async fn status(addr: SocketAddr) -> serde_json::Value {
@@ -185,7 +185,7 @@ async fn reload_closes_a_removed_room_and_keeps_running_on_a_bad_file() {
     let text = rooms("adhoc_rooms = false", "");
     std::fs::write(&path, &text).unwrap();
     let p = path.clone();
-    let loader = Box::new(move || {
+    let loader: reload::Loader = Arc::new(move || {
         let text = std::fs::read_to_string(&p)?;
         let registry = mcchat_core::room::Registry::from_toml(&text, "rooms.toml")?;
         let daemon = crate::config::DaemonSettings::from_registry(&registry, "rooms.toml")?;
@@ -248,7 +248,7 @@ async fn shutdown_is_bounded_with_history_on_and_the_writer_stuck() {
     let dir = tempfile_dir();
     let text = rooms("history_count = 100000", dir.to_str().unwrap());
     let t = text.clone();
-    let d = start(text, Box::new(move || Ok(settings(&t))));
+    let d = start(text, Arc::new(move || Ok(settings(&t))));
     let c = client(d.addr).await;
     // In another room than the flood, so its socket buffer has room for `closed`.
     subscribe(&c, "room2").await;
@@ -286,4 +286,78 @@ async fn shutdown_is_bounded_with_history_on_and_the_writer_stuck() {
     assert!(told);
     drop(blocker);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// PROTOCOL 4.4: over TCP, anyone the allow list admits may ask, so the status lists
+/// subscribers by name only (their addresses are what a forger would need); the local socket
+/// shows the addresses too.
+#[tokio::test(start_paused = true)]
+async fn subscriber_addresses_are_shown_on_the_local_socket_only() {
+    let dir = tempfile_dir();
+    let path = dir.join("status.sock");
+    let text = rooms("", "").replace(
+        r#"status_socket = """#,
+        &format!("status_socket = {:?}", path.to_str().unwrap()),
+    );
+    let d = start_plain(text);
+    let c = client(d.addr).await;
+    subscribe(&c, "room1").await;
+    let remote = status(d.addr).await;
+    let sub = &remote["rooms"][0]["subscribers"][0];
+    assert_eq!(sub["name"], "t", "{remote}");
+    assert!(sub.get("addr").is_none(), "{remote}");
+    let mut s = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("status socket");
+    s.write_all(b"status\n").await.unwrap();
+    let mut doc = String::new();
+    s.read_to_string(&mut doc).await.unwrap();
+    let local: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let addr = c.local_addr().unwrap().to_string();
+    assert_eq!(
+        local["rooms"][0]["subscribers"][0]["addr"],
+        addr.as_str(),
+        "{local}"
+    );
+    d.shutdown.cancel();
+    d.task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A read of the configuration that never ends (a hung mount) neither stops relaying nor
+/// blocks later reloads: it fails after RELOAD_TIMEOUT, and the next SIGHUP reads again.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_reload_times_out_and_the_loop_keeps_serving() {
+    require_netns();
+    let text = rooms("adhoc_rooms = false", "");
+    let without_room2 = text.replace(
+        "[rooms.room2]\ngroup = \"239.255.91.2\"\nport = 25902\n",
+        "",
+    );
+    let (release, stuck) = std::sync::mpsc::channel::<()>();
+    let stuck = std::sync::Mutex::new(Some(stuck));
+    let loader: reload::Loader = Arc::new(move || {
+        // The first read hangs until the test ends; later ones are quick.
+        let first = stuck.lock().unwrap().take();
+        if let Some(rx) = first {
+            let _ = rx.recv();
+        }
+        Ok(settings(&without_room2))
+    });
+    let d = start(text, loader);
+    let c = client(d.addr).await;
+    subscribe(&c, "room2").await;
+    d.reload.send(()).await.unwrap();
+    // Served while the read hangs.
+    assert_eq!(status(d.addr).await["subscribers"], 1);
+    let c2 = client(d.addr).await;
+    subscribe(&c2, "room1").await;
+    tokio::time::advance(reload::RELOAD_TIMEOUT + Duration::from_secs(1)).await;
+    d.reload.send(()).await.unwrap();
+    // The second read applies: room2's subscriber is told.
+    let (kind, _, why) = recv_kind(&c).await;
+    assert_eq!((kind, why.as_str()), (Kind::Closed, "room removed"));
+    drop(release);
+    d.shutdown.cancel();
+    d.task.await.unwrap().unwrap();
 }

@@ -11,6 +11,7 @@
 pub(crate) mod admission;
 mod control;
 mod membership;
+mod repairs;
 pub(crate) mod routing;
 mod snapshot;
 #[cfg(test)]
@@ -125,6 +126,7 @@ pub(crate) struct Hub {
     subs: Subscriptions,
     groups: Membership,
     cache: RepairCache,
+    repairs: repairs::RepairBudgets,
     /// Whether history is on (the driver opened it).
     recording: bool,
     policy: Policy,
@@ -185,6 +187,7 @@ impl Hub {
             subs: Subscriptions::new(d.max_subscribers, d.max_rooms),
             groups: Membership::default(),
             cache: RepairCache::new(d.repair_cache_bytes, d.repair_window),
+            repairs: repairs::RepairBudgets::default(),
             relay_id: format!("{:08x}", seed.relay_id),
             recording,
             policy: history_policy(&settings),
@@ -225,6 +228,8 @@ impl Hub {
         self.next_tick = now.mono + TICK;
         self.cache.expire(now.mono);
         self.admission.forget_idle(now.mono);
+        let window = self.settings.daemon.repair_window;
+        self.repairs.forget_idle(now.mono, window);
         let lapsed = self.subs.expire(now.mono);
         if !lapsed.is_empty() {
             for l in &lapsed {
@@ -377,6 +382,9 @@ impl Hub {
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
         };
+        // This leg's cookie ends here (repairs.rs says why).
+        let stripped = repairs::without_cookie(data);
+        let data: &[u8] = &stripped;
         // A datagram with no room for the `relay` tag could not go to the group without
         // coming back unrecognised; rather than reach some members and not others (the LAN
         // would ask for it in vain), it goes nowhere. mcchat never writes one (HOP_RESERVE).
@@ -388,21 +396,13 @@ impl Hub {
         // One copy, shared by history and every subscriber.
         let shared = Bytes::copy_from_slice(data);
         if frame.meta.kind == Kind::Nack {
-            // A subscriber's NACK: answered from the cache when it holds all of it;
-            // otherwise it goes on to the sender as well. Only subscribers (whose address
-            // the cookie proved) are answered: a NACK is small and its answer is not, so a
-            // forged source must get nothing back.
-            if self.subs.is_subscribed(room.name(), from.addr)
-                && let Some(nack) = Nack::from_frame(frame)
+            // A subscriber's NACK: answered from the cache when it holds all of it and the
+            // budgets allow; otherwise it goes on to the sender as well (repairs.rs).
+            if let Some(nack) = Nack::from_frame(frame)
+                && self.answer_nack(room.name(), frame, &nack, from, now)
             {
-                let (found, complete) = self.cache.answer(room.name(), nack.instance, &nack.ranges);
-                for data in found {
-                    self.out.push_back(Output::ToUdp { to: from, data });
-                }
-                if complete {
-                    self.scratch = tagged;
-                    return;
-                }
+                self.scratch = tagged;
+                return;
             }
         } else {
             self.cache
@@ -511,6 +511,16 @@ impl Hub {
             let Some(room) = self.room(o.room.as_str()) else {
                 continue;
             };
+            // Leave repeats are few (a fixed schedule per sender that left); repairs are
+            // what NACKs ask for, weighed against the overall budget.
+            if !o.to_subscribers {
+                // As sent: with the relay tag (`@relay=ID ` at most: 3 bytes and the two).
+                let sent = o.data.len() + RELAY_TAG.len() + self.relay_id.len() + 3;
+                if !self.repair_fits(sent, now) {
+                    continue;
+                }
+                self.cache.count_sent(false);
+            }
             self.send_own_to_group(&room, &o.data, now);
             if o.to_subscribers {
                 self.fan_out(room.name(), o.data, None);

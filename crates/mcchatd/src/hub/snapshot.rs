@@ -6,7 +6,7 @@ use mcchat_core::room::{RoomName, RoomSource};
 
 use super::{Hub, Reconfigured, history_policy};
 use crate::settings::Settings;
-use mcchat_core::control::{RoomStatus, Status, SubscriberStatus};
+use mcchat_core::control::{self, RoomStatus, Status, SubscriberStatus};
 
 impl Hub {
     /// The status document as the hub knows it (`listen` and `history` are the driver's: it
@@ -28,7 +28,7 @@ impl Hub {
                     .subs
                     .subs(n)
                     .map(|(addr, sub)| SubscriberStatus {
-                        addr: addr.to_string(),
+                        addr: Some(addr.to_string()),
                         name: sub.name.clone(),
                         expires_in_secs: sub.expires.saturating_duration_since(now).as_secs(),
                     })
@@ -57,7 +57,10 @@ impl Hub {
             joined_groups,
             rooms,
             counters: self.counters.clone().into(),
-            repair_cache: self.cache.stats().into(),
+            repair_cache: control::RepairCacheStats {
+                repairs_over_budget: self.repairs.refused,
+                ..self.cache.stats().into()
+            },
             history: None,
         }
     }

@@ -699,13 +699,24 @@ fn narrowing_the_allow_list_ends_subscriptions_it_no_longer_admits() {
     assert_eq!(t.hub.subs.total(), 1, "loopback is still allowed");
 }
 
+/// A subscriber's NACK for sender `aa`'s `seqs`, with `cookie` as a hop-by-hop tag if given.
+fn nack(seqs: &str, cookie: Option<&str>) -> String {
+    let cookie = cookie.map(|c| format!("cookie={c};")).unwrap_or_default();
+    format!(
+        "@{cookie}kind=nack;id=00000000000000cc;seq=1;for=00000000000000aa;seqs={seqs} room1|alice|"
+    )
+}
+
 #[test]
-fn subscriber_nacks_are_answered_from_the_cache_to_that_subscriber() {
+fn subscriber_nacks_are_answered_from_the_cache_only_with_the_subscriptions_cookie() {
     let mut t = T::new(ROOMS, false);
-    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    let cookie = t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
     t.group("room1", "192.0.2.50:5", chat("room1", "one", 1).as_bytes());
-    let nack = "@kind=nack;id=00000000000000cc;seq=1;for=00000000000000aa;seqs=1 room1|alice|";
-    let out = t.unicast("192.0.2.10:4000", LOCAL_A, nack.as_bytes());
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        nack("1", Some(&cookie)).as_bytes(),
+    );
     let udp = to_udp(&out);
     assert_eq!(udp.len(), 1);
     assert_eq!(udp[0].0.src, Some(ip(LOCAL_A)));
@@ -713,12 +724,196 @@ fn subscriber_nacks_are_answered_from_the_cache_to_that_subscriber() {
     assert_eq!(f.text, "one");
     assert!(f.tags.get("repair").is_some());
     assert!(to_group(&out).is_empty(), "held whole: it goes no further");
-    // A NACK from an address that is not subscribed is never answered, only relayed.
-    let out = t.unicast("192.0.2.99:4000", LOCAL_A, nack.as_bytes());
-    let udp = to_udp(&out);
-    assert!(udp.iter().all(|(to, _)| to.addr != sa("192.0.2.99:4000")));
-    assert_eq!(kinds(&udp), [Kind::Nack], "relayed to the subscriber");
-    assert_eq!(to_group(&out).len(), 1);
+    assert_eq!(t.hub.cache.stats().repairs_to_subscribers, 1);
+    // The same NACK without the cookie, from the subscriber's address (a forger's) or from
+    // one that is not subscribed: never answered, only passed on.
+    for from in ["192.0.2.10:4000", "192.0.2.99:4000"] {
+        let out = t.unicast(from, LOCAL_A, nack("1", None).as_bytes());
+        let udp = to_udp(&out);
+        assert!(
+            udp.iter()
+                .all(|(_, d)| wire::decode(d).unwrap().meta.kind == Kind::Nack)
+        );
+        assert_eq!(to_group(&out).len(), 1);
+    }
+    assert_eq!(t.hub.counters.nacks_unproven, 2);
+    // A cookie for another address proves nothing.
+    let other = t.subscribe("room1", "192.0.2.11:4000", LOCAL_A);
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        nack("1", Some(&other)).as_bytes(),
+    );
+    assert!(
+        to_udp(&out)
+            .iter()
+            .all(|(_, d)| wire::decode(d).unwrap().meta.kind == Kind::Nack)
+    );
+    assert_eq!(t.hub.counters.nacks_unproven, 3);
+}
+
+#[test]
+fn a_nack_passed_on_to_the_room_loses_its_cookie() {
+    let mut t = T::new(ROOMS, false);
+    let cookie = t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    t.subscribe("room1", "192.0.2.11:4000", LOCAL_A);
+    t.group("room1", "192.0.2.50:5", chat("room1", "one", 1).as_bytes());
+    // 1 is held, 2 is not: the answer is partial, so the NACK goes on to the sender.
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        nack("1-2", Some(&cookie)).as_bytes(),
+    );
+    let answered: Vec<_> = to_udp(&out)
+        .into_iter()
+        .filter(|(to, _)| to.addr == sa("192.0.2.10:4000"))
+        .collect();
+    assert_eq!(answered.len(), 1, "what is held is answered");
+    let passed_on: Vec<Bytes> = to_group(&out)
+        .into_iter()
+        .chain(
+            to_udp(&out)
+                .into_iter()
+                .filter(|(to, _)| to.addr == sa("192.0.2.11:4000"))
+                .map(|(_, d)| d),
+        )
+        .collect();
+    assert_eq!(
+        passed_on.len(),
+        2,
+        "to the group and to the other subscriber"
+    );
+    for d in passed_on {
+        let f = wire::decode(&d).unwrap();
+        assert_eq!(f.meta.kind, Kind::Nack);
+        assert!(
+            f.tags.get("cookie").is_none(),
+            "{}",
+            String::from_utf8_lossy(&d)
+        );
+        assert_eq!(
+            tags::end_to_end(&d),
+            tags::end_to_end(nack("1-2", None).as_bytes())
+        );
+    }
+}
+
+/// A 1,000-byte message from sender `aa` with `seq`.
+fn long_chat(seq: u64) -> String {
+    chat("room1", &"x".repeat(1000), seq)
+}
+
+#[test]
+fn a_subscribers_cache_answers_stop_at_its_budget_until_the_window_passes() {
+    let mut t = T::new(ROOMS, false);
+    let cookie = t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    for seq in 1..=100 {
+        t.group("room1", "192.0.2.50:5", long_chat(seq).as_bytes());
+    }
+    let answered = |out: &[Output]| -> usize {
+        to_udp(out)
+            .iter()
+            .filter(|(to, d)| {
+                to.addr == sa("192.0.2.10:4000")
+                    && wire::decode(d).unwrap().meta.kind == Kind::Message
+            })
+            .map(|(_, d)| d.len())
+            .sum()
+    };
+    // NACKs for all 100 (about 100 KB) again and again within one window.
+    let mut bytes = 0;
+    for i in 0..20 {
+        t.at(Duration::from_millis(100 * i));
+        let out = t.unicast(
+            "192.0.2.10:4000",
+            LOCAL_A,
+            nack("1-100", Some(&cookie)).as_bytes(),
+        );
+        bytes += answered(&out);
+    }
+    assert!(bytes <= repairs::PER_SUBSCRIBER, "{bytes} bytes answered");
+    assert!(
+        bytes > repairs::PER_SUBSCRIBER - 2000,
+        "the budget is used: {bytes}"
+    );
+    assert!(t.hub.repairs.refused > 0);
+    // A window later the subscriber is answered again; a second subscriber has its own.
+    let window = t.hub.settings.daemon.repair_window;
+    assert_eq!(t.hub.repairs.tracked(), 1);
+    t.poll(window + Duration::from_secs(3));
+    assert_eq!(
+        t.hub.repairs.tracked(),
+        0,
+        "an idle subscriber's budget is forgotten"
+    );
+    // (The cache has let the old messages go with the window: new ones.)
+    for seq in 101..=110 {
+        t.group("room1", "192.0.2.50:5", long_chat(seq).as_bytes());
+    }
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        nack("101-110", Some(&cookie)).as_bytes(),
+    );
+    let again = answered(&out);
+    assert!(
+        (10 * 1000..11 * 1100).contains(&again),
+        "all ten again: {again} bytes"
+    );
+}
+
+#[test]
+fn repairs_to_groups_are_bounded_overall_whatever_the_nacks() {
+    let mut t = T::new(ROOMS, false);
+    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
+    for seq in 1..=50 {
+        t.group("room1", "192.0.2.50:5", long_chat(seq).as_bytes());
+    }
+    // The sender has left: the daemon answers for it on the group at once.
+    t.group(
+        "room1",
+        "192.0.2.50:5",
+        b"@id=00000000000000aa;seq=51;ts=1;kind=leave room1|bob|",
+    );
+    let held = t.hub.cache.stats().bytes;
+    let cap = (2 * held).max(mcchat_core::peer::MIN_REPAIR_BYTES);
+    let per_second = (cap / 4).max(mcchat_core::peer::MIN_REPAIR_BYTES);
+    let nack = "@kind=nack;id=00000000000000dd;seq=1;for=00000000000000aa;seqs=1-50 room1|eve|";
+    let repair_bytes = |out: &[Output]| -> usize {
+        to_group(out)
+            .iter()
+            .filter(|d| wire::decode(d).unwrap().meta.kind == Kind::Message)
+            .map(|d| d.len())
+            .sum()
+    };
+    // A forged NACK every 25 ms for 30 s (each entry may be repaired every 20 ms): about
+    // 60 MB asked for.
+    let (mut first_second, mut total) = (0, 0);
+    for i in 0..1200u64 {
+        t.at(Duration::from_millis(25 * i));
+        let out = t.group("room1", "192.0.2.66:5", nack.as_bytes());
+        let b = repair_bytes(&out);
+        total += b;
+        if i < 40 {
+            first_second += b;
+        }
+    }
+    assert!(
+        first_second <= per_second,
+        "{first_second} > {per_second} in one second"
+    );
+    assert!(total <= cap, "{total} bytes in a window (cap {cap})");
+    assert!(
+        total >= cap / 2,
+        "the budget is used, not shut: {total} of {cap}"
+    );
+    assert!(
+        t.hub
+            .snapshot(t.now().mono)
+            .repair_cache
+            .repairs_over_budget
+            > 0
+    );
 }
 
 #[test]
