@@ -221,6 +221,7 @@ fn request(kind: Kind, cookie: Option<&str>) -> Vec<u8> {
         ROOM,
         "bench",
         cookie,
+        None,
         wire::MIN_RELAY_REQUEST,
         &mut out,
     );

@@ -17,11 +17,20 @@ use crate::wire::MAX_DATAGRAM;
 
 /// Tags a relay or cache may add or strip; everything else is end-to-end (what the sender
 /// wrote: id, seq, ts, kind, for, seqs, lease, ...).
-pub const HOP_BY_HOP: &[&str] = &["repair", "pad", COOKIE, "relay", "site", "hops"];
+pub const HOP_BY_HOP: &[&str] = &["repair", "pad", COOKIE, NONCE, "relay", "site", "hops"];
 
 /// The return-routability cookie of mcchatd's relay protocol (PROTOCOL.md 4.2): in a
 /// challenge, `subok`, a request, and a subscriber's NACK to the daemon.
 pub const COOKIE: &str = "cookie";
+
+/// The client's random nonce in relay requests, echoed in the daemon's answers (`cookie`,
+/// `subok`, `closed`), so that a forged answer (which cannot know it) is ignored.
+pub const NONCE: &str = "nonce";
+
+/// Whether `s` is a well-formed nonce: 8 to 32 ASCII letters and digits.
+pub fn is_nonce(s: &str) -> bool {
+    (8..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
 
 /// Whether `key` names a hop-by-hop tag (one of [`HOP_BY_HOP`]; `+repair` and
 /// `vendor/repair` are other keys, end-to-end).

@@ -612,13 +612,14 @@ fn write_tag(key: &str, value: &str, out: &mut String) {
 pub const MIN_RELAY_REQUEST: usize = 256;
 
 /// Writes a relay request (`kind` is [`Kind::Subscribe`] or [`Kind::Unsubscribe`]) for
-/// `room` into `out`, with the cookie if there is one, padded with a `pad` tag to at least
-/// `pad_to` bytes (0: no padding; clients use [`MIN_RELAY_REQUEST`]).
+/// `room` into `out`, with the cookie and the client's nonce if there are any, padded with a
+/// `pad` tag to at least `pad_to` bytes (0: no padding; clients use [`MIN_RELAY_REQUEST`]).
 pub fn relay_request(
     kind: Kind,
     room: &str,
     sender: &str,
     cookie: Option<&str>,
+    nonce: Option<&str>,
     pad_to: usize,
     out: &mut String,
 ) -> Result<(), EncodeError> {
@@ -632,7 +633,11 @@ pub fn relay_request(
         };
         encode(&header, room, sender, "", out)
     };
-    let tags: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", *c)).collect();
+    let tags: Vec<(&str, &str)> = cookie
+        .iter()
+        .map(|c| ("cookie", *c))
+        .chain(nonce.iter().map(|n| ("nonce", *n)))
+        .collect();
     encode(&tags, out)?;
     // `pad=V;` in front of the other tags (hop-by-hop tags come first).
     let pad_overhead = "pad=;".len();
@@ -840,6 +845,7 @@ mod tests {
             "room1",
             "alice",
             None,
+            Some("0123456789abcdef"),
             MIN_RELAY_REQUEST,
             &mut out,
         )
@@ -848,11 +854,13 @@ mod tests {
         let f = decode(out.as_bytes()).unwrap();
         assert_eq!(f.meta.kind, Kind::Subscribe);
         assert!(f.tags.get("cookie").is_none());
+        assert_eq!(f.tags.get("nonce").as_deref(), Some("0123456789abcdef"));
         relay_request(
             Kind::Unsubscribe,
             "r",
             "a",
             Some("abc.def"),
+            None,
             MIN_RELAY_REQUEST,
             &mut out,
         )
@@ -861,7 +869,7 @@ mod tests {
         let f = decode(out.as_bytes()).unwrap();
         assert_eq!(f.meta.kind, Kind::Unsubscribe);
         assert_eq!(f.tags.get("cookie").as_deref(), Some("abc.def"));
-        relay_request(Kind::Subscribe, "r", "a", None, 0, &mut out).unwrap();
+        relay_request(Kind::Subscribe, "r", "a", None, None, 0, &mut out).unwrap();
         assert_eq!(out, "@kind=sub r|a|");
     }
 

@@ -24,6 +24,16 @@ pub(crate) struct Sub {
     pub(crate) src: Option<IpAddr>,
     /// When it lapses unless renewed.
     pub(crate) expires: Instant,
+    /// The nonce of its latest request, echoed in everything the daemon tells it
+    /// (PROTOCOL.md 4.2), so that its client can tell the daemon's answers from forgeries.
+    pub(crate) nonce: Option<Box<str>>,
+}
+
+/// A subscriber to tell something (`closed`): where, and the nonce to echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) dest: UdpDest,
+    pub(crate) nonce: Option<Box<str>>,
 }
 
 /// The answer to a subscribe request.
@@ -139,6 +149,7 @@ impl Subscriptions {
                 name: name.to_owned(),
                 src,
                 expires,
+                nonce: None,
             },
         );
         self.total += 1;
@@ -147,6 +158,17 @@ impl Subscriptions {
             *self.per_net.entry(n).or_insert(0) += 1;
         }
         Subscribed::Added { first }
+    }
+
+    /// Notes the nonce of `addr`'s latest request for `room` (after [`subscribe`]).
+    ///
+    /// [`subscribe`]: Self::subscribe
+    pub(crate) fn set_nonce(&mut self, room: &RoomName, addr: SocketAddr, nonce: Option<&str>) {
+        if let Some(sub) = self.rooms.get_mut(room).and_then(|r| r.subs.get_mut(&addr))
+            && sub.nonce.as_deref() != nonce
+        {
+            sub.nonce = nonce.map(Box::from);
+        }
     }
 
     /// Ends `addr`'s subscription to `room`; returns whether there was one.
@@ -211,7 +233,7 @@ impl Subscriptions {
     }
 
     /// Ends every subscription to `room` (the room was removed); returns who they were.
-    pub(crate) fn close_room(&mut self, room: &RoomName) -> Vec<UdpDest> {
+    pub(crate) fn close_room(&mut self, room: &RoomName) -> Vec<Member> {
         let r = self.rooms.remove(room).unwrap_or_default();
         self.total -= r.subs.len();
         for addr in r.subs.keys() {
@@ -219,7 +241,10 @@ impl Subscriptions {
         }
         r.subs
             .into_iter()
-            .map(|(addr, sub)| UdpDest { addr, src: sub.src })
+            .map(|(addr, sub)| Member {
+                dest: UdpDest { addr, src: sub.src },
+                nonce: sub.nonce,
+            })
             .collect()
     }
 
@@ -267,14 +292,17 @@ impl Subscriptions {
     }
 
     /// Every subscriber of every room (for telling them all something).
-    pub(crate) fn all(&self) -> impl Iterator<Item = (&RoomName, UdpDest)> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = (&RoomName, Member)> {
         self.rooms.iter().flat_map(|(room, r)| {
             r.subs.iter().map(move |(addr, sub)| {
                 (
                     room,
-                    UdpDest {
-                        addr: *addr,
-                        src: sub.src,
+                    Member {
+                        dest: UdpDest {
+                            addr: *addr,
+                            src: sub.src,
+                        },
+                        nonce: sub.nonce.clone(),
                     },
                 )
             })

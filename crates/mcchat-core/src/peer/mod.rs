@@ -216,7 +216,15 @@ impl PeerEngine {
     /// An engine for `config`, as instance `instance`, with its random numbers drawn from
     /// `seed`.
     pub fn new(config: PeerConfig, instance: InstanceId, seed: u64, now: Now) -> Self {
-        let relay = config.subscribe.then(|| RelayClient::new(config.dest));
+        // The subscription's nonce, from a stream of its own so the engine's draws stay as
+        // they are; unpredictable as the seed is.
+        let nonce = format!(
+            "{:016x}",
+            SplitMix64(seed ^ 0x6e6f_6e63_655f_6d63).next_u64()
+        );
+        let relay = config
+            .subscribe
+            .then(|| RelayClient::new(config.dest, nonce));
         let repairs_per_second = config.repairs_per_second;
         Self {
             receiver: Receiver::new(config.repair),
@@ -713,6 +721,7 @@ impl PeerEngine {
         };
         let requests = relay.take_requests();
         let cookie = relay.cookie().map(str::to_owned);
+        let nonce = relay.nonce().to_owned();
         let sender = self.control_sender().to_owned();
         for kind in requests {
             if wire::relay_request(
@@ -720,6 +729,7 @@ impl PeerEngine {
                 &self.config.room,
                 &sender,
                 cookie.as_deref(),
+                Some(&nonce),
                 wire::MIN_RELAY_REQUEST,
                 &mut self.out,
             )

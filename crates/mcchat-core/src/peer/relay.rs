@@ -1,6 +1,11 @@
 //! The client side of mcchatd's relay protocol (PROTOCOL.md 4.2) as a state machine:
 //! subscribe with a cookie round-trip, renew every third of the lease, unsubscribe on the
 //! way out. It only decides; the engine encodes the requests it asks for.
+//!
+//! Every request carries the subscription's random nonce, and an answer (`cookie`, `subok`,
+//! `closed`) counts only if it echoes it: anyone on the LAN can forge a datagram from the
+//! daemon's address, and one forged `closed` would end the client, or one `subok` with a
+//! long lease make it stop renewing and go deaf.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,6 +28,10 @@ enum State {
 #[derive(Debug)]
 pub(super) struct RelayClient {
     daemon: SocketAddr,
+    /// Echoed by the daemon's answers (module docs).
+    nonce: String,
+    /// Answers that did not echo the nonce, ignored.
+    pub(super) ignored: u64,
     cookie: Option<String>,
     lease: Duration,
     state: State,
@@ -31,9 +40,11 @@ pub(super) struct RelayClient {
 }
 
 impl RelayClient {
-    pub(super) fn new(daemon: SocketAddr) -> Self {
+    pub(super) fn new(daemon: SocketAddr, nonce: String) -> Self {
         Self {
             daemon,
+            nonce,
+            ignored: 0,
             cookie: None,
             lease: Duration::from_secs(60),
             state: State::Idle,
@@ -52,6 +63,10 @@ impl RelayClient {
 
     pub(super) fn cookie(&self) -> Option<&str> {
         self.cookie.as_deref()
+    }
+
+    pub(super) fn nonce(&self) -> &str {
+        &self.nonce
     }
 
     pub(super) fn take_requests(&mut self) -> Vec<Kind> {
@@ -122,6 +137,10 @@ impl RelayClient {
         room: &str,
         now: Instant,
     ) -> Option<Event> {
+        if frame.tags.get(crate::tags::NONCE).as_deref() != Some(self.nonce.as_str()) {
+            self.ignored += 1;
+            return None;
+        }
         match frame.meta.kind {
             Kind::Challenge if self.state != State::Idle => {
                 let cookie = frame.tags.get("cookie")?;

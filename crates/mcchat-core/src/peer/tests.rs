@@ -1041,6 +1041,19 @@ fn via(name: &str) -> Rig {
     Rig::new(config, ALICE)
 }
 
+/// The nonce of `r`'s subscription, which mcchatd echoes.
+fn nonce(r: &Rig) -> String {
+    r.e.relay.as_ref().expect("a --via rig").nonce().to_owned()
+}
+
+/// An answer from the daemon to `r`'s subscription, echoing its nonce as mcchatd does.
+fn answer(r: &Rig, kind: Kind, tags: &[(&str, &str)], text: &str) -> Vec<u8> {
+    let nonce = nonce(r);
+    let mut all = tags.to_vec();
+    all.push(("nonce", &nonce));
+    relay_control(kind, &all, text)
+}
+
 fn relay_requests(log: &[(Instant, Effect)]) -> Vec<(Instant, SocketAddr, Dg)> {
     sends(log)
         .into_iter()
@@ -1066,7 +1079,7 @@ fn subscribing_through_the_relay_cookie_subok_renewals_and_unsub() {
 
     r.hear(
         50,
-        &relay_control(Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
+        &answer(&r, Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
         daemon(),
     );
     let sub = relay_requests(&r.take());
@@ -1076,8 +1089,15 @@ fn subscribing_through_the_relay_cookie_subok_renewals_and_unsub() {
     assert!(sub[0].2.len >= 256);
     assert!(!r.e.subscribed());
 
-    let subok =
-        |cookie: &str| relay_control(Kind::Subscribed, &[("lease", "60"), ("cookie", cookie)], "");
+    assert_eq!(sub[0].2.tag("nonce"), Some(nonce(&r).as_str()));
+    let n = nonce(&r);
+    let subok = |cookie: &str| {
+        relay_control(
+            Kind::Subscribed,
+            &[("lease", "60"), ("cookie", cookie), ("nonce", &n)],
+            "",
+        )
+    };
     r.hear(100, &subok("6743a1f7.x1"), daemon());
     assert_eq!(events(&r.log), [Event::Subscribed]);
     assert!(r.e.subscribed());
@@ -1123,12 +1143,13 @@ fn nacks_through_the_relay_carry_the_newest_cookie() {
     r.enter(0);
     r.hear(
         300,
-        &relay_control(Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
+        &answer(&r, Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
         daemon(),
     );
     r.hear(
         350,
-        &relay_control(
+        &answer(
+            &r,
             Kind::Subscribed,
             &[("lease", "60"), ("cookie", "6743a1f7.x1")],
             "",
@@ -1183,23 +1204,90 @@ fn no_answer_from_the_relay_in_3_tries_ends_the_engine() {
     assert_eq!(r.e.next_deadline(), None, "nothing more to do");
 }
 
+/// PROTOCOL 4.2: answers that do not echo the subscription's nonce are forgeries (anyone on
+/// the LAN can send from the daemon's address): a `closed` does not end the engine, a `subok`
+/// with a long lease does not stop its renewals, a `cookie` does not replace its cookie.
+#[test]
+fn relay_answers_without_the_nonce_are_ignored() {
+    let mut r = via("alice");
+    r.enter(0);
+    let forged_challenge = relay_control(Kind::Challenge, &[("cookie", "f.0")], "");
+    r.hear(5, &forged_challenge, daemon());
+    r.hear(
+        10,
+        &answer(&r, Kind::Challenge, &[("cookie", "c.1")], ""),
+        daemon(),
+    );
+    r.hear(
+        20,
+        &answer(
+            &r,
+            Kind::Subscribed,
+            &[("lease", "60"), ("cookie", "c.2")],
+            "",
+        ),
+        daemon(),
+    );
+    r.take();
+    let wrong = [("nonce", "ffffffffffffffff")];
+    for (at, bytes) in [
+        (1000, relay_control(Kind::Closed, &[], "forged")),
+        (1100, relay_control(Kind::Closed, &wrong, "forged")),
+        (
+            1200,
+            relay_control(
+                Kind::Subscribed,
+                &[("lease", "3600"), ("cookie", "f.1")],
+                "",
+            ),
+        ),
+        (
+            1300,
+            relay_control(Kind::Challenge, &[("cookie", "f.2"), wrong[0]], ""),
+        ),
+    ] {
+        r.hear(at, &bytes, daemon());
+    }
+    assert_eq!(
+        r.e.relay.as_ref().unwrap().ignored,
+        5,
+        "one forged challenge, then four"
+    );
+    r.run_to(20_100);
+    let log = r.take();
+    assert!(events(&log).is_empty(), "not ended");
+    assert!(r.e.subscribed());
+    let renewals = relay_requests(&log);
+    assert_eq!(renewals.len(), 1, "renewed at 20 s, the real lease's third");
+    assert_eq!(
+        renewals[0].2.tag("cookie"),
+        Some("c.2"),
+        "the daemon's cookie"
+    );
+}
+
 #[test]
 fn closed_from_the_relay_ends_the_engine() {
     let mut r = via("");
     r.enter(0);
     r.hear(
         10,
-        &relay_control(Kind::Challenge, &[("cookie", "c.1")], ""),
+        &answer(&r, Kind::Challenge, &[("cookie", "c.1")], ""),
         daemon(),
     );
     r.hear(
         20,
-        &relay_control(Kind::Subscribed, &[("lease", "60"), ("cookie", "c.2")], ""),
+        &answer(
+            &r,
+            Kind::Subscribed,
+            &[("lease", "60"), ("cookie", "c.2")],
+            "",
+        ),
         daemon(),
     );
     r.hear(
         5000,
-        &relay_control(Kind::Closed, &[], "mcchatd is stopping"),
+        &answer(&r, Kind::Closed, &[], "mcchatd is stopping"),
         daemon(),
     );
     r.run_to(100_000);

@@ -32,7 +32,16 @@ impl Raw {
     /// A request padded to `pad_to` bytes (0: none).
     fn request(&self, kind: Kind, room: &str, pad_to: usize) -> Vec<u8> {
         let mut out = String::new();
-        wire::relay_request(kind, room, "raw", self.cookie.as_deref(), pad_to, &mut out).unwrap();
+        wire::relay_request(
+            kind,
+            room,
+            "raw",
+            self.cookie.as_deref(),
+            None,
+            pad_to,
+            &mut out,
+        )
+        .unwrap();
         out.into_bytes()
     }
 

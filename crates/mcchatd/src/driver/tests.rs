@@ -112,7 +112,16 @@ async fn recv_kind(sock: &UdpSocket) -> (Kind, String, String) {
 /// Sends a relay request as mcchat does (padded), with `cookie` if given.
 async fn send_request(sock: &UdpSocket, kind: Kind, room: &str, cookie: Option<&str>) {
     let mut req = String::new();
-    wire::relay_request(kind, room, "t", cookie, wire::MIN_RELAY_REQUEST, &mut req).unwrap();
+    wire::relay_request(
+        kind,
+        room,
+        "t",
+        cookie,
+        None,
+        wire::MIN_RELAY_REQUEST,
+        &mut req,
+    )
+    .unwrap();
     sock.send(req.as_bytes()).await.unwrap();
 }
 

@@ -6,12 +6,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use mcchat_core::peer::Now;
 use mcchat_core::room::RoomName;
+use mcchat_core::tags;
 use mcchat_core::wire::{self, Frame, Header, Kind, Meta};
 
 use super::admission::Bucket;
 use super::{Hub, Output, UdpDest};
 use crate::counters::Drop;
-use crate::subs::Subscribed;
+use crate::subs::{Member, Subscribed};
 
 /// The sender name in datagrams the daemon itself writes.
 pub(crate) const DAEMON_NAME: &str = "mcchatd";
@@ -41,16 +42,29 @@ impl Hub {
         self.out.push_back(Output::ToUdp { to, data });
     }
 
-    /// Tells each of `to` that `room` closed, and why.
-    pub(super) fn tell_closed(&mut self, room: &RoomName, to: &[UdpDest], why: &str) {
-        if to.is_empty() || !self.control(Kind::Closed, room.as_str(), &[], why) {
-            return;
-        }
-        let data = Bytes::copy_from_slice(self.text.as_bytes());
-        for dest in to {
+    /// Tells each of `to` that `room` closed, and why, with its nonce.
+    pub(super) fn tell_closed(&mut self, room: &RoomName, to: &[Member], why: &str) {
+        // One datagram for all without a nonce (older clients), one each for the rest.
+        let mut bare: Option<Bytes> = None;
+        for member in to {
+            let data = match (&member.nonce, &bare) {
+                (None, Some(d)) => d.clone(),
+                (nonce, _) => {
+                    let extra: Vec<(&str, &str)> =
+                        nonce.iter().map(|n| (tags::NONCE, &**n)).collect();
+                    if !self.control(Kind::Closed, room.as_str(), &extra, why) {
+                        continue;
+                    }
+                    let d = Bytes::copy_from_slice(self.text.as_bytes());
+                    if nonce.is_none() {
+                        bare = Some(d.clone());
+                    }
+                    d
+                }
+            };
             self.out.push_back(Output::ToUdp {
-                to: *dest,
-                data: data.clone(),
+                to: member.dest,
+                data,
             });
         }
     }
@@ -58,7 +72,7 @@ impl Hub {
     fn cookie_ok(&self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
         frame
             .tags
-            .get("cookie")
+            .get(tags::COOKIE)
             .is_some_and(|c| self.cookies.verify(&c, from.addr, self.cookie_time(now)))
     }
 
@@ -99,16 +113,17 @@ impl Hub {
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
         };
+        // The client's nonce, echoed in every answer (a malformed one is not echoed: the
+        // client then ignores the answers, as it would a forgery's).
+        let nonce_tag = frame.tags.get(tags::NONCE);
+        let nonce = nonce_tag.as_deref().filter(|n| tags::is_nonce(n));
         if !verified {
             // Return-routability first: answer with a cookie, never with more bytes than the
             // request carried, so a spoofed source cannot be used for amplification.
             let cookie = self.cookies.issue(from.addr, self.cookie_time(now));
-            if !self.control(
-                Kind::Challenge,
-                room.name().as_str(),
-                &[("cookie", &cookie)],
-                "",
-            ) {
+            let mut extra = vec![(tags::COOKIE, cookie.as_str())];
+            extra.extend(nonce.map(|n| (tags::NONCE, n)));
+            if !self.control(Kind::Challenge, room.name().as_str(), &extra, "") {
                 return;
             }
             if self.text.len() > request_len {
@@ -143,19 +158,21 @@ impl Hub {
                 };
                 self.count_drop(why, from.addr, now.mono);
                 // `closed` is also the answer to a subscription refused.
-                return self.tell_closed(room.name(), &[from], why.name());
+                let member = Member {
+                    dest: from,
+                    nonce: nonce.map(Box::from),
+                };
+                return self.tell_closed(room.name(), &[member], why.name());
             }
         }
+        self.subs.set_nonce(room.name(), from.addr, nonce);
         // A fresh cookie with every `subok`, so the client's is never older than one renewal
         // interval and its renewals and `unsub` always draw on the verified bucket.
         let lease = self.settings.daemon.lease_secs.to_string();
         let cookie = self.cookies.issue(from.addr, self.cookie_time(now));
-        if self.control(
-            Kind::Subscribed,
-            room.name().as_str(),
-            &[("lease", &lease), ("cookie", &cookie)],
-            "",
-        ) {
+        let mut extra = vec![("lease", lease.as_str()), (tags::COOKIE, cookie.as_str())];
+        extra.extend(nonce.map(|n| (tags::NONCE, n)));
+        if self.control(Kind::Subscribed, room.name().as_str(), &extra, "") {
             self.reply(from);
         }
     }
@@ -182,9 +199,9 @@ impl Hub {
 
     /// Shutting down: every subscriber is told, and every group left.
     pub(crate) fn shutdown(&mut self) {
-        let all: Vec<(RoomName, UdpDest)> = self.subs.all().map(|(r, d)| (r.clone(), d)).collect();
-        for (room, dest) in all {
-            self.tell_closed(&room, &[dest], "mcchatd is stopping");
+        let all: Vec<(RoomName, Member)> = self.subs.all().map(|(r, m)| (r.clone(), m)).collect();
+        for (room, member) in all {
+            self.tell_closed(&room, &[member], "mcchatd is stopping");
         }
         for (room, generation) in self.groups.leave_all() {
             self.out.push_back(Output::Leave { room, generation });

@@ -36,7 +36,7 @@ use crate::cookie::CookieJar;
 use crate::counters::{Counters, Drop};
 use crate::history::{Policy, Retention};
 use crate::settings::Settings;
-use crate::subs::Subscriptions;
+use crate::subs::{Member, Subscriptions};
 use admission::{Admission, Bucket};
 use membership::Membership;
 use routing::{PortKind, forwards};
@@ -256,19 +256,20 @@ impl Hub {
     /// Ends the subscriptions of sources the allow list no longer admits (after a reload or
     /// a change of the host's subnets), telling them why.
     pub(super) fn close_disallowed(&mut self) {
-        let gone: Vec<(RoomName, UdpDest)> = self
+        let gone: Vec<(RoomName, Member)> = self
             .subs
             .all()
-            .filter(|(_, d)| !self.admission.allowed(d.addr.ip()))
-            .map(|(r, d)| (r.clone(), d))
+            .filter(|(_, m)| !self.admission.allowed(m.dest.addr.ip()))
+            .map(|(r, m)| (r.clone(), m))
             .collect();
         if gone.is_empty() {
             return;
         }
-        for (room, dest) in &gone {
-            self.subs.unsubscribe(room, dest.addr);
-            tracing::info!(%room, addr = %dest.addr, "subscription ended: source no longer allowed");
-            self.tell_closed(room, &[*dest], "not allowed");
+        for (room, member) in gone {
+            let addr = member.dest.addr;
+            self.subs.unsubscribe(&room, addr);
+            tracing::info!(%room, %addr, "subscription ended: source no longer allowed");
+            self.tell_closed(&room, &[member], "not allowed");
         }
         self.reconcile();
     }

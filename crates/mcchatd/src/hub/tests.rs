@@ -175,6 +175,7 @@ fn request(kind: Kind, room: &str, cookie: Option<&str>) -> String {
         room,
         "alice",
         cookie,
+        None,
         wire::MIN_RELAY_REQUEST,
         &mut out,
     )
@@ -931,6 +932,87 @@ fn shutdown_tells_every_subscriber_and_leaves_every_group() {
             .count(),
         2,
         "room1 and kept"
+    );
+}
+
+/// PROTOCOL 4.2: the client's nonce comes back in the challenge, in `subok` and in every
+/// `closed` it is sent later (here at shutdown), each subscriber with its own; a renewal with
+/// a new nonce (a restarted client on the same port) replaces it; a malformed one is not echoed.
+#[test]
+fn answers_echo_the_clients_nonce() {
+    let mut t = T::new(ROOMS, false);
+    let sub = |cookie: Option<&str>, nonce: &str| {
+        let mut out = String::new();
+        wire::relay_request(
+            Kind::Subscribe,
+            "room1",
+            "alice",
+            cookie,
+            Some(nonce),
+            wire::MIN_RELAY_REQUEST,
+            &mut out,
+        )
+        .expect("request");
+        out
+    };
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        sub(None, "aaaaaaaaaaaaaaaa").as_bytes(),
+    );
+    assert_eq!(
+        reply_tag(&out, Kind::Challenge, "nonce").as_deref(),
+        Some("aaaaaaaaaaaaaaaa")
+    );
+    let cookie = reply_tag(&out, Kind::Challenge, "cookie").unwrap();
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        sub(Some(&cookie), "aaaaaaaaaaaaaaaa").as_bytes(),
+    );
+    t.finish_joins(&out);
+    assert_eq!(
+        reply_tag(&out, Kind::Subscribed, "nonce").as_deref(),
+        Some("aaaaaaaaaaaaaaaa")
+    );
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        sub(Some(&cookie), "bbbbbbbbbbbbbbbb").as_bytes(),
+    );
+    assert_eq!(
+        reply_tag(&out, Kind::Subscribed, "nonce").as_deref(),
+        Some("bbbbbbbbbbbbbbbb")
+    );
+    // Another subscriber with its own, and one with a malformed nonce.
+    let other = |from: &str, nonce: &str, t: &mut T| {
+        let out = t.unicast(from, LOCAL_A, sub(None, nonce).as_bytes());
+        let cookie = reply_tag(&out, Kind::Challenge, "cookie").unwrap();
+        let out = t.unicast(from, LOCAL_A, sub(Some(&cookie), nonce).as_bytes());
+        reply_tag(&out, Kind::Subscribed, "nonce")
+    };
+    assert_eq!(
+        other("192.0.2.11:4000", "cccccccccccccccc", &mut t).as_deref(),
+        Some("cccccccccccccccc")
+    );
+    assert_eq!(other("192.0.2.12:4000", "no;", &mut t), None);
+    t.hub.shutdown();
+    let mut closed: Vec<(SocketAddr, Option<String>)> = to_udp(&t.drain())
+        .into_iter()
+        .map(|(to, d)| {
+            let f = wire::decode(&d).unwrap();
+            assert_eq!(f.meta.kind, Kind::Closed);
+            (to.addr, f.tags.get("nonce").map(|n| n.into_owned()))
+        })
+        .collect();
+    closed.sort();
+    assert_eq!(
+        closed,
+        [
+            (sa("192.0.2.10:4000"), Some("bbbbbbbbbbbbbbbb".into())),
+            (sa("192.0.2.11:4000"), Some("cccccccccccccccc".into())),
+            (sa("192.0.2.12:4000"), None),
+        ]
     );
 }
 
