@@ -1054,6 +1054,20 @@ fn answer(r: &Rig, kind: Kind, tags: &[(&str, &str)], text: &str) -> Vec<u8> {
     relay_control(kind, &all, text)
 }
 
+/// The daemon's answers to `r`'s subscription at `at_ms`: a challenge with cookie `c.1`,
+/// then (10 ms later) `subok` with a 60 s lease and cookie `c.2`.
+fn subscribe_at(r: &mut Rig, at_ms: u64) {
+    let challenge = answer(r, Kind::Challenge, &[("cookie", "c.1")], "");
+    r.hear(at_ms, &challenge, daemon());
+    let subok = answer(
+        r,
+        Kind::Subscribed,
+        &[("lease", "60"), ("cookie", "c.2")],
+        "",
+    );
+    r.hear(at_ms + 10, &subok, daemon());
+}
+
 fn relay_requests(log: &[(Instant, Effect)]) -> Vec<(Instant, SocketAddr, Dg)> {
     sends(log)
         .into_iter()
@@ -1141,21 +1155,7 @@ fn subscribing_through_the_relay_cookie_subok_renewals_and_unsub() {
 fn nacks_through_the_relay_carry_the_newest_cookie() {
     let mut r = via("alice");
     r.enter(0);
-    r.hear(
-        300,
-        &answer(&r, Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
-        daemon(),
-    );
-    r.hear(
-        350,
-        &answer(
-            &r,
-            Kind::Subscribed,
-            &[("lease", "60"), ("cookie", "6743a1f7.x1")],
-            "",
-        ),
-        daemon(),
-    );
+    subscribe_at(&mut r, 340);
     r.hear(360, &msg(BOB, "bob", 1, UNIX0 + 360), daemon());
     r.hear(400, &msg(BOB, "bob", 6, UNIX0 + 400), daemon());
     r.run_to(700);
@@ -1173,7 +1173,7 @@ fn nacks_through_the_relay_carry_the_newest_cookie() {
     for (to, bytes) in &nacks {
         assert_eq!(*to, daemon());
         assert!(
-            bytes.starts_with(b"@cookie=6743a1f7.x1;"),
+            bytes.starts_with(b"@cookie=c.2;"),
             "{}",
             String::from_utf8_lossy(bytes)
         );
@@ -1213,21 +1213,7 @@ fn relay_answers_without_the_nonce_are_ignored() {
     r.enter(0);
     let forged_challenge = relay_control(Kind::Challenge, &[("cookie", "f.0")], "");
     r.hear(5, &forged_challenge, daemon());
-    r.hear(
-        10,
-        &answer(&r, Kind::Challenge, &[("cookie", "c.1")], ""),
-        daemon(),
-    );
-    r.hear(
-        20,
-        &answer(
-            &r,
-            Kind::Subscribed,
-            &[("lease", "60"), ("cookie", "c.2")],
-            "",
-        ),
-        daemon(),
-    );
+    subscribe_at(&mut r, 10);
     r.take();
     let wrong = [("nonce", "ffffffffffffffff")];
     for (at, bytes) in [
@@ -1270,21 +1256,7 @@ fn relay_answers_without_the_nonce_are_ignored() {
 fn closed_from_the_relay_ends_the_engine() {
     let mut r = via("");
     r.enter(0);
-    r.hear(
-        10,
-        &answer(&r, Kind::Challenge, &[("cookie", "c.1")], ""),
-        daemon(),
-    );
-    r.hear(
-        20,
-        &answer(
-            &r,
-            Kind::Subscribed,
-            &[("lease", "60"), ("cookie", "c.2")],
-            "",
-        ),
-        daemon(),
-    );
+    subscribe_at(&mut r, 10);
     r.hear(
         5000,
         &answer(&r, Kind::Closed, &[], "mcchatd is stopping"),
