@@ -62,6 +62,33 @@ impl Raw {
         buf[..n].to_vec()
     }
 
+    /// The chat datagrams (`msg`, `me`) waiting to be read; presence, such as the daemon's
+    /// repeats of a sender's `leave`, is skipped.
+    fn chat_queued(&self) -> Vec<Vec<u8>> {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 2048];
+        let mut chat = Vec::new();
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            if wire::decode(&buf[..n])
+                .is_ok_and(|f| matches!(f.meta.kind, Kind::Message | Kind::Action))
+            {
+                chat.push(buf[..n].to_vec());
+            }
+        }
+        self.sock.set_nonblocking(false).unwrap();
+        chat
+    }
+
+    /// The next chat datagram (presence skipped).
+    fn recv_chat(&self) -> Vec<u8> {
+        loop {
+            let d = self.recv();
+            if wire::decode(&d).is_ok_and(|f| matches!(f.meta.kind, Kind::Message | Kind::Action)) {
+                return d;
+            }
+        }
+    }
+
     /// Nothing is waiting to be read.
     fn nothing_queued(&self) -> bool {
         self.sock.set_nonblocking(true).unwrap();
@@ -945,10 +972,86 @@ fn nacks_are_answered_from_the_cache_only_with_the_subscriptions_cookie() {
         "a non-subscriber's NACK was answered"
     );
     assert!(
-        sub.nothing_queued(),
+        sub.chat_queued().is_empty(),
         "a NACK without the cookie was answered"
     );
     let s = status(addr);
     assert_eq!(s["repair_cache"]["repairs_to_subscribers"], 3, "{s}");
     assert_eq!(s["counters"]["nacks_unproven"], 2, "{s}");
+}
+
+/// `data` as a UDP datagram from `from` to `to`, sent through a raw socket: the source port
+/// is written by hand, as an attacker forging another host's address and port does (the
+/// kernel writes the IP header, from `from`'s address, which is local here).
+fn forge(from: SocketAddr, to: SocketAddr, data: &[u8]) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)).expect("a raw socket");
+    raw.bind(&SockAddr::from(SocketAddr::new(from.ip(), 0)))
+        .expect("bind the raw socket");
+    let len = u16::try_from(8 + data.len()).unwrap();
+    let mut packet = Vec::with_capacity(8 + data.len());
+    packet.extend_from_slice(&from.port().to_be_bytes());
+    packet.extend_from_slice(&to.port().to_be_bytes());
+    packet.extend_from_slice(&len.to_be_bytes());
+    // No checksum (allowed over IPv4).
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(data);
+    raw.send_to(&packet, &SockAddr::from(to))
+        .expect("send the forged datagram");
+}
+
+/// Issue 11's first row, the attack itself: NACKs forged with a subscriber's address and
+/// port (from a raw socket) make the daemon send that subscriber nothing. Before, each was
+/// answered from the repair cache, up to 128 messages, by unicast to the victim (x1430 in
+/// bytes). The victim's own NACK, with its cookie, is still answered.
+#[test]
+fn nacks_forged_with_a_subscribers_address_reflect_nothing() {
+    require_netns();
+    let (d, addr) = local_daemon(&[]);
+    let room = unique("reflect");
+    let mut victim = Raw::new("127.0.0.1", addr);
+    victim.subscribe(&room);
+    d.expect_err(&format!("joined group room={room}"));
+    let mut alice = Proc::mcchat("alice", None, &["join", &room, "--name", "alice"], &[]).ready();
+    for i in 1..=20 {
+        alice.say(&format!("{i:>200}"));
+    }
+    let id = loop {
+        let f = victim.recv();
+        let f = wire::decode(&f).unwrap();
+        if f.text.trim_start() == "20" {
+            break f.meta.instance.unwrap();
+        }
+    };
+    alice.close_stdin();
+    assert!(alice.wait().success());
+    assert!(victim.chat_queued().is_empty());
+    let nack = format!("@kind=nack;for={id};seqs=1-20 {room}|raw|");
+    let victim_addr = victim.sock.local_addr().unwrap();
+    let (mut sent, rounds) = (0, 20);
+    for _ in 0..rounds {
+        forge(victim_addr, addr, nack.as_bytes());
+        sent += nack.len() + 8;
+    }
+    // The victim's own NACK for one message, after them: its answer comes after anything
+    // the forged ones caused.
+    let cookie = victim.cookie.clone().unwrap();
+    let own = format!("@cookie={cookie};kind=nack;for={id};seqs=7 {room}|raw|");
+    victim.send(own.as_bytes());
+    let answer = victim.recv_chat();
+    let f = wire::decode(&answer).unwrap();
+    assert_eq!(
+        (f.text.trim_start(), f.tags.get("repair").as_deref()),
+        ("7", Some("1")),
+        "the first datagram the victim gets is the answer to its own NACK"
+    );
+    assert!(
+        victim.chat_queued().is_empty(),
+        "nothing else reached the victim"
+    );
+    let s = status(addr);
+    assert_eq!(s["counters"]["nacks_unproven"], rounds, "{s}");
+    assert_eq!(s["repair_cache"]["repairs_to_subscribers"], 1, "{s}");
+    // Received by the victim because of the attack: 0 bytes of `sent`.
+    assert!(sent > 0);
 }
