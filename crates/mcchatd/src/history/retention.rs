@@ -29,11 +29,23 @@ pub(super) const CHUNK: u64 = 1024;
 #[derive(Debug, Default)]
 pub(super) struct Rows {
     counts: HashMap<String, u64>,
-    /// `counts` holds every room of the table (false at first and after a failed
-    /// transaction, whose changes the counts may include).
+    /// `counts` holds every room of the table (false until the first count succeeds).
     loaded: bool,
     /// A pass left rows that the rules delete: run the next one soon.
     backlog: bool,
+}
+
+/// What a transaction's retention did, for [`Rows::apply`] once it is committed.
+#[derive(Debug, Default)]
+pub(super) struct Update {
+    /// Rooms' row counts after it.
+    counts: Vec<(String, u64)>,
+    /// Rows it deleted.
+    deleted: u64,
+    /// Whether it left rows that the rules delete.
+    backlog: bool,
+    /// A full pass: its `backlog` is the whole answer (a commit's only adds to it).
+    replaces_backlog: bool,
 }
 
 /// What one commit inserted, for [`Rows::after_insert`].
@@ -123,12 +135,6 @@ impl Rows {
         Ok(())
     }
 
-    /// The counts may be wrong (a transaction failed): count again before the next use.
-    pub(super) fn forget(&mut self) {
-        self.loaded = false;
-        self.counts.clear();
-    }
-
     /// Whether a pass left work for the next one.
     pub(super) fn backlog(&self) -> bool {
         self.backlog
@@ -136,64 +142,55 @@ impl Rows {
 
     /// After a commit's inserts, in its transaction: counts what was added and deletes each
     /// touched room's rows past their age and beyond its count, each rule at most the rows
-    /// the room gained plus [`CHUNK`]. Returns how many rows went. [`load`](Self::load) must
-    /// have run.
+    /// the room gained plus [`CHUNK`]. The counts change only when the caller
+    /// [`apply`](Self::apply)s the result after the commit succeeded, so a failed commit (a
+    /// full disk) leaves them true and costs no recount. [`load`](Self::load) must have run.
     pub(super) fn after_insert(
-        &mut self,
+        &self,
         tx: &Transaction<'_>,
         added: &Added<'_>,
         policy: &Policy,
         now_ms: u64,
-    ) -> rusqlite::Result<u64> {
-        let mut deleted = 0;
+    ) -> rusqlite::Result<Update> {
+        let mut update = Update::default();
         for room in added.rooms() {
             let gained = added.rows.get(room).copied().unwrap_or(0);
-            let count = match self.counts.get_mut(room) {
-                Some(c) if !added.unsure.contains(room) => {
-                    *c += gained;
-                    c
-                }
-                _ => {
-                    let n = count_room(tx, room)?;
-                    self.counts
-                        .entry(room.to_owned())
-                        .insert_entry(n)
-                        .into_mut()
-                }
+            let mut count = match self.counts.get(room) {
+                Some(c) if !added.unsure.contains(room) => c + gained,
+                _ => count_room(tx, room)?,
             };
             let Retention { count: keep, age } = policy.for_room(room);
             let oldest = now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
             let aged = delete_older(tx, room, oldest, gained + CHUNK)?;
-            *count -= aged.min(*count);
-            deleted += aged;
-            if aged == gained + CHUNK {
-                self.backlog = true;
+            count -= aged.min(count);
+            update.deleted += aged;
+            update.backlog |= aged == gained + CHUNK;
+            if count > keep {
+                let gone = delete_oldest(tx, room, (count - keep).min(gained + CHUNK))?;
+                count -= gone.min(count);
+                update.deleted += gone;
+                update.backlog |= count > keep;
             }
-            if *count > keep {
-                let excess = *count - keep;
-                let gone = delete_oldest(tx, room, excess.min(gained + CHUNK))?;
-                *count -= gone.min(*count);
-                deleted += gone;
-                if *count > keep {
-                    self.backlog = true;
-                }
-            }
+            update.counts.push((room.to_owned(), count));
         }
-        Ok(deleted)
+        Ok(update)
     }
 
     /// One pass over every room: the age rule, then the count, each at most [`CHUNK`] rows per
-    /// room. Returns how many rows went; [`backlog`](Self::backlog) says whether any rule
-    /// left rows to delete. [`load`](Self::load) must have run.
+    /// room. As [`after_insert`](Self::after_insert), the result is applied after the commit;
+    /// then [`backlog`](Self::backlog) says whether any rule left rows to delete.
+    /// [`load`](Self::load) must have run.
     pub(super) fn pass(
-        &mut self,
+        &self,
         tx: &Transaction<'_>,
         policy: &Policy,
         now_ms: u64,
-    ) -> rusqlite::Result<u64> {
-        self.backlog = false;
-        let mut deleted = 0;
-        for (room, count) in &mut self.counts {
+    ) -> rusqlite::Result<Update> {
+        let mut update = Update {
+            replaces_backlog: true,
+            ..Update::default()
+        };
+        for (room, &count) in &self.counts {
             let Retention { count: keep, age } = policy.for_room(room);
             let oldest = now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
             let aged = delete_older(tx, room, oldest, CHUNK)?;
@@ -203,12 +200,29 @@ impl Rows {
             } else {
                 0
             };
-            *count = count.saturating_sub(aged + trimmed);
-            deleted += aged + trimmed;
-            self.backlog |= aged == CHUNK || *count > keep;
+            let count = count.saturating_sub(aged + trimmed);
+            update.deleted += aged + trimmed;
+            update.backlog |= aged == CHUNK || count > keep;
+            update.counts.push((room.clone(), count));
         }
-        self.counts.retain(|_, n| *n > 0);
-        Ok(deleted)
+        Ok(update)
+    }
+
+    /// Takes in what a committed transaction did.
+    pub(super) fn apply(&mut self, update: Update) -> u64 {
+        for (room, count) in update.counts {
+            if count == 0 {
+                self.counts.remove(&room);
+            } else {
+                self.counts.insert(room, count);
+            }
+        }
+        if update.replaces_backlog {
+            self.backlog = update.backlog;
+        } else {
+            self.backlog |= update.backlog;
+        }
+        update.deleted
     }
 
     #[cfg(test)]

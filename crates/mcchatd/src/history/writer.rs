@@ -341,11 +341,12 @@ impl Writer {
                     rest = &rest[n..];
                 }
             }
-            self.rows.after_insert(&tx, &added, &policy, now_ms())?;
-            tx.commit()
+            let update = self.rows.after_insert(&tx, &added, &policy, now_ms())?;
+            tx.commit()?;
+            self.rows.apply(update);
+            Ok(())
         })();
         if let Err(error) = result {
-            self.rows.forget();
             self.failures += 1;
             self.lost += records as u64;
             // A full disk fails every commit: one line a minute, with what it cost since.
@@ -378,9 +379,9 @@ impl Writer {
         let result = (|| -> rusqlite::Result<u64> {
             self.rows.load(&self.conn)?;
             let tx = self.conn.transaction()?;
-            let deleted = self.rows.pass(&tx, &policy, now_ms())?;
+            let update = self.rows.pass(&tx, &policy, now_ms())?;
             tx.commit()?;
-            Ok(deleted)
+            Ok(self.rows.apply(update))
         })();
         match result {
             Ok(deleted) => {
@@ -392,7 +393,6 @@ impl Writer {
                 }
             }
             Err(error) => {
-                self.rows.forget();
                 if let Some(suppressed) = self.error_log.check(Instant::now()) {
                     tracing::warn!(path = %self.path.display(), %error, suppressed, "history retention failed");
                 }
