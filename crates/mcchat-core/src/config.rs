@@ -183,7 +183,8 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
 
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        // Not a controlling terminal either, should a tty be named by mistake.
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
         .open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {

@@ -63,8 +63,9 @@ pub(crate) const PER_NET: usize = 4;
 /// Connections on the local socket at once: slots of their own, which no one on the network
 /// can take (`mcchat join`'s catch-up, `mcchat status` on the host).
 pub(crate) const MAX_LOCAL_CLIENTS: usize = 4;
-/// History answers built at once (each holds up to `MAX_QUERY` messages in memory); a
-/// query waits up to [`HISTORY_WAIT`] for its turn.
+/// History answers built at once for TCP clients (each holds up to `MAX_QUERY` messages in
+/// memory), and one more for the local socket, which the network cannot take; a query waits
+/// up to [`HISTORY_WAIT`] for its turn.
 pub(crate) const MAX_HISTORY_ANSWERS: usize = 2;
 const HISTORY_WAIT: Duration = Duration::from_secs(10);
 
@@ -73,7 +74,9 @@ const HISTORY_WAIT: Duration = Duration::from_secs(10);
 pub(crate) struct Slots {
     tcp: Arc<Semaphore>,
     local: Arc<Semaphore>,
+    /// History answers for TCP clients, and one of its own for the local socket.
     history: Arc<Semaphore>,
+    local_history: Arc<Semaphore>,
     /// Connections held per address and per IPv6 /64.
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -106,6 +109,7 @@ impl Slots {
             tcp: Arc::new(Semaphore::new(MAX_TCP_CLIENTS)),
             local: Arc::new(Semaphore::new(MAX_LOCAL_CLIENTS)),
             history: Arc::new(Semaphore::new(MAX_HISTORY_ANSWERS)),
+            local_history: Arc::new(Semaphore::new(1)),
             sources: Arc::default(),
         }
     }
@@ -242,7 +246,11 @@ fn spawn_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send +
         return;
     };
     let local = permit.keys.is_empty();
-    let history = Arc::clone(&slots.history);
+    let history = Arc::clone(if local {
+        &slots.local_history
+    } else {
+        &slots.history
+    });
     let services = services.clone();
     let token = token.clone();
     tracker.spawn(async move {

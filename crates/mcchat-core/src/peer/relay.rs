@@ -15,6 +15,9 @@ use crate::wire::{Frame, Kind};
 
 /// Attempts, and the wait for an answer to each, before giving up on the daemon.
 const ATTEMPTS: u32 = 3;
+/// Renewals come every third of the lease, and at least this often: the daemon's cookies
+/// are valid 120 s (PROTOCOL.md 4.2), and a subscriber's NACKs and renewals need a valid one.
+const RENEW_AT_MOST: Duration = Duration::from_secs(100);
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +72,12 @@ impl RelayClient {
         &self.nonce
     }
 
+    /// A third of the lease, so two renewals can be lost before it lapses; at most
+    /// [`RENEW_AT_MOST`], so the cookie from the last `subok` is always valid.
+    fn renew_every(&self) -> Duration {
+        (self.lease / 3).min(RENEW_AT_MOST)
+    }
+
     pub(super) fn take_requests(&mut self) -> Vec<Kind> {
         std::mem::take(&mut self.requests)
     }
@@ -105,9 +114,18 @@ impl RelayClient {
             } if now >= answer_due => {
                 if attempt >= ATTEMPTS {
                     self.state = State::Idle;
+                    let ignored = if self.ignored > 0 {
+                        format!(
+                            " ({} answers ignored: they did not echo this client's nonce; \
+                             is mcchatd older than this mcchat?)",
+                            self.ignored
+                        )
+                    } else {
+                        String::new()
+                    };
                     return Some(Event::Ended(format!(
                         "no answer from mcchatd at {} after {ATTEMPTS} tries: is it running, \
-                         and does its `allow` setting include this network?",
+                         and does its `allow` setting include this network?{ignored}",
                         self.daemon
                     )));
                 }
@@ -118,9 +136,8 @@ impl RelayClient {
                 self.requests.push(Kind::Subscribe);
             }
             State::Subscribed { renew_due } if now >= renew_due => {
-                // A third of the lease, so two renewals can be lost before it lapses.
                 self.state = State::Subscribed {
-                    renew_due: now + self.lease / 3,
+                    renew_due: now + self.renew_every(),
                 };
                 self.requests.push(Kind::Subscribe);
             }
@@ -158,7 +175,7 @@ impl RelayClient {
                 }
                 let first = !self.subscribed();
                 self.state = State::Subscribed {
-                    renew_due: now + self.lease / 3,
+                    renew_due: now + self.renew_every(),
                 };
                 if first {
                     tracing::debug!(daemon = %self.daemon, room, lease = ?self.lease, "subscribed");

@@ -1252,6 +1252,27 @@ fn relay_answers_without_the_nonce_are_ignored() {
     );
 }
 
+/// PROTOCOL 4.2: with a long lease, renewals still come at least every 100 s, so the cookie
+/// from the last `subok` (valid 120 s) is always fresh for NACKs and renewals.
+#[test]
+fn renewals_come_at_least_every_100_s_whatever_the_lease() {
+    let mut r = via("alice");
+    r.enter(0);
+    let challenge = answer(&r, Kind::Challenge, &[("cookie", "c.1")], "");
+    r.hear(10, &challenge, daemon());
+    let subok = answer(
+        &r,
+        Kind::Subscribed,
+        &[("lease", "3600"), ("cookie", "c.2")],
+        "",
+    );
+    r.hear(20, &subok, daemon());
+    r.take();
+    r.run_to(300_100);
+    let renewals = relay_requests(&r.take());
+    assert_eq!(times_ms(&r, &renewals), [100_020, 200_020, 300_020]);
+}
+
 #[test]
 fn closed_from_the_relay_ends_the_engine() {
     let mut r = via("");

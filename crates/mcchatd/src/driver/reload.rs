@@ -4,15 +4,16 @@
 //! named by mistake is refused but a slow disk is not); the relay loop must keep relaying
 //! meanwhile. The read runs on a blocking thread; if it has not ended within
 //! [`RELOAD_TIMEOUT`], the reload fails with that error and the running configuration is
-//! kept (the thread is left to finish on its own). One read runs at a time; a signal that
-//! comes while one runs makes one more afterwards, since the file may have changed since the
-//! first began.
+//! kept (the thread is left to finish on its own, and the next reload waits for it rather
+//! than start a second thread beside it). One reload runs at a time; a signal that comes
+//! while one runs makes one more afterwards, since the file may have changed since the first
+//! began.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,6 +34,10 @@ pub(super) struct Reloads {
     pub(super) results: mpsc::Receiver<Result<Settings>>,
     running: bool,
     again: bool,
+    /// A blocking read is under way (it may outlive its timeout, stuck in the kernel): the
+    /// next waits for it to end rather than start beside it, so a hung mount costs one
+    /// thread, and the first read after it recovers applies.
+    reading: Arc<watch::Sender<bool>>,
 }
 
 impl Reloads {
@@ -44,6 +49,7 @@ impl Reloads {
             results,
             running: false,
             again: false,
+            reading: Arc::new(watch::channel(false).0),
         }
     }
 
@@ -70,8 +76,26 @@ impl Reloads {
         let loader = Arc::clone(&self.loader);
         let tx = self.tx.clone();
         let token = token.clone();
+        let reading = Arc::clone(&self.reading);
         tracker.spawn(async move {
-            let read = tokio::task::spawn_blocking(move || loader());
+            let mut idle = reading.subscribe();
+            if *idle.borrow() {
+                tracing::warn!(
+                    "the last read of the configuration has not ended (a file on a hung \
+                     mount?); this reload waits for it"
+                );
+            }
+            tokio::select! {
+                () = token.cancelled() => return,
+                r = idle.wait_for(|busy| !*busy) => if r.is_err() { return },
+            }
+            reading.send_replace(true);
+            let done = Arc::clone(&reading);
+            let read = tokio::task::spawn_blocking(move || {
+                let result = loader();
+                done.send_replace(false);
+                result
+            });
             let result = tokio::select! {
                 // A stop does not wait for a read.
                 () = token.cancelled() => return,

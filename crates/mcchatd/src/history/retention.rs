@@ -56,21 +56,33 @@ pub(super) struct Added<'a> {
     /// Rooms where an insert skipped a duplicate: how many of its rows were new is not known
     /// per room, so these are counted again.
     unsure: HashSet<&'a str>,
+    /// The rows tried for the unsure rooms (an upper bound of what they gained).
+    attempted: HashMap<&'a str, u64>,
 }
 
 impl<'a> Added<'a> {
     /// One `INSERT OR IGNORE` of rows in `rooms` (one entry per row) changed `changed` rows.
+    /// All new, or all of one room (a busy room's repeats): exact. Otherwise the rooms are
+    /// counted again, and their rows count as gained for the bound on what this commit
+    /// deletes.
     pub(super) fn statement(
         &mut self,
         rooms: impl IntoIterator<Item = &'a str> + Clone,
         changed: usize,
     ) {
-        let all = rooms.clone().into_iter().count() == changed;
-        for room in rooms {
-            if all {
+        let attempted = rooms.clone().into_iter().count();
+        let mut others = rooms.clone().into_iter();
+        let first = others.next();
+        if attempted == changed {
+            for room in rooms {
                 *self.rows.entry(room).or_default() += 1;
-            } else {
+            }
+        } else if let Some(room) = first.filter(|f| others.all(|r| r == *f)) {
+            *self.rows.entry(room).or_default() += changed as u64;
+        } else {
+            for room in rooms {
                 self.unsure.insert(room);
+                *self.attempted.entry(room).or_default() += 1;
             }
         }
     }
@@ -154,7 +166,8 @@ impl Rows {
     ) -> rusqlite::Result<Update> {
         let mut update = Update::default();
         for room in added.rooms() {
-            let gained = added.rows.get(room).copied().unwrap_or(0);
+            let gained = added.rows.get(room).copied().unwrap_or(0)
+                + added.attempted.get(room).copied().unwrap_or(0);
             let mut count = match self.counts.get(room) {
                 Some(c) if !added.unsure.contains(room) => c + gained,
                 _ => count_room(tx, room)?,
@@ -195,12 +208,19 @@ impl Rows {
             let oldest = now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
             let aged = delete_older(tx, room, oldest, CHUNK)?;
             let over = count.saturating_sub(aged).saturating_sub(keep);
+            let asked = over.min(CHUNK);
             let trimmed = if over > 0 {
-                delete_oldest(tx, room, over.min(CHUNK))?
+                delete_oldest(tx, room, asked)?
             } else {
                 0
             };
-            let count = count.saturating_sub(aged + trimmed);
+            let count = if trimmed < asked {
+                // Fewer rows than counted (the file was changed behind the writer's back):
+                // count again rather than ask for a backlog that is not there.
+                count_room(tx, room)?
+            } else {
+                count.saturating_sub(aged + trimmed)
+            };
             update.deleted += aged + trimmed;
             update.backlog |= aged == CHUNK || count > keep;
             update.counts.push((room.clone(), count));

@@ -228,7 +228,7 @@ impl Hub {
         self.next_tick = now.mono + TICK;
         self.cache.expire(now.mono);
         self.admission.forget_idle(now.mono);
-        let window = self.settings.daemon.repair_window;
+        let window = self.repair_window();
         self.repairs.forget_idle(now.mono, window);
         let lapsed = self.subs.expire(now.mono);
         if !lapsed.is_empty() {

@@ -103,7 +103,7 @@ impl RepairBudgets {
 }
 
 impl Hub {
-    fn repair_window(&self) -> Duration {
+    pub(super) fn repair_window(&self) -> Duration {
         self.settings
             .daemon
             .repair_window
