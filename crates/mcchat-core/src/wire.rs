@@ -635,8 +635,8 @@ pub fn relay_request(
     };
     let tags: Vec<(&str, &str)> = cookie
         .iter()
-        .map(|c| ("cookie", *c))
-        .chain(nonce.iter().map(|n| ("nonce", *n)))
+        .map(|c| (tags::COOKIE, *c))
+        .chain(nonce.iter().map(|n| (tags::NONCE, *n)))
         .collect();
     encode(&tags, out)?;
     // `pad=V;` in front of the other tags (hop-by-hop tags come first).

@@ -85,6 +85,9 @@ pub(crate) struct Slots {
 #[derive(Debug)]
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
+    /// On the local socket (its answers may show subscribers' addresses).
+    local: bool,
+    /// The per-source counts it holds (none on the local socket).
     keys: Vec<IpAddr>,
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -132,6 +135,7 @@ impl Slots {
         }
         Some(Slot {
             _permit: permit,
+            local: false,
             keys: keys.into_iter().map(|(k, _)| k).collect(),
             sources: Arc::clone(&self.sources),
         })
@@ -142,6 +146,7 @@ impl Slots {
         let permit = Arc::clone(&self.local).try_acquire_owned().ok()?;
         Some(Slot {
             _permit: permit,
+            local: true,
             keys: Vec::new(),
             sources: Arc::clone(&self.sources),
         })
@@ -245,7 +250,7 @@ fn spawn_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send +
         tracing::debug!("status: too many clients at once");
         return;
     };
-    let local = permit.keys.is_empty();
+    let local = permit.local;
     let history = Arc::clone(if local {
         &slots.local_history
     } else {

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::Event;
+use crate::tags;
 use crate::wire::{Frame, Kind};
 
 /// Attempts, and the wait for an answer to each, before giving up on the daemon.
@@ -154,20 +155,20 @@ impl RelayClient {
         room: &str,
         now: Instant,
     ) -> Option<Event> {
-        if frame.tags.get(crate::tags::NONCE).as_deref() != Some(self.nonce.as_str()) {
+        if frame.tags.get(tags::NONCE).as_deref() != Some(self.nonce.as_str()) {
             self.ignored += 1;
             return None;
         }
         match frame.meta.kind {
             Kind::Challenge if self.state != State::Idle => {
-                let cookie = frame.tags.get("cookie")?;
+                let cookie = frame.tags.get(tags::COOKIE)?;
                 self.cookie = Some(cookie.into_owned());
                 self.requests.push(Kind::Subscribe);
                 None
             }
             Kind::Subscribed if self.state != State::Idle => {
                 // Each confirmation carries a fresh cookie: keep the newest.
-                if let Some(cookie) = frame.tags.get("cookie") {
+                if let Some(cookie) = frame.tags.get(tags::COOKIE) {
                     self.cookie = Some(cookie.into_owned());
                 }
                 if let Some(secs) = frame.tags.get("lease").and_then(|l| l.parse::<u64>().ok()) {

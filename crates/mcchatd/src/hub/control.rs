@@ -69,7 +69,8 @@ impl Hub {
         }
     }
 
-    fn cookie_ok(&self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
+    /// Whether `frame` carries a cookie valid for `from` (a request, or a subscriber's NACK).
+    pub(super) fn cookie_ok(&self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
         frame
             .tags
             .get(tags::COOKIE)

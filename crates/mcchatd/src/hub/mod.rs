@@ -384,7 +384,7 @@ impl Hub {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
         };
         // This leg's cookie ends here (repairs.rs says why).
-        let stripped = repairs::without_cookie(data);
+        let stripped = repairs::without_cookie(data, frame);
         let data: &[u8] = &stripped;
         // A datagram with no room for the `relay` tag could not go to the group without
         // coming back unrecognised; rather than reach some members and not others (the LAN

@@ -13,6 +13,7 @@
 //!   cache holds (at least [`MIN_REPAIR_BYTES`]) per repair window, and a quarter of that per
 //!   second, so a stream of NACKs heard on a group costs the LAN at most that.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -127,11 +128,7 @@ impl Hub {
         from: UdpDest,
         now: Now,
     ) -> bool {
-        let proven = self.subs.is_subscribed(room, from.addr)
-            && frame
-                .tags
-                .get(tags::COOKIE)
-                .is_some_and(|c| self.cookies.verify(&c, from.addr, self.cookie_time(now)));
+        let proven = self.subs.is_subscribed(room, from.addr) && self.cookie_ok(frame, from, now);
         if !proven {
             self.counters.nacks_unproven += 1;
             return false;
@@ -154,8 +151,12 @@ impl Hub {
     }
 }
 
-/// A datagram without its `cookie` tag: the cookie proves a source to this daemon alone, and
-/// on the LAN anyone could copy it into forged NACKs.
-pub(super) fn without_cookie(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+/// `data` (decoded as `frame`) without its `cookie` tag: the cookie proves a source to this
+/// daemon alone, and on the LAN anyone could copy it into forged NACKs. Most datagrams have
+/// none, which the decoded tags tell without a second scan.
+pub(super) fn without_cookie<'a>(data: &'a [u8], frame: &Frame<'_>) -> Cow<'a, [u8]> {
+    if frame.tags.get(tags::COOKIE).is_none() {
+        return Cow::Borrowed(data);
+    }
     tags::without_hop_tag(data, tags::COOKIE)
 }
