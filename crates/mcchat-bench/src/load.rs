@@ -24,10 +24,15 @@ pub(crate) fn now_ns() -> u64 {
 
 /// One benchmark datagram of exactly `size` bytes: `room1|b|SEQ NS xxxx`.
 pub(crate) fn message(seq: u64, size: usize, out: &mut Vec<u8>) {
+    message_after("", seq, size, out);
+}
+
+/// [`message`] after `prefix` (a sender's `@cookie=.. `), `size` bytes in all.
+fn message_after(prefix: &str, seq: u64, size: usize, out: &mut Vec<u8>) {
     use std::io::Write as _;
     out.clear();
     // Writing to a Vec cannot fail.
-    let _ = write!(out, "{ROOM}|b|{seq:012} {:020} ", now_ns());
+    let _ = write!(out, "{prefix}{ROOM}|b|{seq:012} {:020} ", now_ns());
     out.resize(size.max(out.len()), b'x');
 }
 
@@ -67,18 +72,24 @@ pub(crate) struct Sent {
     pub(crate) secs: f64,
 }
 
-/// Sends to `to` at `rate` datagrams a second (0: flat out) for `secs`, from `from`.
+/// Sends to `to` at `rate` datagrams a second (0: flat out) for `secs`; with `prove`, to
+/// mcchatd, first gets a cookie for its address and puts it on every datagram.
 ///
 /// Between datagrams it sleeps (with a timer slack of 1 µs) rather than spins, unless the
 /// next is due within [`SPIN`]: a pacer that spins holds a core for the whole trial, and on a
 /// two-core machine the relay under test then waits behind it for a scheduler time slice
 /// (about 4 ms, seen with `perf sched`), which is the load's cost, not the relay's. Each
 /// datagram carries the time it was sent, so waking late moves no latency figure.
-pub(crate) fn send(to: SocketAddr, rate: u64, secs: f64, size: usize) -> Result<Sent> {
+pub(crate) fn send(to: SocketAddr, rate: u64, secs: f64, size: usize, prove: bool) -> Result<Sent> {
     /// Waits shorter than this are spun.
     const SPIN: Duration = Duration::from_micros(10);
     let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("bind the sender")?;
     sock.set_multicast_ttl_v4(1)?;
+    let prefix = if prove {
+        format!("@cookie={} ", cookie(&sock, to)?)
+    } else {
+        String::new()
+    };
     // Best effort: with the default slack of 50 µs the pacing is coarser, no worse.
     let _ = nix::sys::prctl::set_timerslack(1_000);
     let mut buf = Vec::with_capacity(size);
@@ -101,7 +112,7 @@ pub(crate) fn send(to: SocketAddr, rate: u64, secs: f64, size: usize) -> Result<
             }
         }
         seq += 1;
-        message(seq, size, &mut buf);
+        message_after(&prefix, seq, size, &mut buf);
         // A full socket buffer (ENOBUFS/EAGAIN) is loss the receiver will count.
         let _ = sock.send_to(&buf, to);
     }
@@ -228,11 +239,27 @@ fn request(kind: Kind, cookie: Option<&str>) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// The cookie mcchatd at `daemon` issues to `sock`'s address: one `sub` without a cookie,
+/// answered with a challenge (and nothing subscribed).
+fn cookie(sock: &UdpSocket, daemon: SocketAddr) -> Result<String> {
+    let mut buf = [0u8; 2048];
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.send_to(&request(Kind::Subscribe, None), daemon)?;
+    let n = sock.recv(&mut buf).context("no challenge from mcchatd")?;
+    sock.set_read_timeout(None)?;
+    let f = wire::decode(&buf[..n]).map_err(|r| anyhow::anyhow!("bad challenge: {r}"))?;
+    f.tags
+        .get("cookie")
+        .map(|c| c.into_owned())
+        .context("a challenge without a cookie")
+}
+
 /// Subscribes `n` sockets to the relay at `daemon`, in batches.
 pub(crate) fn subscribe(daemon: SocketAddr, n: usize) -> Result<Vec<Subscriber>> {
     let mut subs = Vec::with_capacity(n);
     for i in 0..n {
-        // Fifty subscribers per host address: mcchatd allows 64 per source.
+        // Fifty subscribers per host address (the rooms file lifts mcchatd's cap of 64 per
+        // source, which counts this host as one).
         let host = i / 50;
         let ip = Ipv4Addr::new(127, 1, (host / 250) as u8, (1 + host % 250) as u8);
         let sock = UdpSocket::bind((ip, 0)).context("bind a subscriber")?;

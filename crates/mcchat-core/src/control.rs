@@ -302,6 +302,10 @@ pub struct Counters {
     /// from the cache, passed on to the room. (Absent from mcchatd 0.1.0's answers.)
     #[serde(default)]
     pub nacks_unproven: u64,
+    /// Datagrams relayed at the relay port for sources that proved no address (no valid
+    /// cookie), under the budget they share. (Absent from mcchatd 0.1.0's answers.)
+    #[serde(default)]
+    pub relayed_unproven: u64,
     /// Drops by reason (docs/PROTOCOL.md 2.5 and 4.3: `bad_room`, `not_allowed`, ...); a
     /// reason that never happened is absent.
     pub dropped: BTreeMap<String, u64>,
@@ -392,6 +396,7 @@ mod tests {
                 unsubscribed: 9,
                 expired: 10,
                 nacks_unproven: 0,
+                relayed_unproven: 0,
                 dropped: [
                     ("bad_cookie".to_owned(), 11),
                     ("not_allowed".to_owned(), 12),
@@ -478,7 +483,10 @@ mod tests {
     fn the_status_document_is_the_one_mcchatd_0_1_0_wrote_plus_new_counters() {
         // What 0.1.0 wrote, with the counters added since at the ends of their objects.
         let now = STATUS_0_1_0
-            .replace(r#""expired":10,"#, r#""expired":10,"nacks_unproven":0,"#)
+            .replace(
+                r#""expired":10,"#,
+                r#""expired":10,"nacks_unproven":0,"relayed_unproven":0,"#,
+            )
             .replace(
                 r#""standby_skipped":18}"#,
                 r#""standby_skipped":18,"repairs_over_budget":0}"#,

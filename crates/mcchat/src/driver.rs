@@ -113,6 +113,9 @@ impl Peer {
         config.echo_own = mode.echo_own;
         let via = matches!(transport, Transport::Via { .. });
         config.subscribe = mode.subscribe && via;
+        // A one-shot sender proves its address first (one round trip), so mcchatd relays it
+        // under its own budget, not the small one all unproven sources share.
+        config.prove = !mode.subscribe && via;
         config.repair_window = mode.repair_window;
         if via {
             // mcchatd relays at most 200 datagrams a second per source: NACKs must leave
@@ -142,8 +145,9 @@ impl Peer {
         self.transport.describe(&self.room)
     }
 
-    /// Subscribes through mcchatd (if this peer does) and returns once the daemon confirms,
-    /// or with the engine's reason if it never does.
+    /// Subscribes through mcchatd (or, for a one-shot sender, proves its address to it), if
+    /// this peer uses one, and returns once the daemon answers, or with the engine's reason
+    /// if it never does.
     pub(crate) async fn connect(&mut self) -> Result<()> {
         if !self.engine.subscribes() {
             return Ok(());

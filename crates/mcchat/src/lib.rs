@@ -82,6 +82,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 repair_window: mcchat_core::peer::REPAIR_WINDOW,
             };
             let mut peer = Peer::open(room, &args.net, mode).await?;
+            peer.connect().await?;
             peer.say_now(Kind::Message, &args.text.join(" ")).await
         }
         Command::Listen(ref args) => {

@@ -59,6 +59,15 @@ pub struct DaemonSettings {
     pub relay_rate: u32,
     /// Burst for `relay_rate`.
     pub relay_burst: u32,
+    /// Datagrams per second relayed for all sources together that have not proven their
+    /// address with a cookie (`nc`, scripts): anyone can forge those from any address.
+    pub unproven_rate: u32,
+    /// Burst for `unproven_rate`.
+    pub unproven_burst: u32,
+    /// Subscriptions one source (an IPv4 address, an IPv6 /64's address, this host) holds.
+    pub max_subscriptions_per_source: usize,
+    /// Rooms not in the file one source may hold subscriptions in.
+    pub max_adhoc_rooms_per_source: usize,
     /// Subscribe and unsubscribe requests per second from one source.
     pub subscribe_rate: u32,
     /// Burst for `subscribe_rate`.
@@ -96,6 +105,10 @@ impl Default for DaemonSettings {
             max_rooms: 256,
             relay_rate: 200,
             relay_burst: 400,
+            unproven_rate: 50,
+            unproven_burst: 100,
+            max_subscriptions_per_source: 64,
+            max_adhoc_rooms_per_source: 16,
             subscribe_rate: 10,
             subscribe_burst: 20,
             status_socket: Some(PathBuf::from(DEFAULT_STATUS_SOCKET)),
@@ -167,6 +180,15 @@ pub const MAX_ROOMS: Limit = Limit::new("max_rooms", 1, 100_000);
 pub const RELAY_RATE: Limit = Limit::new("relay_rate", 1, 1_000_000);
 /// `relay_burst`.
 pub const RELAY_BURST: Limit = Limit::new("relay_burst", 1, 1_000_000);
+/// `unproven_rate`.
+pub const UNPROVEN_RATE: Limit = Limit::new("unproven_rate", 1, 1_000_000);
+/// `unproven_burst`.
+pub const UNPROVEN_BURST: Limit = Limit::new("unproven_burst", 1, 1_000_000);
+/// `max_subscriptions_per_source`.
+pub const MAX_SUBSCRIPTIONS_PER_SOURCE: Limit =
+    Limit::new("max_subscriptions_per_source", 1, 1_000_000);
+/// `max_adhoc_rooms_per_source`.
+pub const MAX_ADHOC_ROOMS_PER_SOURCE: Limit = Limit::new("max_adhoc_rooms_per_source", 0, 100_000);
 /// `subscribe_rate`.
 pub const SUBSCRIBE_RATE: Limit = Limit::new("subscribe_rate", 1, 1_000_000);
 /// `subscribe_burst`.
@@ -268,6 +290,10 @@ struct RawDaemon {
     max_rooms: Option<i64>,
     relay_rate: Option<i64>,
     relay_burst: Option<i64>,
+    unproven_rate: Option<i64>,
+    unproven_burst: Option<i64>,
+    max_subscriptions_per_source: Option<i64>,
+    max_adhoc_rooms_per_source: Option<i64>,
     subscribe_rate: Option<i64>,
     subscribe_burst: Option<i64>,
     status_socket: Option<String>,
@@ -328,6 +354,16 @@ impl RawDaemon {
             max_rooms: MAX_ROOMS.read(self.max_rooms, d.max_rooms)?,
             relay_rate: RELAY_RATE.read(self.relay_rate, d.relay_rate)?,
             relay_burst: RELAY_BURST.read(self.relay_burst, d.relay_burst)?,
+            unproven_rate: UNPROVEN_RATE.read(self.unproven_rate, d.unproven_rate)?,
+            unproven_burst: UNPROVEN_BURST.read(self.unproven_burst, d.unproven_burst)?,
+            max_subscriptions_per_source: MAX_SUBSCRIPTIONS_PER_SOURCE.read(
+                self.max_subscriptions_per_source,
+                d.max_subscriptions_per_source,
+            )?,
+            max_adhoc_rooms_per_source: MAX_ADHOC_ROOMS_PER_SOURCE.read(
+                self.max_adhoc_rooms_per_source,
+                d.max_adhoc_rooms_per_source,
+            )?,
             subscribe_rate: SUBSCRIBE_RATE.read(self.subscribe_rate, d.subscribe_rate)?,
             subscribe_burst: SUBSCRIBE_BURST.read(self.subscribe_burst, d.subscribe_burst)?,
             status_socket: match self.status_socket {
@@ -428,7 +464,8 @@ mod tests {
                 "[daemon]\nbogus = 1",
                 "rooms.toml: [daemon]: unknown field `bogus`, expected one of `listen`, `allow`, \
                  `adhoc_rooms`, `lease_secs`, `max_subscribers`, `max_rooms`, `relay_rate`, \
-                 `relay_burst`, `subscribe_rate`, `subscribe_burst`, `status_socket`, `ttl`, \
+                 `relay_burst`, `unproven_rate`, `unproven_burst`, \
+                 `max_subscriptions_per_source`, `max_adhoc_rooms_per_source`, `subscribe_rate`, `subscribe_burst`, `status_socket`, `ttl`, \
                  `iface`, `repair_cache_bytes`, `repair_window_secs`, `state_dir`, \
                  `history_count`, `history_age`; remove or correct the key",
             ),

@@ -39,6 +39,9 @@ pub(crate) enum Drop {
     RelayTagged,
     /// A datagram the relay socket heard that was sent to a group or a broadcast address.
     NotUnicast,
+    /// A datagram from a source with no valid cookie, over the budget all such sources
+    /// share (`unproven_rate`).
+    UnprovenOverBudget,
     /// A datagram too long to take the `relay` tag, so it cannot be sent to a group without
     /// coming back unrecognised.
     NoRoomForRelayTag,
@@ -63,6 +66,7 @@ impl Drop {
             Self::RelayTagged => "relay_tagged",
             Self::NotUnicast => "not_unicast",
             Self::NoRoomForRelayTag => "no_room_for_relay_tag",
+            Self::UnprovenOverBudget => "unproven_over_budget",
         }
     }
 }
@@ -94,6 +98,9 @@ pub(crate) struct Counters {
     /// NACKs at the relay port that proved no subscription (no valid cookie): not answered
     /// from the cache, passed on to the room.
     pub(crate) nacks_unproven: u64,
+    /// Datagrams relayed for sources that proved no address (no valid cookie), under the
+    /// budget they share.
+    pub(crate) relayed_unproven: u64,
     /// Drops by reason.
     pub(crate) dropped: BTreeMap<&'static str, u64>,
 }
@@ -121,6 +128,7 @@ impl From<Counters> for control::Counters {
             unsubscribed: c.unsubscribed,
             expired: c.expired,
             nacks_unproven: c.nacks_unproven,
+            relayed_unproven: c.relayed_unproven,
             dropped: c
                 .dropped
                 .into_iter()

@@ -1,18 +1,19 @@
 //! Who is subscribed to which room, and until when: the daemon's core state machine.
 //!
 //! Pure: time is passed in, and the answers say what the I/O layer must do (answer, tell a
-//! subscriber, join or leave a group). Bounded by `max_subscribers` over all rooms and
-//! `max_rooms` rooms with subscribers.
+//! subscriber, join or leave a group). Bounded by [`Limits`]: over all rooms, per source (this
+//! host counting as one), and for rooms not in the file, whose names anyone can make up.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcchat_core::room::RoomName;
 
+use crate::config::DaemonSettings;
 use crate::hub::UdpDest;
-use crate::hub::admission::{net_key, source_key};
+use crate::hub::admission::{NET_SHARE, net_key, source_key};
 
 /// One subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,12 +52,43 @@ pub(crate) enum Subscribed {
     TooManyFromSource,
 }
 
-/// Subscriptions one source (an address) may hold: enough for a host with many users and
-/// rooms, far too few for one host to take the daemon's caps for itself.
-pub(crate) const MAX_PER_SOURCE: usize = 64;
-/// Subscriptions one IPv6 /64 may hold together: the hosts of a LAN share one, and one host
-/// may use any number of its addresses.
-pub(crate) const MAX_PER_NET: usize = 1024;
+/// The caps on subscriptions (`[daemon]`, PROTOCOL.md 4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Subscriptions over all rooms (`max_subscribers`).
+    pub(crate) subscribers: usize,
+    /// Rooms not in the file with subscribers at once (`max_rooms`); rooms in the file do
+    /// not count, so they can always be subscribed to.
+    pub(crate) adhoc_rooms: usize,
+    /// Subscriptions one source holds (`max_subscriptions_per_source`); an IPv6 /64 holds
+    /// [`NET_SHARE`] times that together.
+    pub(crate) per_source: usize,
+    /// Rooms not in the file one source holds subscriptions in
+    /// (`max_adhoc_rooms_per_source`).
+    pub(crate) adhoc_per_source: usize,
+}
+
+impl Limits {
+    pub(crate) fn new(d: &DaemonSettings) -> Self {
+        Self {
+            subscribers: d.max_subscribers,
+            adhoc_rooms: d.max_rooms,
+            per_source: d.max_subscriptions_per_source,
+            adhoc_per_source: d.max_adhoc_rooms_per_source,
+        }
+    }
+}
+
+/// What one source is for the caps: an IPv4 address, an IPv6 address (and its /64), and
+/// this host as one, whichever loopback address it sends from (a local user has 2^24 of them).
+fn cap_key(ip: IpAddr) -> IpAddr {
+    let key = source_key(ip);
+    if key.is_loopback() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        key
+    }
+}
 
 /// A subscription that ended on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +102,8 @@ pub(crate) struct Lapsed {
 #[derive(Debug, Default)]
 struct RoomSubs {
     subs: HashMap<SocketAddr, Sub>,
+    /// Not in the file when its first subscriber came: counted against the ad-hoc caps.
+    adhoc: bool,
     list: Option<Arc<[UdpDest]>>,
 }
 
@@ -79,34 +113,39 @@ pub(crate) struct Subscriptions {
     rooms: HashMap<RoomName, RoomSubs>,
     per_source: HashMap<IpAddr, usize>,
     per_net: HashMap<IpAddr, usize>,
+    /// Subscriptions of a source in an ad-hoc room, and how many such rooms it is in.
+    adhoc_held: HashMap<(IpAddr, RoomName), usize>,
+    adhoc_per_source: HashMap<IpAddr, usize>,
+    adhoc_rooms: usize,
     total: usize,
-    max_subscribers: usize,
-    max_rooms: usize,
+    limits: Limits,
 }
 
 impl Subscriptions {
-    pub(crate) fn new(max_subscribers: usize, max_rooms: usize) -> Self {
+    pub(crate) fn new(limits: Limits) -> Self {
         Self {
             rooms: HashMap::new(),
             per_source: HashMap::new(),
             per_net: HashMap::new(),
+            adhoc_held: HashMap::new(),
+            adhoc_per_source: HashMap::new(),
+            adhoc_rooms: 0,
             total: 0,
-            max_subscribers,
-            max_rooms,
+            limits,
         }
     }
 
     /// New limits (on reload); existing subscriptions stay.
-    pub(crate) fn set_limits(&mut self, max_subscribers: usize, max_rooms: usize) {
-        self.max_subscribers = max_subscribers;
-        self.max_rooms = max_rooms;
+    pub(crate) fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
     }
 
     /// Adds or renews `addr`'s subscription to `room` for `lease`; `src` is the local
-    /// address the request arrived on.
+    /// address the request arrived on; `adhoc` says the room is not in the file.
     pub(crate) fn subscribe(
         &mut self,
         room: &RoomName,
+        adhoc: bool,
         dest: UdpDest,
         name: &str,
         now: Instant,
@@ -127,21 +166,36 @@ impl Subscriptions {
             }
             return Subscribed::Renewed;
         }
-        if self.total >= self.max_subscribers {
+        let limits = self.limits;
+        if self.total >= limits.subscribers {
             return Subscribed::TooManySubscribers;
         }
-        let key = source_key(addr.ip());
+        let key = cap_key(addr.ip());
         let net = net_key(addr.ip());
-        if self.per_source.get(&key).copied().unwrap_or(0) >= MAX_PER_SOURCE
-            || net.is_some_and(|n| self.per_net.get(&n).copied().unwrap_or(0) >= MAX_PER_NET)
+        let per_net = limits.per_source.saturating_mul(NET_SHARE as usize);
+        if self.per_source.get(&key).copied().unwrap_or(0) >= limits.per_source
+            || net.is_some_and(|n| self.per_net.get(&n).copied().unwrap_or(0) >= per_net)
         {
             return Subscribed::TooManyFromSource;
         }
-        let first = !self.rooms.contains_key(room);
-        if first && self.rooms.len() >= self.max_rooms {
-            return Subscribed::TooManyRooms;
+        let existing = self.rooms.get(room).map(|r| r.adhoc);
+        let first = existing.is_none();
+        let adhoc_room = existing.unwrap_or(adhoc);
+        let adhoc_key = (key, room.clone());
+        if adhoc_room {
+            if first && self.adhoc_rooms >= limits.adhoc_rooms {
+                return Subscribed::TooManyRooms;
+            }
+            if !self.adhoc_held.contains_key(&adhoc_key)
+                && self.adhoc_per_source.get(&key).copied().unwrap_or(0) >= limits.adhoc_per_source
+            {
+                return Subscribed::TooManyFromSource;
+            }
         }
-        let r = self.rooms.entry(room.clone()).or_default();
+        let r = self.rooms.entry(room.clone()).or_insert_with(|| RoomSubs {
+            adhoc: adhoc_room,
+            ..RoomSubs::default()
+        });
         r.list = None;
         r.subs.insert(
             addr,
@@ -156,6 +210,16 @@ impl Subscriptions {
         *self.per_source.entry(key).or_insert(0) += 1;
         if let Some(n) = net {
             *self.per_net.entry(n).or_insert(0) += 1;
+        }
+        if adhoc_room {
+            if first {
+                self.adhoc_rooms += 1;
+            }
+            let held = self.adhoc_held.entry(adhoc_key).or_insert(0);
+            if *held == 0 {
+                *self.adhoc_per_source.entry(key).or_insert(0) += 1;
+            }
+            *held += 1;
         }
         Subscribed::Added { first }
     }
@@ -177,44 +241,53 @@ impl Subscriptions {
             return false;
         };
         let removed = r.subs.remove(&addr).is_some();
+        let (adhoc, empty) = (r.adhoc, r.subs.is_empty());
         if removed {
             r.list = None;
-            self.total -= 1;
-            Self::release(&mut self.per_source, &mut self.per_net, addr);
+            self.release(room, adhoc, addr);
         }
-        if r.subs.is_empty() {
+        if empty {
             self.rooms.remove(room);
+            self.adhoc_rooms -= usize::from(adhoc);
         }
         removed
     }
 
-    fn release(
-        per_source: &mut HashMap<IpAddr, usize>,
-        per_net: &mut HashMap<IpAddr, usize>,
-        addr: SocketAddr,
-    ) {
-        let keys = [
-            Some((source_key(addr.ip()), &mut *per_source)),
-            net_key(addr.ip()).map(|n| (n, &mut *per_net)),
-        ];
-        for (key, map) in keys.into_iter().flatten() {
-            if let Some(n) = map.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&key);
-                }
+    /// Gives back what one subscription of `addr` in `room` held of the caps.
+    fn release(&mut self, room: &RoomName, adhoc: bool, addr: SocketAddr) {
+        fn down<K: Eq + std::hash::Hash>(map: &mut HashMap<K, usize>, key: K) -> bool {
+            let Some(n) = map.get_mut(&key) else {
+                return false;
+            };
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&key);
+                return true;
             }
+            false
+        }
+        self.total -= 1;
+        let key = cap_key(addr.ip());
+        down(&mut self.per_source, key);
+        if let Some(n) = net_key(addr.ip()) {
+            down(&mut self.per_net, n);
+        }
+        if adhoc && down(&mut self.adhoc_held, (key, room.clone())) {
+            down(&mut self.adhoc_per_source, key);
         }
     }
 
     /// Removes subscriptions whose lease has run out.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Lapsed> {
         let mut lapsed = Vec::new();
+        let mut released = Vec::new();
+        let mut adhoc_gone = 0;
         self.rooms.retain(|room, r| {
             r.subs.retain(|addr, sub| {
                 let keep = sub.expires > now;
                 if !keep {
                     r.list = None;
+                    released.push((room.clone(), r.adhoc, *addr));
                     lapsed.push(Lapsed {
                         room: room.clone(),
                         addr: *addr,
@@ -223,11 +296,13 @@ impl Subscriptions {
                 }
                 keep
             });
-            !r.subs.is_empty()
+            let keep = !r.subs.is_empty();
+            adhoc_gone += usize::from(!keep && r.adhoc);
+            keep
         });
-        self.total -= lapsed.len();
-        for l in &lapsed {
-            Self::release(&mut self.per_source, &mut self.per_net, l.addr);
+        self.adhoc_rooms -= adhoc_gone;
+        for (room, adhoc, addr) in released {
+            self.release(&room, adhoc, addr);
         }
         lapsed
     }
@@ -235,9 +310,11 @@ impl Subscriptions {
     /// Ends every subscription to `room` (the room was removed); returns who they were.
     pub(crate) fn close_room(&mut self, room: &RoomName) -> Vec<Member> {
         let r = self.rooms.remove(room).unwrap_or_default();
-        self.total -= r.subs.len();
+        if !r.subs.is_empty() {
+            self.adhoc_rooms -= usize::from(r.adhoc);
+        }
         for addr in r.subs.keys() {
-            Self::release(&mut self.per_source, &mut self.per_net, *addr);
+            self.release(room, r.adhoc, *addr);
         }
         r.subs
             .into_iter()
@@ -317,6 +394,17 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(60);
+    const PER_SOURCE: usize = 64;
+    const PER_NET: usize = PER_SOURCE * NET_SHARE as usize;
+
+    fn limits(subscribers: usize, adhoc_rooms: usize) -> Limits {
+        Limits {
+            subscribers,
+            adhoc_rooms,
+            per_source: PER_SOURCE,
+            adhoc_per_source: 16,
+        }
+    }
 
     fn room(s: &str) -> RoomName {
         RoomName::new(s).unwrap()
@@ -333,18 +421,18 @@ mod tests {
     #[test]
     fn first_subscriber_and_renewal() {
         let t0 = Instant::now();
-        let mut s = Subscriptions::new(10, 10);
+        let mut s = Subscriptions::new(limits(10, 10));
         let r = room("r");
         assert_eq!(
-            s.subscribe(&r, d(addr(1)), "a", t0, LEASE),
+            s.subscribe(&r, true, d(addr(1)), "a", t0, LEASE),
             Subscribed::Added { first: true }
         );
         assert_eq!(
-            s.subscribe(&r, d(addr(2)), "b", t0, LEASE),
+            s.subscribe(&r, true, d(addr(2)), "b", t0, LEASE),
             Subscribed::Added { first: false }
         );
         assert_eq!(
-            s.subscribe(&r, d(addr(1)), "a2", t0, LEASE),
+            s.subscribe(&r, true, d(addr(1)), "a2", t0, LEASE),
             Subscribed::Renewed
         );
         assert_eq!(s.total(), 2);
@@ -362,11 +450,18 @@ mod tests {
     #[test]
     fn leases_lapse_unless_renewed() {
         let t0 = Instant::now();
-        let mut s = Subscriptions::new(10, 10);
+        let mut s = Subscriptions::new(limits(10, 10));
         let r = room("r");
-        s.subscribe(&r, d(addr(1)), "a", t0, LEASE);
-        s.subscribe(&r, d(addr(2)), "b", t0, LEASE);
-        s.subscribe(&r, d(addr(2)), "b", t0 + Duration::from_secs(30), LEASE);
+        s.subscribe(&r, true, d(addr(1)), "a", t0, LEASE);
+        s.subscribe(&r, true, d(addr(2)), "b", t0, LEASE);
+        s.subscribe(
+            &r,
+            true,
+            d(addr(2)),
+            "b",
+            t0 + Duration::from_secs(30),
+            LEASE,
+        );
         assert!(s.expire(t0 + Duration::from_secs(59)).is_empty());
         let lapsed = s.expire(t0 + Duration::from_secs(60));
         assert_eq!(
@@ -385,29 +480,29 @@ mod tests {
     #[test]
     fn limits_hold() {
         let t0 = Instant::now();
-        let mut s = Subscriptions::new(3, 2);
+        let mut s = Subscriptions::new(limits(3, 2));
         assert_eq!(
-            s.subscribe(&room("a"), d(addr(1)), "x", t0, LEASE),
+            s.subscribe(&room("a"), true, d(addr(1)), "x", t0, LEASE),
             Subscribed::Added { first: true }
         );
         assert_eq!(
-            s.subscribe(&room("b"), d(addr(1)), "x", t0, LEASE),
+            s.subscribe(&room("b"), true, d(addr(1)), "x", t0, LEASE),
             Subscribed::Added { first: true }
         );
         assert_eq!(
-            s.subscribe(&room("c"), d(addr(1)), "x", t0, LEASE),
+            s.subscribe(&room("c"), true, d(addr(1)), "x", t0, LEASE),
             Subscribed::TooManyRooms
         );
         assert_eq!(
-            s.subscribe(&room("a"), d(addr(2)), "x", t0, LEASE),
+            s.subscribe(&room("a"), true, d(addr(2)), "x", t0, LEASE),
             Subscribed::Added { first: false }
         );
         assert_eq!(
-            s.subscribe(&room("a"), d(addr(3)), "x", t0, LEASE),
+            s.subscribe(&room("a"), true, d(addr(3)), "x", t0, LEASE),
             Subscribed::TooManySubscribers
         );
         assert_eq!(
-            s.subscribe(&room("a"), d(addr(2)), "x", t0, LEASE),
+            s.subscribe(&room("a"), true, d(addr(2)), "x", t0, LEASE),
             Subscribed::Renewed,
             "renewal at the cap"
         );
@@ -418,48 +513,194 @@ mod tests {
     #[test]
     fn one_source_cannot_take_everything() {
         let t0 = Instant::now();
-        let mut s = Subscriptions::new(10_000, 10_000);
-        for port in 0..MAX_PER_SOURCE as u16 {
+        let mut s = Subscriptions::new(limits(10_000, 10_000));
+        for port in 0..PER_SOURCE as u16 {
             assert!(matches!(
-                s.subscribe(&room("r"), d(addr(port)), "x", t0, LEASE),
+                s.subscribe(&room("r"), true, d(addr(port)), "x", t0, LEASE),
                 Subscribed::Added { .. }
             ));
         }
         assert_eq!(
-            s.subscribe(&room("r"), d(addr(9999)), "x", t0, LEASE),
+            s.subscribe(&room("r"), true, d(addr(9999)), "x", t0, LEASE),
             Subscribed::TooManyFromSource
         );
-        // The addresses of one IPv6 /64 have their own shares, and MAX_PER_NET together.
+        // The addresses of one IPv6 /64 have their own shares, and PER_NET together.
         let v6 = |i: u32, port| {
             let [hi, lo] = [(i >> 16) as u16, i as u16];
             SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, hi, lo), port))
         };
-        let mut s = Subscriptions::new(10_000, 10_000);
-        for i in 0..MAX_PER_NET as u32 {
+        let mut s = Subscriptions::new(limits(10_000, 10_000));
+        for i in 0..PER_NET as u32 {
             assert!(matches!(
-                s.subscribe(&room("r"), d(v6(i, 1)), "x", t0, LEASE),
+                s.subscribe(&room("r"), true, d(v6(i, 1)), "x", t0, LEASE),
                 Subscribed::Added { .. }
             ));
         }
         assert_eq!(
-            s.subscribe(&room("r"), d(v6(99_999, 1)), "x", t0, LEASE),
+            s.subscribe(&room("r"), true, d(v6(99_999, 1)), "x", t0, LEASE),
             Subscribed::TooManyFromSource
         );
         let other_net = SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1), 1));
         assert!(matches!(
-            s.subscribe(&room("r"), d(other_net), "x", t0, LEASE),
+            s.subscribe(&room("r"), true, d(other_net), "x", t0, LEASE),
             Subscribed::Added { .. }
         ));
         // Leaving frees the share.
         assert!(s.unsubscribe(&room("r"), v6(0, 1)));
         assert!(matches!(
-            s.subscribe(&room("r"), d(v6(99_999, 1)), "x", t0, LEASE),
+            s.subscribe(&room("r"), true, d(v6(99_999, 1)), "x", t0, LEASE),
             Subscribed::Added { .. }
         ));
-        assert_eq!(s.expire(t0 + LEASE).len(), MAX_PER_NET + 1);
+        assert_eq!(s.expire(t0 + LEASE).len(), PER_NET + 1);
         assert!(matches!(
-            s.subscribe(&room("r"), d(v6(5, 1)), "x", t0 + LEASE, LEASE),
+            s.subscribe(&room("r"), true, d(v6(5, 1)), "x", t0 + LEASE, LEASE),
             Subscribed::Added { .. }
         ));
+    }
+
+    #[test]
+    fn rooms_in_the_file_can_always_be_subscribed() {
+        let t0 = Instant::now();
+        // One ad-hoc room allowed, and it is taken.
+        let mut s = Subscriptions::new(limits(100, 1));
+        let added = |o| matches!(o, Subscribed::Added { .. });
+        assert!(added(s.subscribe(
+            &room("made-up"),
+            true,
+            d(addr(1)),
+            "x",
+            t0,
+            LEASE
+        )));
+        assert_eq!(
+            s.subscribe(&room("other"), true, d(addr(2)), "x", t0, LEASE),
+            Subscribed::TooManyRooms
+        );
+        // Rooms in the file do not count against max_rooms.
+        for (i, name) in ["room1", "room2", "room3"].into_iter().enumerate() {
+            assert!(added(s.subscribe(
+                &room(name),
+                false,
+                d(addr(10 + i as u16)),
+                "x",
+                t0,
+                LEASE
+            )));
+        }
+        // Their going frees nothing of the ad-hoc cap; the ad-hoc room's going does.
+        assert_eq!(s.close_room(&room("room1")).len(), 1);
+        assert_eq!(
+            s.subscribe(&room("other"), true, d(addr(2)), "x", t0, LEASE),
+            Subscribed::TooManyRooms
+        );
+        assert!(s.unsubscribe(&room("made-up"), addr(1)));
+        assert!(added(s.subscribe(
+            &room("other"),
+            true,
+            d(addr(2)),
+            "x",
+            t0,
+            LEASE
+        )));
+        // Lapsing frees it too.
+        assert_eq!(s.expire(t0 + LEASE).len(), 3);
+        assert!(added(s.subscribe(
+            &room("third"),
+            true,
+            d(addr(3)),
+            "x",
+            t0 + LEASE,
+            LEASE
+        )));
+    }
+
+    #[test]
+    fn ad_hoc_rooms_are_capped_per_source() {
+        let t0 = Instant::now();
+        let mut s = Subscriptions::new(limits(10_000, 10_000));
+        let added = |o| matches!(o, Subscribed::Added { .. });
+        for i in 0..16 {
+            let r = room(&format!("adhoc{i}"));
+            // Two subscriptions of one source in one room count as one room.
+            assert!(added(s.subscribe(&r, true, d(addr(2 * i)), "x", t0, LEASE)));
+            assert!(added(s.subscribe(
+                &r,
+                true,
+                d(addr(2 * i + 1)),
+                "x",
+                t0,
+                LEASE
+            )));
+        }
+        let seventeenth = room("adhoc16");
+        assert_eq!(
+            s.subscribe(&seventeenth, true, d(addr(100)), "x", t0, LEASE),
+            Subscribed::TooManyFromSource
+        );
+        // Other sources have their own share, and this one can still join its rooms, and
+        // rooms in the file.
+        let other = SocketAddr::from(([198, 51, 100, 2], 1));
+        assert!(added(s.subscribe(
+            &seventeenth,
+            true,
+            d(other),
+            "x",
+            t0,
+            LEASE
+        )));
+        assert!(added(s.subscribe(
+            &room("adhoc3"),
+            true,
+            d(addr(200)),
+            "x",
+            t0,
+            LEASE
+        )));
+        assert!(added(s.subscribe(
+            &room("room1"),
+            false,
+            d(addr(201)),
+            "x",
+            t0,
+            LEASE
+        )));
+        // A room is given back only when the source's last subscription in it goes.
+        assert!(s.unsubscribe(&room("adhoc0"), addr(0)));
+        assert_eq!(
+            s.subscribe(&seventeenth, true, d(addr(100)), "x", t0, LEASE),
+            Subscribed::TooManyFromSource
+        );
+        assert!(s.unsubscribe(&room("adhoc0"), addr(1)));
+        assert!(added(s.subscribe(
+            &seventeenth,
+            true,
+            d(addr(100)),
+            "x",
+            t0,
+            LEASE
+        )));
+    }
+
+    #[test]
+    fn this_host_counts_as_one_source_whatever_loopback_address_it_uses() {
+        let t0 = Instant::now();
+        let mut s = Subscriptions::new(limits(10_000, 10_000));
+        let local = |i: u32| SocketAddr::from((Ipv4Addr::from(0x7f00_0000 + i), 40_000));
+        for i in 0..PER_SOURCE as u32 {
+            assert!(matches!(
+                s.subscribe(&room("r"), false, d(local(i + 1)), "x", t0, LEASE),
+                Subscribed::Added { .. }
+            ));
+        }
+        assert_eq!(
+            s.subscribe(&room("r"), false, d(local(9999)), "x", t0, LEASE),
+            Subscribed::TooManyFromSource
+        );
+        let v6_local = SocketAddr::from((Ipv6Addr::LOCALHOST, 1));
+        assert_eq!(
+            s.subscribe(&room("r"), false, d(v6_local), "x", t0, LEASE),
+            Subscribed::TooManyFromSource
+        );
+        assert_eq!(s.total(), PER_SOURCE);
     }
 }

@@ -76,7 +76,8 @@ pub enum Event {
         /// How many messages.
         count: u64,
     },
-    /// The relay confirmed the subscription for the first time.
+    /// The relay confirmed the subscription for the first time (for a one-shot sender with
+    /// `--via`: the daemon's first cookie came, so what it says is relayed as proven).
     Subscribed,
     /// The engine cannot go on (the relay ended the subscription or never answered): the
     /// driver ends with this as its error.
@@ -113,6 +114,9 @@ pub struct PeerConfig {
     pub dest: SocketAddr,
     /// Subscribes through mcchatd at `dest` (`--via` with `join` or `listen`).
     pub subscribe: bool,
+    /// Proves its address to mcchatd at `dest` without subscribing (`--via` with `send`):
+    /// one round trip for a cookie, so the daemon relays it under its own budget.
+    pub prove: bool,
     /// How long own messages stay available for repair.
     pub repair_window: Duration,
     /// The receiver's knobs and budgets.
@@ -121,6 +125,11 @@ pub struct PeerConfig {
     /// they must leave room in).
     pub repairs_per_second: u32,
 }
+
+/// Bytes kept free in datagrams to mcchatd for the cookie [`PeerEngine::send`] puts in front
+/// (`cookie=TIME.MAC;`: 8 bytes, at most 16 hex digits of time and 24 of MAC), so that no
+/// message of a `--via` sender, or repair of one, goes unproven for want of room.
+const COOKIE_RESERVE: usize = 8 + 16 + 1 + 24;
 
 /// Own messages kept for repair: the last this many (what receivers follow, too).
 pub const SEND_BUFFER: usize = 1024;
@@ -156,6 +165,7 @@ impl PeerConfig {
             echo_own: false,
             dest,
             subscribe: false,
+            prove: false,
             repair_window: REPAIR_WINDOW,
             repair: RepairConfig::default(),
             repairs_per_second: REPAIRS_PER_SECOND,
@@ -222,9 +232,8 @@ impl PeerEngine {
             "{:016x}",
             SplitMix64(seed ^ 0x6e6f_6e63_655f_6d63).next_u64()
         );
-        let relay = config
-            .subscribe
-            .then(|| RelayClient::new(config.dest, nonce));
+        let relay = (config.subscribe || config.prove)
+            .then(|| RelayClient::new(config.dest, nonce, config.subscribe));
         let repairs_per_second = config.repairs_per_second;
         Self {
             receiver: Receiver::new(config.repair),
@@ -262,7 +271,8 @@ impl PeerEngine {
         self.effects.pop_front()
     }
 
-    /// Whether this engine subscribes through mcchatd (`--via` with `join` or `listen`).
+    /// Whether this engine talks to mcchatd before anything else (`--via`): it subscribes
+    /// (`join`, `listen`) or proves its address (`send`); [`Event::Subscribed`] says when.
     pub fn subscribes(&self) -> bool {
         self.relay.is_some()
     }
@@ -324,7 +334,21 @@ impl PeerEngine {
         self.send(bytes);
     }
 
+    /// Sends `bytes`; through mcchatd with the cookie in front (hop-by-hop), which proves
+    /// that this address sent it: the daemon answers NACKs from its cache only then, and
+    /// relays a proven source under its own budget rather than the small one of all
+    /// unproven sources (PROTOCOL.md 4.3). Without room for the tag it goes bare.
     fn send(&mut self, bytes: Vec<u8>) {
+        if let Some(cookie) = self.relay.as_ref().and_then(RelayClient::proof) {
+            let mut tagged = Vec::with_capacity(bytes.len() + cookie.len() + 9);
+            if tags::add_hop_tag(&bytes, tags::COOKIE, cookie, &mut tagged).is_ok() {
+                return self.send_raw(tagged);
+            }
+        }
+        self.send_raw(bytes);
+    }
+
+    fn send_raw(&mut self, bytes: Vec<u8>) {
         self.stats.sent += 1;
         self.effects.push_back(Effect::Send {
             to: self.config.dest,
@@ -387,7 +411,12 @@ impl PeerEngine {
             let header = self.header(kind, seq, now.unix_ms);
             // Each piece against its own header (seq may gain a digit), within the datagram
             // less the hop-by-hop reserve: its repair, or a relay, adds tags in front.
-            let overhead = wire::overhead(&header, &self.config.room, &self.config.name)?;
+            let overhead = wire::overhead(&header, &self.config.room, &self.config.name)?
+                + if self.relay.is_some() {
+                    COOKIE_RESERVE
+                } else {
+                    0
+                };
             let (piece, tail) = wire::split_first(rest, overhead);
             rest = tail;
             wire::encode(
@@ -720,7 +749,7 @@ impl PeerEngine {
             return;
         };
         let requests = relay.take_requests();
-        let cookie = relay.cookie().map(str::to_owned);
+        let cookie = relay.request_cookie().map(str::to_owned);
         let nonce = relay.nonce().to_owned();
         let sender = self.control_sender().to_owned();
         for kind in requests {
@@ -735,7 +764,8 @@ impl PeerEngine {
             )
             .is_ok()
             {
-                self.send_out();
+                // Requests carry their cookie in their own place.
+                self.send_raw(self.out.as_bytes().to_vec());
             }
         }
     }
@@ -756,16 +786,8 @@ impl PeerEngine {
         if wire::encode(&header, &self.config.room, &sender, "", &mut self.out).is_err() {
             return;
         }
-        // Through mcchatd a NACK carries the subscription's cookie (hop-by-hop): the daemon
-        // answers from its cache only a NACK that proves its source (PROTOCOL.md 4.3), so a
-        // forged one cannot aim its answer at this subscriber. Without room for the tag it
-        // goes bare, and the daemon passes it on to the room instead.
-        if let Some(cookie) = self.relay.as_ref().and_then(|r| r.cookie()) {
-            let mut tagged = Vec::with_capacity(self.out.len() + cookie.len() + 9);
-            if tags::add_hop_tag(self.out.as_bytes(), tags::COOKIE, cookie, &mut tagged).is_ok() {
-                return self.send(tagged);
-            }
-        }
+        // Through mcchatd it carries the cookie (`send`): a forged NACK, which cannot, is not
+        // answered from the daemon's cache, so it cannot aim the answer at this subscriber.
         self.send_out();
     }
 

@@ -1,6 +1,10 @@
 //! The client side of mcchatd's relay protocol (PROTOCOL.md 4.2) as a state machine:
 //! subscribe with a cookie round-trip, renew every third of the lease, unsubscribe on the
-//! way out. It only decides; the engine encodes the requests it asks for.
+//! way out. A one-shot sender (`mcchat send --via`) only proves its address: it takes the
+//! cookie of the first round trip and subscribes to nothing. Either way the engine puts the
+//! cookie on everything it sends to the daemon, which relays a proven source under its own
+//! budget instead of the small one all unproven sources share (PROTOCOL.md 4.3). It only
+//! decides; the engine encodes the requests it asks for.
 //!
 //! Every request carries the subscription's random nonce, and an answer (`cookie`, `subok`,
 //! `closed`) counts only if it echoes it: anyone on the LAN can forge a datagram from the
@@ -24,8 +28,18 @@ const ANSWER_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Idle,
-    Subscribing { attempt: u32, answer_due: Instant },
-    Subscribed { renew_due: Instant },
+    Subscribing {
+        attempt: u32,
+        answer_due: Instant,
+    },
+    Subscribed {
+        renew_due: Instant,
+    },
+    /// Holds a cookie for its address and subscribes to nothing (a one-shot sender); a new
+    /// one is asked for before it is too old.
+    Proven {
+        renew_due: Instant,
+    },
 }
 
 /// A subscription to one room through one daemon.
@@ -41,11 +55,16 @@ pub(super) struct RelayClient {
     state: State,
     /// Requests (sub, unsub) to send, in order.
     requests: Vec<Kind>,
+    /// Subscribes (`join`, `listen`), or only proves its address (`send`).
+    subscribe: bool,
 }
 
 impl RelayClient {
-    pub(super) fn new(daemon: SocketAddr, nonce: String) -> Self {
+    /// A client of the daemon at `daemon`; `subscribe` false for one that only proves its
+    /// address.
+    pub(super) fn new(daemon: SocketAddr, nonce: String, subscribe: bool) -> Self {
         Self {
+            subscribe,
             daemon,
             nonce,
             ignored: 0,
@@ -60,13 +79,27 @@ impl RelayClient {
         matches!(self.state, State::Subscribed { .. })
     }
 
+    /// The cookie its requests carry: none for one that only proves its address, whose every
+    /// `sub` must be answered with a challenge (a `sub` with a cookie would subscribe it).
+    pub(super) fn request_cookie(&self) -> Option<&str> {
+        if self.subscribe {
+            self.cookie.as_deref()
+        } else {
+            None
+        }
+    }
+
+    /// The cookie to put on what the engine sends to the daemon, once it has one.
+    pub(super) fn proof(&self) -> Option<&str> {
+        match self.state {
+            State::Idle => None,
+            _ => self.cookie.as_deref(),
+        }
+    }
+
     /// Neither subscribing nor subscribed (never started, or ended).
     pub(super) fn idle(&self) -> bool {
         self.state == State::Idle
-    }
-
-    pub(super) fn cookie(&self) -> Option<&str> {
-        self.cookie.as_deref()
     }
 
     pub(super) fn nonce(&self) -> &str {
@@ -103,7 +136,7 @@ impl RelayClient {
         match self.state {
             State::Idle => None,
             State::Subscribing { answer_due, .. } => Some(answer_due),
-            State::Subscribed { renew_due } => Some(renew_due),
+            State::Subscribed { renew_due } | State::Proven { renew_due } => Some(renew_due),
         }
     }
 
@@ -142,6 +175,13 @@ impl RelayClient {
                 };
                 self.requests.push(Kind::Subscribe);
             }
+            State::Proven { renew_due } if now >= renew_due => {
+                // The cookie stays valid meanwhile; the next challenge replaces it.
+                self.state = State::Proven {
+                    renew_due: now + RENEW_AT_MOST,
+                };
+                self.requests.push(Kind::Subscribe);
+            }
             _ => {}
         }
         None
@@ -163,8 +203,18 @@ impl RelayClient {
             Kind::Challenge if self.state != State::Idle => {
                 let cookie = frame.tags.get(tags::COOKIE)?;
                 self.cookie = Some(cookie.into_owned());
-                self.requests.push(Kind::Subscribe);
-                None
+                if self.subscribe {
+                    self.requests.push(Kind::Subscribe);
+                    return None;
+                }
+                let first = !matches!(self.state, State::Proven { .. });
+                self.state = State::Proven {
+                    renew_due: now + RENEW_AT_MOST,
+                };
+                if first {
+                    tracing::debug!(daemon = %self.daemon, room, "address proven");
+                }
+                first.then_some(Event::Subscribed)
             }
             Kind::Subscribed if self.state != State::Idle => {
                 // Each confirmation carries a fresh cookie: keep the newest.

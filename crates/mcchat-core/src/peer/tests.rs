@@ -1180,6 +1180,98 @@ fn nacks_through_the_relay_carry_the_newest_cookie() {
     }
 }
 
+/// PROTOCOL 4.3: through mcchatd everything a peer sends (messages, their repairs,
+/// presence) carries the cookie, so the daemon relays it under this address's own budget;
+/// long text is split with room left for it, so nothing goes unproven.
+#[test]
+fn everything_sent_through_the_relay_carries_the_cookie_and_fits() {
+    let mut r = via("alice");
+    r.enter(0);
+    subscribe_at(&mut r, 340);
+    r.take();
+    r.say(400, Kind::Message, "hello");
+    let long = "x".repeat(3000);
+    r.say(410, Kind::Message, &long);
+    r.hear(430, &nack(BOB, "bob", ALICE, "1-4", UNIX0 + 430), daemon());
+    r.run_to(20_000);
+    let log = r.take();
+    let mut kinds = Vec::new();
+    for (_, e) in &log {
+        let Effect::Send { to, bytes } = e else {
+            continue;
+        };
+        assert_eq!(*to, daemon());
+        assert!(
+            bytes.starts_with(b"@cookie=c.2;"),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+        // With the longest cookie (49 bytes for `cookie=TIME.MAC;`) instead of "c.2" the
+        // datagram would still be a writer's at most once the daemon strips it.
+        assert!(bytes.len() - "cookie=c.2;".len() + 49 <= MAX_DATAGRAM);
+        let d = Dg::parse(bytes);
+        kinds.push((d.kind, d.tag("repair").is_some()));
+    }
+    let messages = kinds
+        .iter()
+        .filter(|k| **k == (Kind::Message, false))
+        .count();
+    let repairs = kinds
+        .iter()
+        .filter(|k| **k == (Kind::Message, true))
+        .count();
+    assert_eq!((messages, repairs), (4, 4), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k.0 == Kind::Heartbeat), "{kinds:?}");
+}
+
+/// `mcchat send --via`: one round trip for a cookie, no subscription, then the messages
+/// with the cookie; a fresh cookie is asked for before the first is too old.
+#[test]
+fn a_one_shot_sender_proves_its_address_and_subscribes_to_nothing() {
+    let mut config = PeerConfig::new(ROOM, "alice", daemon());
+    config.prove = true;
+    let mut r = Rig::new(config, ALICE);
+    assert!(r.e.subscribes());
+    r.enter(0);
+    let sub = relay_requests(&r.take());
+    assert_eq!(sub.len(), 1);
+    assert_eq!(
+        (sub[0].2.kind, sub[0].2.tag("cookie")),
+        (Kind::Subscribe, None)
+    );
+    assert!(sub[0].2.len >= 256, "padded as any request");
+    r.hear(
+        50,
+        &answer(&r, Kind::Challenge, &[("cookie", "6743a1f2.c1")], ""),
+        daemon(),
+    );
+    let log = r.take();
+    assert_eq!(events(&log), [Event::Subscribed]);
+    assert!(relay_requests(&log).is_empty(), "no sub with the cookie");
+    assert!(!r.e.subscribed());
+    r.say(60, Kind::Message, "hi");
+    let sent = sends(&r.take());
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].2.tag("cookie"), Some("6743a1f2.c1"));
+    assert_eq!(sent[0].2.text, "hi");
+    // 100 s on, a bare `sub` again (never one with the cookie, which would subscribe).
+    r.run_to(100_100);
+    let again = relay_requests(&r.take());
+    assert_eq!(times_ms(&r, &again), [100_050]);
+    assert_eq!(again[0].2.tag("cookie"), None);
+    r.hear(
+        100_060,
+        &answer(&r, Kind::Challenge, &[("cookie", "6743a256.c2")], ""),
+        daemon(),
+    );
+    assert!(events(&r.take()).is_empty(), "told once");
+    r.say(100_070, Kind::Message, "later");
+    assert_eq!(sends(&r.take())[0].2.tag("cookie"), Some("6743a256.c2"));
+    // Leaving sends no unsub: there is nothing to end.
+    r.leave(100_080);
+    assert!(relay_requests(&r.take()).is_empty());
+}
+
 #[test]
 fn no_answer_from_the_relay_in_3_tries_ends_the_engine() {
     let mut r = via("");

@@ -17,7 +17,8 @@ use mcchat_core::wire::{self, InstanceId, Kind};
 use nix::sys::signal::Signal;
 
 use crate::util::{
-    Pace, Proc, WAIT, bin, local_daemon, raw_sender, require_netns, shipped_rooms, unique,
+    Pace, Proc, WAIT, bin, cookie_for, local_daemon, raw_sender, require_netns, shipped_rooms,
+    unique, with_cookie,
 };
 
 /// Made-up instances in the presence flood: as many as a receiver follows (and a roster
@@ -115,7 +116,7 @@ fn flood_done(flooding: std::thread::JoinHandle<FloodReport>) {
 /// own; `at` is told when datagram `signal_at` has gone out.
 fn flood(
     room: &str,
-    socks: Vec<UdpSocket>,
+    socks: Vec<(UdpSocket, Option<String>)>,
     to: SocketAddr,
     signal_at: u64,
     at: mpsc::Sender<()>,
@@ -134,8 +135,12 @@ fn flood(
                 let _ = at.send(());
             }
             pace.until(i);
-            let sock = &socks[i as usize % socks.len()];
-            match sock.send_to(&flood_datagram(&room, i), to) {
+            let (sock, cookie) = &socks[i as usize % socks.len()];
+            let mut data = flood_datagram(&room, i);
+            if let Some(c) = cookie {
+                data = with_cookie(&data, c);
+            }
+            match sock.send_to(&data, to) {
                 Ok(_) => report.sent += 1,
                 Err(_) => report.failed += 1,
             }
@@ -236,7 +241,13 @@ fn issue_9_presence_flood_costs_no_real_message_direct() {
 
     let (tx, rx) = mpsc::channel();
     let start_at = flood_tail();
-    let flooding = flood(&room, vec![raw_sender()], group(&room), start_at, tx);
+    let flooding = flood(
+        &room,
+        vec![(raw_sender(), None)],
+        group(&room),
+        start_at,
+        tx,
+    );
     alice_speaks(&mut alice, &rx, None);
     flood_done(flooding);
 
@@ -270,9 +281,15 @@ fn issue_9_presence_flood_costs_no_real_message_via() {
     let bob_before = proc_kib(bob.pid(), "VmRSS");
     let daemon_before = proc_kib(d.pid(), "VmRSS");
 
+    // Each proves its address first (as `mcchat send --via` does), so the flood is relayed
+    // under the two sources' own shares, not the small budget of unproven ones.
     let socks = ["127.0.0.2:0", "127.0.0.3:0"]
         .iter()
-        .map(|a| UdpSocket::bind(a).unwrap())
+        .map(|a| {
+            let s = UdpSocket::bind(a).unwrap();
+            let cookie = cookie_for(&s, &room, addr);
+            (s, Some(cookie))
+        })
         .collect();
     let (tx, rx) = mpsc::channel();
     let start_at = flood_tail();

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mcchat_core::room::{RoomName, derive_group};
 use mcchat_core::wire::{self, Kind};
@@ -292,6 +292,59 @@ fn rate_limits_hold_per_source() {
     assert!(limited >= 170, "{s}");
 }
 
+/// Issue 11: 38,920-46,960 of 50,000 datagrams forged from made-up sources were relayed in
+/// under a second, each fanned out to every subscriber. Unproven sources now share one
+/// budget (burst 100, 50/s), while `mcchat send --via`, which proves its address with one
+/// round trip, is relayed under its own; a bare datagram from `nc` still reaches the room.
+#[test]
+fn forged_sources_share_one_small_budget_and_send_via_is_not_in_it() {
+    require_netns();
+    let (_d, addr) = local_daemon(&[]);
+    let via = addr.to_string();
+    let room = unique("unproven");
+    let l = Proc::mcchat("listener", None, &["listen", &room, "--via", &via], &[]).listening();
+    // A bare datagram, as `nc` sends it: relayed.
+    let nc = UdpSocket::bind("127.0.0.9:0").unwrap();
+    nc.send_to(format!("{room}|nc|hello from nc").as_bytes(), addr)
+        .unwrap();
+    l.expect_out("nc: hello from nc");
+    // 50,000 forged from 250 made-up loopback sources (200 each, within each one's share).
+    let socks: Vec<UdpSocket> = (0..250)
+        .map(|i| UdpSocket::bind(format!("127.0.{}.{}:0", 30 + i / 250, 1 + i % 250)).unwrap())
+        .collect();
+    let started = Instant::now();
+    for i in 0..50_000usize {
+        let _ = socks[i % socks.len()].send_to(format!("{room}|forged|f{i}").as_bytes(), addr);
+    }
+    // Proven: relayed however the forged flood went.
+    let (st, _, err) = run(
+        &["send", &room, "--via", &via, "--name", "carol", "proven"],
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    l.expect_out("carol: proven");
+    let secs = started.elapsed().as_secs_f64();
+    let forged = l.stdout().iter().filter(|x| x.contains("forged: ")).count();
+    // The burst (less what nc used) and 50 a second since.
+    let most = 100 + (50.0 * (secs + 1.0)).ceil() as usize;
+    eprintln!("{forged} of 50,000 forged datagrams relayed in {secs:.2} s (at most {most})");
+    assert!(forged <= most, "{forged} forged relayed in {secs:.2} s");
+    let s = status(addr);
+    let c = &s["counters"];
+    let over = c["dropped"]["unproven_over_budget"].as_u64().unwrap_or(0);
+    let received = c["received_unicast"].as_u64().unwrap();
+    eprintln!(
+        "received_unicast {received}, unproven_over_budget {over}, relayed_unproven {}",
+        c["relayed_unproven"]
+    );
+    assert!(
+        c["relayed_unproven"].as_u64().unwrap() <= most as u64 + 1,
+        "{s}"
+    );
+    // Whatever the socket buffers dropped, what arrived was mostly refused.
+    assert!(over + 1 + most as u64 >= received.saturating_sub(10), "{s}");
+}
+
 #[test]
 fn malformed_flood_does_not_stop_service() {
     require_netns();
@@ -410,7 +463,7 @@ fn shutdown_tells_subscribers_and_exits_0() {
     let room = unique("stop");
     let mut c = Raw::new("127.0.0.1", addr);
     c.subscribe(&room);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     d.signal(Signal::SIGTERM);
     let closed = c.expect(Kind::Closed);
     assert!(String::from_utf8_lossy(&closed).ends_with("|mcchatd is stopping"));
@@ -462,6 +515,45 @@ fn systemd_notifications_are_sent() {
 
 /// 10,000 subscribers (the default cap) are accepted and all get a message; one more is
 /// refused.
+/// Issue 11: one local user with many loopback addresses and ports took all 10,000
+/// subscriptions in 8 s. This host counts as one source now: 64 subscriptions, then
+/// `closed` (too_many_from_source).
+#[test]
+fn one_local_user_cannot_take_every_subscription() {
+    require_netns();
+    let dir = TempDir::new();
+    let rooms = dir.write(
+        "rooms.toml",
+        "[daemon]\nsubscribe_rate = 100000\nsubscribe_burst = 100000\n",
+    );
+    let (_d, addr) = local_daemon(&["--rooms", &rooms]);
+    let room = unique("local");
+    for i in 0..64 {
+        Raw::new(&format!("127.0.{}.{}", 20 + i / 250, 1 + i % 250), addr).subscribe(&room);
+    }
+    let mut over = Raw::new("127.3.2.1", addr);
+    over.send(&over.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST));
+    let challenge = over.expect(Kind::Challenge);
+    over.cookie = Some(
+        wire::decode(&challenge)
+            .unwrap()
+            .tags
+            .get("cookie")
+            .unwrap()
+            .into_owned(),
+    );
+    over.send(&over.request(Kind::Subscribe, &room, 0));
+    let closed = over.expect(Kind::Closed);
+    assert!(
+        String::from_utf8_lossy(&closed).ends_with("too_many_from_source"),
+        "{}",
+        String::from_utf8_lossy(&closed)
+    );
+    let s = status(addr);
+    assert_eq!(s["counters"]["subscribed"], 64, "{s}");
+    assert_eq!(s["counters"]["dropped"]["too_many_from_source"], 1, "{s}");
+}
+
 #[test]
 fn ten_thousand_subscribers_are_served() {
     require_netns();
@@ -480,11 +572,13 @@ fn ten_thousand_subscribers_are_served() {
     let dir = TempDir::new();
     let rooms = dir.write(
         "rooms.toml",
-        "[daemon]\nsubscribe_rate = 100000\nsubscribe_burst = 100000\n",
+        "[daemon]\nsubscribe_rate = 100000\nsubscribe_burst = 100000\n\
+         max_subscriptions_per_source = 10000\n",
     );
     let (_d, addr) = local_daemon(&["--rooms", &rooms]);
     let room = unique("many");
-    // 10,000 subscribers on 200 hosts (the daemon allows 64 per source address).
+    // 10,000 subscribers from 200 loopback addresses: this host counts as one source, whose
+    // cap of 64 the file lifts (one_local_user_cannot_take_every_subscription has it on).
     let mut clients: Vec<Raw> = (0..N)
         .map(|i| {
             Raw::new(

@@ -532,3 +532,33 @@ pub fn json_messages(p: &Proc) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// The cookie mcchatd at `daemon` issues to `sock`'s address and port: a padded `sub`
+/// without one, answered with a challenge (nothing is subscribed), as `mcchat send --via`
+/// proves its address. Datagrams with it in front are relayed as a proven source's.
+pub fn cookie_for(sock: &UdpSocket, room: &str, daemon: SocketAddr) -> String {
+    let mut sub = String::new();
+    mcchat_core::wire::relay_request(
+        mcchat_core::wire::Kind::Subscribe,
+        room,
+        "tester",
+        None,
+        None,
+        mcchat_core::wire::MIN_RELAY_REQUEST,
+        &mut sub,
+    )
+    .unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    sock.send_to(sub.as_bytes(), daemon).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf).expect("a challenge from mcchatd");
+    let f = mcchat_core::wire::decode(&buf[..n]).unwrap();
+    f.tags.get("cookie").expect("a cookie").into_owned()
+}
+
+/// `data` with `cookie` as its first (hop-by-hop) tag.
+pub fn with_cookie(data: &[u8], cookie: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    mcchat_core::tags::add_hop_tag(data, "cookie", cookie, &mut out).unwrap();
+    out
+}

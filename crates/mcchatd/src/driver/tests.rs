@@ -31,6 +31,8 @@ state_dir = "{state_dir}"
 lease_secs = 60
 relay_rate = 100000
 relay_burst = 100000
+unproven_rate = 100000
+unproven_burst = 100000
 {extra_daemon}
 
 [rooms.room1]

@@ -13,6 +13,9 @@ use ipnet::IpNet;
 use crate::counters::Drop;
 use crate::limiter::Limiter;
 
+/// The key of the one bucket all unproven sources share.
+const ALL_UNPROVEN: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
 /// How many sources' shares one IPv6 /64 has together.
 pub(crate) const NET_SHARE: u32 = 16;
 
@@ -80,7 +83,8 @@ pub(crate) fn allows(allow: &[Allow], connected: &[IpNet], ip: IpAddr) -> bool {
 /// Which bucket a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Bucket {
-    /// Chat datagrams to relay.
+    /// Chat datagrams to relay from a source that proved its address (a valid cookie): only
+    /// the address itself can send these, so a spoofer cannot drain its share.
     Relay,
     /// `sub` without a valid cookie: anyone can forge these in anyone's name.
     Unverified,
@@ -95,6 +99,9 @@ pub(crate) struct Admission {
     allow: Vec<Allow>,
     connected: Vec<IpNet>,
     relay: TwoLevel,
+    unproven: TwoLevel,
+    /// The one budget of all unproven sources together (one key).
+    unproven_all: Limiter,
     unverified: TwoLevel,
     verified: TwoLevel,
 }
@@ -105,6 +112,8 @@ impl Admission {
             allow: d.allow.clone(),
             connected,
             relay: TwoLevel::new(d.relay_rate, d.relay_burst),
+            unproven: TwoLevel::new(d.relay_rate, d.relay_burst),
+            unproven_all: Limiter::new(d.unproven_rate, d.unproven_burst),
             unverified: TwoLevel::new(d.subscribe_rate, d.subscribe_burst),
             verified: TwoLevel::new(d.subscribe_rate, d.subscribe_burst),
         }
@@ -114,6 +123,9 @@ impl Admission {
     pub(crate) fn reconfigure(&mut self, d: &DaemonSettings) {
         self.allow.clone_from(&d.allow);
         self.relay.set_rate(d.relay_rate, d.relay_burst);
+        self.unproven.set_rate(d.relay_rate, d.relay_burst);
+        self.unproven_all
+            .set_rate(d.unproven_rate, d.unproven_burst);
         self.unverified
             .set_rate(d.subscribe_rate, d.subscribe_burst);
         self.verified.set_rate(d.subscribe_rate, d.subscribe_burst);
@@ -169,9 +181,27 @@ impl Admission {
         }
     }
 
+    /// Takes a token for a chat datagram to relay with no proof of its source (`nc`, scripts):
+    /// anyone can forge these from any address, so besides the source's own share (apart
+    /// from its proven one, which forgeries in its name must not drain) they draw on one
+    /// small budget of all such sources together (`unproven_rate`), which forged sources
+    /// cannot multiply. The source's share is taken first, so a source over it does not
+    /// spend the common budget.
+    pub(crate) fn take_unproven(&mut self, ip: IpAddr, now: Instant) -> Result<(), Drop> {
+        if !self.unproven.allow(ip, now) {
+            return Err(Drop::RateLimited);
+        }
+        if !self.unproven_all.allow(ALL_UNPROVEN, now) {
+            return Err(Drop::UnprovenOverBudget);
+        }
+        Ok(())
+    }
+
     /// Forgets buckets that hold no information (full ones); once a second.
     pub(crate) fn forget_idle(&mut self, now: Instant) {
         self.relay.forget_idle(now);
+        self.unproven.forget_idle(now);
+        self.unproven_all.forget_idle(now);
         self.unverified.forget_idle(now);
         self.verified.forget_idle(now);
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mcchat_core::peer::Now;
-use mcchat_core::room::RoomName;
+use mcchat_core::room::{RoomName, RoomSource};
 use mcchat_core::tags;
 use mcchat_core::wire::{self, Frame, Header, Kind, Meta};
 
@@ -134,9 +134,10 @@ impl Hub {
             return self.reply(from);
         }
         let lease = Duration::from_secs(u64::from(self.settings.daemon.lease_secs));
+        let adhoc = room.source() != RoomSource::Configured;
         let outcome = self
             .subs
-            .subscribe(room.name(), from, frame.sender, now.mono, lease);
+            .subscribe(room.name(), adhoc, from, frame.sender, now.mono, lease);
         match outcome {
             Subscribed::Added { first } => {
                 self.counters.subscribed += 1;

@@ -184,7 +184,7 @@ impl Hub {
         let mut hub = Self {
             admission: Admission::new(d, connected),
             cookies: CookieJar::with_key(seed.cookie_key),
-            subs: Subscriptions::new(d.max_subscribers, d.max_rooms),
+            subs: Subscriptions::new(crate::subs::Limits::new(d)),
             groups: Membership::default(),
             cache: RepairCache::new(d.repair_cache_bytes, d.repair_window),
             repairs: repairs::RepairBudgets::default(),
@@ -377,8 +377,22 @@ impl Hub {
             // relay it.
             return self.count_drop(Drop::RelayTagged, from.addr, now.mono);
         }
-        if !self.admission.take(Bucket::Relay, from.addr.ip(), now.mono) {
-            return self.count_drop(Drop::RateLimited, from.addr, now.mono);
+        // A valid cookie proves the source sent this itself (PROTOCOL.md 4.3): it has its own
+        // share. Without one it may be forged, and shares the small unproven budget.
+        let proven = self.cookie_ok(frame, from, now);
+        let admitted = if proven {
+            self.admission
+                .take(Bucket::Relay, from.addr.ip(), now.mono)
+                .then_some(())
+                .ok_or(Drop::RateLimited)
+        } else {
+            self.admission.take_unproven(from.addr.ip(), now.mono)
+        };
+        if let Err(why) = admitted {
+            return self.count_drop(why, from.addr, now.mono);
+        }
+        if !proven {
+            self.counters.relayed_unproven += 1;
         }
         let Some(room) = self.room(frame.room) else {
             return self.count_drop(Drop::UnknownRoom, from.addr, now.mono);
@@ -400,7 +414,7 @@ impl Hub {
             // A subscriber's NACK: answered from the cache when it holds all of it and the
             // budgets allow; otherwise it goes on to the sender as well (repairs.rs).
             if let Some(nack) = Nack::from_frame(frame)
-                && self.answer_nack(room.name(), frame, &nack, from, now)
+                && self.answer_nack(room.name(), &nack, from, proven, now)
             {
                 self.scratch = tagged;
                 return;

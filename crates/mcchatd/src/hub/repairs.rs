@@ -118,18 +118,17 @@ impl Hub {
     }
 
     /// A NACK from a `--via` client at the relay port: answered from the cache if the client
-    /// proved its address (see the module docs). Returns true if the answer was all of it, so
+    /// proved its address (`cookie_ok`) and subscribes to the room (see the module docs). Returns true if the answer was all of it, so
     /// the NACK need not go on to the room.
     pub(super) fn answer_nack(
         &mut self,
         room: &RoomName,
-        frame: &Frame<'_>,
         nack: &Nack,
         from: UdpDest,
+        cookie_ok: bool,
         now: Now,
     ) -> bool {
-        let proven = self.subs.is_subscribed(room, from.addr) && self.cookie_ok(frame, from, now);
-        if !proven {
+        if !(cookie_ok && self.subs.is_subscribed(room, from.addr)) {
             self.counters.nacks_unproven += 1;
             return false;
         }

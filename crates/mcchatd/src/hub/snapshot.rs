@@ -91,7 +91,7 @@ impl Hub {
             d.state_dir.clone_from(&old.state_dir);
         }
         self.admission.reconfigure(d);
-        self.subs.set_limits(d.max_subscribers, d.max_rooms);
+        self.subs.set_limits(crate::subs::Limits::new(d));
         self.cache
             .set_bounds(d.repair_cache_bytes, d.repair_window, now);
         self.policy = history_policy(&new);

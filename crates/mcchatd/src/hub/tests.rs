@@ -453,13 +453,15 @@ fn leases_lapse_and_the_group_is_left() {
 fn caps_refuse_with_closed() {
     let text = format!("{ROOMS}\n").replace(
         "lease_secs = 60",
-        "lease_secs = 60\nmax_subscribers = 2\nmax_rooms = 1",
+        "lease_secs = 60\nmax_subscribers = 3\nmax_rooms = 1",
     );
     let mut t = T::new(&text, false);
-    t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
-    // A second room: over max_rooms.
-    let c = t.subscribe_expect_closed("kept", "192.0.2.11:4000");
+    t.subscribe("made-up", "192.0.2.10:4000", LOCAL_A);
+    // A second room not in the file: over max_rooms.
+    let c = t.subscribe_expect_closed("made-up-too", "192.0.2.11:4000");
     assert_eq!(c, "too_many_rooms");
+    // Rooms in the file are not counted against it.
+    t.subscribe("kept", "192.0.2.11:4000", LOCAL_A);
     t.subscribe("room1", "192.0.2.12:4000", LOCAL_A);
     let c = t.subscribe_expect_closed("room1", "192.0.2.13:4000");
     assert_eq!(c, "too_many_subscribers");
@@ -471,7 +473,8 @@ fn per_source_cap_counts_one_address_whatever_its_ports() {
         &ROOMS.replace("\"connected\"]", "\"connected\", \"2001:db8::/32\"]"),
         false,
     );
-    for i in 0..crate::subs::MAX_PER_SOURCE {
+    let cap = t.hub.settings.daemon.max_subscriptions_per_source;
+    for i in 0..cap {
         // Within the subscribe bucket's rate.
         t.at(Duration::from_millis(200 * i as u64));
         t.subscribe("room1", &format!("[2001:db8::1]:{}", 4000 + i), LOCAL_A);
@@ -1040,4 +1043,69 @@ fn the_verified_bucket_is_per_source_with_the_subscribe_rate() {
     t.at(Duration::from_millis(100));
     let out = t.unicast(a, LOCAL_A, renew.as_bytes());
     assert!(reply_tag(&out, Kind::Subscribed, "lease").is_some());
+}
+
+/// `data` with a `cookie` hop-by-hop tag in front.
+fn with_cookie(data: &str, cookie: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    tags::add_hop_tag(data.as_bytes(), "cookie", cookie, &mut out).expect("tag");
+    out
+}
+
+#[test]
+fn unproven_sources_share_one_small_budget_that_forgeries_cannot_multiply() {
+    let text = ROOMS.replace(
+        "lease_secs = 60",
+        "lease_secs = 60\nunproven_rate = 5\nunproven_burst = 10",
+    );
+    let mut t = T::new(&text, false);
+    // A thousand forged sources, one datagram each: the budget of all of them together.
+    let relayed: usize = (0..1000u32)
+        .map(|i| {
+            let from = format!("192.0.2.{}:{}", 3 + i % 200, 1000 + i);
+            to_group(&t.unicast(
+                &from,
+                LOCAL_A,
+                chat("room1", "forged", u64::from(i) + 1).as_bytes(),
+            ))
+            .len()
+        })
+        .sum();
+    assert_eq!(relayed, 10);
+    assert_eq!(t.hub.counters.relayed_unproven, 10);
+    assert_eq!(t.counter("unproven_over_budget"), 990);
+    // A source that proved its address (a cookie, as `mcchat send --via` gets with one round
+    // trip) has its own share, however many forgeries were sent in its name.
+    let cookie = t.subscribe("room1", "192.0.2.50:4000", LOCAL_A);
+    for i in 0..100 {
+        t.unicast(
+            "192.0.2.50:4000",
+            LOCAL_A,
+            chat("room1", "forged", 5000 + i).as_bytes(),
+        );
+    }
+    for seq in 1..=50 {
+        let out = t.unicast(
+            "192.0.2.50:4000",
+            LOCAL_A,
+            &with_cookie(&chat("room1", "proven", seq), &cookie),
+        );
+        let sent = to_group(&out);
+        assert_eq!(sent.len(), 1, "message {seq}");
+        // The cookie ends at this hop: the group gets the sender's datagram.
+        let f = wire::decode(&sent[0]).expect("decodes");
+        assert!(f.tags.get("cookie").is_none());
+        assert_eq!(f.text, "proven");
+    }
+    // The cookie of another address proves nothing.
+    let out = t.unicast(
+        "192.0.2.51:4000",
+        LOCAL_A,
+        &with_cookie(&chat("room1", "stolen", 1), &cookie),
+    );
+    assert!(to_group(&out).is_empty());
+    // The budget refills with time: `nc` still reaches the room.
+    t.at(Duration::from_secs(1));
+    let out = t.unicast("192.0.2.9:1234", LOCAL_A, b"room1|nc|hello");
+    assert_eq!(to_group(&out).len(), 1);
 }
