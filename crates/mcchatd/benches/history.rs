@@ -41,6 +41,7 @@ fn policy() -> Policy {
             count: 100_000_000,
             age: Duration::from_secs(30 * 24 * 3600),
         },
+        max_bytes: 1 << 40,
     }
 }
 

@@ -89,6 +89,9 @@ pub struct DaemonSettings {
     pub history_count: u64,
     /// Age after which messages leave history unless the room says otherwise.
     pub history_age: Duration,
+    /// Bytes the history database may use over all rooms: past it the oldest messages go,
+    /// whichever room they are in.
+    pub history_max_bytes: u64,
 }
 
 impl Default for DaemonSettings {
@@ -119,6 +122,7 @@ impl Default for DaemonSettings {
             state_dir: None,
             history_count: 10_000,
             history_age: Duration::from_secs(30 * 24 * 3600),
+            history_max_bytes: 1 << 30,
         }
     }
 }
@@ -189,6 +193,8 @@ pub const MAX_SUBSCRIPTIONS_PER_SOURCE: Limit =
     Limit::new("max_subscriptions_per_source", 1, 1_000_000);
 /// `max_adhoc_rooms_per_source`.
 pub const MAX_ADHOC_ROOMS_PER_SOURCE: Limit = Limit::new("max_adhoc_rooms_per_source", 0, 100_000);
+/// `history_max_bytes`: at least 1 MiB (the empty database and one commit), at most 1 PiB.
+pub const HISTORY_MAX_BYTES: Limit = Limit::new("history_max_bytes", 1 << 20, 1 << 50);
 /// `subscribe_rate`.
 pub const SUBSCRIBE_RATE: Limit = Limit::new("subscribe_rate", 1, 1_000_000);
 /// `subscribe_burst`.
@@ -304,6 +310,7 @@ struct RawDaemon {
     state_dir: Option<String>,
     history_count: Option<i64>,
     history_age: Option<String>,
+    history_max_bytes: Option<i64>,
 }
 
 impl DaemonSettings {
@@ -388,6 +395,8 @@ impl RawDaemon {
                 None => d.history_age,
                 Some(s) => parse_age(&s).map_err(|e| format!("key `history_age`: {e}"))?,
             },
+            history_max_bytes: HISTORY_MAX_BYTES
+                .read(self.history_max_bytes, d.history_max_bytes)?,
         })
     }
 }
@@ -467,7 +476,7 @@ mod tests {
                  `relay_burst`, `unproven_rate`, `unproven_burst`, \
                  `max_subscriptions_per_source`, `max_adhoc_rooms_per_source`, `subscribe_rate`, `subscribe_burst`, `status_socket`, `ttl`, \
                  `iface`, `repair_cache_bytes`, `repair_window_secs`, `state_dir`, \
-                 `history_count`, `history_age`; remove or correct the key",
+                 `history_count`, `history_age`, `history_max_bytes`; remove or correct the key",
             ),
             (
                 "[daemon]\nlease_secs = \"60\"",

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 mod reader;
 mod retention;
+mod space;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -111,6 +112,8 @@ pub struct Retention {
 pub struct Policy {
     pub rooms: HashMap<String, Retention>,
     pub default: Retention,
+    /// Bytes the database may use over all rooms (`history_max_bytes`).
+    pub max_bytes: u64,
 }
 
 impl Policy {
@@ -322,6 +325,10 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
     let err = db_err(path);
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(Duration::from_secs(5))
+        .map_err(db_err(path))?;
+    // Freed pages can be given back to the disk (space.rs). Effective in a new database only,
+    // and only before the journal mode is set; an older one is converted by the writer.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
         .map_err(db_err(path))?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(db_err(path))?;

@@ -11,6 +11,10 @@
 //! at most [`CHUNK`] of an older excess (a lowered count, an old file). So a room never holds
 //! more than its count and one commit, and the table stays as small as the policy says.
 //!
+//! The byte cap (`history_max_bytes`) is kept the same way: while the database's pages in use
+//! are more than the cap, a commit deletes the oldest messages of any room, as many as it
+//! added plus [`CHUNK`], so its size stays at the cap (the pages freed are reused).
+//!
 //! The age rule is applied the same way at every commit, to the rooms it touched. Both rules
 //! in rooms that receive nothing (an old file, a lowered count) are left to the periodic
 //! [`Rows::pass`], at most [`CHUNK`] rows per room and rule per pass; while something is left
@@ -126,7 +130,65 @@ fn delete_older(tx: &Transaction<'_>, room: &str, oldest_ms: u64, n: u64) -> rus
     Ok(deleted as u64)
 }
 
+/// Bytes the database's pages in use take (its pages less the free ones): what the byte cap
+/// is measured against. Within a transaction, as of its changes so far.
+pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pragma = |name: &str| -> rusqlite::Result<u64> {
+        conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))
+            .map(|v| u64::try_from(v).unwrap_or(0))
+    };
+    let (pages, free, size) = (
+        pragma("page_count")?,
+        pragma("freelist_count")?,
+        pragma("page_size")?,
+    );
+    Ok(pages.saturating_sub(free).saturating_mul(size))
+}
+
+/// Deletes at most `n` of the oldest messages over all rooms; returns how many each room lost.
+fn delete_oldest_anywhere(tx: &Transaction<'_>, n: u64) -> rusqlite::Result<HashMap<String, u64>> {
+    let mut stmt = tx.prepare_cached(
+        "DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?1)
+         RETURNING room",
+    )?;
+    let mut rows = stmt.query([to_sql(n)])?;
+    let mut lost = HashMap::new();
+    while let Some(row) = rows.next()? {
+        *lost.entry(row.get::<_, String>(0)?).or_default() += 1;
+    }
+    Ok(lost)
+}
+
 impl Rows {
+    /// While the database uses more than `max_bytes`, deletes the oldest messages of any room,
+    /// at most `n`, into `update` (whose counts are those after the room rules).
+    fn trim_bytes(
+        &self,
+        tx: &Transaction<'_>,
+        max_bytes: u64,
+        n: u64,
+        update: &mut Update,
+    ) -> rusqlite::Result<()> {
+        if used_bytes(tx)? <= max_bytes {
+            return Ok(());
+        }
+        let lost = delete_oldest_anywhere(tx, n)?;
+        let deleted: u64 = lost.values().sum();
+        update.deleted += deleted;
+        // Still over after a full step: more next time.
+        update.backlog |= deleted == n && used_bytes(tx)? > max_bytes;
+        for (room, gone) in lost {
+            match update.counts.iter_mut().find(|(r, _)| *r == room) {
+                Some((_, count)) => *count = count.saturating_sub(gone),
+                None => {
+                    let count = self.counts.get(&room).copied().unwrap_or(0);
+                    update.counts.push((room, count.saturating_sub(gone)));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Counts every room's rows (one scan of an index), unless that is done. Call it outside
     /// a transaction that inserts, so the counts do not include its rows twice.
     pub(super) fn load(&mut self, conn: &Connection) -> rusqlite::Result<()> {
@@ -186,6 +248,8 @@ impl Rows {
             }
             update.counts.push((room.to_owned(), count));
         }
+        let gained: u64 = added.rows.values().chain(added.attempted.values()).sum();
+        self.trim_bytes(tx, policy.max_bytes, gained + CHUNK, &mut update)?;
         Ok(update)
     }
 
@@ -225,6 +289,16 @@ impl Rows {
             update.backlog |= aged == CHUNK || count > keep;
             update.counts.push((room.clone(), count));
         }
+        self.trim_bytes(tx, policy.max_bytes, CHUNK, &mut update)?;
+        Ok(update)
+    }
+
+    /// On a full disk, with the reserve given up: deletes the `n` oldest messages of any room
+    /// (applied after the commit like the rest).
+    pub(super) fn emergency(&self, tx: &Transaction<'_>, n: u64) -> rusqlite::Result<Update> {
+        let mut update = Update::default();
+        self.trim_bytes(tx, 0, n, &mut update)?;
+        update.backlog = false;
         Ok(update)
     }
 

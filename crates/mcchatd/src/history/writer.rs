@@ -12,7 +12,8 @@ use mcchat_core::wire::{self, Kind};
 use rusqlite::{Connection, Transaction};
 use tokio::sync::oneshot;
 
-use super::retention::{Added, Rows};
+use super::retention::{Added, CHUNK, Rows};
+use super::space::{self, Space};
 use super::*;
 
 /// Marks the writer's end, however it ends (a panic too): pending queries fail rather than
@@ -193,13 +194,14 @@ pub(super) struct Writer {
     error_log: LogLimiter,
     /// The statements for [`ROWS`] rows, in that order.
     inserts: Vec<String>,
+    /// Giving freed pages back, and the reserve for a full disk.
+    space: Space,
 }
 
 impl Writer {
     pub(super) fn new(conn: Connection, path: PathBuf, policy: Arc<Mutex<Policy>>) -> Self {
         Self {
             conn,
-            path,
             policy,
             pruned: Instant::now(),
             rows: Rows::default(),
@@ -208,10 +210,13 @@ impl Writer {
             lost: 0,
             error_log: LogLimiter::new(1, Duration::from_secs(60)),
             inserts: ROWS.iter().map(|&n| insert_sql(n)).collect(),
+            space: Space::new(&path),
+            path,
         }
     }
 
     pub(super) fn run(mut self, shared: &Shared) {
+        self.space.prepare(&self.conn, &self.path);
         self.prune();
         let mut taken = Batch::new();
         let mut flushes = Vec::new();
@@ -238,7 +243,7 @@ impl Writer {
                 }
                 continue;
             }
-            if self.rows.backlog() || self.pruned.elapsed() >= PRUNE_EVERY {
+            if self.busy() || self.pruned.elapsed() >= PRUNE_EVERY {
                 self.prune();
             }
         };
@@ -275,7 +280,7 @@ impl Writer {
                 q = wait_timeout(shared, q, until - now);
                 continue;
             }
-            let prune_at = if self.rows.backlog() {
+            let prune_at = if self.busy() {
                 self.pruned
             } else {
                 self.pruned + PRUNE_EVERY
@@ -349,6 +354,9 @@ impl Writer {
         if let Err(error) = result {
             self.failures += 1;
             self.lost += records as u64;
+            if space::is_full(&error) {
+                self.free_on_full_disk();
+            }
             // A full disk fails every commit: one line a minute, with what it cost since.
             if let Some(suppressed) = self.error_log.check(Instant::now()) {
                 tracing::error!(
@@ -364,12 +372,55 @@ impl Writer {
         }
     }
 
-    /// The retention rules now (copied: a reload must not wait for a commit).
+    /// The retention rules now (copied: a reload must not wait for a commit), with the byte
+    /// cap lowered while the disk is full.
     fn policy(&self) -> Policy {
-        self.policy
+        let mut policy = self
+            .policy
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        policy.max_bytes = self.space.cap(policy.max_bytes);
+        policy
+    }
+
+    /// A retention pass or space given back is due soon rather than in [`PRUNE_EVERY`].
+    fn busy(&self) -> bool {
+        self.rows.backlog() || self.space.busy()
+    }
+
+    /// A write failed for want of space: the reserve goes, the oldest messages with it, and
+    /// the database is held at its size (space.rs says why). The relay is not affected: it
+    /// only ever queues.
+    fn free_on_full_disk(&mut self) {
+        let had_reserve = self.space.on_full();
+        let result = (|| -> rusqlite::Result<u64> {
+            self.rows.load(&self.conn)?;
+            let tx = self.conn.transaction()?;
+            let update = self.rows.emergency(&tx, 4 * CHUNK)?;
+            tx.commit()?;
+            Ok(self.rows.apply(update))
+        })();
+        match result {
+            Ok(deleted) => {
+                let was_full = self.space.full();
+                self.space.hold(&self.conn);
+                if !was_full {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        deleted,
+                        had_reserve,
+                        cap = self.space.cap(u64::MAX),
+                        "the disk is full: history deleted its oldest messages and holds at this size"
+                    );
+                }
+            }
+            Err(error) => {
+                if let Some(suppressed) = self.error_log.check(Instant::now()) {
+                    tracing::error!(path = %self.path.display(), %error, suppressed, "the disk is full and history cannot free space");
+                }
+            }
+        }
     }
 
     /// One retention pass (by age, then by count; bounded, see `retention`).
@@ -381,7 +432,15 @@ impl Writer {
             let tx = self.conn.transaction()?;
             let update = self.rows.pass(&tx, &policy, now_ms())?;
             tx.commit()?;
-            Ok(self.rows.apply(update))
+            let deleted = self.rows.apply(update);
+            let given_back = self.space.after_pass(&self.conn)?;
+            if given_back > 0 {
+                tracing::debug!(
+                    bytes = given_back,
+                    "history gave freed space back to the disk"
+                );
+            }
+            Ok(deleted)
         })();
         match result {
             Ok(deleted) => {
@@ -393,6 +452,9 @@ impl Writer {
                 }
             }
             Err(error) => {
+                if space::is_full(&error) {
+                    self.free_on_full_disk();
+                }
                 if let Some(suppressed) = self.error_log.check(Instant::now()) {
                     tracing::warn!(path = %self.path.display(), %error, suppressed, "history retention failed");
                 }

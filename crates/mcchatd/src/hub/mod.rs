@@ -162,7 +162,11 @@ pub(crate) fn history_policy(settings: &Settings) -> Policy {
             (r.name().to_string(), keep)
         })
         .collect();
-    Policy { rooms, default }
+    Policy {
+        rooms,
+        default,
+        max_bytes: d.history_max_bytes,
+    }
 }
 
 /// Whether a datagram is a retransmission.
