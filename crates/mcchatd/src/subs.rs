@@ -397,6 +397,17 @@ mod tests {
     const PER_SOURCE: usize = 64;
     const PER_NET: usize = PER_SOURCE * NET_SHARE as usize;
 
+    /// `addr` subscribes to `r` (ad-hoc or not) at `at`.
+    fn sub(
+        s: &mut Subscriptions,
+        r: &RoomName,
+        adhoc: bool,
+        addr: SocketAddr,
+        at: Instant,
+    ) -> Subscribed {
+        s.subscribe(r, adhoc, d(addr), "x", at, LEASE)
+    }
+
     fn limits(subscribers: usize, adhoc_rooms: usize) -> Limits {
         Limits {
             subscribers,
@@ -564,53 +575,37 @@ mod tests {
         // One ad-hoc room allowed, and it is taken.
         let mut s = Subscriptions::new(limits(100, 1));
         let added = |o| matches!(o, Subscribed::Added { .. });
-        assert!(added(s.subscribe(
-            &room("made-up"),
-            true,
-            d(addr(1)),
-            "x",
-            t0,
-            LEASE
-        )));
+        assert!(added(sub(&mut s, &room("made-up"), true, addr(1), t0)));
         assert_eq!(
-            s.subscribe(&room("other"), true, d(addr(2)), "x", t0, LEASE),
+            sub(&mut s, &room("other"), true, addr(2), t0),
             Subscribed::TooManyRooms
         );
         // Rooms in the file do not count against max_rooms.
         for (i, name) in ["room1", "room2", "room3"].into_iter().enumerate() {
-            assert!(added(s.subscribe(
+            assert!(added(sub(
+                &mut s,
                 &room(name),
                 false,
-                d(addr(10 + i as u16)),
-                "x",
-                t0,
-                LEASE
+                addr(10 + i as u16),
+                t0
             )));
         }
         // Their going frees nothing of the ad-hoc cap; the ad-hoc room's going does.
         assert_eq!(s.close_room(&room("room1")).len(), 1);
         assert_eq!(
-            s.subscribe(&room("other"), true, d(addr(2)), "x", t0, LEASE),
+            sub(&mut s, &room("other"), true, addr(2), t0),
             Subscribed::TooManyRooms
         );
         assert!(s.unsubscribe(&room("made-up"), addr(1)));
-        assert!(added(s.subscribe(
-            &room("other"),
-            true,
-            d(addr(2)),
-            "x",
-            t0,
-            LEASE
-        )));
+        assert!(added(sub(&mut s, &room("other"), true, addr(2), t0)));
         // Lapsing frees it too.
         assert_eq!(s.expire(t0 + LEASE).len(), 3);
-        assert!(added(s.subscribe(
+        assert!(added(sub(
+            &mut s,
             &room("third"),
             true,
-            d(addr(3)),
-            "x",
-            t0 + LEASE,
-            LEASE
+            addr(3),
+            t0 + LEASE
         )));
     }
 
@@ -622,63 +617,28 @@ mod tests {
         for i in 0..16 {
             let r = room(&format!("adhoc{i}"));
             // Two subscriptions of one source in one room count as one room.
-            assert!(added(s.subscribe(&r, true, d(addr(2 * i)), "x", t0, LEASE)));
-            assert!(added(s.subscribe(
-                &r,
-                true,
-                d(addr(2 * i + 1)),
-                "x",
-                t0,
-                LEASE
-            )));
+            assert!(added(sub(&mut s, &r, true, addr(2 * i), t0)));
+            assert!(added(sub(&mut s, &r, true, addr(2 * i + 1), t0)));
         }
         let seventeenth = room("adhoc16");
         assert_eq!(
-            s.subscribe(&seventeenth, true, d(addr(100)), "x", t0, LEASE),
+            sub(&mut s, &seventeenth, true, addr(100), t0),
             Subscribed::TooManyFromSource
         );
         // Other sources have their own share, and this one can still join its rooms, and
         // rooms in the file.
         let other = SocketAddr::from(([198, 51, 100, 2], 1));
-        assert!(added(s.subscribe(
-            &seventeenth,
-            true,
-            d(other),
-            "x",
-            t0,
-            LEASE
-        )));
-        assert!(added(s.subscribe(
-            &room("adhoc3"),
-            true,
-            d(addr(200)),
-            "x",
-            t0,
-            LEASE
-        )));
-        assert!(added(s.subscribe(
-            &room("room1"),
-            false,
-            d(addr(201)),
-            "x",
-            t0,
-            LEASE
-        )));
+        assert!(added(sub(&mut s, &seventeenth, true, other, t0)));
+        assert!(added(sub(&mut s, &room("adhoc3"), true, addr(200), t0)));
+        assert!(added(sub(&mut s, &room("room1"), false, addr(201), t0)));
         // A room is given back only when the source's last subscription in it goes.
         assert!(s.unsubscribe(&room("adhoc0"), addr(0)));
         assert_eq!(
-            s.subscribe(&seventeenth, true, d(addr(100)), "x", t0, LEASE),
+            sub(&mut s, &seventeenth, true, addr(100), t0),
             Subscribed::TooManyFromSource
         );
         assert!(s.unsubscribe(&room("adhoc0"), addr(1)));
-        assert!(added(s.subscribe(
-            &seventeenth,
-            true,
-            d(addr(100)),
-            "x",
-            t0,
-            LEASE
-        )));
+        assert!(added(sub(&mut s, &seventeenth, true, addr(100), t0)));
     }
 
     #[test]
@@ -688,17 +648,17 @@ mod tests {
         let local = |i: u32| SocketAddr::from((Ipv4Addr::from(0x7f00_0000 + i), 40_000));
         for i in 0..PER_SOURCE as u32 {
             assert!(matches!(
-                s.subscribe(&room("r"), false, d(local(i + 1)), "x", t0, LEASE),
+                sub(&mut s, &room("r"), false, local(i + 1), t0),
                 Subscribed::Added { .. }
             ));
         }
         assert_eq!(
-            s.subscribe(&room("r"), false, d(local(9999)), "x", t0, LEASE),
+            sub(&mut s, &room("r"), false, local(9999), t0),
             Subscribed::TooManyFromSource
         );
         let v6_local = SocketAddr::from((Ipv6Addr::LOCALHOST, 1));
         assert_eq!(
-            s.subscribe(&room("r"), false, d(v6_local), "x", t0, LEASE),
+            sub(&mut s, &room("r"), false, v6_local, t0),
             Subscribed::TooManyFromSource
         );
         assert_eq!(s.total(), PER_SOURCE);

@@ -105,6 +105,16 @@ impl Raw {
         d
     }
 
+    /// The handshake to a `sub` the daemon refuses: its `closed`.
+    fn refused(&mut self, room: &str) -> Vec<u8> {
+        self.send(&self.request(Kind::Subscribe, room, wire::MIN_RELAY_REQUEST));
+        let challenge = self.expect(Kind::Challenge);
+        let f = wire::decode(&challenge).unwrap();
+        self.cookie = Some(f.tags.get("cookie").unwrap().into_owned());
+        self.send(&self.request(Kind::Subscribe, room, 0));
+        self.expect(Kind::Closed)
+    }
+
     /// The full handshake: padded request, challenge, request with the cookie, confirmation.
     fn subscribe(&mut self, room: &str) {
         self.send(&self.request(Kind::Subscribe, room, wire::MIN_RELAY_REQUEST));
@@ -531,19 +541,7 @@ fn one_local_user_cannot_take_every_subscription() {
     for i in 0..64 {
         Raw::new(&format!("127.0.{}.{}", 20 + i / 250, 1 + i % 250), addr).subscribe(&room);
     }
-    let mut over = Raw::new("127.3.2.1", addr);
-    over.send(&over.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST));
-    let challenge = over.expect(Kind::Challenge);
-    over.cookie = Some(
-        wire::decode(&challenge)
-            .unwrap()
-            .tags
-            .get("cookie")
-            .unwrap()
-            .into_owned(),
-    );
-    over.send(&over.request(Kind::Subscribe, &room, 0));
-    let closed = over.expect(Kind::Closed);
+    let closed = Raw::new("127.3.2.1", addr).refused(&room);
     assert!(
         String::from_utf8_lossy(&closed).ends_with("too_many_from_source"),
         "{}",
@@ -611,19 +609,7 @@ fn ten_thousand_subscribers_are_served() {
             c.expect(Kind::Subscribed);
         }
     }
-    let mut extra = Raw::new("127.0.0.1", addr);
-    extra.send(&extra.request(Kind::Subscribe, &room, wire::MIN_RELAY_REQUEST));
-    let ch = extra.expect(Kind::Challenge);
-    extra.cookie = Some(
-        wire::decode(&ch)
-            .unwrap()
-            .tags
-            .get("cookie")
-            .unwrap()
-            .into_owned(),
-    );
-    extra.send(&extra.request(Kind::Subscribe, &room, 0));
-    let refused = extra.expect(Kind::Closed);
+    let refused = Raw::new("127.0.0.1", addr).refused(&room);
     assert!(String::from_utf8_lossy(&refused).ends_with("|too_many_subscribers"));
     let (st, _, err) = run(&["send", &room, "--name", "bulk", "to everyone"], &[]);
     assert!(st.success(), "{err}");
