@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use mcchat_core::control::{HistoryQuery, HistoryReply, Request, Status};
+use std::io::{Read, Write};
+
+use mcchat_core::control::{HistoryQuery, HistoryRecord, Request, Status};
 use mcchat_core::peer::Received;
 use mcchat_core::wire::{InstanceId, Kind};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -126,51 +128,285 @@ fn start_of(doc: &str) -> String {
     doc.chars().take(80).collect()
 }
 
-/// Asks for history; the messages come oldest first.
+/// Asks for history and returns it whole, oldest first, within `timeout` in all (`join`'s
+/// catch-up: a few messages, and it must not hold up the conversation).
 pub(crate) async fn history(
     endpoint: &Endpoint,
     query: &HistoryQuery,
     timeout: Duration,
 ) -> Result<Vec<Received>> {
-    let line = Request::History(query.clone()).line();
-    let doc = request(endpoint, &line, timeout).await?;
-    parse_history(&doc, &query.room, endpoint)
+    let mut messages = Vec::new();
+    let ask = history_each(endpoint, query, timeout, |m| {
+        messages.push(m);
+        Ok(())
+    });
+    tokio::time::timeout(timeout, ask)
+        .await
+        .with_context(|| format!("mcchatd did not answer within {} s", timeout.as_secs_f32()))??;
+    Ok(messages)
 }
 
-fn parse_history(doc: &str, room: &str, endpoint: &Endpoint) -> Result<Vec<Received>> {
-    let answer: HistoryReply = serde_json::from_str(doc).map_err(|_| {
-        // serde's message for an untagged enum says only that nothing matched.
-        anyhow::anyhow!(
-            "mcchatd at {endpoint} sent a history answer this mcchat cannot read: it begins \
-             {:?}; versions differ? (a daemon older than the history feature?)",
-            start_of(doc)
-        )
-    })?;
-    let messages = match answer {
-        HistoryReply::Error(e) => bail!("mcchatd: {}", e.error),
-        HistoryReply::Messages(answer) => answer.messages,
-    };
-    Ok(messages
-        .into_iter()
-        // The daemon answers for the room asked; anything else is not shown.
-        .filter(|r| r.room == room)
-        .map(|r| Received {
-            kind: if r.kind == Kind::Action.name() {
-                Kind::Action
-            } else {
-                Kind::Message
-            },
-            room: r.room,
-            sender: r.sender,
-            text: r.text,
-            ts_ms: r.ts_ms.unwrap_or(r.recv_ms),
-            recv_ms: r.recv_ms,
-            from: None,
-            instance: r.id.as_deref().and_then(InstanceId::parse),
-            seq: r.seq,
-            repair: false,
+/// A connection to the status port, in blocking mode: a history answer is read as it
+/// streams in, on a thread of its own.
+enum Blocking {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Blocking {
+    async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Self> {
+        match endpoint {
+            Endpoint::Tcp(spec) => {
+                let addr = via::resolve(spec).await?;
+                let connect = move || std::net::TcpStream::connect_timeout(&addr, timeout);
+                let stream = tokio::task::spawn_blocking(connect)
+                    .await
+                    .context("the connecting thread failed")?
+                    .with_context(|| format!("cannot connect to mcchatd at {addr} (TCP)"))?;
+                Ok(Self::Tcp(stream))
+            }
+            Endpoint::Unix(path) => std::os::unix::net::UnixStream::connect(path)
+                .map(Self::Unix)
+                .with_context(|| {
+                    format!(
+                        "cannot connect to {} (is mcchatd running here? try --via HOST)",
+                        path.display()
+                    )
+                }),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(Some(t)),
+            Self::Unix(s) => s.set_read_timeout(Some(t)),
+        }
+    }
+}
+
+impl Read for Blocking {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Blocking {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Asks for history and hands each message to `each` as it arrives, oldest first: an answer
+/// of any length is read with bounded memory, and given up only if nothing arrives for
+/// `progress` (not for its total time: a slow link gets it whole). Returns how many came.
+pub(crate) async fn history_each(
+    endpoint: &Endpoint,
+    query: &HistoryQuery,
+    progress: Duration,
+    mut each: impl FnMut(Received) -> Result<()>,
+) -> Result<u64> {
+    let line = format!("{}\n", Request::History(query.clone()).line());
+    let mut stream = Blocking::connect(endpoint, progress).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let room = query.room.clone();
+    let from = endpoint.clone();
+    let reading = tokio::task::spawn_blocking(move || -> Result<u64> {
+        stream.set_read_timeout(progress)?;
+        stream
+            .write_all(line.as_bytes())
+            .with_context(|| format!("cannot send the query to mcchatd at {from}"))?;
+        read_history(std::io::BufReader::new(stream), &room, &from, |m| {
+            tx.blocking_send(m).is_ok()
         })
-        .collect())
+    });
+    while let Some(m) = rx.recv().await {
+        each(m)?;
+    }
+    reading.await.context("the reading thread failed")?
+}
+
+/// Keeps the first bytes read, for an error about an answer this mcchat cannot read.
+struct Start<R> {
+    inner: R,
+    seen: Vec<u8>,
+}
+
+impl<R: Read> Read for Start<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let keep = n.min(80 - self.seen.len().min(80));
+        self.seen.extend_from_slice(&buf[..keep]);
+        Ok(n)
+    }
+}
+
+/// How an answer ended, as the streaming reader saw it.
+enum Ending {
+    /// The messages, all of them.
+    Done,
+    /// `{"error": ...}`.
+    Refused(String),
+    /// `each` wanted no more.
+    Stopped,
+}
+
+/// The answer document, read as it streams: `messages` element by element into `each`.
+struct Answer<'a, F> {
+    room: &'a str,
+    each: &'a mut F,
+    count: &'a mut u64,
+}
+
+impl<'de, F: FnMut(Received) -> bool> serde::de::DeserializeSeed<'de> for Answer<'_, F> {
+    type Value = Ending;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Ending, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, F: FnMut(Received) -> bool> serde::de::Visitor<'de> for Answer<'_, F> {
+    type Value = Ending;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a history answer")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Ending, A::Error> {
+        let mut ending = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "messages" => {
+                    let seed = Messages {
+                        room: self.room,
+                        each: &mut *self.each,
+                        count: &mut *self.count,
+                    };
+                    ending = Some(map.next_value_seed(seed)?);
+                }
+                "error" => ending = Some(Ending::Refused(map.next_value()?)),
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            if matches!(ending, Some(Ending::Stopped)) {
+                return Ok(Ending::Stopped);
+            }
+        }
+        ending.ok_or_else(|| serde::de::Error::custom("neither messages nor an error"))
+    }
+}
+
+struct Messages<'a, F> {
+    room: &'a str,
+    each: &'a mut F,
+    count: &'a mut u64,
+}
+
+impl<'de, F: FnMut(Received) -> bool> serde::de::DeserializeSeed<'de> for Messages<'_, F> {
+    type Value = Ending;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Ending, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F: FnMut(Received) -> bool> serde::de::Visitor<'de> for Messages<'_, F> {
+    type Value = Ending;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of messages")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Ending, A::Error> {
+        while let Some(r) = seq.next_element::<HistoryRecord>()? {
+            *self.count += 1;
+            // The daemon answers for the room asked; anything else is not shown.
+            if r.room == self.room && !(self.each)(received(r)) {
+                return Ok(Ending::Stopped);
+            }
+        }
+        Ok(Ending::Done)
+    }
+}
+
+/// Reads a history answer from `reader`, handing each message of `room` to `each` (which
+/// returns false to stop); returns how many messages the answer held.
+fn read_history<R: Read>(
+    reader: R,
+    room: &str,
+    endpoint: &Endpoint,
+    mut each: impl FnMut(Received) -> bool,
+) -> Result<u64> {
+    use serde::de::DeserializeSeed as _;
+    let mut start = Start {
+        inner: reader,
+        seen: Vec::new(),
+    };
+    let mut count = 0;
+    let mut de = serde_json::Deserializer::from_reader(&mut start);
+    let read = Answer {
+        room,
+        each: &mut each,
+        count: &mut count,
+    }
+    .deserialize(&mut de);
+    match read {
+        Ok(Ending::Done | Ending::Stopped) => Ok(count),
+        Ok(Ending::Refused(error)) => bail!("mcchatd: {error}"),
+        Err(e) if e.is_io() => bail!(
+            "failed to read mcchatd's answer from {endpoint} after {count} messages: {e} \
+             (nothing arrived for too long?)"
+        ),
+        Err(e) if e.is_eof() && count > 0 => bail!(
+            "mcchatd's answer from {endpoint} was cut short after {count} messages (the daemon \
+             stopped or its database failed; see its log)"
+        ),
+        Err(_) => {
+            // The parser stopped at the first byte it could not take: the rest of the start
+            // (what has arrived of it) says more.
+            let mut more = [0u8; 80];
+            let want = 80usize.saturating_sub(start.seen.len());
+            if let Ok(n) = start.inner.read(&mut more[..want]) {
+                start.seen.extend_from_slice(&more[..n]);
+            }
+            bail!(
+                "mcchatd at {endpoint} sent a history answer this mcchat cannot read: it begins \
+                 {:?}; versions differ? (a daemon older than the history feature?)",
+                start_of(&String::from_utf8_lossy(&start.seen))
+            )
+        }
+    }
+}
+
+/// A stored message as the engine takes it.
+fn received(r: HistoryRecord) -> Received {
+    Received {
+        kind: if r.kind == Kind::Action.name() {
+            Kind::Action
+        } else {
+            Kind::Message
+        },
+        room: r.room,
+        sender: r.sender,
+        text: r.text,
+        ts_ms: r.ts_ms.unwrap_or(r.recv_ms),
+        recv_ms: r.recv_ms,
+        from: None,
+        instance: r.id.as_deref().and_then(InstanceId::parse),
+        seq: r.seq,
+        repair: false,
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +415,15 @@ mod tests {
 
     fn endpoint() -> Endpoint {
         Endpoint::Tcp("192.0.2.1:5554".into())
+    }
+
+    fn parse_history(doc: &str, room: &str, endpoint: &Endpoint) -> Result<Vec<Received>> {
+        let mut got = Vec::new();
+        read_history(doc.as_bytes(), room, endpoint, |m| {
+            got.push(m);
+            true
+        })?;
+        Ok(got)
     }
 
     #[test]
@@ -206,6 +451,14 @@ mod tests {
         assert!(
             parse_history(r#"{"version":"0.1.0","rooms":[]}"#, "room1", &endpoint()).is_err(),
             "a status document is not an empty history"
+        );
+        // An answer that ends part-way (the daemon stopped) says so, with how far it got.
+        let cut = &doc[..doc.find("{\"room\":\"other\"").unwrap()];
+        let e = parse_history(cut, "room1", &endpoint()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mcchatd's answer from 192.0.2.1:5554 was cut short after 1 messages (the daemon \
+             stopped or its database failed; see its log)"
         );
     }
 

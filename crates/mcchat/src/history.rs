@@ -1,6 +1,7 @@
 //! `mcchat history`, and the catch-up `mcchat join` shows before the live conversation:
 //! a room's recent messages as mcchatd stored them.
 
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -15,7 +16,12 @@ use crate::display;
 use crate::driver::{Peer, now};
 use crate::output::Stdout;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `mcchat history` waits for the daemon to connect, and then for each part of
+/// its answer (not for all of it: a long history over a slow link takes what it takes).
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// A long read shows its progress every this many messages, once it has taken this long.
+const PROGRESS_EVERY: u64 = 1000;
+const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 /// What `join` shows when it finds a daemon and was not told otherwise.
 const JOIN_DEFAULT: u32 = 20;
 /// How long `join` waits for history before it goes on without: it must not hold up the
@@ -34,13 +40,15 @@ pub(crate) async fn run(args: &HistoryArgs) -> Result<()> {
         grep: args.grep.clone(),
         limit: Some(args.limit),
     };
-    let messages = daemon::history(&endpoint, &query, TIMEOUT).await?;
     let mut out = Stdout::new();
     let color = !args.json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    if messages.is_empty() {
-        crate::note(&format!("no messages in {}'s history match", args.room));
-    }
-    for m in messages {
+    // Progress on long reads, where it cannot mix with the messages: stderr a terminal,
+    // stdout not (a file, a pipe).
+    let progress = !out.is_terminal() && std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut shown = 0u64;
+    // Printed as it streams in: an answer of any length, with bounded memory.
+    daemon::history_each(&endpoint, &query, TIMEOUT, |m| {
         let event = Event::Message(m);
         let line = if args.json {
             display::json_line(&event, args.room.as_str(), now_ms())
@@ -48,6 +56,17 @@ pub(crate) async fn run(args: &HistoryArgs) -> Result<()> {
             display::event_line(&event, now_ms(), color)
         };
         out.line(&line)?;
+        shown += 1;
+        if progress && shown.is_multiple_of(PROGRESS_EVERY) && started.elapsed() >= PROGRESS_AFTER {
+            crate::note(&format!("{shown} messages so far"));
+        }
+        Ok(())
+    })
+    .await?;
+    if shown == 0 {
+        crate::note(&format!("no messages in {}'s history match", args.room));
+    } else if progress && started.elapsed() >= PROGRESS_AFTER {
+        crate::note(&format!("{shown} messages"));
     }
     Ok(())
 }

@@ -22,8 +22,16 @@ pub(crate) const COOKIE_LIFETIME_SECS: u64 = 120;
 /// Bytes of MAC kept: 96 bits is far beyond guessing within a lifetime.
 const MAC_BYTES: usize = 12;
 
+/// Cookies remembered as checked, at most: one per client address that did a round trip.
+const RECENT: usize = 16_384;
+
 /// Issues and checks cookies with one secret.
 pub(crate) struct CookieJar {
+    /// Cookies that verified, by the address they were issued to, with their issue time:
+    /// a `--via` client puts the same cookie on every datagram, so its MAC is computed once
+    /// per cookie (every two minutes) rather than per datagram. Only cookies that verified
+    /// are kept, so a forgery adds nothing; the map is cleared when it holds [`RECENT`].
+    recent: std::collections::HashMap<SocketAddr, (Box<str>, u64)>,
     /// HMAC keyed with the secret (one SHA-256 block, used as is), its key blocks hashed
     /// once: every datagram a `--via` client sends carries a cookie to check, and a clone
     /// of this saves half of each check's work.
@@ -35,6 +43,7 @@ impl CookieJar {
     pub(crate) fn with_key(key: [u8; 64]) -> Self {
         Self {
             keyed: HmacSha256::new(&key.into()),
+            recent: std::collections::HashMap::new(),
         }
     }
 
@@ -60,23 +69,54 @@ impl CookieJar {
         out
     }
 
-    /// Whether `cookie` was issued to `addr` by this jar within the lifetime.
-    pub(crate) fn verify(&self, cookie: &str, addr: SocketAddr, now_secs: u64) -> bool {
-        let Some((time, mac_hex)) = cookie.split_once('.') else {
-            return false;
-        };
-        let Ok(time) = u64::from_str_radix(time, 16) else {
-            return false;
-        };
-        if time > now_secs || now_secs - time > COOKIE_LIFETIME_SECS {
-            return false;
+    /// [`verify`](Self::verify), remembering the cookies that pass, so that the same cookie
+    /// from the same address is not checked again within its lifetime.
+    pub(crate) fn verify_recent(&mut self, cookie: &str, addr: SocketAddr, now_secs: u64) -> bool {
+        if let Some((known, time)) = self.recent.get(&addr)
+            && **known == *cookie
+        {
+            return live(*time, now_secs);
         }
-        let Some(tag) = decode_hex::<MAC_BYTES>(mac_hex) else {
+        let Some(time) = self.verified_time(cookie, addr, now_secs) else {
             return false;
         };
-        // Constant-time comparison of the truncated tag.
-        self.mac(addr, time).verify_truncated_left(&tag).is_ok()
+        if self.recent.len() >= RECENT {
+            self.recent.clear();
+        }
+        self.recent.insert(addr, (cookie.into(), time));
+        true
     }
+
+    /// Forgets the remembered cookies that have expired (the hub's one-second tick).
+    pub(crate) fn forget_expired(&mut self, now_secs: u64) {
+        self.recent.retain(|_, (_, time)| live(*time, now_secs));
+    }
+
+    /// Whether `cookie` was issued to `addr` by this jar within the lifetime.
+    #[cfg(test)]
+    pub(crate) fn verify(&self, cookie: &str, addr: SocketAddr, now_secs: u64) -> bool {
+        self.verified_time(cookie, addr, now_secs).is_some()
+    }
+
+    /// The issue time of `cookie` if it was issued to `addr` by this jar within the lifetime.
+    fn verified_time(&self, cookie: &str, addr: SocketAddr, now_secs: u64) -> Option<u64> {
+        let (time, mac_hex) = cookie.split_once('.')?;
+        let time = u64::from_str_radix(time, 16).ok()?;
+        if !live(time, now_secs) {
+            return None;
+        }
+        let tag = decode_hex::<MAC_BYTES>(mac_hex)?;
+        // Constant-time comparison of the truncated tag.
+        self.mac(addr, time)
+            .verify_truncated_left(&tag)
+            .is_ok()
+            .then_some(time)
+    }
+}
+
+/// Whether a cookie issued at `time` is valid at `now_secs`.
+fn live(time: u64, now_secs: u64) -> bool {
+    time <= now_secs && now_secs - time <= COOKIE_LIFETIME_SECS
 }
 
 fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -143,5 +183,34 @@ mod tests {
         ] {
             assert!(!jar.verify(bad, a, 50), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_remembered_cookie_holds_only_for_its_address_and_lifetime() {
+        let mut jar = CookieJar::with_key([7; 64]);
+        let a = addr("198.51.100.1:40000");
+        let c = jar.issue(a, 1000);
+        assert!(jar.verify_recent(&c, a, 1000));
+        assert_eq!(jar.recent.len(), 1);
+        assert!(
+            jar.verify_recent(&c, a, 1000 + COOKIE_LIFETIME_SECS),
+            "from memory"
+        );
+        assert!(
+            !jar.verify_recent(&c, a, 1001 + COOKIE_LIFETIME_SECS),
+            "expired"
+        );
+        assert!(
+            !jar.verify_recent(&c, addr("198.51.100.2:40000"), 1001),
+            "other address"
+        );
+        let forged = format!("{c}0");
+        assert!(
+            !jar.verify_recent(&forged, a, 1001),
+            "not the remembered one"
+        );
+        assert_eq!(jar.recent.len(), 1, "a forgery is not remembered");
+        jar.forget_expired(1001 + COOKIE_LIFETIME_SECS);
+        assert!(jar.recent.is_empty());
     }
 }

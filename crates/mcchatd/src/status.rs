@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mcchat_core::control::{self, ErrorAnswer, HistoryAnswer, HistoryQuery, Request};
+use mcchat_core::control::{self, ErrorAnswer, HistoryQuery, Request};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -63,8 +63,9 @@ pub(crate) const PER_NET: usize = 4;
 /// Connections on the local socket at once: slots of their own, which no one on the network
 /// can take (`mcchat join`'s catch-up, `mcchat status` on the host).
 pub(crate) const MAX_LOCAL_CLIENTS: usize = 4;
-/// History answers built at once for TCP clients (each holds up to `MAX_QUERY` messages in
-/// memory), and one more for the local socket, which the network cannot take; a query waits
+/// History answers written at once for TCP clients (each holds at most two pages of
+/// `history::PAGE` messages in memory, and a blocking thread while it reads), and one more
+/// for the local socket, which the network cannot take; a query waits
 /// up to [`HISTORY_WAIT`] for its turn.
 pub(crate) const MAX_HISTORY_ANSWERS: usize = 2;
 const HISTORY_WAIT: Duration = Duration::from_secs(10);
@@ -188,7 +189,15 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         Ok(Request::History(query)) => {
             let turn = tokio::time::timeout(HISTORY_WAIT, Arc::clone(history).acquire_owned());
             match turn.await {
-                Ok(Ok(_turn)) => history_answer(query, services.history.as_ref()).await,
+                Ok(Ok(_turn)) => match history_pages(query, services.history.as_ref()).await {
+                    Ok((room, pages)) => {
+                        if stream_history(&mut w, &room, pages).await {
+                            let _ = tokio::time::timeout(WRITE_PROGRESS, w.shutdown()).await;
+                        }
+                        return;
+                    }
+                    Err(doc) => doc,
+                },
                 _ => error_doc(&format!(
                     "history is busy ({MAX_HISTORY_ANSWERS} queries at once); try again"
                 )),
@@ -199,14 +208,64 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     drop(line);
     let mut doc = doc.into_bytes();
     doc.push(b'\n');
-    for piece in doc.chunks(WRITE_PIECE) {
+    if write_timed(&mut w, &doc).await {
+        let _ = tokio::time::timeout(WRITE_PROGRESS, w.shutdown()).await;
+    }
+}
+
+/// Writes `bytes` in pieces of [`WRITE_PIECE`], each within [`WRITE_PROGRESS`]; false if the
+/// client went away or stopped reading.
+async fn write_timed<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> bool {
+    for piece in bytes.chunks(WRITE_PIECE) {
         match tokio::time::timeout(WRITE_PROGRESS, w.write_all(piece)).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => return tracing::debug!(%error, "status client went away"),
-            Err(_) => return tracing::debug!("status client stopped reading"),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "status client went away");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!("status client stopped reading");
+                return false;
+            }
         }
     }
-    let _ = tokio::time::timeout(WRITE_PROGRESS, w.shutdown()).await;
+    true
+}
+
+/// Writes a history answer as its pages come: the same one-line document as ever
+/// (`{"room":..,"messages":[..]}`), never more than a page of it in memory, and timed out
+/// only for lack of progress. A database error half-way ends the connection before the
+/// document does, which a client reports as an answer cut short.
+async fn stream_history<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    room: &str,
+    mut pages: crate::history::Pages,
+) -> bool {
+    let mut buf = format!("{{\"room\":{},\"messages\":[", to_json(&room)).into_bytes();
+    let mut first = true;
+    while let Some(page) = pages.recv().await {
+        let page = match page {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "history query failed part-way");
+                return false;
+            }
+        };
+        for record in &page {
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            // Plain strings and integers: serialising cannot fail.
+            let _ = serde_json::to_writer(&mut buf, record);
+        }
+        if !write_timed(w, &buf).await {
+            return false;
+        }
+        buf.clear();
+    }
+    buf.extend_from_slice(b"]}\n");
+    write_timed(w, &buf).await
 }
 
 fn error_doc(message: &str) -> String {
@@ -219,20 +278,26 @@ pub(crate) fn to_json(doc: &impl serde::Serialize) -> String {
     serde_json::to_string(doc).unwrap_or_else(|_| "{}".to_owned())
 }
 
-/// Answers a history query: the messages, or `{"error": ...}` saying what was wrong.
-async fn history_answer(query: HistoryQuery, history: Option<&Reader>) -> String {
+/// Starts answering a history query: its room and pages, or the `{"error": ...}` document
+/// saying what was wrong.
+async fn history_pages(
+    query: HistoryQuery,
+    history: Option<&Reader>,
+) -> Result<(String, crate::history::Pages), String> {
     let Some(history) = history else {
-        return error_doc("history is off on this daemon (state_dir is \"\" or not writable)");
+        return Err(error_doc(
+            "history is off on this daemon (state_dir is \"\" or not writable)",
+        ));
     };
     if let Err(e) = query.check() {
-        return error_doc(&e.to_string());
+        return Err(error_doc(&e.to_string()));
     }
     let room = query.room.clone();
-    match history.query(query).await {
-        Ok(messages) => to_json(&HistoryAnswer { room, messages }),
+    match history.pages(query).await {
+        Ok(pages) => Ok((room, pages)),
         Err(e) => {
             tracing::warn!(error = %e, "history query failed");
-            error_doc(&format!("history query failed: {e}"))
+            Err(error_doc(&format!("history query failed: {e}")))
         }
     }
 }

@@ -7,7 +7,9 @@ use nix::sys::signal::Signal;
 
 use std::time::Duration;
 
-use crate::util::{Pace, Proc, TempDir, relay_addr, require_netns, run, unique};
+use crate::util::{
+    Pace, Proc, TempDir, cookie_for, relay_addr, require_netns, run, unique, with_cookie,
+};
 
 /// The texts of `mcchat history --json` for `room`.
 fn history(addr: SocketAddr, room: &str, extra: &[&str]) -> Vec<String> {
@@ -275,4 +277,93 @@ fn history_off_and_bad_requests_are_clear_errors() {
     solo.close_stdin();
     assert!(solo.wait().success());
     assert!(!solo.stderr_lines().iter().any(|l| l.contains("history")));
+}
+
+/// Issue 11: the daemon's 2 s write timeout cut a normal history answer to a slow reader (a
+/// 4 Mbit/s reader got 1.1 of 2.1 MB), and answers were built whole in memory. Now they
+/// stream page by page, timed out only for lack of progress: a reader taking about a
+/// second per MB gets all 10,000 messages, in order, and so does `mcchat history`.
+#[test]
+fn a_slow_via_reader_gets_a_complete_history_of_10000_messages() {
+    use std::io::{Read as _, Write as _};
+    require_netns();
+    const N: u64 = 10_000;
+    let dir = TempDir::new();
+    let state = dir.path().join("state");
+    let rooms = dir.write(
+        "rooms.toml",
+        "[daemon]\nrelay_rate = 1000000\nrelay_burst = 1000000\n\n\
+         [rooms.longroom]\ngroup = \"239.255.77.77\"\nport = 5577\n",
+    );
+    let d = Proc::daemon(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            "",
+            "--rooms",
+            &rooms,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    let addr = relay_addr(&d);
+    // 10,000 messages of about 250 bytes from a proven sender; what a full socket buffer
+    // lost is sent again (history stores each (id, seq) once) until all are stored.
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cookie = cookie_for(&sender, "longroom", addr);
+    let text = "h".repeat(200);
+    let mut stored = Vec::new();
+    for _round in 0..5 {
+        let pace = Pace::new(Duration::from_micros(50));
+        let have: std::collections::HashSet<u64> = stored.iter().copied().collect();
+        for (i, seq) in (1..=N).filter(|s| !have.contains(s)).enumerate() {
+            pace.until(i as u64);
+            let msg = format!("@id=00000000000000cc;seq={seq};ts=1 longroom|bob|{seq} {text}");
+            let _ = sender.send_to(&with_cookie(msg.as_bytes(), &cookie), addr);
+        }
+        stored = history(addr, "longroom", &["--limit", "10000"])
+            .iter()
+            .map(|t| t.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        if stored.len() as u64 == N {
+            break;
+        }
+    }
+    assert_eq!(
+        stored,
+        (1..=N).collect::<Vec<_>>(),
+        "mcchat history reads it all"
+    );
+    // The slow reader: about 1 MB a second, in 16 KiB reads.
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.write_all(b"{\"history\":{\"room\":\"longroom\",\"limit\":10000}}\n")
+        .unwrap();
+    let mut doc = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    let started = std::time::Instant::now();
+    let pace = Pace::new(Duration::from_millis(16));
+    for i in 0.. {
+        pace.until(i);
+        let n = tcp.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        doc.extend_from_slice(&buf[..n]);
+    }
+    let took = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+    let seqs: Vec<u64> = answer["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    eprintln!("{} bytes read slowly in {took:.1?}", doc.len());
+    assert!(
+        took > Duration::from_secs(2),
+        "the reader was slow: {took:?}"
+    );
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
 }

@@ -40,7 +40,7 @@ mod space;
 mod tests;
 mod writer;
 
-pub use reader::Reader;
+pub use reader::{PAGE, Pages, Reader};
 use writer::{Ended, Writer, lower_priority};
 
 /// Records queued for the writer at most; beyond it new ones are dropped and counted (the

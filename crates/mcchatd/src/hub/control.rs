@@ -70,11 +70,12 @@ impl Hub {
     }
 
     /// Whether `frame` carries a cookie valid for `from` (a request, or a subscriber's NACK).
-    pub(super) fn cookie_ok(&self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
+    pub(super) fn cookie_ok(&mut self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
+        let time = self.cookie_time(now);
         frame
             .tags
             .get(tags::COOKIE)
-            .is_some_and(|c| self.cookies.verify(&c, from.addr, self.cookie_time(now)))
+            .is_some_and(|c| self.cookies.verify_recent(&c, from.addr, time))
     }
 
     /// A `sub` or `unsub`.

@@ -232,6 +232,8 @@ impl Hub {
         self.next_tick = now.mono + TICK;
         self.cache.expire(now.mono);
         self.admission.forget_idle(now.mono);
+        let cookie_time = self.cookie_time(now);
+        self.cookies.forget_expired(cookie_time);
         let window = self.repair_window();
         self.repairs.forget_idle(now.mono, window);
         let lapsed = self.subs.expire(now.mono);
