@@ -54,6 +54,9 @@ pub(crate) struct Outgoing {
     pub(crate) data: Bytes,
     /// Also to the room's `--via` subscribers (leave repeats), not only to the group.
     pub(crate) to_subscribers: bool,
+    /// The message repaired (none for a leave repeat): marked repaired when offered, and
+    /// given back with [`RepairCache::not_sent`] if the hub's budget refuses it.
+    pub(crate) entry: Option<(InstanceId, u64)>,
 }
 
 #[derive(Debug)]
@@ -264,6 +267,7 @@ impl RepairCache {
                         room: room.clone(),
                         data: entry.data.clone(),
                         to_subscribers: false,
+                        entry: Some((instance, *seq)),
                     });
                 } else if entry.asked.is_none() && self.pending.len() < MAX_PENDING {
                     entry.asked = Some(now);
@@ -272,6 +276,21 @@ impl RepairCache {
             }
         }
         out
+    }
+
+    /// A repair this cache offered was not sent (a budget refused it): it is not marked as
+    /// repaired, so the next NACK for it is answered rather than skipped for the interval.
+    pub(crate) fn not_sent(&mut self, o: &Outgoing) {
+        let Some((instance, seq)) = o.entry else {
+            return;
+        };
+        if let Some(entry) = self
+            .senders
+            .get_mut(&(o.room.clone(), instance))
+            .and_then(|s| s.messages.get_mut(&seq))
+        {
+            entry.repaired = None;
+        }
     }
 
     /// Counts a repair the hub sent, to a group or to one subscriber: what this cache offers
@@ -337,6 +356,7 @@ impl RepairCache {
                 room: key.0.clone(),
                 data: entry.data.clone(),
                 to_subscribers: false,
+                entry: Some((key.1, seq)),
             });
         }
         while self.leaves.first().is_some_and(|l| l.0 <= now) {
@@ -353,6 +373,7 @@ impl RepairCache {
                 room: key.0.clone(),
                 data: data.clone(),
                 to_subscribers: true,
+                entry: None,
             });
             *n += 1;
             if let Some(after) = LEAVE_REPEATS.get(*n) {
@@ -507,6 +528,24 @@ mod tests {
         assert_eq!(wire::decode(&out[0].data).unwrap().meta.seq, Some(3));
         assert_eq!(c.stats().standby_skipped, 1);
         assert_eq!(c.next_deadline(), None);
+    }
+
+    /// A repair the hub's budget refused was not sent: the next NACK for it is answered,
+    /// not skipped as repaired moments ago.
+    #[test]
+    fn a_repair_not_sent_is_not_counted_as_repaired() {
+        let now = Instant::now();
+        let mut c = filled(3, now);
+        let (meta, data) = datagram(Kind::Leave, 3, "");
+        c.observe(&room(), &meta, false, &data, now);
+        let out = c.on_nack(&room(), InstanceId(7), &[2..=2], now);
+        assert_eq!(out[0].entry, Some((InstanceId(7), 2)));
+        assert!(
+            c.on_nack(&room(), InstanceId(7), &[2..=2], now).is_empty(),
+            "sent: not again within the interval"
+        );
+        c.not_sent(&out[0]);
+        assert_eq!(c.on_nack(&room(), InstanceId(7), &[2..=2], now).len(), 1);
     }
 
     #[test]

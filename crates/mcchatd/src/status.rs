@@ -55,7 +55,8 @@ const WRITE_PIECE: usize = 64 * 1024;
 /// TCP status connections served at once; more are closed at once, so status can never crowd
 /// out relaying (each answer is built by the relay loop).
 pub(crate) const MAX_TCP_CLIENTS: usize = 8;
-/// TCP status connections from one address at once ...
+/// TCP status connections from one address at once (its second only while at most half the
+/// slots are taken, so that taking them all needs as many hosts as there are slots) ...
 pub(crate) const PER_ADDRESS: usize = 2;
 /// ... and from one IPv6 /64 (one host may have many of its addresses): so taking every
 /// slot needs at least four hosts, each proven by its TCP handshake.
@@ -122,7 +123,9 @@ impl Slots {
     pub(crate) fn tcp(&self, ip: IpAddr) -> Option<Slot> {
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
         let addr = source_key(ip);
-        let mut keys = vec![(addr, PER_ADDRESS)];
+        let busy = MAX_TCP_CLIENTS - self.tcp.available_permits() >= MAX_TCP_CLIENTS / 2;
+        let per_address = if busy { 1 } else { PER_ADDRESS };
+        let mut keys = vec![(addr, per_address)];
         keys.extend(net_key(ip).map(|net| (net, PER_NET)));
         if keys
             .iter()
@@ -495,5 +498,21 @@ mod slot_tests {
                 .get(&ip("2001:db8::"))
                 .is_none()
         );
+    }
+
+    /// Issue 11's review: four slow readers, two connections each, held all eight slots. An
+    /// address's second connection is taken only while half the slots are free: four hosts
+    /// get six, and two are left for everyone else.
+    #[test]
+    fn a_second_connection_per_address_only_while_half_the_slots_are_free() {
+        let slots = Slots::new();
+        let held: Vec<Slot> = (1..=4)
+            .flat_map(|i| [ip(&format!("192.0.2.{i}")); 2])
+            .filter_map(|a| slots.tcp(a))
+            .collect();
+        assert_eq!(held.len(), 6);
+        let others = [slots.tcp(ip("192.0.2.50")), slots.tcp(ip("192.0.2.51"))];
+        assert!(others.iter().all(Option::is_some));
+        assert!(slots.tcp(ip("192.0.2.52")).is_none(), "all eight are taken");
     }
 }

@@ -538,6 +538,7 @@ impl Hub {
                 // As sent: with the relay tag (`@relay=ID ` at most: 3 bytes and the two).
                 let sent = o.data.len() + RELAY_TAG.len() + self.relay_id.len() + 3;
                 if !self.repair_fits(sent, now) {
+                    self.cache.not_sent(&o);
                     continue;
                 }
                 self.cache.count_sent(false);
