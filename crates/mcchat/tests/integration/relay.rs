@@ -1135,3 +1135,93 @@ fn nacks_forged_with_a_subscribers_address_reflect_nothing() {
     // Received by the victim because of the attack: 0 bytes of `sent`.
     assert!(sent > 0);
 }
+
+/// Issue 11, on a LAN: an attacker on h2 forges 20,000 chat datagrams to the relay from
+/// made-up addresses of the subnet (raw socket), and from the `--via` subscriber's own
+/// address. Meanwhile the real clients are served: the subscriber on h3 keeps its
+/// subscription, `mcchat send --via` from h3 reaches it, and status answers. What the
+/// forgeries got relayed is the shared budget of unproven sources, whatever their number.
+#[test]
+fn a_forged_flood_from_another_host_gets_the_unproven_budget_and_clients_are_served() {
+    require_netns();
+    let lan = Lan::up();
+    let _d = Proc::daemon(Some(&lan.ns("h1")), &["--status-socket", ""]);
+    let daemon: SocketAddr = "198.51.100.1:5554".parse().unwrap();
+    let room = unique("lanflood");
+    let listener = Proc::mcchat(
+        "h3",
+        Some(&lan.ns("h3")),
+        &["listen", &room, "--via", "198.51.100.1"],
+        &[],
+    )
+    .listening();
+    let raw = in_netns(&lan.ns("h2"), || {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(255)),
+        )
+        .unwrap()
+    });
+    let started = Instant::now();
+    for i in 0..20_000u32 {
+        // Sources all over the subnet (h3's address among them), ports all over.
+        let src = SocketAddr::from((
+            [198, 51, 100, 3 + (i % 200) as u8],
+            1024 + (i % 60_000) as u16,
+        ));
+        let payload = format!("{room}|forged|f{i}");
+        let _ = raw.send_to(
+            &spoofed(src, daemon, payload.as_bytes()),
+            &SocketAddr::new(daemon.ip(), 0).into(),
+        );
+        if i == 10_000 {
+            // Half-way: a real sender through the daemon, proven by its cookie.
+            let mut carol = Proc::mcchat(
+                "carol",
+                Some(&lan.ns("h3")),
+                &[
+                    "send",
+                    &room,
+                    "--via",
+                    "198.51.100.1",
+                    "--name",
+                    "carol",
+                    "real",
+                ],
+                &[],
+            );
+            assert!(carol.wait().success(), "mcchat send --via during the flood");
+        }
+    }
+    listener.expect_out("carol: real");
+    let secs = started.elapsed().as_secs_f64();
+    let mut st = Proc::mcchat(
+        "status",
+        Some(&lan.ns("h3")),
+        &["status", "--via", "198.51.100.1", "--json"],
+        &[],
+    );
+    assert!(st.wait().success(), "status is answered");
+    let s: serde_json::Value = serde_json::from_str(&st.stdout().join("")).unwrap();
+    assert_eq!(s["subscribers"], 1, "the subscription is kept: {s}");
+    let forged = listener
+        .stdout()
+        .iter()
+        .filter(|l| l.contains("forged: "))
+        .count();
+    let most = 100 + (50.0 * (secs + 1.0)).ceil() as usize;
+    eprintln!(
+        "{forged} of 20,000 forged datagrams reached the subscriber in {secs:.2} s (budget {most}); \
+         counters {}",
+        s["counters"]
+    );
+    assert!(forged <= most, "{forged} forged relayed in {secs:.2} s");
+    assert!(
+        s["counters"]["dropped"]["unproven_over_budget"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 10_000,
+        "{s}"
+    );
+}
