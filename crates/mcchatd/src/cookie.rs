@@ -87,13 +87,18 @@ impl CookieJar {
         true
     }
 
+    /// How many cookies are remembered.
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> usize {
+        self.recent.len()
+    }
+
     /// Forgets the remembered cookies that have expired (the hub's one-second tick).
     pub(crate) fn forget_expired(&mut self, now_secs: u64) {
         self.recent.retain(|_, (_, time)| live(*time, now_secs));
     }
 
     /// Whether `cookie` was issued to `addr` by this jar within the lifetime.
-    #[cfg(test)]
     pub(crate) fn verify(&self, cookie: &str, addr: SocketAddr, now_secs: u64) -> bool {
         self.verified_time(cookie, addr, now_secs).is_some()
     }

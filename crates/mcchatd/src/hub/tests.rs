@@ -1097,6 +1097,11 @@ fn unproven_sources_share_one_small_budget_that_forgeries_cannot_multiply() {
         assert!(f.tags.get("cookie").is_none());
         assert_eq!(f.text, "proven");
     }
+    // Cookies are remembered for what senders relay, not for requests (a listening
+    // subscriber would hold an entry for nothing).
+    assert_eq!(t.hub.cookies.remembered(), 1);
+    t.subscribe("room1", "192.0.2.60:4000", LOCAL_A);
+    assert_eq!(t.hub.cookies.remembered(), 1);
     // The cookie of another address proves nothing.
     let out = t.unicast(
         "192.0.2.51:4000",
