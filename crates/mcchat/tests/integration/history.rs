@@ -8,7 +8,8 @@ use nix::sys::signal::Signal;
 use std::time::Duration;
 
 use crate::util::{
-    Pace, Proc, TempDir, cookie_for, relay_addr, require_netns, run, unique, with_cookie,
+    Pace, Proc, TempDir, cookie_for, local_daemon, relay_addr, require_netns, run, unique,
+    with_cookie,
 };
 
 /// The texts of `mcchat history --json` for `room`.
@@ -295,20 +296,7 @@ fn a_slow_via_reader_gets_a_complete_history_of_10000_messages() {
         "[daemon]\nrelay_rate = 1000000\nrelay_burst = 1000000\n\n\
          [rooms.longroom]\ngroup = \"239.255.77.77\"\nport = 5577\n",
     );
-    let d = Proc::daemon(
-        None,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--status-socket",
-            "",
-            "--rooms",
-            &rooms,
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    );
-    let addr = relay_addr(&d);
+    let (_d, addr) = local_daemon(&["--rooms", &rooms, "--state-dir", state.to_str().unwrap()]);
     // 10,000 messages of about 250 bytes from a proven sender; what a full socket buffer
     // lost is sent again (history stores each (id, seq) once) until all are stored.
     let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
