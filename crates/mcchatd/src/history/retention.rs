@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 
 use rusqlite::{Connection, Transaction, params};
 
+use super::space::used_bytes;
 use super::{Policy, Retention, to_sql};
 
 /// Rows one rule deletes at most per room in one transaction, beyond what the commit added.
@@ -128,21 +129,6 @@ fn delete_older(tx: &Transaction<'_>, room: &str, oldest_ms: u64, n: u64) -> rus
         )?
         .execute(params![room, to_sql(oldest_ms), to_sql(n)])?;
     Ok(deleted as u64)
-}
-
-/// Bytes the database's pages in use take (its pages less the free ones): what the byte cap
-/// is measured against. Within a transaction, as of its changes so far.
-pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
-    let pragma = |name: &str| -> rusqlite::Result<u64> {
-        conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))
-            .map(|v| u64::try_from(v).unwrap_or(0))
-    };
-    let (pages, free, size) = (
-        pragma("page_count")?,
-        pragma("freelist_count")?,
-        pragma("page_size")?,
-    );
-    Ok(pages.saturating_sub(free).saturating_mul(size))
 }
 
 /// Deletes at most `n` of the oldest messages over all rooms; returns how many each room lost.

@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
-use super::retention::used_bytes;
-
 /// The reserve: room for a few retention transactions and the WAL they write.
 pub(super) const RESERVE_BYTES: u64 = 8 << 20;
 /// Free pages the database may hold before some are given back to the file system: below it
@@ -38,6 +36,17 @@ pub(super) struct Space {
 fn pragma(conn: &Connection, name: &str) -> rusqlite::Result<u64> {
     conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))
         .map(|v| u64::try_from(v).unwrap_or(0))
+}
+
+/// Bytes the database's pages in use take (its pages less the free ones): what the byte cap
+/// is measured against. Within a transaction, as of its changes so far.
+pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let (pages, free, size) = (
+        pragma(conn, "page_count")?,
+        pragma(conn, "freelist_count")?,
+        pragma(conn, "page_size")?,
+    );
+    Ok(pages.saturating_sub(free).saturating_mul(size))
 }
 
 /// Whether `e` says the disk (or the file system's quota) is full.

@@ -448,7 +448,7 @@ async fn the_byte_cap_holds_over_all_rooms_and_keeps_the_newest() {
     }
     let db = dir.join(FILE_NAME);
     let conn = Connection::open(&db).unwrap();
-    let used = retention::used_bytes(&conn).unwrap();
+    let used = space::used_bytes(&conn).unwrap();
     // One commit's worth (at most BATCH rows) over the cap at most.
     assert!(used <= CAP + (1 << 20), "{used} bytes used");
     assert!(

@@ -69,24 +69,26 @@ impl Hub {
         }
     }
 
-    /// Whether `frame`, a datagram to relay (chat, a NACK), carries a cookie valid for
-    /// `from`. Remembered, since a sender's datagrams all carry the same one.
-    pub(super) fn cookie_ok(&mut self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
+    /// Whether `frame` carries a cookie valid for `from`. With `remember` (datagrams to
+    /// relay: a sender's all carry the same cookie) a cookie that passes is not checked again;
+    /// requests are not remembered, since a subscriber renews every 20 s or so and 10,000
+    /// listening subscribers would each hold an entry (about 140 bytes) for nothing.
+    pub(super) fn cookie_ok(
+        &mut self,
+        frame: &Frame<'_>,
+        from: UdpDest,
+        now: Now,
+        remember: bool,
+    ) -> bool {
         let time = self.cookie_time(now);
-        frame
-            .tags
-            .get(tags::COOKIE)
-            .is_some_and(|c| self.cookies.verify_recent(&c, from.addr, time))
-    }
-
-    /// Whether the request `frame` carries a cookie valid for `from`. Not remembered: a
-    /// subscriber renews every 20 s or so, and 10,000 listening subscribers would each hold
-    /// an entry (about 140 bytes) for nothing.
-    fn request_cookie_ok(&self, frame: &Frame<'_>, from: UdpDest, now: Now) -> bool {
-        frame
-            .tags
-            .get(tags::COOKIE)
-            .is_some_and(|c| self.cookies.verify(&c, from.addr, self.cookie_time(now)))
+        let Some(cookie) = frame.tags.get(tags::COOKIE) else {
+            return false;
+        };
+        if remember {
+            self.cookies.verify_recent(&cookie, from.addr, time)
+        } else {
+            self.cookies.verify(&cookie, from.addr, time)
+        }
     }
 
     /// A `sub` or `unsub`.
@@ -99,7 +101,7 @@ impl Hub {
     ) {
         // Requests with a valid cookie come from the address itself; only they may use its
         // renewal bucket, so a spoofer cannot drain it and lapse a victim.
-        let verified = self.request_cookie_ok(frame, from, now);
+        let verified = self.cookie_ok(frame, from, now, false);
         let bucket = if verified {
             Bucket::Verified
         } else {

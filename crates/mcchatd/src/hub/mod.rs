@@ -385,7 +385,7 @@ impl Hub {
         }
         // A valid cookie proves the source sent this itself (PROTOCOL.md 4.3): it has its own
         // share. Without one it may be forged, and shares the small unproven budget.
-        let proven = self.cookie_ok(frame, from, now);
+        let proven = self.cookie_ok(frame, from, now, true);
         let admitted = if proven {
             self.admission
                 .take(Bucket::Relay, from.addr.ip(), now.mono)

@@ -118,8 +118,8 @@ impl Hub {
     }
 
     /// A NACK from a `--via` client at the relay port: answered from the cache if the client
-    /// proved its address (`cookie_ok`) and subscribes to the room (see the module docs). Returns true if the answer was all of it, so
-    /// the NACK need not go on to the room.
+    /// proved its address (`cookie_ok`) and subscribes to the room (see the module docs).
+    /// Returns true if the answer was all of it, so the NACK need not go on to the room.
     pub(super) fn answer_nack(
         &mut self,
         room: &RoomName,
