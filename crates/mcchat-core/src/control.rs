@@ -114,6 +114,12 @@ pub struct HistoryQuery {
     /// The newest this many (default [`DEFAULT_QUERY_LIMIT`], at most [`MAX_QUERY`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Only messages stored after this offset (a row id: [`HistoryRecord::offset`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// Only messages stored before this offset (paging back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
 }
 
 impl HistoryQuery {
@@ -124,6 +130,8 @@ impl HistoryQuery {
             since_ms: None,
             grep: None,
             limit: None,
+            after: None,
+            before: None,
         }
     }
 
@@ -161,6 +169,10 @@ pub struct HistoryRecord {
     pub ts_ms: Option<u64>,
     /// When the daemon received it, ms since the epoch.
     pub recv_ms: u64,
+    /// Its place in the daemon's history (the row id), for paging and for a web client's
+    /// recovery; absent where not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 impl HistoryRecord {
@@ -180,6 +192,7 @@ impl HistoryRecord {
             seq: frame.meta.seq,
             ts_ms: frame.meta.ts_ms,
             recv_ms,
+            offset: None,
         })
     }
 }
@@ -243,6 +256,9 @@ pub struct Status {
     pub repair_cache: RepairCacheStats,
     /// Room history; `null` when history is off.
     pub history: Option<HistoryStatus>,
+    /// Web connections now, in a room or not. (Absent from older answers.)
+    #[serde(default)]
+    pub web_clients: u64,
 }
 
 /// One room the daemon knows.
@@ -260,6 +276,9 @@ pub struct RoomStatus {
     pub joined: bool,
     /// Its subscribers, by address.
     pub subscribers: Vec<SubscriberStatus>,
+    /// Web clients in the room now. (Absent from older answers.)
+    #[serde(default)]
+    pub web_clients: u64,
 }
 
 /// One subscriber of a room.
@@ -306,6 +325,21 @@ pub struct Counters {
     /// cookie), under the budget they share. (Absent from mcchatd 0.1.0's answers.)
     #[serde(default)]
     pub relayed_unproven: u64,
+    /// Web connections accepted. (The web counters are absent from older answers.)
+    #[serde(default)]
+    pub web_connections: u64,
+    /// Web connections refused by the allow list.
+    #[serde(default)]
+    pub web_refused: u64,
+    /// Datagrams web clients' engines sent (messages, presence, repairs).
+    #[serde(default)]
+    pub relayed_from_web: u64,
+    /// Frames encoded for web clients (each once for all the clients of its room).
+    #[serde(default)]
+    pub web_frames: u64,
+    /// Messages web clients were told are lost.
+    #[serde(default)]
+    pub web_gaps: u64,
     /// Drops by reason (docs/PROTOCOL.md 2.5 and 4.3: `bad_room`, `not_allowed`, ...); a
     /// reason that never happened is absent.
     pub dropped: BTreeMap<String, u64>,
@@ -383,6 +417,7 @@ mod tests {
                     name: "alice".into(),
                     expires_in_secs: 59,
                 }],
+                web_clients: 0,
             }],
             counters: Counters {
                 received_unicast: 1,
@@ -397,6 +432,12 @@ mod tests {
                 expired: 10,
                 nacks_unproven: 0,
                 relayed_unproven: 0,
+                // What mcchatd 0.1.0 wrote has none of the web counters.
+                web_connections: 0,
+                web_refused: 0,
+                relayed_from_web: 0,
+                web_frames: 0,
+                web_gaps: 0,
                 dropped: [
                     ("bad_cookie".to_owned(), 11),
                     ("not_allowed".to_owned(), 12),
@@ -416,6 +457,7 @@ mod tests {
                 path: "/var/lib/mcchat/history.sqlite3".into(),
                 dropped: 19,
             }),
+            web_clients: 0,
         }
     }
 
@@ -429,6 +471,7 @@ mod tests {
             seq: Some(3),
             ts_ms: Some(5),
             recv_ms: 6,
+            offset: None,
         }
     }
 
@@ -461,6 +504,8 @@ mod tests {
             since_ms: Some(1_763_900_000_000),
             grep: Some("deploy".into()),
             limit: Some(100),
+            after: Some(7),
+            before: Some(90),
         };
         round_trip(&query);
         round_trip(&HistoryRequest {
@@ -485,7 +530,15 @@ mod tests {
         let now = STATUS_0_1_0
             .replace(
                 r#""expired":10,"#,
-                r#""expired":10,"nacks_unproven":0,"relayed_unproven":0,"#,
+                r#""expired":10,"nacks_unproven":0,"relayed_unproven":0,"web_connections":0,"web_refused":0,"relayed_from_web":0,"web_frames":0,"web_gaps":0,"#,
+            )
+            .replace(
+                r#""expires_in_secs":59}]}]"#,
+                r#""expires_in_secs":59}],"web_clients":0}]"#,
+            )
+            .replace(
+                r#""dropped":19}}"#,
+                r#""dropped":19},"web_clients":0}"#,
             )
             .replace(
                 r#""standby_skipped":18}"#,
@@ -667,6 +720,7 @@ mod tests {
                 seq: Some(7),
                 ts_ms: Some(5),
                 recv_ms: 9,
+                offset: None,
             }
         );
         assert_eq!(HistoryRecord::decode(b"room1|al|bare", 1).unwrap().id, None);

@@ -175,8 +175,8 @@ pub enum ConfigError {
         /// What the TOML parser said.
         message: String,
     },
-    /// A top-level key that is not `rooms` or `daemon`.
-    #[error("{origin}: unknown key {key:?} at the top level (expected `rooms` or `daemon`)")]
+    /// A top-level key that is not `rooms`, `daemon` or `web`.
+    #[error("{origin}: unknown key {key:?} at the top level (expected `rooms`, `daemon` or `web`)")]
     UnknownTopLevel {
         /// The file.
         origin: String,
@@ -189,11 +189,13 @@ pub enum ConfigError {
         /// The file.
         origin: String,
     },
-    /// `daemon` is not a table (its keys are mcchatd's to check).
-    #[error("{origin}: [daemon]: must be a table")]
+    /// `daemon` or `web` is not a table (their keys are mcchatd's to check).
+    #[error("{origin}: [{key}]: must be a table")]
     DaemonNotTable {
         /// The file.
         origin: String,
+        /// `daemon` or `web`.
+        key: String,
     },
     /// A room table broke a rule.
     #[error("{origin}: room {room:?}: {problem}")]
@@ -245,6 +247,7 @@ struct RawRoom {
 pub struct Registry {
     rooms: BTreeMap<RoomName, Room>,
     daemon: Option<toml::Table>,
+    web: Option<toml::Table>,
 }
 
 impl Registry {
@@ -261,14 +264,20 @@ impl Registry {
         })?;
         let mut rooms = BTreeMap::new();
         let mut daemon = None;
+        let mut web = None;
         for (key, value) in table {
-            if key == "daemon" {
+            if key == "daemon" || key == "web" {
                 let toml::Value::Table(t) = value else {
                     return Err(ConfigError::DaemonNotTable {
                         origin: origin.to_owned(),
+                        key,
                     });
                 };
-                daemon = Some(t);
+                if key == "daemon" {
+                    daemon = Some(t);
+                } else {
+                    web = Some(t);
+                }
                 continue;
             }
             if key != "rooms" {
@@ -291,7 +300,7 @@ impl Registry {
                 rooms.insert(room.name.clone(), room);
             }
         }
-        let registry = Self { rooms, daemon };
+        let registry = Self { rooms, daemon, web };
         registry.check_unique(origin)?;
         Ok(registry)
     }
@@ -344,6 +353,11 @@ impl Registry {
     /// mcchatd validates (`mcchat` has no use for them).
     pub fn daemon_table(&self) -> Option<&toml::Table> {
         self.daemon.as_ref()
+    }
+
+    /// The `[web]` table as written (mcchatd's web gateway), if the file has one.
+    pub fn web_table(&self) -> Option<&toml::Table> {
+        self.web.as_ref()
     }
 }
 
@@ -474,7 +488,7 @@ mod tests {
         let e = err(&format!("bogus = 1\n{SHIPPED}"));
         assert_eq!(
             e,
-            "rooms.toml: unknown key \"bogus\" at the top level (expected `rooms` or `daemon`)"
+            "rooms.toml: unknown key \"bogus\" at the top level (expected `rooms`, `daemon` or `web`)"
         );
     }
 

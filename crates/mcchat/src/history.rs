@@ -39,6 +39,7 @@ pub(crate) async fn run(args: &HistoryArgs) -> Result<()> {
         since_ms,
         grep: args.grep.clone(),
         limit: Some(args.limit),
+        ..HistoryQuery::new(args.room.as_str())
     };
     let mut out = Stdout::new();
     let color = !args.json && out.is_terminal() && std::env::var_os("NO_COLOR").is_none();

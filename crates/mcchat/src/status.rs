@@ -32,7 +32,7 @@ fn render(v: &Status) -> String {
     // Writing to a String cannot fail; results are ignored for that reason.
     let _ = writeln!(
         o,
-        "mcchatd {} up {} s, rooms from {}, listening on {}, {} subscribers",
+        "mcchatd {} up {} s, rooms from {}, listening on {}, {} subscribers, {} web clients",
         for_terminal(&v.version),
         v.uptime_secs,
         for_terminal(&v.rooms_file),
@@ -42,11 +42,12 @@ fn render(v: &Status) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         v.subscribers,
+        v.web_clients,
     );
     let _ = writeln!(
         o,
-        "{:<20} {:<26} {:<6} SUBSCRIBERS",
-        "ROOM", "GROUP:PORT", "JOINED"
+        "{:<20} {:<26} {:<6} {:<4} SUBSCRIBERS",
+        "ROOM", "GROUP:PORT", "JOINED", "WEB"
     );
     for room in &v.rooms {
         let subs: Vec<String> = room
@@ -59,10 +60,11 @@ fn render(v: &Status) -> String {
             .collect();
         let _ = writeln!(
             o,
-            "{:<20} {:<26} {:<6} {}{}",
+            "{:<20} {:<26} {:<6} {:<4} {}{}",
             for_terminal(&room.name),
             for_terminal(&room.group),
             if room.joined { "yes" } else { "no" },
+            room.web_clients,
             subs.len(),
             if subs.is_empty() {
                 String::new()
@@ -143,6 +145,7 @@ mod tests {
                     name: "al\u{1b}[2Jice".into(),
                     expires_in_secs: 59,
                 }],
+                web_clients: 2,
             }],
             counters: Counters {
                 received_unicast: 1,
@@ -166,14 +169,15 @@ mod tests {
                 path: "/var/lib/mcchat/history.sqlite3".into(),
                 dropped: 19,
             }),
+            web_clients: 3,
         };
         let table = render(&status);
         let want = [
             "mcchatd 0.1.0 up 42 s, rooms from built-in rooms, listening on 127.0.0.1:5554 \
-             [::1]:5554, 1 subscribers",
-            "ROOM                 GROUP:PORT                 JOINED SUBSCRIBERS",
+             [::1]:5554, 1 subscribers, 3 web clients",
+            "ROOM                 GROUP:PORT                 JOINED WEB  SUBSCRIBERS",
             &format!(
-                "room1                239.255.77.1:5555          yes    1 ({}@127.0.0.1:40000)",
+                "room1                239.255.77.1:5555          yes    2    1 ({}@127.0.0.1:40000)",
                 for_terminal("al\u{1b}[2Jice")
             ),
             "received 1 unicast, 2 multicast; relayed 3 to groups, 4 to subscribers; \

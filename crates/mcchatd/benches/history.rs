@@ -57,10 +57,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 /// The newest message: cheap to read, so what is measured is the writing before it.
 fn newest() -> Query {
     Query {
-        room: "room1".into(),
-        since_ms: None,
-        grep: None,
         limit: Some(1),
+        ..Query::new("room1")
     }
 }
 

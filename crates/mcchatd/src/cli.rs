@@ -37,6 +37,11 @@ pub struct Cli {
 
     /// Who may use the relay: `loopback`, `connected` or a network; repeat for several;
     /// overrides `allow` in the file [default: loopback and connected]
+    /// Serve the chat page and its WebSocket on this address (repeatable; overrides
+    /// `[web] listen`). Off unless set.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_listen)]
+    pub web: Vec<SocketAddr>,
+
     #[arg(long, value_name = "NET", value_parser = config::parse_allow)]
     pub allow: Vec<Allow>,
 

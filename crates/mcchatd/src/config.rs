@@ -207,7 +207,7 @@ pub const REPAIR_CACHE_BYTES: Limit = Limit::new("repair_cache_bytes", 0, 1 << 3
 pub const REPAIR_WINDOW_SECS: Limit = Limit::new("repair_window_secs", 1, 3600);
 
 impl Limit {
-    const fn new(key: &'static str, lo: i64, hi: i64) -> Self {
+    pub(crate) const fn new(key: &'static str, lo: i64, hi: i64) -> Self {
         Self { key, lo, hi }
     }
 

@@ -101,6 +101,15 @@ pub(crate) struct Counters {
     /// Datagrams relayed for sources that proved no address (no valid cookie), under the
     /// budget they share.
     pub(crate) relayed_unproven: u64,
+    /// Web connections accepted, and refused by the allow list.
+    pub(crate) web_connections: u64,
+    pub(crate) web_refused: u64,
+    /// Datagrams web clients' engines sent (messages, presence, repairs).
+    pub(crate) relayed_from_web: u64,
+    /// Frames encoded for web clients (each once, for every client of its room).
+    pub(crate) web_frames: u64,
+    /// Messages web clients were told are lost (`gap` frames' counts).
+    pub(crate) web_gaps: u64,
     /// Drops by reason.
     pub(crate) dropped: BTreeMap<&'static str, u64>,
 }
@@ -129,6 +138,11 @@ impl From<Counters> for control::Counters {
             expired: c.expired,
             nacks_unproven: c.nacks_unproven,
             relayed_unproven: c.relayed_unproven,
+            web_connections: c.web_connections,
+            web_refused: c.web_refused,
+            relayed_from_web: c.relayed_from_web,
+            web_frames: c.web_frames,
+            web_gaps: c.web_gaps,
             dropped: c
                 .dropped
                 .into_iter()

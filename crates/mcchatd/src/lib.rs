@@ -36,3 +36,4 @@ mod status;
 mod subs;
 #[cfg(test)]
 mod test_support;
+mod web;

@@ -16,6 +16,48 @@ struct Bucket {
     last: Instant,
 }
 
+impl Bucket {
+    /// Refills for the time since it was last used and takes a token if it has one.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One token bucket of its own (one web connection's messages).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Single {
+    bucket: Bucket,
+    rate: f64,
+    burst: f64,
+}
+
+impl Single {
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            bucket: Bucket {
+                tokens: burst,
+                last: now,
+            },
+            rate: f64::from(rate),
+            burst,
+        }
+    }
+
+    /// Takes one token; false if none is left.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        self.bucket.take(self.rate, self.burst, now)
+    }
+}
+
 /// Token buckets keyed by source address.
 #[derive(Debug)]
 pub(crate) struct Limiter {
@@ -59,15 +101,7 @@ impl Limiter {
             tokens: burst,
             last: now,
         });
-        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        b.take(rate, burst, now)
     }
 
     /// Drops buckets that have refilled completely: they hold no information. Called on the

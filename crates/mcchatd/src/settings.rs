@@ -19,6 +19,8 @@ pub(crate) struct Settings {
     pub(crate) daemon: DaemonSettings,
     /// Where the rooms came from.
     pub(crate) origin: Origin,
+    /// The web gateway (`[web]` and `--web`).
+    pub(crate) web: crate::web::config::WebSettings,
 }
 
 /// Loads the rooms file the flags or search path name, and applies the flags.
@@ -26,10 +28,16 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings> {
     let loaded = mcchat_core::config::load(cli.rooms.as_deref())?;
     let file = DaemonSettings::from_registry(&loaded.registry, &loaded.origin.label())?;
     let daemon = apply_flags(file, cli);
+    let mut web =
+        crate::web::config::WebSettings::from_registry(&loaded.registry, &loaded.origin.label())?;
+    if !cli.web.is_empty() {
+        web.listen.clone_from(&cli.web);
+    }
     Ok(Settings {
         registry: loaded.registry,
         daemon,
         origin: loaded.origin,
+        web,
     })
 }
 

@@ -10,9 +10,12 @@ pub(crate) fn settings(text: &str) -> Settings {
     let registry = Registry::from_toml(text, "test rooms.toml").expect("rooms");
     let daemon = crate::config::DaemonSettings::from_registry(&registry, "test rooms.toml")
         .expect("daemon settings");
+    let web = crate::web::config::WebSettings::from_registry(&registry, "test rooms.toml")
+        .expect("web settings");
     Settings {
         registry,
         daemon,
+        web,
         origin: Origin {
             path: None,
             found: Found::BuiltIn,

@@ -17,6 +17,8 @@ pub(crate) struct Bound {
     pub(super) relay: Vec<RelaySocket>,
     pub(super) tcp: Vec<TcpListener>,
     pub(super) unix: Option<(UnixListener, PathBuf)>,
+    /// The web gateway's listeners (`--web`), if any.
+    pub(super) web: Vec<TcpListener>,
 }
 
 impl Bound {
@@ -24,6 +26,15 @@ impl Bound {
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn relay_addrs(&self) -> Vec<SocketAddr> {
         self.relay.iter().map(RelaySocket::local_addr).collect()
+    }
+
+    /// The web listeners' addresses.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn web_addrs(&self) -> Vec<SocketAddr> {
+        self.web
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 }
 
@@ -113,5 +124,20 @@ pub(crate) fn bind(settings: &Settings) -> Result<Bound> {
             }
         },
     };
-    Ok(Bound { relay, tcp, unix })
+    let mut web = Vec::new();
+    for at in &settings.web.listen {
+        let l = socket::tcp_listener(*at)
+            .and_then(TcpListener::from_std)
+            .with_context(|| {
+                format!("failed to serve the web page on TCP {at} (is the port in use?)")
+            })?;
+        tracing::info!(bound = %l.local_addr().map_or(*at, |a| a), "web page and WebSocket on HTTP");
+        web.push(l);
+    }
+    Ok(Bound {
+        relay,
+        tcp,
+        unix,
+        web,
+    })
 }

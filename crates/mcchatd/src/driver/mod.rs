@@ -35,6 +35,8 @@ mod bind;
 mod reload;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod web_tests;
 
 pub use crate::settings::check_config;
 use bind::multicast_config;
@@ -76,12 +78,22 @@ type SharedNets = Arc<std::sync::RwLock<(Vec<Allow>, Vec<IpNet>)>>;
 fn random_seed() -> Result<Seed> {
     let mut cookie_key = [0u8; 64];
     let mut id = [0u8; 4];
+    let mut more = [0u8; 16];
     getrandom::fill(&mut cookie_key)
         .and_then(|()| getrandom::fill(&mut id))
+        .and_then(|()| getrandom::fill(&mut more))
         .map_err(|e| anyhow::anyhow!("failed to get random bytes for the cookie key: {e}"))?;
+    let [a, b] = [&more[..8], &more[8..]].map(|h| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(h);
+        u64::from_le_bytes(w)
+    });
     Ok(Seed {
         cookie_key,
         relay_id: u32::from_be_bytes(id),
+        web: a,
+        // 53 bits, so that a browser's JSON number holds it exactly.
+        epoch: b >> 11,
     })
 }
 
@@ -122,6 +134,10 @@ struct Driver {
     feed: group::Feed,
     history: Option<History>,
     records: crate::history::Batch,
+    /// Web connections' queues, by connection.
+    web: HashMap<crate::hub::web::ConnId, mpsc::Sender<crate::web::ToConn>>,
+    /// Where preloaded history for a room's view comes back.
+    web_events: mpsc::Sender<crate::web::WebEvent>,
     /// Scratch for one fan-out's destinations.
     dests: Vec<(SocketAddr, Option<IpAddr>)>,
     shared_nets: SharedNets,
@@ -156,9 +172,16 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
     }
     let start = tokio::time::Instant::now();
     let ttl = settings.daemon.ttl;
+    let (web_tx, mut web_rx) = mpsc::channel::<crate::web::WebEvent>(4096);
+    let web_settings = settings.web.clone();
+    let web_rooms: Vec<String> = settings
+        .registry
+        .rooms()
+        .map(|r| r.name().to_string())
+        .collect();
     let hub = Hub::new(
         settings,
-        history.is_some(),
+        history.as_ref().map(History::journal),
         nets.subnets,
         random_seed()?,
         now(control.wall, start),
@@ -179,6 +202,8 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         },
         history,
         records: crate::history::Batch::new(),
+        web: HashMap::new(),
+        web_events: web_tx.clone(),
         dests: Vec::new(),
         shared_nets,
         token: token.clone(),
@@ -222,6 +247,32 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             tracker.clone(),
         ));
     }
+    if !bound.web.is_empty() {
+        let nets = Arc::clone(&driver.shared_nets);
+        let is_allowed = move |peer: SocketAddr| {
+            let nets = nets
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            crate::hub::admission::allows(&nets.0, &nets.1, peer.ip())
+        };
+        let state = Arc::new(crate::web::WebState::new(
+            web_tx,
+            services.history.clone(),
+            web_settings,
+            web_rooms,
+            Box::new(is_allowed),
+            token.child_token(),
+        ));
+        for listener in bound.web {
+            tracker.spawn(crate::web::serve(
+                listener,
+                Arc::clone(&state),
+                token.child_token(),
+            ));
+        }
+    } else {
+        drop(web_tx);
+    }
     drop(services);
     driver.flush().await;
     let rooms = driver.hub.settings().registry.rooms().count();
@@ -259,6 +310,13 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
                 for _ in 1..GROUP_BATCH {
                     let Ok(d) = group_rx.try_recv() else { break };
                     driver.on_group(d);
+                }
+            }
+            Some(ev) = web_rx.recv() => {
+                driver.on_web(ev);
+                for _ in 1..GROUP_BATCH {
+                    let Ok(ev) = web_rx.try_recv() else { break };
+                    driver.on_web(ev);
                 }
             }
             Some(req) = status_rx.recv() => {
@@ -479,9 +537,88 @@ impl Driver {
                         stop.cancel();
                     }
                 }
-                Output::Record { data, recv_ms } => self.records.push(&data, recv_ms),
+                Output::Record {
+                    data,
+                    recv_ms,
+                    offset,
+                } => self.records.push_at(&data, recv_ms, Some(offset)),
+                Output::ToWeb { to, frame } => {
+                    for conn in to.iter() {
+                        let full = self.web.get(conn).is_some_and(|tx| {
+                            matches!(
+                                tx.try_send(crate::web::ToConn::Frame(Arc::clone(&frame))),
+                                Err(mpsc::error::TrySendError::Full(_))
+                            )
+                        });
+                        if full {
+                            // Letting go of its queue closes it ("too slow"); nobody waits.
+                            self.web.remove(conn);
+                            let now = self.now();
+                            self.hub
+                                .on_web(*conn, crate::hub::web::WebInput::Closed, now);
+                        }
+                    }
+                }
+                Output::WebJoined { conn, joined } => {
+                    // Its history is read next: what was numbered before must be there.
+                    self.hand_over_records();
+                    if let Some(tx) = self.web.get(&conn) {
+                        let _ = tx.try_send(crate::web::ToConn::Joined(joined));
+                    }
+                }
+                Output::WebRefused {
+                    conn,
+                    refusal,
+                    close,
+                } => {
+                    if let Some(tx) = self.web.get(&conn) {
+                        let _ = tx.try_send(crate::web::ToConn::Refused(refusal, close));
+                    }
+                }
+                Output::WebPreload { room } => {
+                    self.hand_over_records();
+                    if let Some(reader) = self.history.as_ref().map(History::reader) {
+                        let events = self.web_events.clone();
+                        let stop = self.token.clone();
+                        self.tracker.spawn(async move {
+                            let q = mcchat_core::control::HistoryQuery {
+                                limit: Some(crate::hub::web::PRELOAD),
+                                ..mcchat_core::control::HistoryQuery::new(room.as_str())
+                            };
+                            let records = tokio::select! {
+                                () = stop.cancelled() => return,
+                                r = reader.query(q) => r.unwrap_or_default(),
+                            };
+                            let input = crate::hub::web::WebInput::Preload { room, records };
+                            let _ = events
+                                .send(crate::web::WebEvent {
+                                    conn: 0,
+                                    input,
+                                    tx: None,
+                                })
+                                .await;
+                        });
+                    }
+                }
             }
         }
+        self.hand_over_records();
+    }
+
+    /// A web connection's event into the hub.
+    fn on_web(&mut self, ev: crate::web::WebEvent) {
+        if let Some(tx) = ev.tx {
+            self.web.insert(ev.conn, tx);
+        }
+        if matches!(ev.input, crate::hub::web::WebInput::Closed) {
+            self.web.remove(&ev.conn);
+        }
+        let now = self.now();
+        self.hub.on_web(ev.conn, ev.input, now);
+    }
+
+    /// Hands the records queued so far to the history writer.
+    fn hand_over_records(&mut self) {
         if !self.records.is_empty()
             && let Some(h) = &mut self.history
         {
@@ -617,7 +754,8 @@ impl Driver {
     /// closes history, all within [`SHUTDOWN_GRACE`].
     async fn shutdown(&mut self) {
         let started = tokio::time::Instant::now();
-        self.hub.shutdown();
+        let now = self.now();
+        self.hub.shutdown(now);
         let budget = SHUTDOWN_GRACE / 3;
         if tokio::time::timeout(budget, self.flush()).await.is_err() {
             tracing::warn!("could not tell every subscriber in time");

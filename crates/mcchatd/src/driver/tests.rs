@@ -207,6 +207,7 @@ async fn reload_closes_a_removed_room_and_keeps_running_on_a_bad_file() {
                 path: Some(p.clone()),
                 found: mcchat_core::config::Found::Flag,
             },
+            web: crate::web::config::WebSettings::default(),
         })
     });
     let d = start(text.clone(), loader);

@@ -60,7 +60,7 @@ const BATCH: usize = 4096;
 /// several times its cost per extra row).
 const ROWS: [usize; 4] = [64, 16, 4, 1];
 /// Columns bound per row.
-const COLUMNS: usize = 8;
+const COLUMNS: usize = 9;
 /// How long the writer lets records gather before it commits them. A commit costs about as
 /// much CPU as 50 rows: at 10,000 messages a second, 20 ms makes it 200 rows (5 ms, 25% more
 /// CPU per message). A killed process loses at most the messages of this last moment.
@@ -95,6 +95,8 @@ pub enum HistoryError {
     Thread(std::io::Error),
     #[error("the history writer has stopped")]
     Stopped,
+    #[error("cannot draw the history database's epoch: {0}")]
+    Random(String),
 }
 
 /// One stored message (the control contract's record, so a query's answer is what is stored).
@@ -131,8 +133,9 @@ pub use mcchat_core::control::HistoryQuery as Query;
 #[derive(Debug, Default)]
 pub struct Batch {
     bytes: Vec<u8>,
-    /// Where each datagram ends in `bytes`, and when it was received.
-    ends: Vec<(usize, u64)>,
+    /// Where each datagram ends in `bytes`, when it was received, and the row id the hub gave
+    /// it (its offset, PROTOCOL.md 7), if any.
+    ends: Vec<(usize, u64, Option<u64>)>,
 }
 
 impl Batch {
@@ -142,8 +145,14 @@ impl Batch {
 
     /// Adds a received datagram; `recv_ms` is when it arrived.
     pub fn push(&mut self, data: &[u8], recv_ms: u64) {
+        self.push_at(data, recv_ms, None);
+    }
+
+    /// Adds a received datagram to be stored as row `id` (the hub numbers every message, so
+    /// that a web client's offset is the row it will find in history).
+    pub fn push_at(&mut self, data: &[u8], recv_ms: u64, id: Option<u64>) {
         self.bytes.extend_from_slice(data);
-        self.ends.push((self.bytes.len(), recv_ms));
+        self.ends.push((self.bytes.len(), recv_ms, id));
     }
 
     /// Datagrams in the batch.
@@ -161,11 +170,11 @@ impl Batch {
         self.ends.clear();
     }
 
-    /// Datagram `i` and when it was received.
-    fn get(&self, i: usize) -> (&[u8], u64) {
+    /// Datagram `i`, when it was received, and its row id if it has one.
+    fn get(&self, i: usize) -> (&[u8], u64, Option<u64>) {
         let start = i.checked_sub(1).map_or(0, |p| self.ends[p].0);
-        let (end, recv_ms) = self.ends[i];
-        (&self.bytes[start..end], recv_ms)
+        let (end, recv_ms, id) = self.ends[i];
+        (&self.bytes[start..end], recv_ms, id)
     }
 
     /// How many of `other`'s datagrams, from the first, fit beside these within the queue's
@@ -174,7 +183,7 @@ impl Batch {
         let records = QUEUE.saturating_sub(self.len()).min(other.len());
         let budget = QUEUE_BYTES.saturating_sub(self.bytes.len());
         // Ends grow, so the datagrams that fit are a prefix.
-        other.ends[..records].partition_point(|&(end, _)| end <= budget)
+        other.ends[..records].partition_point(|&(end, _, _)| end <= budget)
     }
 
     /// Moves the first `n` of `other`'s datagrams here (all of them into an empty batch by a
@@ -187,8 +196,11 @@ impl Batch {
         let base = self.bytes.len();
         let bytes = n.checked_sub(1).map_or(0, |l| other.ends[l].0);
         self.bytes.extend_from_slice(&other.bytes[..bytes]);
-        self.ends
-            .extend(other.ends[..n].iter().map(|&(end, at)| (base + end, at)));
+        self.ends.extend(
+            other.ends[..n]
+                .iter()
+                .map(|&(end, at, id)| (base + end, at, id)),
+        );
     }
 }
 
@@ -289,6 +301,43 @@ pub struct History {
     /// whole budget was spent; the process is exiting).
     gave_up: bool,
     stats: HistoryStats,
+    journal: Journal,
+}
+
+/// What makes history's row ids usable as offsets (PROTOCOL.md 7): which database they number
+/// (`epoch`, drawn when the database was made, so a new file never matches an old client's
+/// offset), and the last one used when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Journal {
+    pub epoch: u64,
+    pub last_id: u64,
+}
+
+/// Reads the database's epoch, drawing and storing it the first time, and its last row id.
+fn journal(conn: &Connection, path: &Path) -> Result<Journal, HistoryError> {
+    let mut fresh = [0u8; 8];
+    getrandom::fill(&mut fresh).map_err(|e| HistoryError::Random(e.to_string()))?;
+    // Only 53 bits, so that a browser's JSON number holds it exactly.
+    let fresh = u64::from_le_bytes(fresh) >> 11;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+        [to_sql(fresh)],
+    )
+    .map_err(db_err(path))?;
+    let epoch: i64 = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
+        .map_err(db_err(path))?;
+    let last_id: i64 = conn
+        .query_row("SELECT coalesce(max(id), 0) FROM messages", [], |r| {
+            r.get(0)
+        })
+        .map_err(db_err(path))?;
+    Ok(Journal {
+        epoch: from_sql(epoch),
+        last_id: from_sql(last_id),
+    })
 }
 
 fn db_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> HistoryError + '_ {
@@ -352,7 +401,8 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
          CREATE UNIQUE INDEX IF NOT EXISTS messages_once
             ON messages (room, instance, seq) WHERE instance IS NOT NULL;
          CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id);
-         CREATE INDEX IF NOT EXISTS messages_by_time ON messages (room, recv_ms);",
+         CREATE INDEX IF NOT EXISTS messages_by_time ON messages (room, recv_ms);
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
     )
     .map_err(db_err(path))?;
     Ok(conn)
@@ -367,6 +417,7 @@ impl History {
         })?;
         let path = dir.join(FILE_NAME);
         let conn = open_db(&path)?;
+        let journal = journal(&conn, &path)?;
         let shared = Arc::new(Shared::default());
         let (ended_tx, ended) = mpsc::channel();
         let policy = Arc::new(Mutex::new(policy));
@@ -392,11 +443,17 @@ impl History {
             gave_up: false,
             ended,
             stats: HistoryStats::default(),
+            journal,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The database's epoch and its last row id when it was opened.
+    pub fn journal(&self) -> Journal {
+        self.journal
     }
 
     pub fn stats(&self) -> HistoryStats {

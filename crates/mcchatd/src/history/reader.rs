@@ -75,8 +75,9 @@ fn read(
     // it, found on the time index. Rows are numbered in the order received, so the scans
     // below stay on the (room, id) index and read only what they return (plus what `grep`
     // skips), however large the room.
+    let after = q.after.map_or(0, |a| to_sql(a.saturating_add(1)));
     let first_id: i64 = match q.since_ms {
-        None => 0,
+        None => after,
         Some(since) => conn
             .query_row(
                 "SELECT coalesce(
@@ -84,10 +85,12 @@ fn read(
                     WHERE room = ?1 AND recv_ms >= ?2 ORDER BY recv_ms LIMIT 1),
                    9223372036854775807)",
                 params![q.room, to_sql(since)],
-                |r| r.get(0),
+                |r| r.get::<_, i64>(0),
             )
-            .map_err(db_err(path))?,
+            .map_err(db_err(path))?
+            .max(after),
     };
+    let before = q.before.map_or(i64::MAX, |b| to_sql(b).saturating_sub(1));
     let since = to_sql(q.since_ms.unwrap_or(0));
     // The newest `limit` matching: from the id of the limit-th newest (or the first) to the
     // newest now, so messages stored while the answer is written are not in it.
@@ -95,11 +98,18 @@ fn read(
         .query_row(
             "SELECT
                coalesce((SELECT id FROM messages INDEXED BY messages_by_room
-                 WHERE room = ?1 AND id >= ?2 AND recv_ms >= ?4
+                 WHERE room = ?1 AND id >= ?2 AND id <= ?6 AND recv_ms >= ?4
                    AND (?3 IS NULL OR instr(lower(text), lower(?3)) > 0)
                  ORDER BY id DESC LIMIT 1 OFFSET ?5), ?2),
-               coalesce((SELECT max(id) FROM messages WHERE room = ?1), -1)",
-            params![q.room, first_id, q.grep, since, i64::from(limit) - 1],
+               coalesce((SELECT max(id) FROM messages WHERE room = ?1 AND id <= ?6), -1)",
+            params![
+                q.room,
+                first_id,
+                q.grep,
+                since,
+                i64::from(limit) - 1,
+                before
+            ],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .map_err(db_err(path))?;
@@ -130,6 +140,7 @@ fn read(
                         seq: r.get::<_, Option<i64>>(6)?.map(seq_from_sql),
                         ts_ms: r.get::<_, Option<i64>>(7)?.map(from_sql),
                         recv_ms: from_sql(r.get(8)?),
+                        offset: Some(from_sql(last)),
                     })
                 },
             )

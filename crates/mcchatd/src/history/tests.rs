@@ -34,6 +34,8 @@ fn query(room: &str) -> Query {
         since_ms: None,
         grep: None,
         limit: Some(MAX_QUERY),
+        after: None,
+        before: None,
     }
 }
 
@@ -284,7 +286,10 @@ fn a_batch_is_admitted_up_to_the_queue_bounds() {
     offered.push(b"cde", 3);
     assert_eq!(queue.room_for(&offered), 2);
     queue.take_from(&mut offered, 2);
-    let got: Vec<(&[u8], u64)> = (0..queue.len()).map(|i| queue.get(i)).collect();
+    let got: Vec<(&[u8], u64)> = (0..queue.len())
+        .map(|i| queue.get(i))
+        .map(|(d, at, _)| (d, at))
+        .collect();
     assert_eq!(
         got,
         [
@@ -413,8 +418,13 @@ async fn what_is_stored_is_the_contracts_record() {
         .iter()
         .enumerate()
         .filter_map(|(i, d)| Record::decode(d, now + i as u64))
+        .zip(1..)
+        .map(|(r, row)| Record {
+            offset: Some(row),
+            ..r
+        })
         .collect();
-    assert_eq!(got, want);
+    assert_eq!(got, want, "every record, numbered by its row");
     assert_eq!(got.len(), 5, "the heartbeat and the garbage are not stored");
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);

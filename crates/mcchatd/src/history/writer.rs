@@ -104,6 +104,8 @@ fn insert<'a>(
 
 /// One message, decoded from its datagram and borrowing from it, ready to bind.
 struct Row<'a> {
+    /// The row id the hub gave it; `None` lets SQLite choose (tests, older callers).
+    id: Option<i64>,
     room: &'a str,
     kind: &'static str,
     sender: &'a str,
@@ -117,12 +119,13 @@ struct Row<'a> {
 
 impl<'a> Row<'a> {
     /// The row for a chat datagram (`msg` or `me`); `None` for anything else.
-    fn decode(data: &'a [u8], recv_ms: u64) -> Option<Self> {
+    fn decode(data: &'a [u8], recv_ms: u64, id: Option<u64>) -> Option<Self> {
         let frame = wire::decode(data).ok()?;
         if !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
             return None;
         }
         Some(Self {
+            id: id.map(to_sql),
             room: frame.room,
             kind: frame.meta.kind.name(),
             sender: frame.sender,
@@ -137,18 +140,19 @@ impl<'a> Row<'a> {
     /// Binds this row as the `n`th (from 0) of a multi-row INSERT.
     fn bind(&self, stmt: &mut rusqlite::Statement<'_>, n: usize) -> rusqlite::Result<()> {
         let at = n * COLUMNS;
-        stmt.raw_bind_parameter(at + 1, self.room)?;
-        stmt.raw_bind_parameter(at + 2, self.kind)?;
-        stmt.raw_bind_parameter(at + 3, self.sender)?;
-        stmt.raw_bind_parameter(at + 4, self.text)?;
+        stmt.raw_bind_parameter(at + 1, self.id)?;
+        stmt.raw_bind_parameter(at + 2, self.room)?;
+        stmt.raw_bind_parameter(at + 3, self.kind)?;
+        stmt.raw_bind_parameter(at + 4, self.sender)?;
+        stmt.raw_bind_parameter(at + 5, self.text)?;
         let instance = self
             .instance
             .as_ref()
             .and_then(|h| std::str::from_utf8(h).ok());
-        stmt.raw_bind_parameter(at + 5, instance)?;
-        stmt.raw_bind_parameter(at + 6, self.seq)?;
-        stmt.raw_bind_parameter(at + 7, self.ts_ms)?;
-        stmt.raw_bind_parameter(at + 8, self.recv_ms)
+        stmt.raw_bind_parameter(at + 6, instance)?;
+        stmt.raw_bind_parameter(at + 7, self.seq)?;
+        stmt.raw_bind_parameter(at + 8, self.ts_ms)?;
+        stmt.raw_bind_parameter(at + 9, self.recv_ms)
     }
 }
 
@@ -167,13 +171,13 @@ fn hex16(v: u64) -> [u8; 16] {
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT OR IGNORE INTO messages
-         (room, kind, sender, text, instance, seq, ts_ms, recv_ms) VALUES ",
+         (id, room, kind, sender, text, instance, seq, ts_ms, recv_ms) VALUES ",
     );
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?,?,?,?,?,?,?,?)");
+        sql.push_str("(?,?,?,?,?,?,?,?,?)");
     }
     sql
 }
@@ -332,8 +336,8 @@ impl Writer {
             let mut rows = Vec::with_capacity(ROWS[0]);
             let mut added = Added::default();
             for i in range {
-                let (data, recv_ms) = batch.get(i);
-                rows.extend(Row::decode(data, recv_ms));
+                let (data, recv_ms, id) = batch.get(i);
+                rows.extend(Row::decode(data, recv_ms, id));
                 if rows.len() == ROWS[0] {
                     insert(&tx, &inserts[0], &rows, &mut added)?;
                     rows.clear();

@@ -213,8 +213,10 @@ impl Hub {
         }
     }
 
-    /// Shutting down: every subscriber is told, and every group left.
-    pub(crate) fn shutdown(&mut self) {
+    /// Shutting down: every web client says goodbye, every subscriber is told, and every
+    /// group left.
+    pub(crate) fn shutdown(&mut self, now: Now) {
+        self.web_leave_all(now);
         let all: Vec<(RoomName, Member)> = self.subs.all().map(|(r, m)| (r.clone(), m)).collect();
         for (room, member) in all {
             self.tell_closed(&room, &[member], "mcchatd is stopping");

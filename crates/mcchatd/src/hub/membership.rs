@@ -63,7 +63,7 @@ impl Membership {
 }
 
 impl Hub {
-    /// The rooms whose groups the daemon should be in: those with subscribers, the
+    /// The rooms whose groups the daemon should be in: those with subscribers or web clients, the
     /// configured rooms marked `keep`, and, while history is on, the configured rooms that
     /// keep history (so their history is complete).
     fn wanted(&self) -> HashMap<RoomName, SocketAddr> {
@@ -76,7 +76,7 @@ impl Hub {
             })
             .map(|r| (r.name().clone(), r.group()))
             .collect();
-        for name in self.subs.rooms() {
+        for name in self.subs.rooms().chain(self.web.wanted_rooms()) {
             if let Some(room) = self.room(name.as_str()) {
                 wanted.insert(room.name().clone(), room.group());
             }

@@ -16,6 +16,7 @@ pub(crate) mod routing;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+pub(crate) mod web;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -97,8 +98,30 @@ pub(crate) enum Output {
     },
     /// Leave the membership of that generation.
     Leave { room: RoomName, generation: u64 },
-    /// Store a chat datagram in history, received at `recv_ms`.
-    Record { data: Bytes, recv_ms: u64 },
+    /// Store a chat datagram in history, received at `recv_ms`, as row `offset`.
+    Record {
+        data: Bytes,
+        recv_ms: u64,
+        offset: u64,
+    },
+    /// Send one frame to these web connections.
+    ToWeb {
+        to: Arc<[web::ConnId]>,
+        frame: Arc<crate::web::protocol::WebFrame>,
+    },
+    /// A web connection is in a room: tell it, with its history.
+    WebJoined {
+        conn: web::ConnId,
+        joined: web::Joined,
+    },
+    /// Tell a web connection what it asked for cannot be done; `close`: and close it.
+    WebRefused {
+        conn: web::ConnId,
+        refusal: web::Refusal,
+        close: bool,
+    },
+    /// Read a room's recent history for its new view ([`web::WebInput::Preload`]).
+    WebPreload { room: RoomName },
 }
 
 /// The random parts of a hub, drawn by the driver.
@@ -108,6 +131,10 @@ pub(crate) struct Seed {
     pub(crate) cookie_key: [u8; 64],
     /// This daemon's id in `relay` tags.
     pub(crate) relay_id: u32,
+    /// Seeds the web clients' instance ids and engines.
+    pub(crate) web: u64,
+    /// Names this run's offsets when there is no history (with history, its epoch does).
+    pub(crate) epoch: u64,
 }
 
 /// What a reload changed that only a restart applies.
@@ -131,6 +158,7 @@ pub(crate) struct Hub {
     recording: bool,
     policy: Policy,
     counters: Counters,
+    web: web::Web,
     out: VecDeque<Output>,
     /// Scratch for datagrams the hub writes.
     text: String,
@@ -175,16 +203,18 @@ fn is_repair(frame: &Frame<'_>) -> bool {
 }
 
 impl Hub {
-    /// A hub for `settings`; `recording` says whether history is open; `connected` are the
+    /// A hub for `settings`; `journal` is history's, if it is open; `connected` are the
     /// host's subnets (for `allow = ["connected"]`).
     pub(crate) fn new(
         settings: Settings,
-        recording: bool,
+        journal: Option<crate::history::Journal>,
         connected: Vec<IpNet>,
         seed: Seed,
         now: Now,
     ) -> Self {
         let d = &settings.daemon;
+        let recording = journal.is_some();
+        let (epoch, last_offset) = journal.map_or((seed.epoch, 0), |j| (j.epoch, j.last_id));
         let mut hub = Self {
             admission: Admission::new(d, connected),
             cookies: CookieJar::with_key(seed.cookie_key),
@@ -196,6 +226,7 @@ impl Hub {
             recording,
             policy: history_policy(&settings),
             counters: Counters::default(),
+            web: web::Web::new(epoch, last_offset, seed.web),
             out: VecDeque::new(),
             text: String::with_capacity(wire::MAX_DATAGRAM),
             scratch: Vec::with_capacity(wire::MAX_DATAGRAM),
@@ -217,15 +248,17 @@ impl Hub {
 
     /// When [`Hub::poll`] next has work.
     pub(crate) fn next_deadline(&self) -> Instant {
-        self.cache
-            .next_deadline()
-            .map_or(self.next_tick, |t| t.min(self.next_tick))
+        [self.cache.next_deadline(), self.web.next_deadline()]
+            .into_iter()
+            .flatten()
+            .fold(self.next_tick, Instant::min)
     }
 
     /// Timers: standby repairs and leave repeats, lapsed leases, idle buckets, join retries.
     pub(crate) fn poll(&mut self, now: Now) {
         let repairs = self.cache.poll(now.mono);
         self.send_repairs(repairs, now.mono);
+        self.poll_web(now);
         if now.mono < self.next_tick {
             return;
         }
@@ -419,16 +452,17 @@ impl Hub {
         if frame.meta.kind == Kind::Nack {
             // A subscriber's NACK: answered from the cache when it holds all of it and the
             // budgets allow; otherwise it goes on to the sender as well (repairs.rs).
-            if let Some(nack) = Nack::from_frame(frame)
-                && self.answer_nack(room.name(), &nack, from, proven, now)
-            {
-                self.scratch = tagged;
-                return;
+            if let Some(nack) = Nack::from_frame(frame) {
+                self.nack_for_web(&nack, data, now);
+                if self.answer_nack(room.name(), &nack, from, proven, now) {
+                    self.scratch = tagged;
+                    return;
+                }
             }
         } else {
             self.cache
                 .observe(room.name(), &frame.meta, is_repair(frame), data, now.mono);
-            self.record(room.name(), frame, &shared, now);
+            self.note_chat(room.name(), frame, &shared, from.addr, now);
         }
         if forwards(PortKind::Udp, PortKind::Group) {
             self.counters.relayed_to_group += 1;
@@ -504,6 +538,7 @@ impl Hub {
         let shared = Bytes::copy_from_slice(data);
         if frame.meta.kind == Kind::Nack {
             if let Some(nack) = Nack::from_frame(&frame) {
+                self.nack_for_web(&nack, data, now);
                 let repairs = self
                     .cache
                     .on_nack(room, nack.instance, &nack.ranges, now.mono);
@@ -512,7 +547,7 @@ impl Hub {
         } else {
             self.cache
                 .observe(room, &frame.meta, is_repair(&frame), data, now.mono);
-            self.record(room, &frame, &shared, now);
+            self.note_chat(room, &frame, &shared, from, now);
         }
         if forwards(PortKind::Group, PortKind::Group) {
             // Never true (routing.rs says why); asked so that the table is the one authority.
@@ -550,23 +585,56 @@ impl Hub {
         }
     }
 
-    /// Queues a chat message for history, if its room keeps any.
-    fn record(&mut self, room: &RoomName, frame: &Frame<'_>, data: &Bytes, now: Now) {
-        if !self.recording || !matches!(frame.meta.kind, Kind::Message | Kind::Action) {
+    /// A chat datagram (or presence) of `room`, from anywhere: numbered (its offset),
+    /// queued for history if its room keeps any, and fed to the room's view for its
+    /// browsers.
+    fn note_chat(
+        &mut self,
+        room: &RoomName,
+        frame: &Frame<'_>,
+        data: &Bytes,
+        from: SocketAddr,
+        now: Now,
+    ) {
+        let chat = matches!(frame.meta.kind, Kind::Message | Kind::Action);
+        let record = chat && self.records(room);
+        let view = self.web.has_view(room);
+        if !record && !view {
             return;
         }
-        if self.policy.for_room(room.as_str()).count == 0 {
-            return;
+        let offset = if chat {
+            self.web.offset += 1;
+            Some(self.web.offset)
+        } else {
+            None
+        };
+        if let (true, Some(offset)) = (record, offset) {
+            self.out.push_back(Output::Record {
+                data: data.clone(),
+                recv_ms: now.unix_ms,
+                offset,
+            });
+        }
+        if view {
+            let arrival = frame
+                .meta
+                .instance
+                .zip(frame.meta.seq)
+                .zip(offset)
+                .map(|((i, s), o)| (i, s, o));
+            self.feed_view(room, data, from, arrival, now);
+        }
+    }
+
+    /// Whether `room`'s messages are kept in history.
+    fn records(&self, room: &RoomName) -> bool {
+        if !self.recording || self.policy.for_room(room.as_str()).count == 0 {
+            return false;
         }
         // Rooms not in the file are kept only while someone subscribes: anyone allowed to
         // relay could otherwise fill the disk with room names of their own.
-        let configured = self.settings.registry.configured(room.as_str()).is_some();
-        if !configured && !self.subs.has_subscribers(room) {
-            return;
-        }
-        self.out.push_back(Output::Record {
-            data: data.clone(),
-            recv_ms: now.unix_ms,
-        });
+        self.settings.registry.configured(room.as_str()).is_some()
+            || self.subs.has_subscribers(room)
+            || self.web.has_view(room)
     }
 }

@@ -4,10 +4,11 @@
 //!
 //! Loops are prevented by this data (where a datagram entered, and the `relay` tag on what
 //! the hub sends to a group), never by comparing source addresses: a WebSocket client or a
-//! NATS link has no address to compare. Ports that are still to come (web clients, site
-//! links) get a row and a column here when they arrive; the rule for them is already fixed
-//! by docs/PROTOCOL.md 4.1: everything that entered at this site goes everywhere but back
-//! where it came from, and what came from a group never goes to a group.
+//! NATS link has no address to compare. Ports that are still to come (site links) get a row
+//! and a column here when they arrive; the rule for them is already fixed by
+//! docs/PROTOCOL.md 4.1: everything that entered at this site goes everywhere but back where
+//! it came from (web clients excepted: their room's view shows them their own messages in
+//! the room's order), and what came from a group never goes to a group.
 
 /// A kind of port: where a datagram can enter and where it can be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,12 +17,14 @@ pub(crate) enum PortKind {
     Group,
     /// The relay port: unicast clients, subscribed (`--via`) or not (`nc`).
     Udp,
+    /// Web clients (WebSocket connections), through their engines and their room's view.
+    Web,
 }
 
 impl PortKind {
     /// Every kind, for tests and tables.
     #[cfg(test)]
-    pub(crate) const ALL: [Self; 2] = [Self::Group, Self::Udp];
+    pub(crate) const ALL: [Self; 3] = [Self::Group, Self::Udp, Self::Web];
 }
 
 /// Whether a chat datagram that entered at `from` is forwarded to the members of its room on
@@ -35,6 +38,11 @@ pub(crate) const fn forwards(from: PortKind, to: PortKind) -> bool {
         (PortKind::Group, PortKind::Udp) => true,
         // A unicast client speaks to the room: the LAN and the other subscribers.
         (PortKind::Udp, PortKind::Group | PortKind::Udp) => true,
+        // Browsers hear the room from everywhere, their own messages included: the view
+        // shows each in the room's order (a sender sees where its message landed).
+        (PortKind::Group | PortKind::Udp | PortKind::Web, PortKind::Web) => true,
+        // A browser speaks to the room: the LAN and the subscribers.
+        (PortKind::Web, PortKind::Group | PortKind::Udp) => true,
     }
 }
 
@@ -49,6 +57,11 @@ mod tests {
             (PortKind::Group, PortKind::Udp, true),
             (PortKind::Udp, PortKind::Group, true),
             (PortKind::Udp, PortKind::Udp, true),
+            (PortKind::Group, PortKind::Web, true),
+            (PortKind::Udp, PortKind::Web, true),
+            (PortKind::Web, PortKind::Web, true),
+            (PortKind::Web, PortKind::Group, true),
+            (PortKind::Web, PortKind::Udp, true),
         ];
         assert_eq!(expected.len(), PortKind::ALL.len() * PortKind::ALL.len());
         for from in PortKind::ALL {

@@ -19,7 +19,9 @@ impl Hub {
             .map(|r| r.name())
             .chain(self.subs.rooms())
             .chain(self.groups.groups().map(|(r, _)| r))
+            .chain(self.web.wanted_rooms())
             .collect();
+        let web: std::collections::HashMap<&RoomName, usize> = self.web.rooms().collect();
         let rooms = names
             .iter()
             .filter_map(|n| {
@@ -41,6 +43,7 @@ impl Hub {
                     keep: room.keep(),
                     joined: self.groups.is_joined(n),
                     subscribers,
+                    web_clients: web.get(n).copied().unwrap_or(0) as u64,
                 })
             })
             .collect();
@@ -62,6 +65,7 @@ impl Hub {
                 ..self.cache.stats().into()
             },
             history: None,
+            web_clients: self.web.clients() as u64,
         }
     }
 

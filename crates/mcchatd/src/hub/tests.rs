@@ -63,10 +63,16 @@ impl T {
         let seed = Seed {
             cookie_key: [7; 64],
             relay_id: ID,
+            web: 11,
+            epoch: 5,
         };
+        let journal = recording.then_some(crate::history::Journal {
+            epoch: 5,
+            last_id: 0,
+        });
         let hub = Hub::new(
             settings(text),
-            recording,
+            journal,
             vec!["192.0.2.0/24".parse().expect("net")],
             seed,
             Now {
@@ -925,7 +931,8 @@ fn shutdown_tells_every_subscriber_and_leaves_every_group() {
     let mut t = T::new(ROOMS, false);
     t.subscribe("room1", "192.0.2.10:4000", LOCAL_A);
     t.subscribe("room1", "[::1]:4000", "::1");
-    t.hub.shutdown();
+    let now = t.now();
+    t.hub.shutdown(now);
     let out = t.drain();
     let udp = to_udp(&out);
     assert_eq!(kinds(&udp), [Kind::Closed, Kind::Closed]);
@@ -999,7 +1006,8 @@ fn answers_echo_the_clients_nonce() {
         Some("cccccccccccccccc")
     );
     assert_eq!(other("192.0.2.12:4000", "no;", &mut t), None);
-    t.hub.shutdown();
+    let now = t.now();
+    t.hub.shutdown(now);
     let mut closed: Vec<(SocketAddr, Option<String>)> = to_udp(&t.drain())
         .into_iter()
         .map(|(to, d)| {

@@ -1,0 +1,630 @@
+//! Web clients as members of rooms (PROTOCOL.md 7). A browser in a room is a member like a
+//! `--via` subscriber, with the guarantees of a peer:
+//!
+//! - **What it says** goes out through a [`PeerEngine`] of its own (its instance id, `seq`,
+//!   send buffer, presence), whose datagrams enter the hub as from a web port: to the group,
+//!   the subscribers and the room's view (so to every browser, its own included, in the
+//!   room's order). NACKs for its instance are handed to that engine, which repairs them.
+//! - **What it is shown** comes from one listening [`PeerEngine`] per room, the room's *view*:
+//!   every chat datagram of the room (from the group, the relay port, the web) is fed to it,
+//!   and what it delivers (once, in per-sender order, gaps repaired or reported) is encoded
+//!   once into a [`WebFrame`] for all the room's browsers.
+//!
+//! Every chat message the hub handles gets an *offset* (the row id history stores it
+//! under). A chat frame carries the room's watermark: every message of the room up to that
+//! offset has been delivered or given up, so a page that comes back with it (`since`) is
+//! sent from history exactly what it has not seen.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mcchat_core::control::HistoryRecord;
+use mcchat_core::peer::{Effect, Event, Now, PeerConfig, PeerEngine, Received};
+use mcchat_core::presence::Change;
+use mcchat_core::repair::{Nack, SplitMix64};
+use mcchat_core::room::RoomName;
+use mcchat_core::wire::{self, InstanceId, Kind};
+
+use super::{Hub, Output};
+use crate::web::protocol::{self, ChatFrame, WebFrame};
+
+/// Messages of history a new view is preloaded with (its senders' last numbers).
+pub(crate) const PRELOAD: u32 = 1024;
+
+/// A web connection, numbered by the web port.
+pub(crate) type ConnId = u64;
+
+/// What a web connection did, as its port parsed it (web/protocol.rs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WebInput {
+    /// It connected from `addr`.
+    Open { addr: IpAddr },
+    /// It asks to be in `room` as `name` (leaving the room it was in).
+    Join { room: String, name: String },
+    /// It says `text` in its room (`action`: as `/me`).
+    Say { text: String, action: bool },
+    /// It leaves its room (and stays connected).
+    Leave,
+    /// History the port read for a room's new view: the senders' last numbers, so a loss
+    /// across a restart of the daemon is asked for like any other.
+    Preload {
+        room: RoomName,
+        records: Vec<HistoryRecord>,
+    },
+    /// The connection ended.
+    Closed,
+}
+
+/// What a connection is told when it is in a room; the port adds the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Joined {
+    pub(crate) room: RoomName,
+    pub(crate) name: String,
+    /// Its sender's instance id.
+    pub(crate) id: String,
+    pub(crate) epoch: u64,
+    /// The room's watermark: history up to here, live after.
+    pub(crate) offset: u64,
+    pub(crate) members: Vec<String>,
+    /// Whether the room's messages are in history (recovery and scrollback).
+    pub(crate) history: bool,
+}
+
+/// Why a connection is refused or closed (the port sends `code` and `message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+struct Client {
+    addr: IpAddr,
+    /// Its room and its sending engine, while it is in one.
+    member: Option<(RoomName, Box<PeerEngine>)>,
+    /// When its engine next wants polling (as filed in `timers`).
+    due: Option<Instant>,
+}
+
+/// One room's listening engine and its web members.
+struct View {
+    engine: PeerEngine,
+    members: Vec<ConnId>,
+    /// `members` as sent, rebuilt after a change.
+    fanout: Option<Arc<[ConnId]>>,
+    /// Offsets of messages the view holds (waiting for a gap's repair), by sender and seq.
+    pending: HashMap<(InstanceId, u64), u64>,
+    pending_offsets: BTreeSet<u64>,
+    /// The highest offset of the room's messages the view was fed.
+    high: u64,
+    /// History for the view was asked for and has not come.
+    preloading: bool,
+}
+
+impl View {
+    fn watermark(&self) -> u64 {
+        self.pending_offsets
+            .first()
+            .map_or(self.high, |&o| o.saturating_sub(1))
+    }
+
+    fn fanout(&mut self) -> Arc<[ConnId]> {
+        Arc::clone(
+            self.fanout
+                .get_or_insert_with(|| self.members.iter().copied().collect()),
+        )
+    }
+}
+
+/// The web side of the hub: connections, their engines, the rooms' views.
+pub(crate) struct Web {
+    clients: HashMap<ConnId, Client>,
+    views: HashMap<RoomName, View>,
+    /// Web clients' sending instances, for the NACKs that name them.
+    instances: HashMap<InstanceId, ConnId>,
+    /// Clients' engine deadlines.
+    timers: BTreeSet<(Instant, ConnId)>,
+    rng: SplitMix64,
+    pub(crate) epoch: u64,
+    /// The last offset given to a message.
+    pub(crate) offset: u64,
+}
+
+/// The source address a web client's datagrams are handed to the view with (it has none).
+const WEB_SOURCE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+impl Web {
+    pub(crate) fn new(epoch: u64, last_offset: u64, seed: u64) -> Self {
+        Self {
+            clients: HashMap::new(),
+            views: HashMap::new(),
+            instances: HashMap::new(),
+            timers: BTreeSet::new(),
+            rng: SplitMix64(seed),
+            epoch,
+            offset: last_offset,
+        }
+    }
+
+    /// Connections now.
+    pub(crate) fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Web members per room, for status.
+    pub(crate) fn rooms(&self) -> impl Iterator<Item = (&RoomName, usize)> {
+        self.views.iter().map(|(r, v)| (r, v.members.len()))
+    }
+
+    pub(crate) fn has_view(&self, room: &RoomName) -> bool {
+        self.views.contains_key(room)
+    }
+
+    pub(crate) fn wanted_rooms(&self) -> impl Iterator<Item = &RoomName> {
+        self.views.keys()
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let clients = self.timers.first().map(|&(t, _)| t);
+        let views = self
+            .views
+            .values()
+            .filter_map(|v| v.engine.next_deadline())
+            .min();
+        [clients, views].into_iter().flatten().min()
+    }
+
+    /// The web client whose instance a NACK names.
+    fn nacked(&self, instance: InstanceId) -> Option<ConnId> {
+        self.instances.get(&instance).copied()
+    }
+
+    fn file_timer(&mut self, conn: ConnId) {
+        let Some(c) = self.clients.get_mut(&conn) else {
+            return;
+        };
+        let due = c.member.as_ref().and_then(|(_, e)| e.next_deadline());
+        if c.due != due {
+            if let Some(old) = c.due {
+                self.timers.remove(&(old, conn));
+            }
+            if let Some(new) = due {
+                self.timers.insert((new, conn));
+            }
+            c.due = due;
+        }
+    }
+}
+
+impl Hub {
+    /// A web connection did something.
+    pub(crate) fn on_web(&mut self, conn: ConnId, input: WebInput, now: Now) {
+        match input {
+            WebInput::Open { addr } => self.web_open(conn, addr),
+            WebInput::Join { room, name } => self.web_join(conn, &room, &name, now),
+            WebInput::Say { text, action } => self.web_say(conn, &text, action, now),
+            WebInput::Leave => {
+                self.web_leave(conn, now);
+            }
+            WebInput::Preload { room, records } => self.web_preload(&room, records, now),
+            WebInput::Closed => {
+                self.web_leave(conn, now);
+                self.web.clients.remove(&conn);
+            }
+        }
+    }
+
+    fn web_refuse(&mut self, conn: ConnId, code: &'static str, message: String, close: bool) {
+        self.out.push_back(Output::WebRefused {
+            conn,
+            refusal: Refusal { code, message },
+            close,
+        });
+    }
+
+    fn web_open(&mut self, conn: ConnId, addr: IpAddr) {
+        let addr = mcchat_core::socket::canonical(SocketAddr::new(addr, 0)).ip();
+        if !self.admission.allowed(addr) {
+            self.counters.web_refused += 1;
+            return self.web_refuse(
+                conn,
+                "not_allowed",
+                format!("{addr} is not in this daemon's allow list"),
+                true,
+            );
+        }
+        self.counters.web_connections += 1;
+        self.web.clients.insert(
+            conn,
+            Client {
+                addr,
+                member: None,
+                due: None,
+            },
+        );
+    }
+
+    fn web_join(&mut self, conn: ConnId, room: &str, name: &str, now: Now) {
+        if !self.web.clients.contains_key(&conn) {
+            return;
+        }
+        let Some(room) = self.room(room) else {
+            let why = match self.settings.registry.resolve(room) {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("no room {room:?} here, and ad-hoc rooms are off"),
+            };
+            return self.web_refuse(conn, "bad_room", why, false);
+        };
+        let name = name.trim();
+        if !wire::is_valid_sender(name) || name.is_empty() {
+            return self.web_refuse(
+                conn,
+                "bad_name",
+                format!(
+                    "a name is 1 to {} characters, without '|' or control characters",
+                    wire::MAX_SENDER_CHARS
+                ),
+                false,
+            );
+        }
+        self.web_leave(conn, now);
+        let name_str = room.name().clone();
+        let configured = self
+            .settings
+            .registry
+            .configured(name_str.as_str())
+            .is_some();
+        let new_view = !self.web.views.contains_key(&name_str);
+        if new_view {
+            let mut config = PeerConfig::new(name_str.as_str(), "", room.group());
+            config.presence = false;
+            let instance = InstanceId(self.web.rng.next_u64());
+            let seed = self.web.rng.next_u64();
+            self.web.views.insert(
+                name_str.clone(),
+                View {
+                    engine: PeerEngine::new(config, instance, seed, now),
+                    members: Vec::new(),
+                    fanout: None,
+                    pending: HashMap::new(),
+                    pending_offsets: BTreeSet::new(),
+                    high: self.web.offset,
+                    preloading: self.recording,
+                },
+            );
+            if self.recording {
+                self.out.push_back(Output::WebPreload {
+                    room: name_str.clone(),
+                });
+            }
+            tracing::info!(room = %name_str, "web view opened");
+        }
+        let mut config = PeerConfig::new(name_str.as_str(), name, room.group());
+        config.presence = true;
+        let instance = InstanceId(self.web.rng.next_u64());
+        let seed = self.web.rng.next_u64();
+        let engine = Box::new(PeerEngine::new(config, instance, seed, now));
+        let Some(view) = self.web.views.get_mut(&name_str) else {
+            return;
+        };
+        view.members.push(conn);
+        view.fanout = None;
+        let joined = Joined {
+            room: name_str.clone(),
+            name: name.to_owned(),
+            id: instance.to_string(),
+            epoch: self.web.epoch,
+            offset: view.watermark(),
+            members: view.engine.members(),
+            history: self.recording
+                && self.policy.for_room(name_str.as_str()).count > 0
+                && (configured || self.settings.daemon.adhoc_rooms),
+        };
+        self.web.instances.insert(instance, conn);
+        if let Some(c) = self.web.clients.get_mut(&conn) {
+            tracing::info!(room = %name_str, %name, addr = %c.addr, conn, "web client joined");
+            c.member = Some((name_str.clone(), engine));
+        }
+        self.out.push_back(Output::WebJoined { conn, joined });
+        if new_view {
+            self.reconcile();
+        }
+        self.with_client(conn, now, |e, now| e.enter(now));
+    }
+
+    /// Runs `f` on `conn`'s engine and routes what it produced.
+    fn with_client(&mut self, conn: ConnId, now: Now, f: impl FnOnce(&mut PeerEngine, Now)) {
+        let mut effects = Vec::new();
+        let Some(room) = self
+            .web
+            .clients
+            .get_mut(&conn)
+            .and_then(|c| c.member.as_mut())
+            .map(|(room, engine)| {
+                f(engine, now);
+                while let Some(e) = engine.poll_effect() {
+                    effects.push(e);
+                }
+                room.clone()
+            })
+        else {
+            return;
+        };
+        self.web.file_timer(conn);
+        for e in effects {
+            if let Effect::Send { bytes, .. } = e {
+                self.entered_from_web(&room, &bytes, now);
+            }
+        }
+    }
+
+    fn web_say(&mut self, conn: ConnId, text: &str, action: bool, now: Now) {
+        let kind = if action { Kind::Action } else { Kind::Message };
+        let mut failed = None;
+        self.with_client(conn, now, |e, now| {
+            if let Err(err) = e.say(kind, text, now) {
+                failed = Some(err.to_string());
+            }
+        });
+        if let Some(why) = failed {
+            self.web_refuse(conn, "bad_message", why, false);
+        }
+    }
+
+    /// Takes `conn` out of its room, saying goodbye for it. Returns whether it was in one.
+    fn web_leave(&mut self, conn: ConnId, now: Now) -> bool {
+        self.with_client(conn, now, |e, now| e.leave(now));
+        let Some(c) = self.web.clients.get_mut(&conn) else {
+            return false;
+        };
+        let Some((room, engine)) = c.member.take() else {
+            return false;
+        };
+        if let Some(due) = c.due.take() {
+            self.web.timers.remove(&(due, conn));
+        }
+        self.web.instances.remove(&engine.instance());
+        tracing::info!(%room, conn, "web client left");
+        let empty = self.web.views.get_mut(&room).is_some_and(|v| {
+            v.members.retain(|&m| m != conn);
+            v.fanout = None;
+            v.members.is_empty()
+        });
+        if empty {
+            self.web.views.remove(&room);
+            tracing::info!(%room, "web view closed");
+            self.reconcile();
+        }
+        true
+    }
+
+    /// A datagram a web client's engine sent: it entered at the web port, so it goes where
+    /// the routing table sends what entered there.
+    fn entered_from_web(&mut self, room: &RoomName, data: &[u8], now: Now) {
+        use super::routing::{PortKind, forwards};
+        let Some(r) = self.room(room.as_str()) else {
+            return;
+        };
+        let Ok(frame) = wire::decode(data) else {
+            return;
+        };
+        self.counters.relayed_from_web += 1;
+        let shared = bytes::Bytes::copy_from_slice(data);
+        if frame.meta.kind != Kind::Nack {
+            self.cache
+                .observe(room, &frame.meta, super::is_repair(&frame), data, now.mono);
+        }
+        if forwards(PortKind::Web, PortKind::Group) {
+            self.counters.relayed_to_group += 1;
+            self.send_own_to_group(&r, data, now.mono);
+        }
+        if forwards(PortKind::Web, PortKind::Udp) {
+            self.fan_out(room, shared.clone(), None);
+        }
+        if frame.meta.kind != Kind::Nack && forwards(PortKind::Web, PortKind::Web) {
+            self.note_chat(room, &frame, &shared, WEB_SOURCE, now);
+        }
+    }
+
+    /// A NACK heard anywhere: a web client's engine answers those for its instance.
+    pub(super) fn nack_for_web(&mut self, nack: &Nack, data: &[u8], now: Now) {
+        if let Some(conn) = self.web.nacked(nack.instance) {
+            self.with_client(conn, now, |e, now| e.on_datagram(data, WEB_SOURCE, now));
+        }
+    }
+
+    /// A chat datagram (or presence) of `room` for the room's browsers, with its offset if
+    /// it is a chat message.
+    pub(super) fn feed_view(
+        &mut self,
+        room: &RoomName,
+        data: &[u8],
+        from: SocketAddr,
+        arrival: Option<(InstanceId, u64, u64)>,
+        now: Now,
+    ) {
+        let Some(view) = self.web.views.get_mut(room) else {
+            return;
+        };
+        if let Some((_, _, offset)) = arrival {
+            view.high = view.high.max(offset);
+        }
+        let held = view.engine.receiver_load().2;
+        view.engine.on_datagram(data, from, now);
+        let delivered = self.drain_view(room, arrival, false, now);
+        if let (Some((i, s, offset)), false) = (arrival, delivered)
+            && let Some(view) = self.web.views.get_mut(room)
+            && view.engine.receiver_load().2 > held
+        {
+            view.pending.insert((i, s), offset);
+            view.pending_offsets.insert(offset);
+        }
+    }
+
+    /// Turns what `room`'s view produced into frames and datagrams; says whether the arrival
+    /// it was just fed was delivered. While `preload` is set, messages from history are not
+    /// sent on (the browsers get their scrollback from the port).
+    fn drain_view(
+        &mut self,
+        room: &RoomName,
+        arrival: Option<(InstanceId, u64, u64)>,
+        preload: bool,
+        now: Now,
+    ) -> bool {
+        let mut delivered = false;
+        let mut sends = Vec::new();
+        let mut frames = Vec::new();
+        {
+            let Some(view) = self.web.views.get_mut(room) else {
+                return false;
+            };
+            while let Some(effect) = view.engine.poll_effect() {
+                match effect {
+                    Effect::Send { bytes, .. } => sends.push(bytes),
+                    Effect::Show(Event::Message(m)) => {
+                        let key = m.instance.zip(m.seq);
+                        let live = match (key, arrival) {
+                            (Some((i, s)), Some((ai, aseq, _))) if i == ai && s == aseq => {
+                                delivered = true;
+                                true
+                            }
+                            (Some(k), _) => match view.pending.remove(&k) {
+                                Some(o) => {
+                                    view.pending_offsets.remove(&o);
+                                    true
+                                }
+                                None => !preload,
+                            },
+                            (None, _) => !preload,
+                        };
+                        if live {
+                            frames.push(chat_frame(room, &m, view.watermark(), false));
+                        }
+                    }
+                    Effect::Show(Event::Presence(change)) => {
+                        let (name, event) = match &change {
+                            Change::Joined(n) => (n.as_str(), "join"),
+                            Change::Left(n) => (n.as_str(), "leave"),
+                            Change::TimedOut(n) => (n.as_str(), "timeout"),
+                        };
+                        frames.push(protocol::presence_frame(
+                            room.as_str(),
+                            name,
+                            event,
+                            &view.engine.members(),
+                        ));
+                    }
+                    Effect::Show(Event::Lost { sender, count }) => {
+                        // Held messages given up with the gap: their offsets are done too.
+                        if view.engine.receiver_load().2 == 0 {
+                            view.pending.clear();
+                            view.pending_offsets.clear();
+                        }
+                        self.counters.web_gaps += count;
+                        frames.push(protocol::gap_frame(room.as_str(), &sender, count));
+                    }
+                    Effect::Show(_) => {}
+                }
+            }
+        }
+        if !frames.is_empty()
+            && let Some(view) = self.web.views.get_mut(room)
+        {
+            let to = view.fanout();
+            for frame in frames {
+                self.counters.web_frames += 1;
+                self.out.push_back(Output::ToWeb {
+                    to: Arc::clone(&to),
+                    frame: Arc::new(frame),
+                });
+            }
+        }
+        for bytes in sends {
+            // The view's NACKs: to the LAN and the subscribers, whose senders answer them.
+            self.entered_from_web(room, &bytes, now);
+        }
+        delivered
+    }
+
+    fn web_preload(&mut self, room: &RoomName, records: Vec<HistoryRecord>, now: Now) {
+        let Some(view) = self.web.views.get_mut(room) else {
+            return;
+        };
+        if !view.preloading {
+            return;
+        }
+        view.preloading = false;
+        let messages = records
+            .into_iter()
+            .map(|r| Received {
+                kind: if r.kind == "action" {
+                    Kind::Action
+                } else {
+                    Kind::Message
+                },
+                room: r.room,
+                sender: r.sender,
+                text: r.text,
+                ts_ms: r.ts_ms.unwrap_or(r.recv_ms),
+                recv_ms: r.recv_ms,
+                from: None,
+                instance: r.id.as_deref().and_then(InstanceId::parse),
+                seq: r.seq,
+                repair: false,
+            })
+            .collect();
+        view.engine.preload(messages, now);
+        self.drain_view(room, None, true, now);
+    }
+
+    /// Web timers due at `now`: the clients' engines (heartbeats, repairs) and the views'
+    /// (NACKs, gaps given up).
+    pub(super) fn poll_web(&mut self, now: Now) {
+        while let Some(&(due, conn)) = self.web.timers.first() {
+            if due > now.mono {
+                break;
+            }
+            self.web.timers.remove(&(due, conn));
+            if let Some(c) = self.web.clients.get_mut(&conn) {
+                c.due = None;
+            }
+            self.with_client(conn, now, |e, now| e.poll(now));
+        }
+        let due: Vec<RoomName> = self
+            .web
+            .views
+            .iter()
+            .filter(|(_, v)| v.engine.next_deadline().is_some_and(|t| t <= now.mono))
+            .map(|(r, _)| r.clone())
+            .collect();
+        for room in due {
+            if let Some(v) = self.web.views.get_mut(&room) {
+                v.engine.poll(now);
+            }
+            self.drain_view(&room, None, false, now);
+        }
+    }
+
+    /// Every web client leaves its room (shutdown): their `leave`s go out.
+    pub(crate) fn web_leave_all(&mut self, now: Now) {
+        let conns: Vec<ConnId> = self.web.clients.keys().copied().collect();
+        for conn in conns {
+            self.web_leave(conn, now);
+        }
+    }
+}
+
+/// The frame of one delivered message.
+fn chat_frame(room: &RoomName, m: &Received, offset: u64, history: bool) -> WebFrame {
+    protocol::chat_frame(&ChatFrame {
+        room: room.as_str(),
+        sender: &m.sender,
+        text: &m.text,
+        action: m.kind == Kind::Action,
+        id: m.instance.zip(m.seq),
+        ts: m.ts_ms,
+        offset,
+        history,
+    })
+}
