@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # deps.sh — installs the system tools the test suite needs, if any is missing, on Debian or
 # Ubuntu: iproute2 (ip, namespaces), smcroute (the multicast router in scripts/lan.sh's LAN),
-# socat and nftables (tools the tests and docs use). Called by scripts/test.sh and .ci/run, so
-# a fresh machine needs no set-up step of its own. Prints nothing when everything is there.
+# socat and nftables (tools the tests and docs use), chromium and Node.js (the browser test),
+# then the browser test's npm packages (tests/browser, from its package-lock.json). Called by
+# scripts/test.sh and .ci/run, so a fresh machine needs no set-up step of its own. Prints
+# nothing when everything is there.
 set -euo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
 
@@ -19,10 +21,24 @@ as_root() {
 
 missing=()
 for c in ip:iproute2 unshare:util-linux smcrouted:smcroute smcroutectl:smcroute socat:socat \
-    nft:nftables; do
+    nft:nftables chromium:chromium node:nodejs npm:npm; do
     command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c#*:}")
 done
-((${#missing[@]})) || exit 0
+
+# The browser test's packages (playwright-core, pinned by the lock file), fetched before the
+# tests enter their namespace, which has no route out.
+npm_packages() {
+    local dir
+    dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/browser
+    if [[ ! -d $dir/node_modules/playwright-core ]]; then
+        echo "deps.sh: installing the browser test's npm packages"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    fi
+}
+if ! ((${#missing[@]})); then
+    npm_packages
+    exit 0
+fi
 
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 echo "deps.sh: installing ${missing[*]}"
@@ -52,3 +68,4 @@ as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-r
 if command -v systemctl >/dev/null 2>&1; then
     as_root systemctl disable --now smcroute.service >/dev/null 2>&1 || true
 fi
+npm_packages

@@ -263,6 +263,7 @@ impl Hub {
             return;
         }
         self.next_tick = now.mono + TICK;
+        self.close_idle_views();
         self.cache.expire(now.mono);
         self.admission.forget_idle(now.mono);
         let cookie_time = self.cookie_time(now);
@@ -462,7 +463,7 @@ impl Hub {
         } else {
             self.cache
                 .observe(room.name(), &frame.meta, is_repair(frame), data, now.mono);
-            self.note_chat(room.name(), frame, &shared, from.addr, now);
+            self.note_chat(room.name(), frame, from.addr, &shared, now);
         }
         if forwards(PortKind::Udp, PortKind::Group) {
             self.counters.relayed_to_group += 1;
@@ -547,7 +548,7 @@ impl Hub {
         } else {
             self.cache
                 .observe(room, &frame.meta, is_repair(&frame), data, now.mono);
-            self.note_chat(room, &frame, &shared, from, now);
+            self.note_chat(room, &frame, from, &shared, now);
         }
         if forwards(PortKind::Group, PortKind::Group) {
             // Never true (routing.rs says why); asked so that the table is the one authority.
@@ -585,45 +586,28 @@ impl Hub {
         }
     }
 
-    /// A chat datagram (or presence) of `room`, from anywhere: numbered (its offset),
-    /// queued for history if its room keeps any, and fed to the room's view for its
-    /// browsers.
+    /// A chat datagram (or presence) of `room`, from anywhere, for the room's view: the
+    /// view of a room that keeps history opens with its first message, and records what it
+    /// delivers (web/hub.rs); a room with web members has one too.
     fn note_chat(
         &mut self,
         room: &RoomName,
         frame: &Frame<'_>,
-        data: &Bytes,
         from: SocketAddr,
+        data: &Bytes,
         now: Now,
     ) {
-        let chat = matches!(frame.meta.kind, Kind::Message | Kind::Action);
-        let record = chat && self.records(room);
-        let view = self.web.has_view(room);
-        if !record && !view {
-            return;
+        if !self.web.has_view(room) {
+            let chat = matches!(frame.meta.kind, Kind::Message | Kind::Action);
+            if !chat || !self.records(room) {
+                return;
+            }
+            let Some(r) = self.room(room.as_str()) else {
+                return;
+            };
+            self.open_view(&r, now);
         }
-        let offset = if chat {
-            self.web.offset += 1;
-            Some(self.web.offset)
-        } else {
-            None
-        };
-        if let (true, Some(offset)) = (record, offset) {
-            self.out.push_back(Output::Record {
-                data: data.clone(),
-                recv_ms: now.unix_ms,
-                offset,
-            });
-        }
-        if view {
-            let arrival = frame
-                .meta
-                .instance
-                .zip(frame.meta.seq)
-                .zip(offset)
-                .map(|((i, s), o)| (i, s, o));
-            self.feed_view(room, data, from, arrival, now);
-        }
+        self.feed_view(room, data, from, now);
     }
 
     /// Whether `room`'s messages are kept in history.

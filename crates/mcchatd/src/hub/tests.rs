@@ -104,8 +104,22 @@ impl T {
         }
     }
 
+    /// What the hub put out; a room view's request for history is answered at once, with
+    /// nothing (as a fresh database would), so what it held comes out too.
     fn drain(&mut self) -> Vec<Output> {
-        std::iter::from_fn(|| self.hub.poll_output()).collect()
+        let mut out = Vec::new();
+        while let Some(o) = self.hub.poll_output() {
+            if let Output::WebPreload { room } = &o {
+                let now = self.now();
+                let preload = super::web::WebInput::Preload {
+                    room: room.clone(),
+                    records: Vec::new(),
+                };
+                self.hub.on_web(0, preload, now);
+            }
+            out.push(o);
+        }
+        out
     }
 
     /// A datagram at the relay port from `from`, sent to `local`.

@@ -16,6 +16,8 @@
 //! sent from history exactly what it has not seen.
 
 use std::collections::{BTreeSet, HashMap};
+
+use bytes::Bytes;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +34,13 @@ use crate::web::protocol::{self, ChatFrame, WebFrame};
 
 /// Messages of history a new view is preloaded with (its senders' last numbers).
 pub(crate) const PRELOAD: u32 = 1024;
+
+/// Datagrams a view keeps while its history is being read.
+const PRELOAD_BACKLOG: usize = 4096;
+
+/// Held messages' datagrams a view keeps at most (the receiver bounds what it holds; this
+/// bounds the copies).
+const HELD_MAX: usize = 16_384;
 
 /// A web connection, numbered by the web port.
 pub(crate) type ConnId = u64;
@@ -87,28 +96,28 @@ struct Client {
     due: Option<Instant>,
 }
 
-/// One room's listening engine and its web members.
+/// One room's listening engine (its view) and its web members. Rooms that keep history
+/// have one too, members or not: history is recorded from what the view delivers, so it is
+/// in per-sender order, without duplicates, and its gaps are asked for like a peer's.
 struct View {
     engine: PeerEngine,
     members: Vec<ConnId>,
     /// `members` as sent, rebuilt after a change.
     fanout: Option<Arc<[ConnId]>>,
-    /// Offsets of messages the view holds (waiting for a gap's repair), by sender and seq.
-    pending: HashMap<(InstanceId, u64), u64>,
-    pending_offsets: BTreeSet<u64>,
-    /// The highest offset of the room's messages the view was fed.
-    high: u64,
+    /// The datagrams of messages the view holds (waiting for a gap's repair), to be recorded
+    /// when it delivers them.
+    held: HashMap<(InstanceId, u64), Bytes>,
+    /// The offset of the room's last delivered message: everything of the room up to it has
+    /// been delivered or given up.
+    last: u64,
     /// History for the view was asked for and has not come.
     preloading: bool,
+    /// What the room brought meanwhile, fed to the view after its history (so a sender's
+    /// first live message does not hide what it said while nobody was listening).
+    backlog: Vec<(Bytes, SocketAddr)>,
 }
 
 impl View {
-    fn watermark(&self) -> u64 {
-        self.pending_offsets
-            .first()
-            .map_or(self.high, |&o| o.saturating_sub(1))
-    }
-
     fn fanout(&mut self) -> Arc<[ConnId]> {
         Arc::clone(
             self.fanout
@@ -277,28 +286,7 @@ impl Hub {
             .is_some();
         let new_view = !self.web.views.contains_key(&name_str);
         if new_view {
-            let mut config = PeerConfig::new(name_str.as_str(), "", room.group());
-            config.presence = false;
-            let instance = InstanceId(self.web.rng.next_u64());
-            let seed = self.web.rng.next_u64();
-            self.web.views.insert(
-                name_str.clone(),
-                View {
-                    engine: PeerEngine::new(config, instance, seed, now),
-                    members: Vec::new(),
-                    fanout: None,
-                    pending: HashMap::new(),
-                    pending_offsets: BTreeSet::new(),
-                    high: self.web.offset,
-                    preloading: self.recording,
-                },
-            );
-            if self.recording {
-                self.out.push_back(Output::WebPreload {
-                    room: name_str.clone(),
-                });
-            }
-            tracing::info!(room = %name_str, "web view opened");
+            self.open_view(&room, now);
         }
         let mut config = PeerConfig::new(name_str.as_str(), name, room.group());
         config.presence = true;
@@ -315,7 +303,7 @@ impl Hub {
             name: name.to_owned(),
             id: instance.to_string(),
             epoch: self.web.epoch,
-            offset: view.watermark(),
+            offset: view.last,
             members: view.engine.members(),
             history: self.recording
                 && self.policy.for_room(name_str.as_str()).count > 0
@@ -392,8 +380,7 @@ impl Hub {
             v.members.is_empty()
         });
         if empty {
-            self.web.views.remove(&room);
-            tracing::info!(%room, "web view closed");
+            self.close_idle_views();
             self.reconcile();
         }
         true
@@ -410,7 +397,7 @@ impl Hub {
             return;
         };
         self.counters.relayed_from_web += 1;
-        let shared = bytes::Bytes::copy_from_slice(data);
+        let shared = Bytes::copy_from_slice(data);
         if frame.meta.kind != Kind::Nack {
             self.cache
                 .observe(room, &frame.meta, super::is_repair(&frame), data, now.mono);
@@ -423,7 +410,7 @@ impl Hub {
             self.fan_out(room, shared.clone(), None);
         }
         if frame.meta.kind != Kind::Nack && forwards(PortKind::Web, PortKind::Web) {
-            self.note_chat(room, &frame, &shared, WEB_SOURCE, now);
+            self.note_chat(room, &frame, WEB_SOURCE, &shared, now);
         }
     }
 
@@ -434,47 +421,81 @@ impl Hub {
         }
     }
 
-    /// A chat datagram (or presence) of `room` for the room's browsers, with its offset if
-    /// it is a chat message.
-    pub(super) fn feed_view(
-        &mut self,
-        room: &RoomName,
-        data: &[u8],
-        from: SocketAddr,
-        arrival: Option<(InstanceId, u64, u64)>,
-        now: Now,
-    ) {
+    /// Opens `room`'s view: a listening engine, preloaded from history when there is one.
+    pub(super) fn open_view(&mut self, room: &mcchat_core::room::Room, now: Now) {
+        let name = room.name().clone();
+        let mut config = PeerConfig::new(name.as_str(), "", room.group());
+        config.presence = false;
+        let instance = InstanceId(self.web.rng.next_u64());
+        let seed = self.web.rng.next_u64();
+        self.web.views.insert(
+            name.clone(),
+            View {
+                engine: PeerEngine::new(config, instance, seed, now),
+                members: Vec::new(),
+                fanout: None,
+                held: HashMap::new(),
+                last: self.web.offset,
+                preloading: self.recording,
+                backlog: Vec::new(),
+            },
+        );
+        if self.recording {
+            self.out
+                .push_back(Output::WebPreload { room: name.clone() });
+        }
+        tracing::debug!(room = %name, "room view opened");
+    }
+
+    /// A datagram of `room` (chat, presence) for its view, if it has one: what the view
+    /// delivers is numbered, recorded if the room keeps history, and sent to its browsers.
+    pub(super) fn feed_view(&mut self, room: &RoomName, data: &Bytes, from: SocketAddr, now: Now) {
         let Some(view) = self.web.views.get_mut(room) else {
             return;
         };
-        if let Some((_, _, offset)) = arrival {
-            view.high = view.high.max(offset);
+        if view.preloading {
+            if view.backlog.len() < PRELOAD_BACKLOG {
+                view.backlog.push((data.clone(), from));
+                return;
+            }
+            // History is too slow to come: go on without it.
+            tracing::warn!(%room, "room view: history did not come in time; live from here");
+            self.web_preload(room, Vec::new(), now);
+            return self.feed_view(room, data, from, now);
         }
+        let key = wire::decode(data)
+            .ok()
+            .and_then(|f| f.meta.instance.zip(f.meta.seq));
         let held = view.engine.receiver_load().2;
         view.engine.on_datagram(data, from, now);
-        let delivered = self.drain_view(room, arrival, false, now);
-        if let (Some((i, s, offset)), false) = (arrival, delivered)
+        let arrival = data.clone();
+        let delivered = self.drain_view(room, key, Some(&arrival), false, now);
+        if let (Some(k), false) = (key, delivered)
             && let Some(view) = self.web.views.get_mut(room)
             && view.engine.receiver_load().2 > held
+            && view.held.len() < HELD_MAX
         {
-            view.pending.insert((i, s), offset);
-            view.pending_offsets.insert(offset);
+            view.held.insert(k, arrival);
         }
     }
 
-    /// Turns what `room`'s view produced into frames and datagrams; says whether the arrival
-    /// it was just fed was delivered. While `preload` is set, messages from history are not
-    /// sent on (the browsers get their scrollback from the port).
+    /// Turns what `room`'s view produced into records, frames and datagrams; says whether
+    /// the arrival `key` it was just fed was delivered. While `preload` is set, messages
+    /// from history are neither recorded again nor sent on (browsers get their scrollback
+    /// from the port).
     fn drain_view(
         &mut self,
         room: &RoomName,
-        arrival: Option<(InstanceId, u64, u64)>,
+        key: Option<(InstanceId, u64)>,
+        arrival: Option<&Bytes>,
         preload: bool,
         now: Now,
     ) -> bool {
         let mut delivered = false;
         let mut sends = Vec::new();
         let mut frames = Vec::new();
+        let mut records = Vec::new();
+        let records_room = self.records(room);
         {
             let Some(view) = self.web.views.get_mut(room) else {
                 return false;
@@ -483,26 +504,32 @@ impl Hub {
                 match effect {
                     Effect::Send { bytes, .. } => sends.push(bytes),
                     Effect::Show(Event::Message(m)) => {
-                        let key = m.instance.zip(m.seq);
-                        let live = match (key, arrival) {
-                            (Some((i, s)), Some((ai, aseq, _))) if i == ai && s == aseq => {
+                        let k = m.instance.zip(m.seq);
+                        let data = match k {
+                            Some(k) if Some(k) == key => {
                                 delivered = true;
-                                true
+                                arrival.cloned()
                             }
-                            (Some(k), _) => match view.pending.remove(&k) {
-                                Some(o) => {
-                                    view.pending_offsets.remove(&o);
-                                    true
-                                }
-                                None => !preload,
-                            },
-                            (None, _) => !preload,
+                            Some(k) => view.held.remove(&k),
+                            // A bare datagram is shown as it comes.
+                            None => arrival.cloned(),
                         };
-                        if live {
-                            frames.push(chat_frame(room, &m, view.watermark(), false));
+                        if preload && data.is_none() {
+                            continue; // from history itself
+                        }
+                        self.web.offset += 1;
+                        view.last = self.web.offset;
+                        if let (true, Some(data)) = (records_room, data) {
+                            records.push((data, self.web.offset));
+                        }
+                        if !view.members.is_empty() {
+                            frames.push(chat_frame(room, &m, view.last, false));
                         }
                     }
                     Effect::Show(Event::Presence(change)) => {
+                        if view.members.is_empty() {
+                            continue;
+                        }
                         let (name, event) = match &change {
                             Change::Joined(n) => (n.as_str(), "join"),
                             Change::Left(n) => (n.as_str(), "leave"),
@@ -516,17 +543,24 @@ impl Hub {
                         ));
                     }
                     Effect::Show(Event::Lost { sender, count }) => {
-                        // Held messages given up with the gap: their offsets are done too.
                         if view.engine.receiver_load().2 == 0 {
-                            view.pending.clear();
-                            view.pending_offsets.clear();
+                            view.held.clear();
                         }
                         self.counters.web_gaps += count;
-                        frames.push(protocol::gap_frame(room.as_str(), &sender, count));
+                        if !view.members.is_empty() {
+                            frames.push(protocol::gap_frame(room.as_str(), &sender, count));
+                        }
                     }
                     Effect::Show(_) => {}
                 }
             }
+        }
+        for (data, offset) in records {
+            self.out.push_back(Output::Record {
+                data,
+                recv_ms: now.unix_ms,
+                offset,
+            });
         }
         if !frames.is_empty()
             && let Some(view) = self.web.views.get_mut(room)
@@ -575,7 +609,26 @@ impl Hub {
             })
             .collect();
         view.engine.preload(messages, now);
-        self.drain_view(room, None, true, now);
+        let backlog = std::mem::take(&mut view.backlog);
+        self.drain_view(room, None, None, true, now);
+        for (data, from) in backlog {
+            self.feed_view(room, &data, from, now);
+        }
+    }
+
+    /// Views no one needs any more: no web members, and the room keeps no history.
+    pub(super) fn close_idle_views(&mut self) {
+        let idle: Vec<RoomName> = self
+            .web
+            .views
+            .iter()
+            .filter(|(r, v)| v.members.is_empty() && !self.records(r))
+            .map(|(r, _)| r.clone())
+            .collect();
+        for room in idle {
+            self.web.views.remove(&room);
+            tracing::debug!(%room, "room view closed");
+        }
     }
 
     /// Web timers due at `now`: the clients' engines (heartbeats, repairs) and the views'
@@ -602,7 +655,7 @@ impl Hub {
             if let Some(v) = self.web.views.get_mut(&room) {
                 v.engine.poll(now);
             }
-            self.drain_view(&room, None, false, now);
+            self.drain_view(&room, None, None, false, now);
         }
     }
 
