@@ -111,7 +111,7 @@ impl T {
         while let Some(o) = self.hub.poll_output() {
             if let Output::WebPreload { room } = &o {
                 let now = self.now();
-                let preload = super::web::WebInput::Preload {
+                let preload = web::WebInput::Preload {
                     room: room.clone(),
                     records: Vec::new(),
                 };
