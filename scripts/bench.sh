@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench.sh — measures mcchat side by side with node-relay.js and the kernel's own multicast
-# path, in one run, inside a private network namespace (only lo; nothing leaves the machine).
+# path (and mcchatd's WebSocket gateway beside node-ws-rooms.js), in one run, inside a private network namespace (only lo; nothing leaves the machine).
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick   a smoke pass of a few seconds (CI runs it so the benchmarks cannot rot)
@@ -47,6 +47,10 @@ cargo bench --locked -p mcchat-core --bench flood -- "${times[@]}" >/dev/null
 cargo bench --locked -p mcchatd --bench history -- "${times[@]}" >/dev/null
 if ! command -v node >/dev/null 2>&1; then
     echo "bench.sh: Node.js not found: node-relay.js is left out; mcchat and the kernel are still measured"
+elif [[ -f $root/../shared/peers/package-lock.json && ! -d $root/../shared/peers/node_modules/ws ]]; then
+    # node-ws-rooms.js's one package, fetched before the namespace (which has no route out).
+    (cd "$root/../shared/peers" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) ||
+        echo "bench.sh: npm ci failed in shared/peers: node-ws-rooms.js is left out"
 fi
 mkdir -p target/bench
 if (($(id -u) == 0)); then

@@ -7,6 +7,7 @@ mod flood;
 mod load;
 mod repair;
 mod suite;
+mod ws;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -289,6 +290,41 @@ fn table(r: &Value) -> String {
                     );
                 }
             }
+        }
+    }
+    let w = &r["websocket"];
+    let _ = writeln!(
+        o,
+        "{:<44} {:>22} {:>22} {:>22} {:>8}",
+        "websocket (100 receivers, 1 sender)", "mcchatd", "node-ws-rooms.js", "", "mc/node"
+    );
+    for (label, key) in [
+        ("  deliveries/s at saturation", "deliveries_per_s"),
+        ("  p50 us at 1,000 msg/s", "latency_1000_per_s_p50_us"),
+        ("  p99 us at 1,000 msg/s", "latency_1000_per_s_p99_us"),
+    ] {
+        let _ = writeln!(
+            o,
+            "{:<44} {:>22} {:>22} {:>22} {:>8}",
+            label,
+            cell(&w["mcchatd"][key]),
+            cell(&w["node"][key]),
+            "",
+            ratio(med(&w["mcchatd"][key]), med(&w["node"][key])),
+        );
+    }
+    if let Some(sizes) = w["mcchatd"]["idle_memory"].as_object() {
+        for n in sizes.keys() {
+            let k = |who: &str| w[who]["idle_memory"][n]["kib_per_connection"].as_f64();
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22} {:>22} {:>22} {:>8}",
+                format!("  KiB per idle connection, {n} open"),
+                fmt(k("mcchatd")),
+                fmt(k("node")),
+                "",
+                ratio(k("mcchatd"), k("node")),
+            );
         }
     }
     let _ = writeln!(

@@ -131,6 +131,104 @@ fn node_relay(opts: &Opts) -> Result<Option<Relay>> {
     spawn_ready("node-relay.js", cmd, "relay listening").map(Some)
 }
 
+/// Where the WebSocket servers under test listen.
+const WEB_MCCHATD: &str = "127.0.0.1:8090";
+const WEB_NODE: &str = "127.0.0.1:8091";
+
+/// mcchatd serving its page and WebSocket (history on, as shipped).
+fn mcchatd_web(opts: &Opts, rooms: &Path) -> Result<Relay> {
+    let state = rooms.with_file_name("mcchatd-web-state");
+    let _ = std::fs::remove_dir_all(&state);
+    let mut cmd = Command::new(&opts.mcchatd);
+    cmd.args([
+        "--listen",
+        RELAY,
+        "--status-socket",
+        "",
+        "--web",
+        WEB_MCCHATD,
+        "--rooms",
+    ])
+    .arg(rooms)
+    .arg("--state-dir")
+    .arg(&state);
+    spawn_ready("mcchatd", cmd, "mcchatd ready")
+}
+
+fn node_ws(opts: &Opts) -> Result<Option<Relay>> {
+    let script = opts.peers.join("node-ws-rooms.js");
+    if Command::new("node").arg("--version").output().is_err()
+        || !script.exists()
+        || !opts.peers.join("node_modules/ws").exists()
+    {
+        return Ok(None);
+    }
+    let mut cmd = Command::new("node");
+    cmd.arg(&script)
+        .env("PORT", "8091")
+        .env("HOST", "127.0.0.1");
+    spawn_ready("node-ws-rooms.js", cmd, "ws rooms server listening").map(Some)
+}
+
+/// WebSocket rooms (section 7): fan-out from one sender to 100 receivers at saturation and
+/// at 1,000 messages a second, and the memory of idle connections; mcchatd's gateway and
+/// node-ws-rooms.js in turn.
+fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
+    let mut out = BTreeMap::new();
+    let (count, paced, sizes): (u64, u64, &[usize]) = if opts.quick {
+        (500, 300, &[100])
+    } else {
+        (20_000, 3000, &[1000, 10_000])
+    };
+    for name in ["mcchatd", "node"] {
+        let (relay, addr) = match name {
+            "mcchatd" => (Some(mcchatd_web(opts, rooms)?), WEB_MCCHATD),
+            _ => (node_ws(opts)?, WEB_NODE),
+        };
+        let Some(relay) = relay else {
+            eprintln!(
+                "bench: node-ws-rooms.js not run: Node.js, the script or its ws package missing"
+            );
+            continue;
+        };
+        let url = format!("ws://{addr}/ws");
+        eprintln!("bench: websocket fan-out of {}", relay.name);
+        let (mut rate, mut p50, mut p99, mut share) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..runs {
+            let sat = crate::ws::fanout(&url, 100, count, None)?;
+            rate.push(sat.deliveries_per_s);
+            share.push(sat.delivered as f64 / (sat.sent * 100) as f64);
+            let at = crate::ws::fanout(&url, 100, paced, Some(1000))?;
+            p50.push(at.latency_us.value_at_quantile(0.5) as f64);
+            p99.push(at.latency_us.value_at_quantile(0.99) as f64);
+        }
+        let pid = relay.pid().unwrap_or(0);
+        let mut memory = BTreeMap::new();
+        for &n in sizes {
+            let before = proc_stat(pid).map_or(0, |s| s.1);
+            let held = crate::ws::idle(&url, n)?;
+            let after = proc_stat(pid).map_or(0, |s| s.1);
+            drop(held);
+            memory.insert(
+                n.to_string(),
+                json!({"rss_kib_before": before, "rss_kib_after": after,
+                       "kib_per_connection": (after.saturating_sub(before)) as f64 / n as f64}),
+            );
+        }
+        out.insert(
+            name,
+            json!({
+                "deliveries_per_s": summary(rate),
+                "delivered_share": summary(share),
+                "latency_1000_per_s_p50_us": summary(p50),
+                "latency_1000_per_s_p99_us": summary(p99),
+                "idle_memory": memory,
+            }),
+        );
+    }
+    Ok(json!(out))
+}
+
 /// No relay: the sender speaks to the group itself.
 fn kernel() -> Relay {
     Relay {
@@ -240,6 +338,7 @@ fn rooms_file(dir: &Path) -> Result<PathBuf> {
         "[daemon]\nrelay_rate = 1000000\nrelay_burst = 1000000\nsubscribe_rate = 1000000\n\
          subscribe_burst = 1000000\nmax_subscribers = 20000\n\
          max_subscriptions_per_source = 20000\n\n\
+         [web]\nrate = 1000000\nburst = 1000000\nmax_connections = 20000\n\n\
          [rooms.room1]\ngroup = \"239.255.77.1\"\nport = 5555\n",
     )?;
     Ok(path)
@@ -259,6 +358,11 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         (3, 1.0, 5)
     };
     let mut results = BTreeMap::<String, Value>::new();
+    // MCBENCH_ONLY=websocket: that part alone (while working on it).
+    if std::env::var("MCBENCH_ONLY").as_deref() == Ok("websocket") {
+        results.insert("websocket".into(), websocket(opts, &rooms, runs)?);
+        return Ok(json!(results));
+    }
 
     // 1. Throughput, each relay alone on the machine in turn.
     let mut throughput = BTreeMap::new();
@@ -436,6 +540,8 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         );
     }
     results.insert("presence_flood".into(), json!(flood));
+
+    results.insert("websocket".into(), websocket(opts, &rooms, runs)?);
 
     // 4. The CLI: start-up to ready, and its RSS.
     let (mut ready_ms, mut rss) = (vec![], vec![]);

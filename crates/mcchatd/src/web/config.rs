@@ -12,9 +12,9 @@ use crate::config::{Limit, parse_listen};
 /// `max_connections`.
 pub(crate) const MAX_CONNECTIONS: Limit = Limit::new("max_connections", 1, 1_000_000);
 /// `rate`: messages per second one connection may send.
-pub(crate) const RATE: Limit = Limit::new("rate", 1, 10_000);
+pub(crate) const RATE: Limit = Limit::new("rate", 1, 1_000_000);
 /// `burst` for `rate`.
-pub(crate) const BURST: Limit = Limit::new("burst", 1, 100_000);
+pub(crate) const BURST: Limit = Limit::new("burst", 1, 1_000_000);
 
 /// The web gateway's settings after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]

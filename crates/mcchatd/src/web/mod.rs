@@ -34,6 +34,8 @@ use protocol::{BadRequest, MAX_FRAME, Request, WebFrame};
 
 /// Frames queued for one connection before it counts as too slow.
 pub(crate) const SEND_QUEUE: usize = 512;
+/// Frames written with one flush at most.
+const WRITE_BATCH: usize = 64;
 /// Bad frames from one connection before it is closed.
 const MAX_ABUSE: u32 = 20;
 /// Close codes (RFC 6455 7.4.1).
@@ -290,7 +292,7 @@ impl Connection {
                 out = rx.recv() => match out {
                     // The driver let go of this connection: it did not keep up.
                     None => break Some((CLOSE_TRY_AGAIN, format!("too slow: more than {SEND_QUEUE} frames behind"))),
-                    Some(out) => if let Err(end) = self.deliver(out, &mut sink).await {
+                    Some(out) => if let Err(end) = self.deliver_batch(out, &mut rx, &mut sink).await {
                         break end;
                     },
                 },
@@ -460,6 +462,12 @@ impl Connection {
     }
 
     async fn write_frame(&self, f: &WebFrame, sink: &mut Sink) -> Result<(), Ending> {
+        self.feed_frame(f, sink).await?;
+        sink.flush().await.map_err(|_| None)
+    }
+
+    /// Queues a frame in the sink without flushing.
+    async fn feed_frame(&self, f: &WebFrame, sink: &mut Sink) -> Result<(), Ending> {
         let text = match self.format {
             Format::Json => f.json.clone(),
             Format::Text => match &f.text {
@@ -467,7 +475,32 @@ impl Connection {
                 None => return Ok(()),
             },
         };
-        sink.send(Message::Text(text)).await.map_err(|_| None)
+        sink.feed(Message::Text(text)).await.map_err(|_| None)
+    }
+
+    /// `first` and the frames queued behind it (up to [`WRITE_BATCH`]), written with one
+    /// flush: at saturation one write carries many frames.
+    async fn deliver_batch(
+        &mut self,
+        first: ToConn,
+        rx: &mut mpsc::Receiver<ToConn>,
+        sink: &mut Sink,
+    ) -> Result<(), Ending> {
+        let ToConn::Frame(f) = first else {
+            return self.deliver(first, sink).await;
+        };
+        self.feed_frame(&f, sink).await?;
+        for _ in 1..WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(ToConn::Frame(f)) => self.feed_frame(&f, sink).await?,
+                Ok(other) => {
+                    sink.flush().await.map_err(|_| None)?;
+                    return self.deliver(other, sink).await;
+                }
+                Err(_) => break,
+            }
+        }
+        sink.flush().await.map_err(|_| None)
     }
 
     /// In a room: `joined`, then what history has for this client (what it missed, when its
@@ -582,7 +615,15 @@ pub(crate) async fn serve(
     state: Arc<WebState>,
     stop: CancellationToken,
 ) {
+    use axum::serve::ListenerExt as _;
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Small frames go out at once: Nagle's algorithm with delayed ACKs would hold a chat
+    // line for up to 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a web connection");
+        }
+    });
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
