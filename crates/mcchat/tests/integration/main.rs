@@ -13,3 +13,4 @@ mod multihome;
 mod pty;
 mod relay;
 mod util;
+mod web;

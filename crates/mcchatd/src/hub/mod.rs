@@ -17,6 +17,8 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 pub(crate) mod web;
+#[cfg(test)]
+mod web_tests;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};

@@ -10,7 +10,7 @@ use mcchat_core::wire::{self, Kind};
 use super::*;
 use crate::test_support::settings;
 
-const ROOMS: &str = r#"
+pub(super) const ROOMS: &str = r#"
 [daemon]
 allow = ["loopback", "connected"]
 lease_secs = 60
@@ -36,7 +36,7 @@ const LOCAL_B: &str = "192.0.2.2";
 /// The relay id the tests' hub uses.
 const ID: u32 = 0x0a0b_0c0d;
 
-fn sa(s: &str) -> SocketAddr {
+pub(super) fn sa(s: &str) -> SocketAddr {
     s.parse().expect("address")
 }
 
@@ -44,20 +44,20 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 
-fn room(s: &str) -> RoomName {
+pub(super) fn room(s: &str) -> RoomName {
     RoomName::new(s).expect("room")
 }
 
 /// A hub on injected time, and what it said.
-struct T {
-    hub: Hub,
+pub(super) struct T {
+    pub(super) hub: Hub,
     t0: Instant,
     unix0: u64,
     now: Duration,
 }
 
 impl T {
-    fn new(text: &str, recording: bool) -> Self {
+    pub(super) fn new(text: &str, recording: bool) -> Self {
         let t0 = Instant::now();
         let unix0 = 1_800_000_000_000;
         let seed = Seed {
@@ -92,12 +92,12 @@ impl T {
         t
     }
 
-    fn at(&mut self, d: Duration) -> Now {
+    pub(super) fn at(&mut self, d: Duration) -> Now {
         self.now = d;
         self.now()
     }
 
-    fn now(&self) -> Now {
+    pub(super) fn now(&self) -> Now {
         Now {
             mono: self.t0 + self.now,
             unix_ms: self.unix0 + u64::try_from(self.now.as_millis()).expect("ms"),
@@ -106,7 +106,7 @@ impl T {
 
     /// What the hub put out; a room view's request for history is answered at once, with
     /// nothing (as a fresh database would), so what it held comes out too.
-    fn drain(&mut self) -> Vec<Output> {
+    pub(super) fn drain(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
         while let Some(o) = self.hub.poll_output() {
             if let Output::WebPreload { room } = &o {
@@ -137,7 +137,7 @@ impl T {
         self.drain()
     }
 
-    fn group(&mut self, name: &str, from: &str, data: &[u8]) -> Vec<Output> {
+    pub(super) fn group(&mut self, name: &str, from: &str, data: &[u8]) -> Vec<Output> {
         let now = self.now();
         let r = room(name);
         let generation = self.hub.groups.generation(&r).expect("joined");
@@ -153,7 +153,7 @@ impl T {
         self.drain()
     }
 
-    fn poll(&mut self, d: Duration) -> Vec<Output> {
+    pub(super) fn poll(&mut self, d: Duration) -> Vec<Output> {
         let now = self.at(d);
         self.hub.poll(now);
         self.drain()
@@ -172,7 +172,7 @@ impl T {
     }
 
     /// Reports every join in `out` as done.
-    fn finish_joins(&mut self, out: &[Output]) {
+    pub(super) fn finish_joins(&mut self, out: &[Output]) {
         for o in out {
             if let Output::Join {
                 room, generation, ..
