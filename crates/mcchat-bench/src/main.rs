@@ -5,6 +5,7 @@
 
 mod flood;
 mod load;
+mod plot;
 mod repair;
 mod suite;
 mod ws;
@@ -72,6 +73,10 @@ fn main() -> ExitCode {
         });
         std::fs::write(&cli.out, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("write {}", cli.out.display()))?;
+        if let Some(svg) = plot::fanout_svg(&results["websocket"]) {
+            let path = cli.out.with_file_name("ws-fanout.svg");
+            std::fs::write(&path, svg).with_context(|| format!("write {}", path.display()))?;
+        }
         print!("{}", table(&results));
         Ok(())
     });
@@ -314,6 +319,21 @@ fn table(r: &Value) -> String {
         );
     }
     if let Some(sizes) = w["mcchatd"]["idle_memory"].as_object() {
+        for (label, key) in [
+            ("  one of 100 stalled: others' p99 us", "p99_us"),
+            ("  one of 100 stalled: server RSS KiB", "rss_kib_stalled"),
+        ] {
+            let k = |who: &str| w[who]["one_stalled"][key].as_f64();
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22} {:>22} {:>22} {:>8}",
+                label,
+                fmt(k("mcchatd")),
+                fmt(k("node")),
+                "",
+                ratio(k("mcchatd"), k("node")),
+            );
+        }
         for n in sizes.keys() {
             let k = |who: &str| w[who]["idle_memory"][n]["kib_per_connection"].as_f64();
             let _ = writeln!(

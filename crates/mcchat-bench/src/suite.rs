@@ -135,10 +135,13 @@ fn node_relay(opts: &Opts) -> Result<Option<Relay>> {
 const WEB_MCCHATD: &str = "127.0.0.1:8090";
 const WEB_NODE: &str = "127.0.0.1:8091";
 
-/// mcchatd serving its page and WebSocket (history on, as shipped).
-fn mcchatd_web(opts: &Opts, rooms: &Path) -> Result<Relay> {
+/// mcchatd serving its page and WebSocket (history on, as shipped), with a fresh state
+/// directory unless `keep` (a restart).
+fn mcchatd_web(opts: &Opts, rooms: &Path, keep: bool) -> Result<Relay> {
     let state = rooms.with_file_name("mcchatd-web-state");
-    let _ = std::fs::remove_dir_all(&state);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&state);
+    }
     let mut cmd = Command::new(&opts.mcchatd);
     cmd.args([
         "--listen",
@@ -180,9 +183,14 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
     } else {
         (20_000, 3000, &[1000, 10_000])
     };
+    let (rates, sweep_secs): (&[u64], f64) = if opts.quick {
+        (&[1000, 5000], 0.2)
+    } else {
+        (&[1000, 2000, 5000, 10_000, 20_000, 40_000], 1.5)
+    };
     for name in ["mcchatd", "node"] {
         let (relay, addr) = match name {
-            "mcchatd" => (Some(mcchatd_web(opts, rooms)?), WEB_MCCHATD),
+            "mcchatd" => (Some(mcchatd_web(opts, rooms, false)?), WEB_MCCHATD),
             _ => (node_ws(opts)?, WEB_NODE),
         };
         let Some(relay) = relay else {
@@ -203,6 +211,19 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
             p99.push(at.latency_us.value_at_quantile(0.99) as f64);
         }
         let pid = relay.pid().unwrap_or(0);
+        // Deliveries against the offered rate (the plot in docs/PERFORMANCE.md).
+        let mut curve = Vec::new();
+        for &r in rates {
+            let got = crate::ws::fanout(&url, 100, (r as f64 * sweep_secs) as u64, Some(r))?;
+            curve.push(json!({"offered_per_s": r * 100, "deliveries_per_s": got.deliveries_per_s}));
+        }
+        // One of 100 receivers stops reading at 1,000 msg/s: the others' latency, and the
+        // server's memory with it stuck.
+        let rss_before = proc_stat(pid).map_or(0, |s| s.1);
+        let mut rss_stuck = 0;
+        let slow = crate::ws::fanout_stalled(&url, 99, 1, paced * 3, Some(1000), |_| {
+            rss_stuck = proc_stat(pid).map_or(0, |s| s.1);
+        })?;
         let mut memory = BTreeMap::new();
         for &n in sizes {
             let before = proc_stat(pid).map_or(0, |s| s.1);
@@ -223,10 +244,69 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
                 "latency_1000_per_s_p50_us": summary(p50),
                 "latency_1000_per_s_p99_us": summary(p99),
                 "idle_memory": memory,
+                "offered_curve": curve,
+                "one_stalled": {
+                    "p50_us": slow.latency_us.value_at_quantile(0.5),
+                    "p99_us": slow.latency_us.value_at_quantile(0.99),
+                    "delivered_share": slow.delivered as f64 / (slow.sent * 99) as f64,
+                    "rss_kib_before": rss_before,
+                    "rss_kib_stalled": rss_stuck,
+                },
             }),
         );
     }
+    out.insert("reconnect_storm", storm(opts, rooms)?);
     Ok(json!(out))
+}
+
+/// 1,000 clients in a room while a LAN peer says 600 messages at 100 a second; mcchatd is
+/// restarted after 200: how long until every client is back, and what each saw twice or
+/// never.
+fn storm(opts: &Opts, rooms: &Path) -> Result<Value> {
+    use std::io::Write as _;
+    let (clients, count) = if opts.quick { (100, 150) } else { (1000, 600) };
+    eprintln!("bench: reconnect storm of {clients} web clients");
+    let mut relay = mcchatd_web(opts, rooms, false)?;
+    let mut peer = Command::new(&opts.mcchat)
+        .args(["join", "wsstorm", "--name", "storm", "--rooms"])
+        .arg(rooms)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the storm's LAN peer")?;
+    let mut stdin = peer.stdin.take().context("the peer's stdin")?;
+    let url = format!("ws://{WEB_MCCHATD}/ws");
+    let result = crate::ws::storm(
+        &url,
+        "wsstorm",
+        clients,
+        count,
+        100,
+        |i| writeln!(stdin, "{i}").context("the storm's LAN peer"),
+        || {
+            if let Some(pid) = relay.pid() {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+            if let Some(c) = &mut relay.child {
+                let _ = c.wait();
+            }
+            relay = mcchatd_web(opts, rooms, true)?;
+            Ok(())
+        },
+    );
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let s = result?;
+    Ok(json!({
+        "clients": s.clients,
+        "sent": s.sent,
+        "rejoined": s.rejoined,
+        "rejoin_ms": s.rejoin_ms,
+        "duplicates": s.duplicates,
+        "missing": s.missing,
+        "reported_lost": s.reported_lost,
+    }))
 }
 
 /// No relay: the sender speaks to the group itself.
@@ -339,6 +419,7 @@ fn rooms_file(dir: &Path) -> Result<PathBuf> {
          subscribe_burst = 1000000\nmax_subscribers = 20000\n\
          max_subscriptions_per_source = 20000\n\n\
          [web]\nrate = 1000000\nburst = 1000000\nmax_connections = 20000\n\n\
+         [rooms.wsstorm]\ngroup = \"239.255.77.9\"\nport = 5559\n\n\
          [rooms.room1]\ngroup = \"239.255.77.1\"\nport = 5555\n",
     )?;
     Ok(path)

@@ -71,6 +71,20 @@ fn sent_at(frame: &str) -> Option<u64> {
 /// (`None`: as fast as the server takes them). Waits until every receiver has every message,
 /// or nothing came for 2 s.
 pub(crate) fn fanout(url: &str, receivers: usize, count: u64, rate: Option<u64>) -> Result<Fanout> {
+    fanout_stalled(url, receivers, 0, count, rate, |_| {})
+}
+
+/// [`fanout`] with `stalled` more receivers that join and then never read; `during` is
+/// called once the sending is done, before the stalled ones let go (to read the server's
+/// memory then).
+pub(crate) fn fanout_stalled(
+    url: &str,
+    receivers: usize,
+    stalled: usize,
+    count: u64,
+    rate: Option<u64>,
+    during: impl FnOnce(&Fanout),
+) -> Result<Fanout> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,6 +93,10 @@ pub(crate) fn fanout(url: &str, receivers: usize, count: u64, rate: Option<u64>)
         let delivered = Arc::new(AtomicU64::new(0));
         let last_ns = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
+        let mut asleep = Vec::new();
+        for _ in 0..stalled {
+            asleep.push(join(url).await?);
+        }
         for _ in 0..receivers {
             let mut ws = join(url).await?;
             let delivered = Arc::clone(&delivered);
@@ -135,12 +153,15 @@ pub(crate) fn fanout(url: &str, receivers: usize, count: u64, rate: Option<u64>)
             bail!("no deliveries from {url}");
         }
         let secs = last_ns.load(Ordering::Relaxed).saturating_sub(first).max(1) as f64 / 1e9;
-        Ok(Fanout {
+        let out = Fanout {
             sent: count,
             delivered,
             deliveries_per_s: delivered as f64 / secs,
             latency_us: latency,
-        })
+        };
+        during(&out);
+        drop(asleep);
+        Ok(out)
     })
 }
 
@@ -167,4 +188,182 @@ pub(crate) fn idle(url: &str, n: usize) -> Result<(tokio::runtime::Runtime, Vec<
         anyhow::Ok(v)
     })?;
     Ok((rt, conns))
+}
+
+/// What a reconnect storm measured.
+#[derive(Debug)]
+pub(crate) struct Storm {
+    pub(crate) clients: usize,
+    pub(crate) sent: u64,
+    /// From the restarted server being ready until the last client was back in the room.
+    pub(crate) rejoin_ms: f64,
+    /// Clients that were back in the room.
+    pub(crate) rejoined: usize,
+    /// Messages shown twice to one client, and messages never shown to one (summed over
+    /// clients), and the losses the server reported as gaps.
+    pub(crate) duplicates: u64,
+    pub(crate) missing: u64,
+    pub(crate) reported_lost: u64,
+}
+
+/// `clients` clients in `room`, each reconnecting as the page does (back-off from 250 ms,
+/// doubling to 2 s, with jitter; `since` the last offset it saw). `send(i)` says message i
+/// (1-based, `"<i>"` as its text) on the LAN, `restart()` restarts the server; the storm is
+/// `count` messages at `rate` a second with the restart after a third of them.
+pub(crate) fn storm(
+    url: &str,
+    room: &str,
+    clients: usize,
+    count: u64,
+    rate: u64,
+    mut send: impl FnMut(u64) -> Result<()>,
+    mut restart: impl FnMut() -> Result<()>,
+) -> Result<Storm> {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let restarted_at = Arc::new(Mutex::new(None::<Instant>));
+    let joined = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let (url, room) = (url.to_owned(), room.to_owned());
+        let (stop, restarted_at, joined) = (
+            Arc::clone(&stop),
+            Arc::clone(&restarted_at),
+            Arc::clone(&joined),
+        );
+        handles.push(rt.spawn(async move {
+            let mut seen = vec![0u8; count as usize + 1];
+            let mut since: Option<(u64, u64)> = None;
+            let mut back_at: Option<Instant> = None;
+            let mut lost = 0u64;
+            let mut backoff = Duration::from_millis(250);
+            let mut first = true;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((mut ws, _)) =
+                    tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await
+                else {
+                    let jitter =
+                        Duration::from_millis(u64::from(crate::load::now_ns() as u32 % 250));
+                    tokio::time::sleep(backoff + jitter).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                };
+                let since_json = since.map_or(String::new(), |(e, o)| {
+                    format!(r#","since":{{"epoch":{e},"offset":{o}}}"#)
+                });
+                let join = format!(
+                    r#"{{"type":"join","room":"{room}","name":"c{c}","history":0{since_json}}}"#
+                );
+                if ws.send(Message::text(join)).await.is_err() {
+                    continue;
+                }
+                loop {
+                    let m = tokio::select! {
+                        m = ws.next() => m,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {
+                            if stop.load(Ordering::Relaxed) { break; }
+                            continue;
+                        }
+                    };
+                    let Some(Ok(Message::Text(t))) = m else { break };
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                    match v["type"].as_str() {
+                        Some("joined") => {
+                            backoff = Duration::from_millis(250);
+                            if first {
+                                first = false;
+                                joined.fetch_add(1, Ordering::Relaxed);
+                            } else if back_at.is_none()
+                                && restarted_at.lock().map(|r| r.is_some()).unwrap_or(false)
+                            {
+                                back_at = Some(Instant::now());
+                            }
+                            // Where it stands: its own last offset while the epoch holds
+                            // (what it missed comes next, from history); the room's now if
+                            // it is new here or the server could not recover it.
+                            if let (Some(e), Some(o)) = (v["epoch"].as_u64(), v["offset"].as_u64())
+                                && (since.is_none_or(|(old, _)| old != e)
+                                    || v["recovered"] == false)
+                            {
+                                since = Some((e, o));
+                            }
+                        }
+                        Some("chat") => {
+                            if let Some(i) =
+                                v["text"].as_str().and_then(|t| t.parse::<usize>().ok())
+                                && i < seen.len()
+                            {
+                                seen[i] = seen[i].saturating_add(1);
+                            }
+                            if let (Some((e, _)), Some(o)) = (since, v["offset"].as_u64()) {
+                                since = Some((e, o));
+                            }
+                        }
+                        Some("gap") => lost += v["count"].as_u64().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            (seen, back_at, lost)
+        }));
+    }
+    // Everyone in before the first message.
+    let t0 = Instant::now();
+    while joined.load(Ordering::Relaxed) < clients as u64 {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "only {} of {clients} clients joined",
+                joined.load(Ordering::Relaxed)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    let mut ready = None;
+    for i in 1..=count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        send(i)?;
+        if i == count / 3 {
+            restart()?;
+            let now = Instant::now();
+            ready = Some(now);
+            if let Ok(mut r) = restarted_at.lock() {
+                *r = Some(now);
+            }
+        }
+    }
+    // Time for the last repairs and recoveries.
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let mut out = Storm {
+        clients,
+        sent: count,
+        rejoin_ms: 0.0,
+        rejoined: 0,
+        duplicates: 0,
+        missing: 0,
+        reported_lost: 0,
+    };
+    for h in handles {
+        let (seen, back_at, lost) = rt.block_on(h)?;
+        out.duplicates += seen
+            .iter()
+            .map(|&n| u64::from(n.saturating_sub(1)))
+            .sum::<u64>();
+        out.missing += seen[1..].iter().filter(|&&n| n == 0).count() as u64;
+        out.reported_lost += lost;
+        if let (Some(b), Some(r)) = (back_at, ready) {
+            out.rejoined += 1;
+            out.rejoin_ms = out
+                .rejoin_ms
+                .max(b.saturating_duration_since(r).as_secs_f64() * 1e3);
+        }
+    }
+    Ok(out)
 }

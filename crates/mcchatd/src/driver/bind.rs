@@ -97,12 +97,26 @@ pub(crate) fn bind(settings: &Settings) -> Result<Bound> {
                 "a room uses the relay port: the relay socket allows port sharing (SO_REUSEADDR) so that room's group can be joined; on a multi-user host give the room another port"
             );
         }
-        let sock = RelaySocket::open(*addr, &mcast, share)?;
-        let bound = sock.local_addr();
-        let listener = match early {
-            Some(l) => l,
-            None => tcp_listen(bound)?,
+        let (sock, listener) = match early {
+            Some(l) => (RelaySocket::open(*addr, &mcast, share)?, l),
+            // Port 0: the system picks the UDP port, and TCP must have the same one free;
+            // when a TCP socket holds it already (busy hosts, parallel tests), pick again.
+            None => {
+                let mut tries = 0;
+                loop {
+                    let sock = RelaySocket::open(*addr, &mcast, share)?;
+                    match tcp_listen(sock.local_addr()) {
+                        Ok(l) => break (sock, l),
+                        Err(e) if tries < 16 => {
+                            tries += 1;
+                            tracing::debug!(error = %e, "port taken on TCP; another");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
         };
+        let bound = sock.local_addr();
         tracing::info!(%bound, "relaying on UDP, status on TCP");
         relay.push(sock);
         tcp.push(listener);

@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use bytes::Bytes;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mcchat_core::control::HistoryRecord;
 use mcchat_core::peer::{Effect, Event, Now, PeerConfig, PeerEngine, Received};
@@ -37,6 +37,11 @@ pub(crate) const PRELOAD: u32 = 1024;
 
 /// Datagrams a view keeps while its history is being read.
 const PRELOAD_BACKLOG: usize = 4096;
+
+/// Presence frames per room at most one per this; the changes in between go in one.
+const PRESENCE_EVERY: Duration = Duration::from_millis(250);
+/// Changes one presence frame lists at most (the members list is complete anyway).
+const PRESENCE_CHANGES: usize = 64;
 
 /// Held messages' datagrams a view keeps at most (the receiver bounds what it holds; this
 /// bounds the copies).
@@ -115,9 +120,23 @@ struct View {
     /// What the room brought meanwhile, fed to the view after its history (so a sender's
     /// first live message does not hide what it said while nobody was listening).
     backlog: Vec<(Bytes, SocketAddr)>,
+    /// Presence changes not yet sent, when the next frame of them is due, and when the last
+    /// went.
+    presence: Vec<(String, &'static str)>,
+    presence_due: Option<Instant>,
+    presence_sent: Option<Instant>,
 }
 
 impl View {
+    /// The frame of the presence changes so far.
+    fn presence_frame(&mut self, room: &RoomName, now: Instant) -> WebFrame {
+        let frame = protocol::presence_frame(room.as_str(), &self.presence, &self.engine.members());
+        self.presence.clear();
+        self.presence_due = None;
+        self.presence_sent = Some(now);
+        frame
+    }
+
     fn fanout(&mut self) -> Arc<[ConnId]> {
         Arc::clone(
             self.fanout
@@ -179,7 +198,8 @@ impl Web {
         let views = self
             .views
             .values()
-            .filter_map(|v| v.engine.next_deadline())
+            .flat_map(|v| [v.engine.next_deadline(), v.presence_due])
+            .flatten()
             .min();
         [clients, views].into_iter().flatten().min()
     }
@@ -438,6 +458,9 @@ impl Hub {
                 last: self.web.offset,
                 preloading: self.recording,
                 backlog: Vec::new(),
+                presence: Vec::new(),
+                presence_due: None,
+                presence_sent: None,
             },
         );
         if self.recording {
@@ -530,17 +553,27 @@ impl Hub {
                         if view.members.is_empty() {
                             continue;
                         }
-                        let (name, event) = match &change {
-                            Change::Joined(n) => (n.as_str(), "join"),
-                            Change::Left(n) => (n.as_str(), "leave"),
-                            Change::TimedOut(n) => (n.as_str(), "timeout"),
+                        let change = match change {
+                            Change::Joined(n) => (n, "join"),
+                            Change::Left(n) => (n, "leave"),
+                            Change::TimedOut(n) => (n, "timeout"),
                         };
-                        frames.push(protocol::presence_frame(
-                            room.as_str(),
-                            name,
-                            event,
-                            &view.engine.members(),
-                        ));
+                        // At most one presence frame per room per PRESENCE_EVERY: a
+                        // thousand browsers coming back at once would otherwise be a
+                        // million frames.
+                        if view.presence.len() < PRESENCE_CHANGES {
+                            view.presence.push(change);
+                        }
+                        if view.presence_due.is_none() {
+                            view.presence_due = Some(
+                                view.presence_sent
+                                    .map_or(now.mono, |t| t + PRESENCE_EVERY)
+                                    .max(now.mono),
+                            );
+                        }
+                        if view.presence_due.is_some_and(|t| t <= now.mono) {
+                            frames.push(view.presence_frame(room, now.mono));
+                        }
                     }
                     Effect::Show(Event::Lost { sender, count }) => {
                         if view.engine.receiver_load().2 == 0 {
@@ -656,6 +689,24 @@ impl Hub {
                 v.engine.poll(now);
             }
             self.drain_view(&room, None, None, false, now);
+        }
+        let presence: Vec<RoomName> = self
+            .web
+            .views
+            .iter()
+            .filter(|(_, v)| v.presence_due.is_some_and(|t| t <= now.mono))
+            .map(|(r, _)| r.clone())
+            .collect();
+        for room in presence {
+            if let Some(v) = self.web.views.get_mut(&room) {
+                let frame = v.presence_frame(&room, now.mono);
+                let to = v.fanout();
+                self.counters.web_frames += 1;
+                self.out.push_back(Output::ToWeb {
+                    to,
+                    frame: Arc::new(frame),
+                });
+            }
         }
     }
 

@@ -528,14 +528,13 @@ impl Connection {
                     records = r;
                 }
             }
-            if !recovered {
+            let scrollback = scrollback
+                .unwrap_or(protocol::SCROLLBACK)
+                .min(protocol::MAX_SCROLLBACK);
+            if !recovered && scrollback > 0 {
                 let q = HistoryQuery {
                     before: Some(j.offset.saturating_add(1)),
-                    limit: Some(
-                        scrollback
-                            .unwrap_or(protocol::SCROLLBACK)
-                            .min(protocol::MAX_SCROLLBACK),
-                    ),
+                    limit: Some(scrollback),
                     ..HistoryQuery::new(j.room.as_str())
                 };
                 match reader.query(q).await {

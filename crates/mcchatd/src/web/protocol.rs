@@ -232,7 +232,18 @@ pub(crate) fn chat_frame(c: &ChatFrame<'_>) -> WebFrame {
     }
 }
 
-pub(crate) fn presence_frame(room: &str, name: &str, event: &str, members: &[String]) -> WebFrame {
+/// Who came and went since the last presence frame (oldest first; never empty), and who is
+/// here now. `name` and `event` are the last change's, for clients that read one.
+pub(crate) fn presence_frame(
+    room: &str,
+    changes: &[(String, &'static str)],
+    members: &[String],
+) -> WebFrame {
+    #[derive(Serialize)]
+    struct C<'a> {
+        name: &'a str,
+        event: &'a str,
+    }
     #[derive(Serialize)]
     struct P<'a> {
         #[serde(rename = "type")]
@@ -240,14 +251,20 @@ pub(crate) fn presence_frame(room: &str, name: &str, event: &str, members: &[Str
         room: &'a str,
         name: &'a str,
         event: &'a str,
+        changes: Vec<C<'a>>,
         members: &'a [String],
     }
+    let (name, event) = changes.last().map_or(("", ""), |(n, e)| (n.as_str(), *e));
     WebFrame {
         json: to_json(&P {
             kind: "presence",
             room,
             name,
             event,
+            changes: changes
+                .iter()
+                .map(|(name, event)| C { name, event })
+                .collect(),
             members,
         })
         .into(),
