@@ -11,7 +11,6 @@ use std::io::{Read, Write};
 
 use mcchat_core::control::{HistoryQuery, HistoryRecord, Request, Status};
 use mcchat_core::peer::Received;
-use mcchat_core::wire::{InstanceId, Kind};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::via;
@@ -332,7 +331,7 @@ impl<'de, F: FnMut(Received) -> bool> serde::de::Visitor<'de> for Messages<'_, F
         while let Some(r) = seq.next_element::<HistoryRecord>()? {
             *self.count += 1;
             // The daemon answers for the room asked; anything else is not shown.
-            if r.room == self.room && !(self.each)(received(r)) {
+            if r.room == self.room && !(self.each)(Received::from(r)) {
                 return Ok(Ending::Stopped);
             }
         }
@@ -389,29 +388,10 @@ fn read_history<R: Read>(
     }
 }
 
-/// A stored message as the engine takes it.
-fn received(r: HistoryRecord) -> Received {
-    Received {
-        kind: if r.kind == Kind::Action.name() {
-            Kind::Action
-        } else {
-            Kind::Message
-        },
-        room: r.room,
-        sender: r.sender,
-        text: r.text,
-        ts_ms: r.ts_ms.unwrap_or(r.recv_ms),
-        recv_ms: r.recv_ms,
-        from: None,
-        instance: r.id.as_deref().and_then(InstanceId::parse),
-        seq: r.seq,
-        repair: false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mcchat_core::wire::{InstanceId, Kind};
 
     fn endpoint() -> Endpoint {
         Endpoint::Tcp("192.0.2.1:5554".into())

@@ -62,6 +62,29 @@ pub struct Received {
     pub repair: bool,
 }
 
+impl From<crate::control::HistoryRecord> for Received {
+    /// A stored message as the engine takes it (history shown before anything live, a view
+    /// preloaded from it).
+    fn from(r: crate::control::HistoryRecord) -> Self {
+        Self {
+            kind: if r.kind == Kind::Action.name() {
+                Kind::Action
+            } else {
+                Kind::Message
+            },
+            room: r.room,
+            sender: r.sender,
+            text: r.text,
+            ts_ms: r.ts_ms.unwrap_or(r.recv_ms),
+            recv_ms: r.recv_ms,
+            from: None,
+            instance: r.id.as_deref().and_then(InstanceId::parse),
+            seq: r.seq,
+            repair: false,
+        }
+    }
+}
+
 /// Something for a front end to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

@@ -464,7 +464,12 @@ impl Pace {
 
 /// The relay address a daemon logged when it bound ("relaying on UDP ... bound=ADDR").
 pub fn relay_addr(d: &Proc) -> SocketAddr {
-    let line = d.expect_err("relaying on UDP");
+    logged_addr(d, "relaying on UDP")
+}
+
+/// The address in the `bound=` field of the first stderr line containing `needle`.
+pub fn logged_addr(d: &Proc, needle: &str) -> SocketAddr {
+    let line = d.expect_err(needle);
     line.rsplit("bound=")
         .next()
         .and_then(|s| s.split_whitespace().next())

@@ -9,13 +9,7 @@ use crate::util::{TempDir, local_daemon, require_netns, run};
 
 /// The web address a daemon logged when it bound.
 fn web_addr(d: &crate::util::Proc) -> SocketAddr {
-    let line = d.expect_err("web page and WebSocket on HTTP");
-    line.rsplit("bound=")
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_default()
-        .parse()
-        .unwrap_or_else(|_| panic!("no address in {line:?}"))
+    crate::util::logged_addr(d, "web page and WebSocket on HTTP")
 }
 
 /// A WebSocket opened by hand: the upgrade request, and the status line of the answer.

@@ -75,6 +75,18 @@ pub(crate) struct Control {
 /// The allow list and the connected subnets, read by the status listeners.
 type SharedNets = Arc<std::sync::RwLock<(Vec<Allow>, Vec<IpNet>)>>;
 
+/// Whether the allow list (as the loop last set it) admits a peer: for the status and web
+/// listeners, which check before a request reaches the hub.
+fn allow_check(nets: &SharedNets) -> impl Fn(SocketAddr) -> bool + Send + Sync + 'static {
+    let nets = Arc::clone(nets);
+    move |peer: SocketAddr| {
+        let nets = nets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::hub::admission::allows(&nets.0, &nets.1, peer.ip())
+    }
+}
+
 fn random_seed() -> Result<Seed> {
     let mut cookie_key = [0u8; 64];
     let mut id = [0u8; 4];
@@ -221,13 +233,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
     };
     let slots = status::Slots::new();
     for listener in bound.tcp {
-        let nets = Arc::clone(&driver.shared_nets);
-        let is_allowed = move |peer: SocketAddr| {
-            let nets = nets
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            crate::hub::admission::allows(&nets.0, &nets.1, peer.ip())
-        };
+        let is_allowed = allow_check(&driver.shared_nets);
         tracker.spawn(status::serve_tcp(
             listener,
             services.clone(),
@@ -248,13 +254,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         ));
     }
     if !bound.web.is_empty() {
-        let nets = Arc::clone(&driver.shared_nets);
-        let is_allowed = move |peer: SocketAddr| {
-            let nets = nets
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            crate::hub::admission::allows(&nets.0, &nets.1, peer.ip())
-        };
+        let is_allowed = allow_check(&driver.shared_nets);
         let state = Arc::new(crate::web::WebState::new(
             web_tx,
             services.history.clone(),

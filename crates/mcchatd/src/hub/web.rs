@@ -486,9 +486,27 @@ impl Hub {
             self.web_preload(room, Vec::new(), now);
             return self.feed_view(room, data, from, now);
         }
-        let key = wire::decode(data)
-            .ok()
-            .and_then(|f| f.meta.instance.zip(f.meta.seq));
+        let frame = wire::decode(data).ok();
+        let key = frame.as_ref().and_then(|f| f.meta.instance.zip(f.meta.seq));
+        let bare_chat = frame.as_ref().is_some_and(|f| {
+            f.meta.instance.is_none() && matches!(f.meta.kind, Kind::Message | Kind::Action)
+        });
+        if bare_chat && view.members.is_empty() {
+            // A bare message cannot be ordered or repaired: with no browser to show it to,
+            // it is numbered and recorded without the engine (what `nc` and the relay
+            // benchmark send).
+            self.web.offset += 1;
+            view.last = self.web.offset;
+            let offset = self.web.offset;
+            if self.records(room) {
+                self.out.push_back(Output::Record {
+                    data: data.clone(),
+                    recv_ms: now.unix_ms,
+                    offset,
+                });
+            }
+            return;
+        }
         let held = view.engine.receiver_load().2;
         view.engine.on_datagram(data, from, now);
         let arrival = data.clone();
@@ -622,25 +640,7 @@ impl Hub {
             return;
         }
         view.preloading = false;
-        let messages = records
-            .into_iter()
-            .map(|r| Received {
-                kind: if r.kind == "action" {
-                    Kind::Action
-                } else {
-                    Kind::Message
-                },
-                room: r.room,
-                sender: r.sender,
-                text: r.text,
-                ts_ms: r.ts_ms.unwrap_or(r.recv_ms),
-                recv_ms: r.recv_ms,
-                from: None,
-                instance: r.id.as_deref().and_then(InstanceId::parse),
-                seq: r.seq,
-                repair: false,
-            })
-            .collect();
+        let messages = records.into_iter().map(Received::from).collect();
         view.engine.preload(messages, now);
         let backlog = std::mem::take(&mut view.backlog);
         self.drain_view(room, None, None, true, now);
