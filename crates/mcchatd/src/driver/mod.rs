@@ -35,6 +35,7 @@ mod bind;
 mod reload;
 #[cfg(test)]
 mod tests;
+mod web;
 #[cfg(test)]
 mod web_tests;
 
@@ -542,83 +543,21 @@ impl Driver {
                     recv_ms,
                     offset,
                 } => self.records.push_at(&data, recv_ms, Some(offset)),
-                Output::ToWeb { to, frame } => {
-                    for conn in to.iter() {
-                        let full = self.web.get(conn).is_some_and(|tx| {
-                            matches!(
-                                tx.try_send(crate::web::ToConn::Frame(Arc::clone(&frame))),
-                                Err(mpsc::error::TrySendError::Full(_))
-                            )
-                        });
-                        if full {
-                            // Letting go of its queue closes it ("too slow"); nobody waits.
-                            self.web.remove(conn);
-                            let now = self.now();
-                            self.hub
-                                .on_web(*conn, crate::hub::web::WebInput::Closed, now);
-                        }
-                    }
-                }
-                Output::WebJoined { conn, joined } => {
-                    // Its history is read next: what was numbered before must be there.
-                    self.hand_over_records();
-                    if let Some(tx) = self.web.get(&conn) {
-                        let _ = tx.try_send(crate::web::ToConn::Joined(joined));
-                    }
-                }
+                Output::ToWeb { to, frame } => self.send_web(&to, &frame),
+                Output::WebJoined { conn, joined } => self.web_joined(conn, joined),
                 Output::WebRefused {
                     conn,
                     refusal,
                     close,
-                } => {
-                    if let Some(tx) = self.web.get(&conn) {
-                        let _ = tx.try_send(crate::web::ToConn::Refused(refusal, close));
-                    }
-                }
-                Output::WebPreload { room } => {
-                    self.hand_over_records();
-                    if let Some(reader) = self.history.as_ref().map(History::reader) {
-                        let events = self.web_events.clone();
-                        let stop = self.token.clone();
-                        self.tracker.spawn(async move {
-                            let q = mcchat_core::control::HistoryQuery {
-                                limit: Some(crate::hub::web::PRELOAD),
-                                ..mcchat_core::control::HistoryQuery::new(room.as_str())
-                            };
-                            let records = tokio::select! {
-                                () = stop.cancelled() => return,
-                                r = reader.query(q) => r.unwrap_or_default(),
-                            };
-                            let input = crate::hub::web::WebInput::Preload { room, records };
-                            let _ = events
-                                .send(crate::web::WebEvent {
-                                    conn: 0,
-                                    input,
-                                    tx: None,
-                                })
-                                .await;
-                        });
-                    }
-                }
+                } => self.web_refused(conn, refusal, close),
+                Output::WebPreload { room } => self.web_preload(room),
             }
         }
         self.hand_over_records();
     }
 
-    /// A web connection's event into the hub.
-    fn on_web(&mut self, ev: crate::web::WebEvent) {
-        if let Some(tx) = ev.tx {
-            self.web.insert(ev.conn, tx);
-        }
-        if matches!(ev.input, crate::hub::web::WebInput::Closed) {
-            self.web.remove(&ev.conn);
-        }
-        let now = self.now();
-        self.hub.on_web(ev.conn, ev.input, now);
-    }
-
     /// Hands the records queued so far to the history writer.
-    fn hand_over_records(&mut self) {
+    pub(super) fn hand_over_records(&mut self) {
         if !self.records.is_empty()
             && let Some(h) = &mut self.history
         {

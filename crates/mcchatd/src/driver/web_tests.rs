@@ -281,6 +281,8 @@ async fn every_error_has_a_code_and_abuse_is_closed() {
     assert_eq!(next_of(&mut ws, "error").await["code"], "binary");
     // A text longer than a datagram is split, not refused; a frame over 16 KiB closes.
     join(&mut ws, r#"{"type":"join","room":"room1","name":"ann"}"#).await;
+    send(&mut ws, r#"{"type":"message","message":""}"#).await;
+    assert_eq!(next_of(&mut ws, "error").await["code"], "bad_message");
     let long = "x".repeat(3000);
     send(
         &mut ws,

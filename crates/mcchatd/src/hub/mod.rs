@@ -16,6 +16,7 @@ pub(crate) mod routing;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod view;
 pub(crate) mod web;
 #[cfg(test)]
 mod web_tests;

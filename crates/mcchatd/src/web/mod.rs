@@ -1,7 +1,7 @@
 //! The web port: the chat page, its WebSocket and `/healthz`, served with axum. It only moves
 //! bytes: each connection's task parses what its client sends (`protocol`), hands it to the
 //! driver as a [`WebEvent`], and writes what the driver queues for it. What a web client is
-//! in a room (its engine, its room's view) is the hub's (`hub/web.rs`).
+//! in a room (its engine, its room's view) is the hub's (`hub/web.rs`, `hub/view.rs`).
 //!
 //! Every cost is bounded: connections (`max_connections`), frames (16 KiB), messages per
 //! connection per second, and the queue of frames for each: a client that does not read is
