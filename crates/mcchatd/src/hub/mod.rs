@@ -610,7 +610,7 @@ impl Hub {
             };
             self.open_view(&r, now);
         }
-        self.feed_view(room, data, from, now);
+        self.feed_view(room, frame.meta, data, from, now);
     }
 
     /// Whether `room`'s messages are kept in history.
@@ -622,6 +622,6 @@ impl Hub {
         // relay could otherwise fill the disk with room names of their own.
         self.settings.registry.configured(room.as_str()).is_some()
             || self.subs.has_subscribers(room)
-            || self.web.has_view(room)
+            || self.web.has_members(room)
     }
 }

@@ -708,6 +708,17 @@ fn adhoc_rooms_are_recorded_only_while_someone_subscribes() {
         chat("adhoc", "someone", 2).as_bytes(),
     );
     assert!(recorded(&out));
+    // The subscription lapses: the room's view (opened for its history) goes with it, and
+    // nothing more is stored.
+    t.poll(Duration::from_secs(120));
+    t.poll(Duration::from_secs(122));
+    assert_eq!(t.hub.subscribers(), 0);
+    let out = t.unicast(
+        "192.0.2.10:4000",
+        LOCAL_A,
+        chat("adhoc", "nobody again", 3).as_bytes(),
+    );
+    assert!(!recorded(&out), "stored after its last subscriber went");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use mcchat_core::control::HistoryRecord;
 use mcchat_core::peer::{Effect, Event, Now, PeerConfig, PeerEngine, Received};
 use mcchat_core::presence::Change;
 use mcchat_core::room::RoomName;
-use mcchat_core::wire::{self, InstanceId, Kind};
+use mcchat_core::wire::{InstanceId, Kind, Meta};
 
 use super::web::ConnId;
 use super::{Hub, Output};
@@ -49,7 +49,7 @@ pub(super) struct View {
     preloading: bool,
     /// What the room brought meanwhile, fed to the view after its history (so a sender's
     /// first live message does not hide what it said while nobody was listening).
-    backlog: Vec<(Bytes, SocketAddr)>,
+    backlog: Vec<(Meta, Bytes, SocketAddr)>,
     /// Presence changes not yet sent, when the next frame of them is due, and when the last
     /// went.
     presence: Vec<(String, &'static str)>,
@@ -105,27 +105,33 @@ impl Hub {
         tracing::debug!(room = %name, "room view opened");
     }
 
-    /// A datagram of `room` (chat, presence) for its view, if it has one: what the view
-    /// delivers is numbered, recorded if the room keeps history, and sent to its browsers.
-    pub(super) fn feed_view(&mut self, room: &RoomName, data: &Bytes, from: SocketAddr, now: Now) {
+    /// A datagram of `room` (chat, presence; `meta` as the hub decoded it) for its view, if
+    /// it has one: what the view delivers is numbered, recorded if the room keeps history,
+    /// and sent to its browsers.
+    pub(super) fn feed_view(
+        &mut self,
+        room: &RoomName,
+        meta: Meta,
+        data: &Bytes,
+        from: SocketAddr,
+        now: Now,
+    ) {
         let Some(view) = self.web.views.get_mut(room) else {
             return;
         };
         if view.preloading {
             if view.backlog.len() < PRELOAD_BACKLOG {
-                view.backlog.push((data.clone(), from));
+                view.backlog.push((meta, data.clone(), from));
                 return;
             }
             // History is too slow to come: go on without it.
             tracing::warn!(%room, "room view: history did not come in time; live from here");
             self.web_preload(room, Vec::new(), now);
-            return self.feed_view(room, data, from, now);
+            return self.feed_view(room, meta, data, from, now);
         }
-        let frame = wire::decode(data).ok();
-        let key = frame.as_ref().and_then(|f| f.meta.instance.zip(f.meta.seq));
-        let bare_chat = frame.as_ref().is_some_and(|f| {
-            f.meta.instance.is_none() && matches!(f.meta.kind, Kind::Message | Kind::Action)
-        });
+        let key = meta.instance.zip(meta.seq);
+        let bare_chat =
+            meta.instance.is_none() && matches!(meta.kind, Kind::Message | Kind::Action);
         if bare_chat && view.members.is_empty() {
             // A bare message cannot be ordered or repaired: with no browser to show it to,
             // it is numbered and recorded without the engine (what `nc` and the relay
@@ -199,7 +205,7 @@ impl Hub {
                             records.push((data, self.web.offset));
                         }
                         if !view.members.is_empty() {
-                            frames.push(chat_frame(room, &m, view.last, false));
+                            frames.push(chat_frame(room, &m, view.last));
                         }
                     }
                     Effect::Show(Event::Presence(change)) => {
@@ -279,8 +285,8 @@ impl Hub {
         view.engine.preload(messages, now);
         let backlog = std::mem::take(&mut view.backlog);
         self.drain_view(room, None, None, true, now);
-        for (data, from) in backlog {
-            self.feed_view(room, &data, from, now);
+        for (meta, data, from) in backlog {
+            self.feed_view(room, meta, &data, from, now);
         }
     }
 
@@ -301,7 +307,7 @@ impl Hub {
 }
 
 /// The frame of one delivered message.
-fn chat_frame(room: &RoomName, m: &Received, offset: u64, history: bool) -> WebFrame {
+fn chat_frame(room: &RoomName, m: &Received, offset: u64) -> WebFrame {
     protocol::chat_frame(&ChatFrame {
         room: room.as_str(),
         sender: &m.sender,
@@ -310,6 +316,6 @@ fn chat_frame(room: &RoomName, m: &Received, offset: u64, history: bool) -> WebF
         id: m.instance.zip(m.seq),
         ts: m.ts_ms,
         offset,
-        history,
+        history: false,
     })
 }

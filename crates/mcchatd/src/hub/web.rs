@@ -63,7 +63,7 @@ pub(crate) struct Joined {
     /// Its sender's instance id.
     pub(crate) id: String,
     pub(crate) epoch: u64,
-    /// The room's watermark: history up to here, live after.
+    /// The room's last offset: history up to here, live after.
     pub(crate) offset: u64,
     pub(crate) members: Vec<String>,
     /// Whether the room's messages are in history (recovery and scrollback).
@@ -129,8 +129,17 @@ impl Web {
         self.views.contains_key(room)
     }
 
+    /// Whether browsers are in `room` (a view can exist without: history keeps one).
+    pub(crate) fn has_members(&self, room: &RoomName) -> bool {
+        self.views.get(room).is_some_and(|v| !v.members.is_empty())
+    }
+
+    /// The rooms browsers are in.
     pub(crate) fn wanted_rooms(&self) -> impl Iterator<Item = &RoomName> {
-        self.views.keys()
+        self.views
+            .iter()
+            .filter(|(_, v)| !v.members.is_empty())
+            .map(|(r, _)| r)
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
@@ -239,15 +248,10 @@ impl Hub {
         }
         self.web_leave(conn, now);
         let name_str = room.name().clone();
-        let configured = self
-            .settings
-            .registry
-            .configured(name_str.as_str())
-            .is_some();
-        let new_view = !self.web.views.contains_key(&name_str);
-        if new_view {
+        if !self.web.has_view(&name_str) {
             self.open_view(&room, now);
         }
+        let first = !self.web.has_members(&name_str);
         let mut config = PeerConfig::new(name_str.as_str(), name, room.group());
         config.presence = true;
         let instance = InstanceId(self.web.rng.next_u64());
@@ -258,16 +262,15 @@ impl Hub {
         };
         view.members.push(conn);
         view.fanout = None;
+        let (last, members) = (view.last, view.engine.members());
         let joined = Joined {
             room: name_str.clone(),
             name: name.to_owned(),
             id: instance.to_string(),
             epoch: self.web.epoch,
-            offset: view.last,
-            members: view.engine.members(),
-            history: self.recording
-                && self.policy.for_room(name_str.as_str()).count > 0
-                && (configured || self.settings.daemon.adhoc_rooms),
+            offset: last,
+            members,
+            history: self.records(&name_str),
         };
         self.web.instances.insert(instance, conn);
         if let Some(c) = self.web.clients.get_mut(&conn) {
@@ -275,7 +278,7 @@ impl Hub {
             c.member = Some((name_str.clone(), engine));
         }
         self.out.push_back(Output::WebJoined { conn, joined });
-        if new_view {
+        if first {
             self.reconcile();
         }
         self.with_client(conn, now, |e, now| e.enter(now));

@@ -4,7 +4,7 @@
 
 use axum::extract::ws::Utf8Bytes;
 use mcchat_core::control::HistoryRecord;
-use mcchat_core::wire::InstanceId;
+use mcchat_core::wire::{InstanceId, Kind};
 use serde::{Deserialize, Serialize};
 
 use crate::hub::web::Joined;
@@ -348,17 +348,23 @@ pub(crate) fn joined_json(j: &Joined, recovered: bool) -> String {
 
 /// A stored message as a chat frame (`history: true`, its own offset).
 pub(crate) fn record_frame(r: &HistoryRecord) -> WebFrame {
-    let id = r.id.as_deref().and_then(InstanceId::parse).zip(r.seq);
-    chat_frame(&ChatFrame {
-        room: &r.room,
-        sender: &r.sender,
-        text: &r.text,
-        action: r.kind == "action",
-        id,
-        ts: r.ts_ms.unwrap_or(r.recv_ms),
-        offset: r.offset.unwrap_or(0),
-        history: true,
-    })
+    chat_frame(&ChatFrame::stored(r))
+}
+
+impl<'a> ChatFrame<'a> {
+    /// A stored message (`history: true`, its own offset).
+    fn stored(r: &'a HistoryRecord) -> Self {
+        Self {
+            room: &r.room,
+            sender: &r.sender,
+            text: &r.text,
+            action: r.kind == Kind::Action.name(),
+            id: r.id.as_deref().and_then(InstanceId::parse).zip(r.seq),
+            ts: r.ts_ms.unwrap_or(r.recv_ms),
+            offset: r.offset.unwrap_or(0),
+            history: true,
+        }
+    }
 }
 
 /// The answer to a `history` request: older messages, oldest first.
@@ -371,19 +377,7 @@ pub(crate) fn history_json(room: &str, records: &[HistoryRecord], more: bool) ->
         messages: Vec<ChatJson<'a>>,
         more: bool,
     }
-    let frames: Vec<ChatFrame<'_>> = records
-        .iter()
-        .map(|r| ChatFrame {
-            room: &r.room,
-            sender: &r.sender,
-            text: &r.text,
-            action: r.kind == "action",
-            id: r.id.as_deref().and_then(InstanceId::parse).zip(r.seq),
-            ts: r.ts_ms.unwrap_or(r.recv_ms),
-            offset: r.offset.unwrap_or(0),
-            history: true,
-        })
-        .collect();
+    let frames: Vec<ChatFrame<'_>> = records.iter().map(ChatFrame::stored).collect();
     to_json(&H {
         kind: "history",
         room,
