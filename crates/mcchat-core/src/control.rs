@@ -259,6 +259,40 @@ pub struct Status {
     /// Web connections now, in a room or not. (Absent from older answers.)
     #[serde(default)]
     pub web_clients: u64,
+    /// The bridge to other sites over NATS; absent when the daemon does not bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteStatus>,
+}
+
+/// The daemon's link to other sites (docs/PROTOCOL.md 8).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    /// This daemon's site name.
+    pub site: String,
+    /// Connected to a NATS server now.
+    pub connected: bool,
+    /// The server it is connected to (or last tried), as `host:port`.
+    pub server: Option<String>,
+    /// JetStream is on at the server (gaps are fetched from the stream, one daemon per LAN
+    /// injects by lease); without it the link is core NATS only.
+    pub jetstream: bool,
+    /// The rooms bridged now, and those this daemon injects into their group (holds the
+    /// lease of).
+    pub rooms: Vec<String>,
+    pub injecting: Vec<String>,
+    /// Messages published to other sites, and received from them (before deduplication).
+    pub published: u64,
+    pub received: u64,
+    /// Received copies dropped as already seen, and as this site's own.
+    pub duplicates: u64,
+    pub own: u64,
+    /// Messages not published because the link was too far behind.
+    pub publish_dropped: u64,
+    /// Times a room's reader resumed from the stream (after a gap or a lost connection).
+    pub resumes: u64,
+    /// Times the link was lost, and the last error, if any.
+    pub disconnects: u64,
+    pub last_error: Option<String>,
 }
 
 /// One room the daemon knows.
@@ -458,6 +492,7 @@ mod tests {
                 dropped: 19,
             }),
             web_clients: 0,
+            site: None,
         }
     }
 

@@ -175,8 +175,10 @@ pub enum ConfigError {
         /// What the TOML parser said.
         message: String,
     },
-    /// A top-level key that is not `rooms`, `daemon` or `web`.
-    #[error("{origin}: unknown key {key:?} at the top level (expected `rooms`, `daemon` or `web`)")]
+    /// A top-level key that is not `rooms`, `daemon`, `web` or `sites`.
+    #[error(
+        "{origin}: unknown key {key:?} at the top level (expected `rooms`, `daemon`, `web` or `sites`)"
+    )]
     UnknownTopLevel {
         /// The file.
         origin: String,
@@ -189,12 +191,12 @@ pub enum ConfigError {
         /// The file.
         origin: String,
     },
-    /// `daemon` or `web` is not a table (their keys are mcchatd's to check).
+    /// `daemon`, `web` or `sites` is not a table (their keys are mcchatd's to check).
     #[error("{origin}: [{key}]: must be a table")]
     DaemonNotTable {
         /// The file.
         origin: String,
-        /// `daemon` or `web`.
+        /// `daemon`, `web` or `sites`.
         key: String,
     },
     /// A room table broke a rule.
@@ -248,6 +250,7 @@ pub struct Registry {
     rooms: BTreeMap<RoomName, Room>,
     daemon: Option<toml::Table>,
     web: Option<toml::Table>,
+    sites: Option<toml::Table>,
 }
 
 impl Registry {
@@ -265,18 +268,19 @@ impl Registry {
         let mut rooms = BTreeMap::new();
         let mut daemon = None;
         let mut web = None;
+        let mut sites = None;
         for (key, value) in table {
-            if key == "daemon" || key == "web" {
+            if matches!(key.as_str(), "daemon" | "web" | "sites") {
                 let toml::Value::Table(t) = value else {
                     return Err(ConfigError::DaemonNotTable {
                         origin: origin.to_owned(),
                         key,
                     });
                 };
-                if key == "daemon" {
-                    daemon = Some(t);
-                } else {
-                    web = Some(t);
+                match key.as_str() {
+                    "daemon" => daemon = Some(t),
+                    "web" => web = Some(t),
+                    _ => sites = Some(t),
                 }
                 continue;
             }
@@ -300,7 +304,12 @@ impl Registry {
                 rooms.insert(room.name.clone(), room);
             }
         }
-        let registry = Self { rooms, daemon, web };
+        let registry = Self {
+            rooms,
+            daemon,
+            web,
+            sites,
+        };
         registry.check_unique(origin)?;
         Ok(registry)
     }
@@ -358,6 +367,12 @@ impl Registry {
     /// The `[web]` table as written (mcchatd's web gateway), if the file has one.
     pub fn web_table(&self) -> Option<&toml::Table> {
         self.web.as_ref()
+    }
+
+    /// The `[sites]` table as written (mcchatd's bridge to other sites over NATS), if the
+    /// file has one.
+    pub fn sites_table(&self) -> Option<&toml::Table> {
+        self.sites.as_ref()
     }
 }
 
@@ -488,7 +503,7 @@ mod tests {
         let e = err(&format!("bogus = 1\n{SHIPPED}"));
         assert_eq!(
             e,
-            "rooms.toml: unknown key \"bogus\" at the top level (expected `rooms`, `daemon` or `web`)"
+            "rooms.toml: unknown key \"bogus\" at the top level (expected `rooms`, `daemon`, `web` or `sites`)"
         );
     }
 

@@ -105,6 +105,9 @@ fn render(v: &Status) -> String {
             Some(h) => format!("{} ({} not stored)", for_terminal(&h.path), h.dropped),
         }
     );
+    if let Some(site) = &v.site {
+        let _ = writeln!(o, "{}", site_line(site));
+    }
     let _ = writeln!(
         o,
         "dropped: {}",
@@ -115,6 +118,52 @@ fn render(v: &Status) -> String {
         }
     );
     o
+}
+
+/// The link to other sites, on one line.
+fn site_line(s: &mcchat_core::control::SiteStatus) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.iter()
+                .map(|r| for_terminal(r))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    };
+    format!(
+        "site {}: {} {}{}; rooms {}; injecting {}; published {}, received {} ({} duplicates, {} own), {} not published, {} resumes, {} disconnects{}",
+        for_terminal(&s.site),
+        if s.connected {
+            "connected to"
+        } else {
+            "not connected to"
+        },
+        s.server
+            .as_deref()
+            .map_or_else(|| "NATS".into(), for_terminal),
+        if s.jetstream {
+            " (JetStream)"
+        } else {
+            " (core NATS only)"
+        },
+        list(&s.rooms),
+        list(&s.injecting),
+        s.published,
+        s.received,
+        s.duplicates,
+        s.own,
+        s.publish_dropped,
+        s.resumes,
+        s.disconnects,
+        s.last_error
+            .as_deref()
+            .map_or_else(String::new, |e| format!(
+                "; last error: {}",
+                for_terminal(e)
+            )),
+    )
 }
 
 #[cfg(test)]
@@ -170,6 +219,7 @@ mod tests {
                 dropped: 19,
             }),
             web_clients: 3,
+            site: None,
         };
         let table = render(&status);
         let want = [
@@ -191,11 +241,38 @@ mod tests {
         let off = render(&Status {
             history: None,
             counters: Counters::default(),
-            ..status
+            ..status.clone()
         });
         assert!(
             off.contains("\nhistory: off\n") && off.ends_with("dropped: none\n"),
             "{off}"
+        );
+        let site = mcchat_core::control::SiteStatus {
+            site: "paris".into(),
+            connected: true,
+            server: Some("127.0.0.1:4222".into()),
+            jetstream: true,
+            rooms: vec!["room1".into(), "room2".into()],
+            injecting: vec!["room1".into()],
+            published: 5,
+            received: 6,
+            duplicates: 1,
+            own: 2,
+            publish_dropped: 0,
+            resumes: 3,
+            disconnects: 4,
+            last_error: Some("x\u{1b}y".into()),
+        };
+        let with_site = render(&Status {
+            site: Some(site),
+            ..status
+        });
+        assert!(
+            with_site.contains(&format!(
+                "\nsite paris: connected to 127.0.0.1:4222 (JetStream); rooms room1 room2; injecting room1; published 5, received 6 (1 duplicates, 2 own), 0 not published, 3 resumes, 4 disconnects; last error: {}\n",
+                for_terminal("x\u{1b}y")
+            )),
+            "{with_site}"
         );
     }
 }

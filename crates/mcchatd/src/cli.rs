@@ -37,13 +37,23 @@ pub struct Cli {
 
     /// Who may use the relay: `loopback`, `connected` or a network; repeat for several;
     /// overrides `allow` in the file [default: loopback and connected]
+    #[arg(long, value_name = "NET", value_parser = config::parse_allow)]
+    pub allow: Vec<Allow>,
+
     /// Serve the chat page and its WebSocket on this address (repeatable; overrides
     /// `[web] listen`). Off unless set.
     #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_listen)]
     pub web: Vec<SocketAddr>,
 
-    #[arg(long, value_name = "NET", value_parser = config::parse_allow)]
-    pub allow: Vec<Allow>,
+    /// This daemon's site name, for bridging rooms to other sites over NATS; overrides
+    /// `[sites] site`
+    #[arg(long, value_name = "NAME")]
+    pub site: Option<String>,
+
+    /// A NATS server to bridge rooms to other sites through (repeatable; overrides
+    /// `[sites] nats`). Off unless set.
+    #[arg(long, value_name = "URL")]
+    pub nats: Vec<String>,
 
     /// Subscription lease in seconds, 5-3600; overrides `lease_secs` in the file
     /// [default: 60]

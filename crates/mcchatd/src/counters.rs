@@ -45,6 +45,16 @@ pub(crate) enum Drop {
     /// A datagram too long to take the `relay` tag, so it cannot be sent to a group without
     /// coming back unrecognised.
     NoRoomForRelayTag,
+    /// From another site: a message without the `site` tag of its origin.
+    SiteNoOrigin,
+    /// From another site: a `hops` tag missing, malformed, or over the limit (a loop).
+    SiteHops,
+    /// From another site: a room this daemon does not bridge, or a subject not naming the
+    /// datagram's room.
+    SiteNotBridged,
+    /// From another site, while this daemon does not inject the room: more waiting for the
+    /// injecting daemon than the bound (or older than it), the oldest dropped.
+    SitePendingFull,
 }
 
 impl Drop {
@@ -67,6 +77,10 @@ impl Drop {
             Self::NotUnicast => "not_unicast",
             Self::NoRoomForRelayTag => "no_room_for_relay_tag",
             Self::UnprovenOverBudget => "unproven_over_budget",
+            Self::SiteNoOrigin => "site_no_origin",
+            Self::SiteHops => "site_hops",
+            Self::SiteNotBridged => "site_not_bridged",
+            Self::SitePendingFull => "site_pending_full",
         }
     }
 }

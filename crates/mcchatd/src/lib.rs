@@ -32,6 +32,7 @@ mod limiter;
 mod notify;
 pub mod port;
 mod settings;
+mod sites;
 mod status;
 mod subs;
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub(crate) struct Settings {
     pub(crate) origin: Origin,
     /// The web gateway (`[web]` and `--web`).
     pub(crate) web: crate::web::config::WebSettings,
+    /// The bridge to other sites (`[sites]`, `--site` and `--nats`).
+    pub(crate) sites: crate::sites::config::SitesSettings,
 }
 
 /// Loads the rooms file the flags or search path name, and applies the flags.
@@ -33,11 +35,15 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings> {
     if !cli.web.is_empty() {
         web.listen.clone_from(&cli.web);
     }
+    let label = loaded.origin.label();
+    let sites = crate::sites::config::SitesSettings::from_registry(&loaded.registry, &label)?
+        .with_flags(cli.site.as_deref(), &cli.nats, &label)?;
     Ok(Settings {
         registry: loaded.registry,
         daemon,
         origin: loaded.origin,
         web,
+        sites,
     })
 }
 

@@ -12,10 +12,14 @@ pub(crate) fn settings(text: &str) -> Settings {
         .expect("daemon settings");
     let web = crate::web::config::WebSettings::from_registry(&registry, "test rooms.toml")
         .expect("web settings");
+    let sites = crate::sites::config::SitesSettings::from_registry(&registry, "test rooms.toml")
+        .and_then(|s| s.with_flags(None, &[], "test rooms.toml"))
+        .expect("sites settings");
     Settings {
         registry,
         daemon,
         web,
+        sites,
         origin: Origin {
             path: None,
             found: Found::BuiltIn,

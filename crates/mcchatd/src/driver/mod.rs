@@ -33,6 +33,7 @@ use mcchat_core::control::HistoryStatus;
 
 mod bind;
 mod reload;
+mod site;
 #[cfg(test)]
 mod tests;
 mod web;
@@ -147,6 +148,8 @@ struct Driver {
     feed: group::Feed,
     history: Option<History>,
     records: crate::history::Batch,
+    /// The link to other sites, when bridging.
+    site: Option<crate::sites::link::Link>,
     /// Web connections' queues, by connection.
     web: HashMap<crate::hub::web::ConnId, mpsc::Sender<crate::web::ToConn>>,
     /// Where preloaded history for a room's view comes back.
@@ -215,6 +218,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         },
         history,
         records: crate::history::Batch::new(),
+        site: None,
         web: HashMap::new(),
         web_events: web_tx.clone(),
         dests: Vec::new(),
@@ -275,6 +279,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         drop(web_tx);
     }
     drop(services);
+    let mut site_rx = driver.start_site_link();
     driver.flush().await;
     let rooms = driver.hub.settings().registry.rooms().count();
     tracing::info!(rooms, origin = %driver.hub.settings().origin, "mcchatd ready");
@@ -318,6 +323,13 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
                 for _ in 1..GROUP_BATCH {
                     let Ok(ev) = web_rx.try_recv() else { break };
                     driver.on_web(ev);
+                }
+            }
+            Some(ev) = recv_site(&mut site_rx) => {
+                driver.on_site(ev);
+                for _ in 1..GROUP_BATCH {
+                    let Some(Ok(ev)) = site_rx.as_mut().map(mpsc::Receiver::try_recv) else { break };
+                    driver.on_site(ev);
                 }
             }
             Some(req) = status_rx.recv() => {
@@ -387,6 +399,15 @@ pub async fn run(cli: crate::cli::Cli, token: CancellationToken) -> Result<()> {
     shutdown.cancel();
     let _ = signals.await;
     result
+}
+
+async fn recv_site(
+    rx: &mut Option<mpsc::Receiver<crate::sites::link::SiteEvent>>,
+) -> Option<crate::sites::link::SiteEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_on(sock: Option<&RelaySocket>, batch: &mut RecvBatch) -> std::io::Result<usize> {
@@ -551,6 +572,8 @@ impl Driver {
                     close,
                 } => self.web_refused(conn, refusal, close),
                 Output::WebPreload { room } => self.web_preload(room),
+                Output::ToSite { room, data, id } => self.to_site(&room, data, id),
+                Output::SiteRooms(rooms) => self.site_rooms(rooms),
             }
         }
         self.hand_over_records();
@@ -682,6 +705,7 @@ impl Driver {
             .flatten()
             .map(|s| s.local_addr().to_string())
             .collect();
+        status.site = self.site_status();
         status.history = self.history.as_ref().map(|h| HistoryStatus {
             path: h.path().display().to_string(),
             dropped: h.stats().dropped,

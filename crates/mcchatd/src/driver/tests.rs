@@ -208,6 +208,7 @@ async fn reload_closes_a_removed_room_and_keeps_running_on_a_bad_file() {
                 found: mcchat_core::config::Found::Flag,
             },
             web: crate::web::config::WebSettings::default(),
+            sites: crate::sites::config::SitesSettings::default(),
         })
     });
     let d = start(text.clone(), loader);

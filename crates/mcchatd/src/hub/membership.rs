@@ -72,7 +72,9 @@ impl Hub {
             .registry
             .rooms()
             .filter(|r| {
-                r.keep() || (self.recording && self.policy.for_room(r.name().as_str()).count > 0)
+                r.keep()
+                    || (self.recording && self.policy.for_room(r.name().as_str()).count > 0)
+                    || self.kept_for_sites(r)
             })
             .map(|r| (r.name().clone(), r.group()))
             .collect();
@@ -122,6 +124,7 @@ impl Hub {
                 generation,
             });
         }
+        self.announce_site_rooms();
     }
 
     /// How the driver's join of `room`'s group for the membership `generation` went. On
@@ -145,6 +148,7 @@ impl Hub {
         self.groups.joined.remove(room);
         self.groups.backoff.insert(room.clone());
         self.cache.forget_room(room);
+        self.announce_site_rooms();
         // Said once per room until a join works, however often it is retried.
         if self.groups.failed.insert(room.clone()) {
             tracing::error!(%room, %error, "cannot join group; retrying every 10 s");

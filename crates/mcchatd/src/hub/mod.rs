@@ -13,6 +13,9 @@ mod control;
 mod membership;
 mod repairs;
 pub(crate) mod routing;
+pub(crate) mod site;
+#[cfg(test)]
+mod site_tests;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -125,6 +128,15 @@ pub(crate) enum Output {
     },
     /// Read a room's recent history for its new view ([`web::WebInput::Preload`]).
     WebPreload { room: RoomName },
+    /// Publish to the other sites on `room`'s subject; `id` (`instance:seq`) lets the
+    /// stream drop copies.
+    ToSite {
+        room: RoomName,
+        data: Bytes,
+        id: Option<String>,
+    },
+    /// The rooms the site link carries from now on (subscriptions and leases).
+    SiteRooms(Vec<RoomName>),
 }
 
 /// The random parts of a hub, drawn by the driver.
@@ -162,6 +174,7 @@ pub(crate) struct Hub {
     policy: Policy,
     counters: Counters,
     web: web::Web,
+    sites: site::Sites,
     out: VecDeque<Output>,
     /// Scratch for datagrams the hub writes.
     text: String,
@@ -230,6 +243,7 @@ impl Hub {
             policy: history_policy(&settings),
             counters: Counters::default(),
             web: web::Web::new(epoch, last_offset, seed.web),
+            sites: site::Sites::new(&settings.sites),
             out: VecDeque::new(),
             text: String::with_capacity(wire::MAX_DATAGRAM),
             scratch: Vec::with_capacity(wire::MAX_DATAGRAM),
@@ -267,6 +281,7 @@ impl Hub {
         }
         self.next_tick = now.mono + TICK;
         self.close_idle_views();
+        self.tick_sites(now.mono);
         self.cache.expire(now.mono);
         self.admission.forget_idle(now.mono);
         let cookie_time = self.cookie_time(now);
@@ -467,6 +482,7 @@ impl Hub {
             self.cache
                 .observe(room.name(), &frame.meta, is_repair(frame), data, now.mono);
             self.note_chat(room.name(), frame, from.addr, &shared, now);
+            self.export(room.name(), frame, data, PortKind::Udp, false);
         }
         if forwards(PortKind::Udp, PortKind::Group) {
             self.counters.relayed_to_group += 1;
@@ -531,11 +547,13 @@ impl Hub {
             Ok(f) => f,
             Err(reason) => return self.count_drop(Drop::Malformed(reason), from, now.mono),
         };
-        if frame.tags.get(RELAY_TAG).as_deref() == Some(self.relay_id.as_str()) {
+        let relay = frame.tags.get(RELAY_TAG);
+        if relay.as_deref() == Some(self.relay_id.as_str()) {
             // Our own forward, heard back through multicast loopback.
             self.counters.own_forwards_ignored += 1;
             return;
         }
+        let relayed = relay.is_some();
         if frame.meta.kind.is_relay_control() {
             return self.count_drop(Drop::UnexpectedKind, from, now.mono);
         }
@@ -552,6 +570,11 @@ impl Hub {
             self.cache
                 .observe(room, &frame.meta, is_repair(&frame), data, now.mono);
             self.note_chat(room, &frame, from, &shared, now);
+            if frame.tags.get(site::SITE_TAG).is_some() {
+                self.heard_from_site(room, &frame, now.mono);
+            } else {
+                self.export(room, &frame, data, PortKind::Group, relayed);
+            }
         }
         if forwards(PortKind::Group, PortKind::Group) {
             // Never true (routing.rs says why); asked so that the table is the one authority.

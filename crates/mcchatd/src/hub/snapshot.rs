@@ -66,6 +66,7 @@ impl Hub {
             },
             history: None,
             web_clients: self.web.clients() as u64,
+            site: None,
         }
     }
 
@@ -94,6 +95,12 @@ impl Hub {
             need_restart.push("state_dir");
             d.state_dir.clone_from(&old.state_dir);
         }
+        if new.sites != self.settings.sites {
+            // The link's server, credentials and site name are the connection's own.
+            need_restart.push("sites");
+            new.sites.clone_from(&self.settings.sites);
+        }
+        let d = &new.daemon;
         self.admission.reconfigure(d);
         self.subs.set_limits(crate::subs::Limits::new(d));
         self.cache

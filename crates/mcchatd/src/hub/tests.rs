@@ -31,7 +31,7 @@ keep = true
 "#;
 
 /// The daemon's host address that clients reach it on (one of two).
-const LOCAL_A: &str = "192.0.2.1";
+pub(super) const LOCAL_A: &str = "192.0.2.1";
 const LOCAL_B: &str = "192.0.2.2";
 /// The relay id the tests' hub uses.
 const ID: u32 = 0x0a0b_0c0d;
@@ -123,7 +123,7 @@ impl T {
     }
 
     /// A datagram at the relay port from `from`, sent to `local`.
-    fn unicast(&mut self, from: &str, local: &str, data: &[u8]) -> Vec<Output> {
+    pub(super) fn unicast(&mut self, from: &str, local: &str, data: &[u8]) -> Vec<Output> {
         let now = self.now();
         self.hub.on_input(
             Port::Relay {
@@ -161,7 +161,7 @@ impl T {
 
     /// Subscribes `from` to `name` the way a client does (challenge, then sub with the
     /// cookie); returns the cookie from `subok`.
-    fn subscribe(&mut self, name: &str, from: &str, local: &str) -> String {
+    pub(super) fn subscribe(&mut self, name: &str, from: &str, local: &str) -> String {
         let sub = request(Kind::Subscribe, name, None);
         let out = self.unicast(from, local, sub.as_bytes());
         let cookie = reply_tag(&out, Kind::Challenge, "cookie").expect("a challenge");
@@ -183,7 +183,7 @@ impl T {
         }
     }
 
-    fn counter(&self, reason: &str) -> u64 {
+    pub(super) fn counter(&self, reason: &str) -> u64 {
         self.hub.counters.dropped.get(reason).copied().unwrap_or(0)
     }
 }
@@ -1079,7 +1079,7 @@ fn the_verified_bucket_is_per_source_with_the_subscribe_rate() {
 }
 
 /// `data` with a `cookie` hop-by-hop tag in front.
-fn with_cookie(data: &str, cookie: &str) -> Vec<u8> {
+pub(super) fn with_cookie(data: &str, cookie: &str) -> Vec<u8> {
     let mut out = Vec::new();
     tags::add_hop_tag(data.as_bytes(), "cookie", cookie, &mut out).expect("tag");
     out

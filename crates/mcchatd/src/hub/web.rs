@@ -100,7 +100,7 @@ pub(crate) struct Web {
 }
 
 /// The source address a web client's datagrams are handed to the view with (it has none).
-const WEB_SOURCE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+pub(super) const WEB_SOURCE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 impl Web {
     pub(crate) fn new(epoch: u64, last_offset: u64, seed: u64) -> Self {
@@ -375,6 +375,7 @@ impl Hub {
         if frame.meta.kind != Kind::Nack && forwards(PortKind::Web, PortKind::Web) {
             self.note_chat(room, &frame, WEB_SOURCE, &shared, now);
         }
+        self.export(room, &frame, data, PortKind::Web, false);
     }
 
     /// A NACK heard anywhere: a web client's engine answers those for its instance.

@@ -1,0 +1,661 @@
+//! The NATS port: the daemon's link to other sites. It only moves bytes, as the relay
+//! sockets do: what the hub publishes goes out on the room's subject, what the rooms'
+//! subjects bring comes back to the driver, and the room's injection lease is won, renewed
+//! and given back. Every decision about what crosses is the hub's (hub/site.rs).
+//!
+//! - **Connection**: async-nats, retrying from the start (the daemon serves its LAN while
+//!   NATS is down), with jittered exponential back-off, `no_echo`, and pings every 5 s so a
+//!   dead path is noticed within about 10 s.
+//! - **JetStream**, when the server has it: one stream (`MCCHAT`) over every room's subject,
+//!   file storage, bounded age, a duplicate window; each bridged room is read through an
+//!   ordered consumer, which notices a gap in what it was given (a reconnect, a slow
+//!   consumer) and asks again from the last stream sequence it saw, so a site that lost part
+//!   of the stream fetches it, in order. Leases live in the key-value bucket
+//!   `mcchat_leases`, one key per site and room, with the lease's TTL.
+//! - **Core NATS only** (no JetStream at the server): rooms are plain subscriptions, and this
+//!   daemon injects every room (it cannot know of another); a loss between sites is then
+//!   reported by the LAN's peers as lost, not fetched.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use mcchat_core::room::RoomName;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use super::config::{Credentials, SitesSettings};
+use super::subject;
+
+/// The JetStream stream of every room's messages.
+pub(crate) const STREAM: &str = "MCCHAT";
+/// The key-value bucket of injection leases.
+pub(crate) const LEASES: &str = "mcchat_leases";
+/// Publishes waiting for the link at most; past this they are dropped and counted (the
+/// far sites' peers see the gap and report it).
+const PUBLISH_QUEUE: usize = 8192;
+/// How long shutdown gives the leases back and flushes what is queued.
+const RELEASE_WITHIN: Duration = Duration::from_millis(150);
+
+/// What the link brought.
+#[derive(Debug)]
+pub(crate) enum SiteEvent {
+    /// A message on `room`'s subject.
+    Message { room: RoomName, data: Bytes },
+    /// This daemon holds `room`'s injection lease now, or no longer.
+    Lease { room: RoomName, held: bool },
+}
+
+/// The link's state, for status.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LinkState {
+    pub(crate) connected: bool,
+    pub(crate) server: Option<String>,
+    pub(crate) jetstream: bool,
+    pub(crate) disconnects: u64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) publish_dropped: u64,
+    /// Times a room's reader resumed from the stream after a gap or a lost connection.
+    pub(crate) resumes: u64,
+}
+
+type Shared = Arc<Mutex<LinkState>>;
+
+fn update(state: &Shared, f: impl FnOnce(&mut LinkState)) {
+    f(&mut state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner));
+}
+
+struct Publish {
+    subject: String,
+    data: Bytes,
+    id: Option<String>,
+}
+
+/// The driver's handle on the link.
+pub(crate) struct Link {
+    publish: mpsc::Sender<Publish>,
+    rooms: watch::Sender<Vec<RoomName>>,
+    state: Shared,
+}
+
+impl Link {
+    /// Queues `data` for `room`'s subject; never waits (a full queue drops and counts).
+    pub(crate) fn publish(&self, room: &RoomName, data: Bytes, id: Option<String>) {
+        let p = Publish {
+            subject: subject::subject(room),
+            data,
+            id,
+        };
+        if self.publish.try_send(p).is_err() {
+            update(&self.state, |s| s.publish_dropped += 1);
+        }
+    }
+
+    /// The rooms to carry from now on.
+    pub(crate) fn set_rooms(&self, rooms: Vec<RoomName>) {
+        self.rooms.send_replace(rooms);
+    }
+
+    pub(crate) fn state(&self) -> LinkState {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Starts the link for `settings`; `owner` (the daemon's relay id) is the value of the
+/// leases it holds. Events go to `events`; everything stops when `token` is cancelled.
+pub(crate) fn spawn(
+    settings: SitesSettings,
+    owner: String,
+    events: mpsc::Sender<SiteEvent>,
+    token: CancellationToken,
+    tracker: &TaskTracker,
+) -> Link {
+    let (publish, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+    let (rooms, rooms_rx) = watch::channel(Vec::new());
+    let state = Shared::default();
+    let link = Link {
+        publish,
+        rooms,
+        state: Arc::clone(&state),
+    };
+    let task = LinkTask {
+        settings,
+        owner,
+        events,
+        state,
+        token,
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(task.run(publish_rx, rooms_rx));
+    link
+}
+
+/// Jittered exponential back-off: about 100 ms doubling to 5 s, each ±25 %.
+fn backoff(attempt: usize) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5000);
+    let mut r = [0u8; 2];
+    let jitter = if getrandom::fill(&mut r).is_ok() {
+        u64::from(u16::from_le_bytes(r)) % (base / 2 + 1)
+    } else {
+        0
+    };
+    Duration::from_millis(base - base / 4 + jitter)
+}
+
+struct LinkTask {
+    settings: SitesSettings,
+    owner: String,
+    events: mpsc::Sender<SiteEvent>,
+    state: Shared,
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// What the rooms' tasks share: the client, and JetStream if the server has it.
+#[derive(Clone)]
+struct Nats {
+    client: async_nats::Client,
+    js: Option<(stream::Stream, kv::Store)>,
+}
+
+impl LinkTask {
+    async fn options(&self) -> Result<async_nats::ConnectOptions, String> {
+        let state = Arc::clone(&self.state);
+        let mut o = async_nats::ConnectOptions::new()
+            .name(format!("mcchatd {}", self.settings.site))
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .ping_interval(Duration::from_secs(5))
+            .connection_timeout(Duration::from_secs(3))
+            .reconnect_delay_callback(backoff)
+            .event_callback(move |event| {
+                let state = Arc::clone(&state);
+                async move { on_event(&state, &event) }
+            });
+        o = match &self.settings.credentials {
+            Credentials::None => o,
+            Credentials::File(path) => o.credentials_file(path).await.map_err(|e| {
+                format!(
+                    "cannot read the NATS credentials file {}: {e}",
+                    path.display()
+                )
+            })?,
+            Credentials::Token(t) => o.token(t.clone()),
+            Credentials::User { user, password } => {
+                o.user_and_password(user.clone(), password.clone())
+            }
+        };
+        let tls = &self.settings.tls;
+        if tls.required {
+            o = o.require_tls(true);
+        }
+        if let Some(ca) = &tls.ca {
+            o = o.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            o = o.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(o)
+    }
+
+    async fn run(
+        self,
+        mut publish: mpsc::Receiver<Publish>,
+        mut rooms: watch::Receiver<Vec<RoomName>>,
+    ) {
+        let client = match self.options().await {
+            Ok(o) => o.connect(self.settings.nats.clone()).await,
+            Err(e) => {
+                tracing::error!(error = %e, "site link off");
+                update(&self.state, |s| s.last_error = Some(e));
+                return;
+            }
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(%error, "site link off: cannot start the NATS client");
+                update(&self.state, |s| s.last_error = Some(error.to_string()));
+                return;
+            }
+        };
+        let nats = tokio::select! {
+            () = self.token.cancelled() => return,
+            n = self.setup(&client) => n,
+        };
+        let mut tasks: HashMap<RoomName, CancellationToken> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        rooms.mark_changed();
+        loop {
+            tokio::select! {
+                biased;
+                () = self.token.cancelled() => break,
+                changed = rooms.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let want = rooms.borrow_and_update().clone();
+                    self.carry(&nats, &mut tasks, &want);
+                }
+                p = publish.recv() => {
+                    let Some(p) = p else { break };
+                    send(&nats.client, p).await;
+                    // What else is queued goes out in the same wake-up.
+                    for _ in 0..256 {
+                        let Ok(p) = publish.try_recv() else { break };
+                        send(&nats.client, p).await;
+                    }
+                }
+                _ = tick.tick() => self.refresh(&nats.client),
+            }
+        }
+        for (_, stop) in tasks.drain() {
+            stop.cancel();
+        }
+        while let Ok(p) = publish.try_recv() {
+            send(&nats.client, p).await;
+        }
+        let _ = tokio::time::timeout(RELEASE_WITHIN, nats.client.flush()).await;
+    }
+
+    fn refresh(&self, client: &async_nats::Client) {
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        let info = client.server_info();
+        update(&self.state, |s| {
+            s.connected = connected;
+            if !info.host.is_empty() {
+                s.server = Some(format!("{}:{}", info.host, info.port));
+            }
+        });
+    }
+
+    /// JetStream's stream and lease bucket, made if missing; tried until the server answers.
+    /// A server without JetStream gives a core-only link.
+    async fn setup(&self, client: &async_nats::Client) -> Nats {
+        let js = jetstream::new(client.clone());
+        let s = &self.settings;
+        let mut attempt = 0;
+        loop {
+            let made = async {
+                let stream = js
+                    .get_or_create_stream(stream::Config {
+                        name: STREAM.to_owned(),
+                        subjects: vec![subject::ALL.to_owned()],
+                        storage: stream::StorageType::File,
+                        max_age: s.max_age,
+                        duplicate_window: s.duplicate_window,
+                        num_replicas: s.replicas,
+                        discard: stream::DiscardPolicy::Old,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| {
+                        (
+                            matches!(
+                                e.kind(),
+                                jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
+                            ),
+                            e.to_string(),
+                        )
+                    })?;
+                // The bucket's stream made by hand, as the key-value convention (ADR-8) lays
+                // it out: async-nats 0.51's create_key_value cannot read nats-server 2.9's
+                // answer (Debian's), while opening a bucket works on every version.
+                js.get_or_create_stream(stream::Config {
+                    name: format!("KV_{LEASES}"),
+                    subjects: vec![format!("$KV.{LEASES}.>")],
+                    max_messages_per_subject: 1,
+                    discard: stream::DiscardPolicy::New,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    max_age: s.lease,
+                    duplicate_window: s.lease,
+                    storage: stream::StorageType::File,
+                    num_replicas: s.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| (false, e.to_string()))?;
+                let leases = js
+                    .get_key_value(LEASES)
+                    .await
+                    .map_err(|e| (false, e.to_string()))?;
+                Ok::<_, (bool, String)>((stream, leases))
+            }
+            .await;
+            match made {
+                Ok(js) => {
+                    tracing::info!(stream = STREAM, "site link: JetStream ready");
+                    update(&self.state, |st| st.jetstream = true);
+                    return Nats {
+                        client: client.clone(),
+                        js: Some(js),
+                    };
+                }
+                Err((unavailable, error)) => {
+                    let connected =
+                        client.connection_state() == async_nats::connection::State::Connected;
+                    if unavailable && connected {
+                        tracing::warn!(%error, "site link: the NATS server has no JetStream; core NATS only: this daemon injects every bridged room (run one per LAN), and losses between sites are reported, not fetched");
+                        update(&self.state, |st| st.last_error = Some(error));
+                        return Nats {
+                            client: client.clone(),
+                            js: None,
+                        };
+                    }
+                    if attempt == 0 {
+                        tracing::warn!(%error, "site link: NATS not ready; retrying");
+                    }
+                    update(&self.state, |st| st.last_error = Some(error));
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Starts the rooms' tasks that are wanted and stops the others.
+    fn carry(
+        &self,
+        nats: &Nats,
+        tasks: &mut HashMap<RoomName, CancellationToken>,
+        want: &[RoomName],
+    ) {
+        tasks.retain(|room, stop| {
+            let keep = want.contains(room);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for room in want {
+            if tasks.contains_key(room) {
+                continue;
+            }
+            let stop = self.token.child_token();
+            tasks.insert(room.clone(), stop.clone());
+            let r = RoomTask {
+                room: room.clone(),
+                subject: subject::subject(room),
+                lease_key: format!("{}.{}", self.settings.site, subject::token(room.as_str())),
+                lease: self.settings.lease,
+                owner: self.owner.clone(),
+                events: self.events.clone(),
+                state: Arc::clone(&self.state),
+                stop,
+            };
+            let span = tracing::info_span!("site", room = %room);
+            self.tracker.spawn(r.run(nats.clone()).instrument(span));
+        }
+    }
+}
+
+fn on_event(state: &Shared, event: &async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => {
+            tracing::info!("site link: connected to NATS");
+            update(state, |s| s.connected = true);
+        }
+        async_nats::Event::Disconnected => {
+            tracing::warn!("site link: disconnected from NATS; reconnecting");
+            update(state, |s| {
+                s.connected = false;
+                s.disconnects += 1;
+            });
+        }
+        other => {
+            tracing::info!(event = %other, "site link");
+            let text = other.to_string();
+            update(state, |s| s.last_error = Some(text));
+        }
+    }
+}
+
+async fn send(client: &async_nats::Client, p: Publish) {
+    let result = match p.id {
+        Some(id) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            client
+                .publish_with_headers(p.subject, headers, p.data)
+                .await
+        }
+        None => client.publish(p.subject, p.data).await,
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "site link: publish failed");
+    }
+}
+
+/// One bridged room: its reader, and its lease.
+struct RoomTask {
+    room: RoomName,
+    subject: String,
+    lease_key: String,
+    lease: Duration,
+    owner: String,
+    events: mpsc::Sender<SiteEvent>,
+    state: Shared,
+    stop: CancellationToken,
+}
+
+impl RoomTask {
+    async fn run(self, nats: Nats) {
+        match &nats.js {
+            Some((stream, leases)) => {
+                tokio::join!(self.read_stream(stream), self.hold_lease(leases));
+            }
+            None => {
+                let _ = self
+                    .events
+                    .send(SiteEvent::Lease {
+                        room: self.room.clone(),
+                        held: true,
+                    })
+                    .await;
+                self.read_core(&nats.client).await;
+            }
+        }
+    }
+
+    /// Hands a message to the driver (unless its subject is not the room's: the reader asked
+    /// for that one subject only); false once the daemon is stopping.
+    async fn deliver(&self, subject: &str, data: Bytes) -> bool {
+        if subject::room_of(subject).as_ref() != Some(&self.room) {
+            return true;
+        }
+        self.events
+            .send(SiteEvent::Message {
+                room: self.room.clone(),
+                data,
+            })
+            .await
+            .is_ok()
+    }
+
+    async fn read_core(&self, client: &async_nats::Client) {
+        let mut attempt = 0;
+        loop {
+            let sub = tokio::select! {
+                () = self.stop.cancelled() => return,
+                s = client.subscribe(self.subject.clone()) => s,
+            };
+            let mut sub = match sub {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::debug!(%error, "site link: cannot subscribe; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            };
+            loop {
+                let m = tokio::select! {
+                    () = self.stop.cancelled() => return,
+                    m = sub.next() => m,
+                };
+                let Some(m) = m else { break };
+                if !self.deliver(&m.subject, m.payload).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the room's subject from the stream, in order, from the first message after
+    /// the reader started; after any failure, again from the last stream sequence seen.
+    async fn read_stream(&self, stream: &stream::Stream) {
+        let mut last: Option<u64> = None;
+        let mut attempt = 0;
+        loop {
+            let deliver_policy = match last {
+                None => consumer::DeliverPolicy::New,
+                Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: seq + 1,
+                },
+            };
+            let made = async {
+                stream
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        filter_subject: self.subject.clone(),
+                        deliver_policy,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .messages()
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let made = tokio::select! {
+                () = self.stop.cancelled() => return,
+                m = made => m,
+            };
+            let mut messages = match made {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::debug!(%error, "site link: cannot read the stream; retrying");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff(attempt)) => {}
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            attempt = 0;
+            loop {
+                let m = tokio::select! {
+                    () = self.stop.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                match m {
+                    Some(Ok(m)) => {
+                        if let Ok(info) = m.info() {
+                            last = Some(info.stream_sequence);
+                        }
+                        let m = m.message;
+                        if !self.deliver(&m.subject, m.payload).await {
+                            return;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        // The ordered consumer resumes by itself after most of these.
+                        tracing::debug!(%error, "site link: stream reader resuming");
+                        update(&self.state, |s| s.resumes += 1);
+                    }
+                    None => {
+                        update(&self.state, |s| s.resumes += 1);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn tell_lease(&self, held: bool) {
+        let _ = self
+            .events
+            .send(SiteEvent::Lease {
+                room: self.room.clone(),
+                held,
+            })
+            .await;
+    }
+
+    /// Wins the room's lease when it is free, renews it every third of its life, and tells
+    /// the driver each change. A renewal that fails, or a lease not renewed for its whole
+    /// life (NATS unreachable), is lost: another daemon may hold it by then. On stop, a held
+    /// lease is given back so that the other daemon takes over at once.
+    async fn hold_lease(&self, leases: &kv::Store) {
+        let every = self.lease / 3;
+        let value = Bytes::from(self.owner.clone());
+        let mut held: Option<(u64, tokio::time::Instant)> = None;
+        loop {
+            let attempt = async {
+                match held {
+                    None => leases.create(&self.lease_key, value.clone()).await.ok(),
+                    Some((rev, _)) => leases
+                        .update(&self.lease_key, value.clone(), rev)
+                        .await
+                        .ok(),
+                }
+            };
+            let result = tokio::select! {
+                () = self.stop.cancelled() => break,
+                r = tokio::time::timeout(every, attempt) => r.ok().flatten(),
+            };
+            let now = tokio::time::Instant::now();
+            match (result, held) {
+                (Some(rev), None) => {
+                    held = Some((rev, now));
+                    self.tell_lease(true).await;
+                }
+                (Some(rev), Some(_)) => held = Some((rev, now)),
+                (None, Some((_, renewed))) => {
+                    // Renewal failed: taken over, expired, or NATS not reachable.
+                    let entry = tokio::time::timeout(every, leases.entry(&self.lease_key)).await;
+                    held = match entry {
+                        Ok(Ok(Some(e))) if e.value == value => Some((e.revision, renewed)),
+                        Ok(Ok(None)) => leases
+                            .create(&self.lease_key, value.clone())
+                            .await
+                            .ok()
+                            .map(|rev| (rev, now)),
+                        Ok(Ok(Some(_))) => None,
+                        _ if now.saturating_duration_since(renewed) >= self.lease => None,
+                        _ => held,
+                    };
+                    if held.is_none() {
+                        self.tell_lease(false).await;
+                    }
+                }
+                (None, None) => {}
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+        if let Some((rev, _)) = held {
+            let _ = tokio::time::timeout(
+                RELEASE_WITHIN,
+                leases.delete_expect_revision(&self.lease_key, Some(rev)),
+            )
+            .await;
+            self.tell_lease(false).await;
+        }
+    }
+}
