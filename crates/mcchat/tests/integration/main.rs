@@ -12,5 +12,6 @@ mod lan;
 mod multihome;
 mod pty;
 mod relay;
+mod sites;
 mod util;
 mod web;

@@ -518,6 +518,13 @@ impl Proc {
             .unwrap_or_else(|lines| self.fail(&what, "stderr", &lines))
     }
 
+    /// Waits for a stderr line that satisfies `pred` (`what` names it in a failure).
+    pub fn expect_err_where(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        self.stderr
+            .wait_for(what, pred)
+            .unwrap_or_else(|lines| self.fail(what, "stderr", &lines))
+    }
+
     /// How many stdout lines so far contain `needle`.
     pub fn count_out(&self, needle: &str) -> usize {
         self.stdout().iter().filter(|l| l.contains(needle)).count()

@@ -6,8 +6,8 @@
 //!   published, with its hop-by-hop tags replaced by `site=<this site>;hops=1` (the
 //!   end-to-end bytes unchanged). Nothing that carries a `site` tag is published: it came
 //!   from another site. A datagram another daemon of this LAN relayed (a `relay` tag) is
-//!   that daemon's to publish. A bare datagram (no `id` and `seq`, so no site can tell
-//!   copies apart) is published only by the daemon that holds the room's lease.
+//!   that daemon's to publish. A datagram with no key to tell copies apart (a bare one, or
+//!   presence) is published only by the daemon that holds the room's lease.
 //! - **In**: dropped if its origin is this site, if its hop count is missing or over
 //!   [`MAX_HOPS`], or if it was seen already (by `instance:seq`, in a window per sender as the
 //!   peers keep). The daemon holding the room's injection lease sends it to the group (with
@@ -190,6 +190,15 @@ impl Sites {
     }
 }
 
+/// What tells copies of a message apart: `(instance, seq)` of a message or action. Presence
+/// (`join`, `hb`, `leave`) carries the sender's last `seq` too, so it has no key of its own:
+/// it would pass for a copy of that message.
+fn key(frame: &Frame<'_>) -> Option<(InstanceId, u64)> {
+    matches!(frame.meta.kind, Kind::Message | Kind::Action)
+        .then(|| frame.meta.instance.zip(frame.meta.seq))
+        .flatten()
+}
+
 /// `data`'s end-to-end part, tagged as entering the sites at `site`.
 fn for_sites(data: &[u8], site: &str, out: &mut Vec<u8>) -> Result<(), tags::TagError> {
     let e2e = tags::end_to_end(data);
@@ -260,7 +269,7 @@ impl Hub {
         if frame.tags.get(SITE_TAG).is_some() {
             return; // from another site: never published again
         }
-        let key = frame.meta.instance.zip(frame.meta.seq);
+        let key = key(frame);
         if from == PortKind::Group && (relayed || (key.is_none() && !self.sites.holds(room))) {
             return;
         }
@@ -283,7 +292,7 @@ impl Hub {
 
     /// A foreign message heard on a group: another daemon of this LAN injected it.
     pub(super) fn heard_from_site(&mut self, room: &RoomName, frame: &Frame<'_>, now: Instant) {
-        if let Some(key) = frame.meta.instance.zip(frame.meta.seq) {
+        if let Some(key) = key(frame) {
             self.sites.heard(room, key, now);
         }
     }
@@ -313,7 +322,7 @@ impl Hub {
         if !self.bridges(room) || !self.sites.announced.contains(room) {
             return self.site_drop(Drop::SiteNotBridged, now.mono);
         }
-        let key = frame.meta.instance.zip(frame.meta.seq);
+        let key = key(&frame);
         if let Some((i, s)) = key
             && !self.sites.seen.insert(i, s, now.mono)
         {

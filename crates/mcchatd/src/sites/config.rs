@@ -9,8 +9,10 @@ use mcchat_core::config::from_table;
 use mcchat_core::room::{Registry, parse_age};
 use serde::Deserialize;
 
-/// Longest site name.
-pub(crate) const MAX_SITE: usize = 32;
+/// Longest site name: a writer leaves 36 bytes for hop-by-hop tags (`tags::HOP_RESERVE`),
+/// and a message from another site takes `@site=NAME;hops=1;relay=0123abcd ` (29 bytes and
+/// the name) on its way into the far LAN's group; so even the longest message fits.
+pub(crate) const MAX_SITE: usize = 7;
 
 /// Which rooms are bridged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +146,8 @@ pub(crate) struct SitesError {
     pub problem: String,
 }
 
-/// A site name: 1 to 32 of `A-Z a-z 0-9 _ -` (it is a tag value and part of a lease key).
+/// A site name: 1 to [`MAX_SITE`] of `A-Z a-z 0-9 _ -` (a tag value and part of a lease
+/// key).
 pub(crate) fn check_site(s: &str) -> Result<(), String> {
     if s.is_empty()
         || s.len() > MAX_SITE

@@ -23,6 +23,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use mcchat_core::room::RoomName;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +41,13 @@ pub(crate) const LEASES: &str = "mcchat_leases";
 /// Publishes waiting for the link at most; past this they are dropped and counted (the
 /// far sites' peers see the gap and report it).
 const PUBLISH_QUEUE: usize = 8192;
+/// A room reader's consumer: forgotten by the server this long after its reader went; pulls
+/// of this many messages, each open this long, with an idle heartbeat this often (two missed
+/// and the reader is made again).
+const READER_IDLE: Duration = Duration::from_secs(30);
+const READER_BATCH: usize = 512;
+const READER_EXPIRES: Duration = Duration::from_secs(5);
+const READER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long shutdown gives the leases back and flushes what is queued.
 const RELEASE_WITHIN: Duration = Duration::from_millis(150);
 
@@ -66,12 +75,18 @@ pub(crate) struct LinkState {
 
 type Shared = Arc<Mutex<LinkState>>;
 
+/// Counts connections to NATS: a room's reader starts again from its last stream sequence
+/// after each reconnection (a restarted server has forgotten the readers' consumers, and the
+/// ordered consumer does not always notice).
+type Connections = watch::Sender<u64>;
+
 fn update(state: &Shared, f: impl FnOnce(&mut LinkState)) {
     f(&mut state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner));
 }
 
+#[derive(Clone)]
 struct Publish {
     subject: String,
     data: Bytes,
@@ -135,6 +150,7 @@ pub(crate) fn spawn(
         state,
         token,
         tracker: tracker.clone(),
+        connections: watch::channel(0).0,
     };
     tracker.spawn(task.run(publish_rx, rooms_rx));
     link
@@ -159,6 +175,7 @@ struct LinkTask {
     state: Shared,
     token: CancellationToken,
     tracker: TaskTracker,
+    connections: Connections,
 }
 
 /// What the rooms' tasks share: the client, and JetStream if the server has it.
@@ -171,6 +188,7 @@ struct Nats {
 impl LinkTask {
     async fn options(&self) -> Result<async_nats::ConnectOptions, String> {
         let state = Arc::clone(&self.state);
+        let connections = self.connections.clone();
         let mut o = async_nats::ConnectOptions::new()
             .name(format!("mcchatd {}", self.settings.site))
             .no_echo()
@@ -181,7 +199,8 @@ impl LinkTask {
             .reconnect_delay_callback(backoff)
             .event_callback(move |event| {
                 let state = Arc::clone(&state);
-                async move { on_event(&state, &event) }
+                let connections = connections.clone();
+                async move { on_event(&state, &connections, &event) }
             });
         o = match &self.settings.credentials {
             Credentials::None => o,
@@ -234,6 +253,7 @@ impl LinkTask {
             () = self.token.cancelled() => return,
             n = self.setup(&client) => n,
         };
+        let mut publisher = Publisher::new(&nats, Arc::clone(&self.state));
         let mut tasks: HashMap<RoomName, CancellationToken> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         rooms.mark_changed();
@@ -248,13 +268,14 @@ impl LinkTask {
                     let want = rooms.borrow_and_update().clone();
                     self.carry(&nats, &mut tasks, &want);
                 }
-                p = publish.recv() => {
+                Some(()) = publisher.acks.next(), if !publisher.acks.is_empty() => {}
+                p = publish.recv(), if publisher.acks.len() < MAX_UNACKED => {
                     let Some(p) = p else { break };
-                    send(&nats.client, p).await;
+                    publisher.send(p).await;
                     // What else is queued goes out in the same wake-up.
                     for _ in 0..256 {
                         let Ok(p) = publish.try_recv() else { break };
-                        send(&nats.client, p).await;
+                        publisher.send(p).await;
                     }
                 }
                 _ = tick.tick() => self.refresh(&nats.client),
@@ -264,7 +285,7 @@ impl LinkTask {
             stop.cancel();
         }
         while let Ok(p) = publish.try_recv() {
-            send(&nats.client, p).await;
+            publisher.send(p).await;
         }
         let _ = tokio::time::timeout(RELEASE_WITHIN, nats.client.flush()).await;
     }
@@ -394,6 +415,7 @@ impl LinkTask {
                 owner: self.owner.clone(),
                 events: self.events.clone(),
                 state: Arc::clone(&self.state),
+                connections: self.connections.subscribe(),
                 stop,
             };
             let span = tracing::info_span!("site", room = %room);
@@ -402,9 +424,10 @@ impl LinkTask {
     }
 }
 
-fn on_event(state: &Shared, event: &async_nats::Event) {
+fn on_event(state: &Shared, connections: &Connections, event: &async_nats::Event) {
     match event {
         async_nats::Event::Connected => {
+            connections.send_modify(|n| *n += 1);
             tracing::info!("site link: connected to NATS");
             update(state, |s| s.connected = true);
         }
@@ -423,20 +446,106 @@ fn on_event(state: &Shared, event: &async_nats::Event) {
     }
 }
 
-async fn send(client: &async_nats::Client, p: Publish) {
-    let result = match p.id {
-        Some(id) => {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
-            client
-                .publish_with_headers(p.subject, headers, p.data)
-                .await
+/// Publishes. With JetStream each message is acknowledged by the stream, and sent again
+/// until it is (a stream whose leader moved, a server restarting): copies are dropped by the
+/// stream's duplicate window and by the far sites. Without, core NATS (at most once).
+struct Publisher {
+    client: async_nats::Client,
+    js: Option<jetstream::Context>,
+    acks: FuturesUnordered<BoxFuture<'static, ()>>,
+    state: Shared,
+}
+
+/// Messages waiting for their acknowledgement at most; past this the link reads no more
+/// (its queue fills, and the driver drops and counts).
+const MAX_UNACKED: usize = 4096;
+/// Sends of one message at most (with [`backoff`], about 40 s: within the stream's duplicate
+/// window, so a copy of a message that was stored after all is still dropped).
+const MAX_SENDS: usize = 12;
+/// How long a publish waits for the stream's acknowledgement.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
+impl Publisher {
+    fn new(nats: &Nats, state: Shared) -> Self {
+        let js = nats.js.as_ref().map(|_| {
+            let mut js = jetstream::new(nats.client.clone());
+            js.set_timeout(ACK_WAIT);
+            js
+        });
+        Self {
+            client: nats.client.clone(),
+            js,
+            acks: FuturesUnordered::new(),
+            state,
         }
-        None => client.publish(p.subject, p.data).await,
-    };
-    if let Err(error) = result {
-        tracing::debug!(%error, "site link: publish failed");
     }
+
+    /// Sends `p` now (so messages leave in order); its acknowledgement is awaited in `acks`.
+    async fn send(&mut self, p: Publish) {
+        let Some(js) = &self.js else {
+            let result = match &p.id {
+                Some(id) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    self.client
+                        .publish_with_headers(p.subject, headers, p.data)
+                        .await
+                }
+                None => self.client.publish(p.subject, p.data).await,
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "site link: publish failed");
+            }
+            return;
+        };
+        let sent = js_send(js, &p).await;
+        self.acks.push(Box::pin(confirm(
+            js.clone(),
+            p,
+            sent,
+            Arc::clone(&self.state),
+        )));
+    }
+}
+
+async fn js_send(
+    js: &jetstream::Context,
+    p: &Publish,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    let mut m = jetstream::message::PublishMessage::build().payload(p.data.clone());
+    if let Some(id) = &p.id {
+        m = m.message_id(id.as_str());
+    }
+    js.send_publish(p.subject.clone(), m).await
+}
+
+/// Waits for `p`'s acknowledgement; sends it again until one comes, or gives up and counts.
+async fn confirm(
+    js: jetstream::Context,
+    p: Publish,
+    first: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+    state: Shared,
+) {
+    let mut sent = first;
+    for attempt in 1..=MAX_SENDS {
+        let acked = match sent {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match acked {
+            Ok(()) => return,
+            Err(error) if attempt == MAX_SENDS => {
+                tracing::warn!(%error, subject = %p.subject, "site link: a message was not stored by the stream; the far sites will report it lost");
+                break;
+            }
+            Err(error) => {
+                tracing::debug!(%error, attempt, "site link: no acknowledgement; sending again");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+        sent = js_send(&js, &p).await;
+    }
+    update(&state, |s| s.publish_dropped += 1);
 }
 
 /// One bridged room: its reader, and its lease.
@@ -448,6 +557,7 @@ struct RoomTask {
     owner: String,
     events: mpsc::Sender<SiteEvent>,
     state: Shared,
+    connections: watch::Receiver<u64>,
     stop: CancellationToken,
 }
 
@@ -493,7 +603,10 @@ impl RoomTask {
                 s = client.subscribe(self.subject.clone()) => s,
             };
             let mut sub = match sub {
-                Ok(s) => s,
+                Ok(s) => {
+                    tracing::info!(room = %self.room, "site link: reading the room's subject (core NATS)");
+                    s
+                }
                 Err(error) => {
                     tracing::debug!(%error, "site link: cannot subscribe; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -517,6 +630,7 @@ impl RoomTask {
     /// Reads the room's subject from the stream, in order, from the first message after
     /// the reader started; after any failure, again from the last stream sequence seen.
     async fn read_stream(&self, stream: &stream::Stream) {
+        let mut connections = self.connections.clone();
         let mut last: Option<u64> = None;
         let mut attempt = 0;
         loop {
@@ -526,15 +640,28 @@ impl RoomTask {
                     start_sequence: seq + 1,
                 },
             };
+            // An ordered reader of our own: one ephemeral consumer, no acks, in memory; it
+            // is made again from the last stream sequence seen whenever a delivery is
+            // missing (its consumer sequence skips), its idle heartbeat stops (its server or
+            // the stream's leader went), or the connection came back. (async-nats's ordered
+            // consumer notices a lost consumer only after two 15 s heartbeats.)
             let made = async {
                 stream
-                    .create_consumer(consumer::pull::OrderedConfig {
+                    .create_consumer(consumer::pull::Config {
                         filter_subject: self.subject.clone(),
                         deliver_policy,
+                        ack_policy: consumer::AckPolicy::None,
+                        memory_storage: true,
+                        num_replicas: 1,
+                        inactive_threshold: READER_IDLE,
                         ..Default::default()
                     })
                     .await
                     .map_err(|e| e.to_string())?
+                    .stream()
+                    .max_messages_per_batch(READER_BATCH)
+                    .expires(READER_EXPIRES)
+                    .heartbeat(READER_HEARTBEAT)
                     .messages()
                     .await
                     .map_err(|e| e.to_string())
@@ -556,25 +683,38 @@ impl RoomTask {
                 }
             };
             attempt = 0;
+            let mut delivered = 0u64;
+            connections.borrow_and_update();
+            // The readiness signal of a room's reader (tests wait for it).
+            tracing::info!(room = %self.room, after = last.unwrap_or(0), "site link: reading the room's stream");
             loop {
                 let m = tokio::select! {
                     () = self.stop.cancelled() => return,
+                    Ok(()) = connections.changed() => {
+                        update(&self.state, |s| s.resumes += 1);
+                        break;
+                    }
                     m = messages.next() => m,
                 };
                 match m {
                     Some(Ok(m)) => {
-                        if let Ok(info) = m.info() {
-                            last = Some(info.stream_sequence);
+                        let Ok(info) = m.info() else { continue };
+                        if info.consumer_sequence != delivered + 1 {
+                            // A delivery went missing: read again from the last one seen.
+                            update(&self.state, |s| s.resumes += 1);
+                            break;
                         }
+                        delivered = info.consumer_sequence;
+                        last = Some(info.stream_sequence);
                         let m = m.message;
                         if !self.deliver(&m.subject, m.payload).await {
                             return;
                         }
                     }
                     Some(Err(error)) => {
-                        // The ordered consumer resumes by itself after most of these.
                         tracing::debug!(%error, "site link: stream reader resuming");
                         update(&self.state, |s| s.resumes += 1);
+                        break;
                     }
                     None => {
                         update(&self.state, |s| s.resumes += 1);
