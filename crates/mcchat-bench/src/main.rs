@@ -7,6 +7,7 @@ mod flood;
 mod load;
 mod plot;
 mod repair;
+mod sites;
 mod suite;
 mod ws;
 
@@ -346,6 +347,69 @@ fn table(r: &Value) -> String {
                 ratio(k("mcchatd"), k("node")),
             );
         }
+    }
+    let st = &r["sites"];
+    if st["latency_1000_per_s"].is_object() {
+        let l = &st["latency_1000_per_s"];
+        let raw = &st["raw_nats"];
+        let _ = writeln!(
+            o,
+            "{:<44} {:>22} {:>22} {:>22} {:>8}",
+            "sites over NATS (64-byte messages)", "bridged", "nats pub-sub alone", "LAN path", ""
+        );
+        for (label, far, alone, lan) in [
+            (
+                "  p50 us at 1,000 msg/s",
+                "far_p50_us",
+                "p50_us",
+                "lan_p50_us",
+            ),
+            (
+                "  p99 us at 1,000 msg/s",
+                "far_p99_us",
+                "p99_us",
+                "lan_p99_us",
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "{:<44} {:>22} {:>22} {:>22}",
+                label,
+                cell(&l[far]),
+                cell(&raw[alone]),
+                cell(&l[lan]),
+            );
+        }
+        for (label, key) in [
+            ("  added over the LAN, p50 us", "added_p50_us"),
+            ("  added over the LAN, p99 us", "added_p99_us"),
+        ] {
+            let _ = writeln!(o, "{:<44} {:>22}", label, cell(&l[key]));
+        }
+        let _ = writeln!(
+            o,
+            "{:<44} {:>22} {:>22}",
+            "  highest rate at <0.1% loss, msg/s",
+            fmt(st["max_rate_per_s"].as_f64()),
+            fmt(raw["max_rate_per_s"].as_f64()),
+        );
+        let c = &st["cpu_s_per_million"];
+        let _ = writeln!(
+            o,
+            "{:<44} {:>22}",
+            "  CPU s per million bridged: both mcchatd",
+            fmt(c["paris"]
+                .as_f64()
+                .zip(c["london"].as_f64())
+                .map(|(a, b)| a + b)),
+        );
+        let _ = writeln!(
+            o,
+            "{:<44} {:>22} {:>22}",
+            "  CPU s per million: nats-server",
+            fmt(c["nats_server"].as_f64()),
+            fmt(raw["nats_server_cpu_s_per_million"].as_f64()),
+        );
     }
     let _ = writeln!(
         o,

@@ -20,9 +20,9 @@ const GROUP: &str = "239.255.77.1:5555";
 /// Where the relay under test listens.
 const RELAY: &str = "127.0.0.1:5554";
 /// Loss that still counts as "no loss" when searching for the highest rate.
-const MAX_LOSS: f64 = 0.001;
+pub(crate) const MAX_LOSS: f64 = 0.001;
 /// Datagram size for throughput and latency (the figure: 64 bytes).
-const SIZE: usize = 64;
+pub(crate) const SIZE: usize = 64;
 
 /// Options from the command line.
 pub(crate) struct Opts {
@@ -35,7 +35,7 @@ pub(crate) struct Opts {
 }
 
 /// A relay process under test.
-struct Relay {
+pub(crate) struct Relay {
     name: &'static str,
     child: Option<Child>,
 }
@@ -50,13 +50,23 @@ impl Drop for Relay {
 }
 
 impl Relay {
-    fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 }
 
 /// Spawns `cmd` and waits for a line containing `ready` on stdout or stderr.
-fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Relay> {
+fn spawn_ready(name: &'static str, cmd: Command, ready: &str) -> Result<Relay> {
+    spawn_ready_all(name, cmd, &[ready])
+}
+
+/// Starts `cmd` and waits (10 s at most) until it has printed a line containing each of
+/// `ready`, in any order.
+pub(crate) fn spawn_ready_all(
+    name: &'static str,
+    mut cmd: Command,
+    ready: &[&str],
+) -> Result<Relay> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
@@ -85,11 +95,11 @@ fn spawn_ready(name: &'static str, mut cmd: Command, ready: &str) -> Result<Rela
         });
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut waiting: Vec<&str> = ready.to_vec();
+    while !waiting.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains(ready) => break,
-            Ok(_) => {}
+            Ok(line) => waiting.retain(|r| !line.contains(r)),
             Err(_) => {
                 let _ = child.kill();
                 bail!("{name} did not report ready");
@@ -374,7 +384,7 @@ fn max_rate(relay: &Relay, secs: f64, steps: u32) -> Result<f64> {
 }
 
 /// Median, min and max.
-fn summary(mut v: Vec<f64>) -> Value {
+pub(crate) fn summary(mut v: Vec<f64>) -> Value {
     if v.is_empty() {
         return Value::Null;
     }
@@ -388,7 +398,7 @@ fn summary(mut v: Vec<f64>) -> Value {
     })
 }
 
-fn proc_stat(pid: u32) -> Option<(f64, u64)> {
+pub(crate) fn proc_stat(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = stat.rsplit_once(')')?.1;
@@ -442,6 +452,10 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     // MCBENCH_ONLY=websocket: that part alone (while working on it).
     if std::env::var("MCBENCH_ONLY").as_deref() == Ok("websocket") {
         results.insert("websocket".into(), websocket(opts, &rooms, runs)?);
+        return Ok(json!(results));
+    }
+    if std::env::var("MCBENCH_ONLY").as_deref() == Ok("sites") {
+        results.insert("sites".into(), crate::sites::sites(opts, &dir, runs)?);
         return Ok(json!(results));
     }
 
@@ -623,6 +637,7 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     results.insert("presence_flood".into(), json!(flood));
 
     results.insert("websocket".into(), websocket(opts, &rooms, runs)?);
+    results.insert("sites".into(), crate::sites::sites(opts, &dir, runs)?);
 
     // 4. The CLI: start-up to ready, and its RSS.
     let (mut ready_ms, mut rss) = (vec![], vec![]);
