@@ -130,10 +130,11 @@ pub(crate) struct RepairCache {
 }
 
 /// `data` as a repair: its end-to-end part (hop-by-hop tags another hop added, such as
-/// another daemon's `relay`, are not ours to repeat) with the repair tag in front; the
-/// end-to-end part as it is when the tag would make it longer than a datagram may be.
+/// another daemon's `relay`, are not ours to repeat; a message from another site keeps its
+/// `site` and `hops`, so that no daemon of the LAN takes it for its own site's) with the
+/// repair tag in front; without the tag when it would make it longer than a datagram may be.
 fn as_repair(data: &[u8]) -> Bytes {
-    let e2e = tags::end_to_end(data);
+    let e2e = crate::hub::site::strip_foreign_hops(data);
     let mut out = Vec::with_capacity(e2e.len() + 16);
     match tags::add_hop_tag(&e2e, REPAIR_TAG.0, REPAIR_TAG.1, &mut out) {
         Ok(()) => out.into(),

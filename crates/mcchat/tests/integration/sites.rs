@@ -855,3 +855,156 @@ fn rogue(
         n
     })
 }
+
+/// The layout the README recommends: a hub with JetStream, and one leaf node per site
+/// without it. Each site's daemon talks only to its leaf; the sites chat both ways, and the
+/// leases and the stream (at the hub) work through the leaves.
+#[test]
+fn sites_on_leaf_nodes_of_a_hub_share_its_jetstream() {
+    require_netns();
+    let dir = TempDir::new();
+    let store = dir.path().join("hub-store");
+    let hub_conf = dir.write(
+        "hub.conf",
+        &format!(
+            "server_name: hub\nlisten: 127.0.0.1:24361\njetstream {{\n  store_dir: \"{}\"\n  domain: hub\n}}\nleafnodes {{\n  listen: 127.0.0.1:27422\n}}\n",
+            store.display()
+        ),
+    );
+    let leaf = |name: &str, port: u16| {
+        dir.write(
+            &format!("{name}.conf"),
+            &format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\nleafnodes {{\n  remotes = [ {{ url: \"nats-leaf://127.0.0.1:27422\" }} ]\n}}\n"
+            ),
+        )
+    };
+    let server = |conf: &str, ready: &str| {
+        let mut cmd = Command::new("nats-server");
+        cmd.args(["-c", conf]);
+        let p = Proc::spawn("nats-server", cmd);
+        p.expect_err(ready);
+        p
+    };
+    let _hub = server(&hub_conf, "Server is ready");
+    let (lp, ll) = (leaf("leafp", 24362), leaf("leafl", 24363));
+    // A leaf is of use once its connection to the hub is up.
+    let _leaf_p = server(&lp, "Leafnode connection created");
+    let _leaf_l = server(&ll, "Leafnode connection created");
+    let paris = lo_rooms(&dir, "paris", 2491, &["room1"], "domain = \"hub\"");
+    let london = lo_rooms(&dir, "london", 2492, &["room1"], "domain = \"hub\"");
+    let dp = site_daemon(
+        &paris,
+        "paris",
+        &["nats://127.0.0.1:24362".to_owned()],
+        &["room1"],
+        &[],
+    );
+    let dl = site_daemon(
+        &london,
+        "london",
+        &["nats://127.0.0.1:24363".to_owned()],
+        &["room1"],
+        &[],
+    );
+    for d in [&dp, &dl] {
+        let s = status_until(d, "lease", |s| injecting(s, "room1"));
+        assert_eq!(s["site"]["jetstream"], true, "{}", s["site"]);
+    }
+    let rx_p = listener("rx-paris", &paris, "room1", &[]);
+    let rx_l = listener("rx-london", &london, "room1", &[]);
+    let mut alice = sender(&paris, "room1", "alice", &[]);
+    let mut bob = sender(&london, "room1", "bob", &[]);
+    const N: usize = 20;
+    for i in 0..N {
+        alice.say(&format!("a{:04}", i + 1));
+        bob.say(&format!("b{:04}", i + 1));
+    }
+    let (a, b) = (texts("a", N), texts("b", N));
+    expect_all(&rx_l, &a);
+    expect_all(&rx_p, &b);
+    assert_eq!(by_sender(&rx_l).get("alice"), Some(&a));
+    assert_eq!(by_sender(&rx_p).get("bob"), Some(&b));
+}
+
+/// A daemon started while its NATS server is not there serves its LAN at once, and links
+/// up when the server comes, logging in with the token the server asks for; a daemon with
+/// the wrong token says so in `mcchat status`.
+#[test]
+fn a_daemon_serves_its_lan_while_nats_is_down_and_links_up_with_its_token() {
+    require_netns();
+    let dir = TempDir::new();
+    let token = "token = \"s3cret-t0ken\"";
+    let paris = lo_rooms(&dir, "paris", 2501, &["room1"], token);
+    let london = lo_rooms(&dir, "london", 2502, &["room1"], token);
+    let url = "nats://127.0.0.1:24371".to_owned();
+    let dp = Proc::daemon(
+        None,
+        &[
+            "--rooms",
+            &paris,
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            "",
+            "--site",
+            "paris",
+            "--nats",
+            &url,
+        ],
+    );
+    let via = relay_addr(&dp).to_string();
+    // The LAN is served meanwhile: a --via client and a peer chat through the daemon.
+    let rx_via = listener("rx-via", &paris, "room1", &["--via", &via]);
+    let mut alice = sender(&paris, "room1", "alice", &[]);
+    alice.say("before nats");
+    rx_via.expect_out("\"before nats\"");
+    assert_eq!(status(&dp)["site"]["connected"], false);
+    let _nats = Nats::start(
+        None,
+        "n1",
+        24371,
+        &["--auth".to_owned(), "s3cret-t0ken".to_owned()],
+    );
+    reading(&dp, &["room1"]);
+    let dl = site_daemon(
+        &london,
+        "london",
+        std::slice::from_ref(&url),
+        &["room1"],
+        &[],
+    );
+    status_until(&dl, "lease", |s| injecting(s, "room1"));
+    status_until(&dp, "lease", |s| injecting(s, "room1"));
+    let rx = listener("rx-paris", &paris, "room1", &[]);
+    let mut bob = sender(&london, "room1", "bob", &[]);
+    bob.say("after nats");
+    rx.expect_out("\"after nats\"");
+    rx_via.expect_out("\"after nats\"");
+    // The wrong token: connected never, and the reason in status.
+    let rome = lo_rooms(&dir, "rome", 2503, &["room1"], "token = \"wrong\"");
+    let dr = Proc::daemon(
+        None,
+        &[
+            "--rooms",
+            &rome,
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            "",
+            "--site",
+            "rome",
+            "--nats",
+            &url,
+        ],
+    );
+    let s = status_until(&dr, "the login's error", |s| {
+        !s["site"]["last_error"].is_null()
+    });
+    assert_eq!(s["site"]["connected"], false, "{}", s["site"]);
+    let error = s["site"]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
+    assert!(error.contains("auth"), "{error}");
+}

@@ -410,8 +410,9 @@ impl Hub {
     }
 }
 
-/// `data` with every hop-by-hop tag but `site` and `hops` removed.
-fn strip_foreign_hops(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+/// `data` with every hop-by-hop tag but `site` and `hops` removed: its end-to-end part and
+/// its origin.
+pub(crate) fn strip_foreign_hops(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut out = std::borrow::Cow::Borrowed(data);
     for key in tags::HOP_BY_HOP {
         if *key == SITE_TAG || *key == HOPS_TAG {

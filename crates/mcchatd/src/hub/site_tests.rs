@@ -281,3 +281,28 @@ fn what_via_and_web_clients_say_is_published_and_other_sites_reach_them() {
         .collect();
     assert_eq!(shown.len(), 1, "{shown:?}");
 }
+
+#[test]
+fn the_injecting_daemon_repairs_a_remote_sender_on_its_lan() {
+    let mut t = hub();
+    lease(&mut t, "room1", true);
+    let m1 = format!("@site=london;hops=1;id={BOB};seq=1 room1|bob|one");
+    from_site(&mut t, "room1", &m1);
+    // A LAN peer missed it and asks; bob (at london) cannot hear the NACK, so after the
+    // standby the daemon's cache answers, keeping the foreign origin.
+    let nack = format!("@id={ALICE};seq=3;kind=nack;for={BOB};seqs=1 room1|alice|");
+    let out = t.group("room1", PEER, nack.as_bytes());
+    assert!(published(&out).is_empty(), "NACKs stay on their LAN");
+    let out = t.poll(Duration::from_secs(2));
+    let repairs: Vec<String> = to_group(&out)
+        .into_iter()
+        .filter(|d| d.contains("repair="))
+        .collect();
+    assert_eq!(repairs.len(), 1, "{out:?}");
+    let f = wire::decode(repairs[0].as_bytes()).expect("decodes");
+    assert_eq!((f.text, f.meta.seq), ("one", Some(1)));
+    assert_eq!(f.tags.get(SITE_TAG).as_deref(), Some("london"));
+    // And it is not published back to the sites when heard again.
+    let out = t.group("room1", PEER, repairs[0].as_bytes());
+    assert!(published(&out).is_empty());
+}

@@ -66,6 +66,8 @@ pub(crate) struct SitesSettings {
     pub duplicate_window: Duration,
     /// Replicas of the stream and the lease bucket (1, or 3 on a cluster).
     pub replicas: usize,
+    /// The JetStream domain to use (a hub's, from a leaf node without JetStream of its own).
+    pub domain: Option<String>,
     /// How long an injection lease lives without renewal: the other daemon of a LAN takes
     /// over within about this after the holder stops.
     pub lease: Duration,
@@ -82,6 +84,7 @@ impl Default for SitesSettings {
             max_age: Duration::from_secs(3600),
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
+            domain: None,
             lease: Duration::from_secs(6),
         }
     }
@@ -186,6 +189,7 @@ struct RawSites {
     max_age: Option<String>,
     duplicate_window: Option<String>,
     replicas: Option<i64>,
+    domain: Option<String>,
     lease: Option<String>,
 }
 
@@ -291,8 +295,19 @@ impl RawSites {
         if !(Duration::from_secs(2)..=Duration::from_secs(600)).contains(&lease) {
             return Err("key `lease`: use 2s to 10m".to_owned());
         }
+        if let Some(d) = &self.domain
+            && (d.is_empty()
+                || !d
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(format!(
+                "key `domain`: {d:?} is not a JetStream domain (letters, digits, '_', '-')"
+            ));
+        }
         Ok(SitesSettings {
             site,
+            domain: self.domain,
             nats,
             credentials,
             tls,
@@ -349,6 +364,7 @@ mod tests {
                 "duplicate_window",
             ),
             ("[sites]\nlease = \"1s\"", "key `lease`"),
+            ("[sites]\ndomain = \"a.b\"", "key `domain`"),
             ("[sites]\nbogus = 1", "unknown field `bogus`"),
             ("sites = 1", "must be a table"),
         ] {

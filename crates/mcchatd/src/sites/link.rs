@@ -48,6 +48,8 @@ const READER_IDLE: Duration = Duration::from_secs(30);
 const READER_BATCH: usize = 512;
 const READER_EXPIRES: Duration = Duration::from_secs(5);
 const READER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a core-only link asks again whether the server has JetStream.
+const JETSTREAM_RECHECK: Duration = Duration::from_secs(30);
 /// How long shutdown gives the leases back and flushes what is queued.
 const RELEASE_WITHIN: Duration = Duration::from_millis(150);
 
@@ -249,11 +251,17 @@ impl LinkTask {
                 return;
             }
         };
-        let nats = tokio::select! {
+        let mut nats = tokio::select! {
             () = self.token.cancelled() => return,
             n = self.setup(&client) => n,
         };
-        let mut publisher = Publisher::new(&nats, Arc::clone(&self.state));
+        let mut recheck = tokio::time::interval(JETSTREAM_RECHECK);
+        recheck.reset();
+        let mut publisher = Publisher::new(
+            &nats,
+            self.settings.domain.as_deref(),
+            Arc::clone(&self.state),
+        );
         let mut tasks: HashMap<RoomName, CancellationToken> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         rooms.mark_changed();
@@ -279,6 +287,20 @@ impl LinkTask {
                     }
                 }
                 _ = tick.tick() => self.refresh(&nats.client),
+                _ = recheck.tick(), if nats.js.is_none() => {
+                    // A leaf cut off from its hub at start has JetStream again once the hub
+                    // is back: the rooms' tasks start again on it, with leases.
+                    if let Ok(js) = self.try_jetstream(&nats.client).await {
+                        nats = self.with_jetstream(&nats.client, js);
+                        for (_, stop) in tasks.drain() {
+                            stop.cancel();
+                        }
+                        while let Some(()) = publisher.acks.next().await {}
+                        publisher = Publisher::new(&nats, self.settings.domain.as_deref(), Arc::clone(&self.state));
+                        let want = rooms.borrow().clone();
+                        self.carry(&nats, &mut tasks, &want);
+                    }
+                }
             }
         }
         for (_, stop) in tasks.drain() {
@@ -302,74 +324,18 @@ impl LinkTask {
     }
 
     /// JetStream's stream and lease bucket, made if missing; tried until the server answers.
-    /// A server without JetStream gives a core-only link.
+    /// A server without JetStream gives a core-only link (checked again every
+    /// [`JETSTREAM_RECHECK`] by the link's loop).
     async fn setup(&self, client: &async_nats::Client) -> Nats {
-        let js = jetstream::new(client.clone());
-        let s = &self.settings;
         let mut attempt = 0;
         loop {
-            let made = async {
-                let stream = js
-                    .get_or_create_stream(stream::Config {
-                        name: STREAM.to_owned(),
-                        subjects: vec![subject::ALL.to_owned()],
-                        storage: stream::StorageType::File,
-                        max_age: s.max_age,
-                        duplicate_window: s.duplicate_window,
-                        num_replicas: s.replicas,
-                        discard: stream::DiscardPolicy::Old,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| {
-                        (
-                            matches!(
-                                e.kind(),
-                                jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
-                            ),
-                            e.to_string(),
-                        )
-                    })?;
-                // The bucket's stream made by hand, as the key-value convention (ADR-8) lays
-                // it out: async-nats 0.51's create_key_value cannot read nats-server 2.9's
-                // answer (Debian's), while opening a bucket works on every version.
-                js.get_or_create_stream(stream::Config {
-                    name: format!("KV_{LEASES}"),
-                    subjects: vec![format!("$KV.{LEASES}.>")],
-                    max_messages_per_subject: 1,
-                    discard: stream::DiscardPolicy::New,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    max_age: s.lease,
-                    duplicate_window: s.lease,
-                    storage: stream::StorageType::File,
-                    num_replicas: s.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| (false, e.to_string()))?;
-                let leases = js
-                    .get_key_value(LEASES)
-                    .await
-                    .map_err(|e| (false, e.to_string()))?;
-                Ok::<_, (bool, String)>((stream, leases))
-            }
-            .await;
-            match made {
-                Ok(js) => {
-                    tracing::info!(stream = STREAM, "site link: JetStream ready");
-                    update(&self.state, |st| st.jetstream = true);
-                    return Nats {
-                        client: client.clone(),
-                        js: Some(js),
-                    };
-                }
+            match self.try_jetstream(client).await {
+                Ok(js) => return self.with_jetstream(client, js),
                 Err((unavailable, error)) => {
                     let connected =
                         client.connection_state() == async_nats::connection::State::Connected;
                     if unavailable && connected {
-                        tracing::warn!(%error, "site link: the NATS server has no JetStream; core NATS only: this daemon injects every bridged room (run one per LAN), and losses between sites are reported, not fetched");
+                        tracing::warn!(%error, "site link: the NATS server has no JetStream; core NATS only until it has: this daemon injects every bridged room (run one per LAN), and losses between sites are reported, not fetched");
                         update(&self.state, |st| st.last_error = Some(error));
                         return Nats {
                             client: client.clone(),
@@ -385,6 +351,69 @@ impl LinkTask {
                 }
             }
         }
+    }
+
+    fn with_jetstream(&self, client: &async_nats::Client, js: (stream::Stream, kv::Store)) -> Nats {
+        tracing::info!(stream = STREAM, "site link: JetStream ready");
+        update(&self.state, |st| st.jetstream = true);
+        Nats {
+            client: client.clone(),
+            js: Some(js),
+        }
+    }
+
+    /// One try at the stream and the bucket; the error says whether JetStream is missing.
+    async fn try_jetstream(
+        &self,
+        client: &async_nats::Client,
+    ) -> Result<(stream::Stream, kv::Store), (bool, String)> {
+        let js = context(client, self.settings.domain.as_deref());
+        let s = &self.settings;
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.to_owned(),
+                subjects: vec![subject::ALL.to_owned()],
+                storage: stream::StorageType::File,
+                max_age: s.max_age,
+                duplicate_window: s.duplicate_window,
+                num_replicas: s.replicas,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                (
+                    matches!(
+                        e.kind(),
+                        jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
+                    ),
+                    e.to_string(),
+                )
+            })?;
+        // The bucket's stream made by hand, as the key-value convention (ADR-8) lays it
+        // out: async-nats 0.51's create_key_value cannot read nats-server 2.9's answer
+        // (Debian's), while opening a bucket works on every version.
+        js.get_or_create_stream(stream::Config {
+            name: format!("KV_{LEASES}"),
+            subjects: vec![format!("$KV.{LEASES}.>")],
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            max_age: s.lease,
+            duplicate_window: s.lease,
+            storage: stream::StorageType::File,
+            num_replicas: s.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| (false, e.to_string()))?;
+        let leases = js
+            .get_key_value(LEASES)
+            .await
+            .map_err(|e| (false, e.to_string()))?;
+        Ok((stream, leases))
     }
 
     /// Starts the rooms' tasks that are wanted and stops the others.
@@ -421,6 +450,14 @@ impl LinkTask {
             let span = tracing::info_span!("site", room = %room);
             self.tracker.spawn(r.run(nats.clone()).instrument(span));
         }
+    }
+}
+
+/// The JetStream API, of `domain` if set (a hub's JetStream seen from its leaf nodes).
+fn context(client: &async_nats::Client, domain: Option<&str>) -> jetstream::Context {
+    match domain {
+        Some(d) => jetstream::with_domain(client.clone(), d),
+        None => jetstream::new(client.clone()),
     }
 }
 
@@ -466,9 +503,9 @@ const MAX_SENDS: usize = 12;
 const ACK_WAIT: Duration = Duration::from_secs(2);
 
 impl Publisher {
-    fn new(nats: &Nats, state: Shared) -> Self {
+    fn new(nats: &Nats, domain: Option<&str>, state: Shared) -> Self {
         let js = nats.js.as_ref().map(|_| {
-            let mut js = jetstream::new(nats.client.clone());
+            let mut js = context(&nats.client, domain);
             js.set_timeout(ACK_WAIT);
             js
         });
@@ -568,14 +605,10 @@ impl RoomTask {
                 tokio::join!(self.read_stream(stream), self.hold_lease(leases));
             }
             None => {
-                let _ = self
-                    .events
-                    .send(SiteEvent::Lease {
-                        room: self.room.clone(),
-                        held: true,
-                    })
-                    .await;
+                // Core NATS only: no other daemon can be known of; this one injects.
+                self.tell_lease(true).await;
                 self.read_core(&nats.client).await;
+                self.released();
             }
         }
     }
@@ -725,6 +758,15 @@ impl RoomTask {
         }
     }
 
+    /// Tells the driver the lease is given up, on the way out: never waits (the driver may
+    /// be shutting down itself).
+    fn released(&self) {
+        let _ = self.events.try_send(SiteEvent::Lease {
+            room: self.room.clone(),
+            held: false,
+        });
+    }
+
     async fn tell_lease(&self, held: bool) {
         let _ = self
             .events
@@ -795,7 +837,7 @@ impl RoomTask {
                 leases.delete_expect_revision(&self.lease_key, Some(rev)),
             )
             .await;
-            self.tell_lease(false).await;
+            self.released();
         }
     }
 }
