@@ -290,6 +290,10 @@ pub struct SiteStatus {
     pub publish_dropped: u64,
     /// Times a room's reader resumed from the stream (after a gap or a lost connection).
     pub resumes: u64,
+    /// Messages from NATS refused before the hub (longer than a datagram, or on a subject
+    /// not the room's).
+    #[serde(default)]
+    pub refused: u64,
     /// Times the link was lost, and the last error, if any.
     pub disconnects: u64,
     pub last_error: Option<String>,

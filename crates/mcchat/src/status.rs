@@ -260,6 +260,7 @@ mod tests {
             own: 2,
             publish_dropped: 0,
             resumes: 3,
+            refused: 0,
             disconnects: 4,
             last_error: Some("x\u{1b}y".into()),
         };

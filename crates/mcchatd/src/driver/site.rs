@@ -31,7 +31,7 @@ impl Driver {
         let now = self.now();
         match ev {
             SiteEvent::Message { room, data } => self.hub.on_site(&room, &data, now),
-            SiteEvent::Lease { room, held } => self.hub.site_lease(&room, held, now),
+            SiteEvent::Lease { room, held, epoch } => self.hub.site_lease(&room, held, epoch, now),
         }
     }
 
@@ -65,6 +65,7 @@ impl Driver {
             own: sites.own,
             publish_dropped: link.publish_dropped,
             resumes: link.resumes,
+            refused: link.refused,
             disconnects: link.disconnects,
             last_error: link.last_error,
         })

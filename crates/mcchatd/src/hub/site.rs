@@ -41,7 +41,8 @@ pub(crate) const MAX_HOPS: u32 = 3;
 const SEEN_WINDOW: u64 = 1024;
 /// Senders remembered; past this the idle half is forgotten.
 const SEEN_SENDERS: usize = 8192;
-/// Messages kept per room for the injecting daemon's takeover, and for how long.
+/// Messages kept per room for the injecting daemon's takeover, and for at least how long
+/// (and twice the lease: a takeover after a crash comes within about 4/3 of it).
 const PENDING_PER_ROOM: usize = 2048;
 const PENDING_AGE: Duration = Duration::from_secs(30);
 
@@ -127,6 +128,10 @@ pub(crate) struct Sites {
     pub(crate) seen: Seen,
     /// Rooms whose injection lease this daemon holds.
     held: HashSet<RoomName>,
+    /// The epoch of the link's latest word on each room's lease (older words are ignored).
+    lease_epochs: HashMap<RoomName, u64>,
+    /// How long a message waits for the takeover at most.
+    pending_age: Duration,
     /// Per room, what came from other sites while another daemon injects.
     pending: HashMap<RoomName, VecDeque<Pending>>,
     /// The rooms last handed to the link.
@@ -146,6 +151,7 @@ impl Sites {
             } else {
                 String::new()
             },
+            pending_age: PENDING_AGE.max(settings.lease * 2),
             ..Self::default()
         }
     }
@@ -178,10 +184,11 @@ impl Sites {
     /// Forgets waiting messages older than [`PENDING_AGE`]: the holder sent them long ago,
     /// or the LAN's peers have given them up.
     fn expire(&mut self, now: Instant) {
+        let age = self.pending_age;
         for q in self.pending.values_mut() {
             while q
                 .front()
-                .is_some_and(|p| now.saturating_duration_since(p.at) > PENDING_AGE)
+                .is_some_and(|p| now.saturating_duration_since(p.at) > age)
             {
                 q.pop_front();
             }
@@ -237,8 +244,8 @@ impl Hub {
         rooms.sort();
         if rooms != self.sites.announced {
             self.sites.announced.clone_from(&rooms);
-            let held = &mut self.sites.held;
-            held.retain(|r| rooms.contains(r));
+            // Leases stay as the link last said: it gives up those of rooms it no longer
+            // carries, and says so (a room dropped and carried again at once keeps its task).
             self.sites.pending.retain(|r, _| rooms.contains(r));
             self.out.push_back(Output::SiteRooms(rooms));
         }
@@ -334,7 +341,9 @@ impl Hub {
         let data = strip_foreign_hops(data);
         if self.sites.holds(room) {
             self.inject(room, &data, now);
-        } else {
+        } else if key.is_some() {
+            // Kept for a takeover. Messages without a key are not: the holder's copy could
+            // not be matched on the LAN, and a takeover would repeat them all.
             let q = self.sites.pending.entry(room.clone()).or_default();
             if q.len() >= PENDING_PER_ROOM {
                 q.pop_front();
@@ -385,7 +394,12 @@ impl Hub {
 
     /// The link won or lost `room`'s injection lease. Won: what other sites sent that the
     /// LAN has not heard from the previous holder goes out now, in order.
-    pub(crate) fn site_lease(&mut self, room: &RoomName, held: bool, now: Now) {
+    pub(crate) fn site_lease(&mut self, room: &RoomName, held: bool, epoch: u64, now: Now) {
+        let latest = self.sites.lease_epochs.entry(room.clone()).or_insert(0);
+        if epoch < *latest {
+            return; // an earlier task of the room, overtaken
+        }
+        *latest = epoch;
         if !held {
             if self.sites.held.remove(room) {
                 tracing::info!(%room, "another daemon injects this room from other sites");
@@ -397,8 +411,9 @@ impl Hub {
         }
         let waiting = self.sites.pending.remove(room).unwrap_or_default();
         tracing::info!(%room, waiting = waiting.len(), "injecting this room from other sites");
+        let age = self.sites.pending_age;
         for p in waiting {
-            if now.mono.saturating_duration_since(p.at) <= PENDING_AGE {
+            if now.mono.saturating_duration_since(p.at) <= age {
                 self.inject(room, &p.data, now);
             }
         }

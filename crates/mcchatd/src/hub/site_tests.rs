@@ -51,8 +51,12 @@ fn from_site(t: &mut T, name: &str, data: &str) -> Vec<Output> {
 }
 
 fn lease(t: &mut T, name: &str, held: bool) -> Vec<Output> {
+    lease_of(t, name, held, 1)
+}
+
+fn lease_of(t: &mut T, name: &str, held: bool, epoch: u64) -> Vec<Output> {
     let now = t.now();
-    t.hub.site_lease(&room(name), held, now);
+    t.hub.site_lease(&room(name), held, epoch, now);
     t.drain()
 }
 
@@ -305,4 +309,34 @@ fn the_injecting_daemon_repairs_a_remote_sender_on_its_lan() {
     // And it is not published back to the sites when heard again.
     let out = t.group("room1", PEER, repairs[0].as_bytes());
     assert!(published(&out).is_empty());
+}
+
+#[test]
+fn an_older_tasks_word_on_a_lease_never_overrides_a_newer_one() {
+    let mut t = hub();
+    let m = |seq: u32| format!("@site=london;hops=1;id={BOB};seq={seq} room1|bob|m{seq}");
+    // Task 2 won the lease; task 1's late "given up" (sent on its way out) is ignored.
+    lease_of(&mut t, "room1", true, 2);
+    lease_of(&mut t, "room1", false, 1);
+    assert_eq!(to_group(&from_site(&mut t, "room1", &m(1))).len(), 1);
+    // Task 3 says it holds nothing yet: not injected, kept for its takeover.
+    lease_of(&mut t, "room1", false, 3);
+    assert!(to_group(&from_site(&mut t, "room1", &m(2))).is_empty());
+    assert_eq!(to_group(&lease_of(&mut t, "room1", true, 3)).len(), 1);
+}
+
+#[test]
+fn messages_without_a_key_are_not_kept_for_a_takeover() {
+    let mut t = hub();
+    // Presence and a bare message, while another daemon injects: not repeated on takeover.
+    from_site(
+        &mut t,
+        "room1",
+        &format!("@site=london;hops=1;id={BOB};seq=4;kind=hb room1|bob|"),
+    );
+    from_site(&mut t, "room1", "@site=london;hops=1 room1|nc|hello");
+    assert!(to_group(&lease(&mut t, "room1", true)).is_empty());
+    // Injected once held.
+    let out = from_site(&mut t, "room1", "@site=london;hops=1 room1|nc|again");
+    assert_eq!(to_group(&out).len(), 1);
 }

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::config::{Credentials, SitesSettings};
+use super::room::RoomTask;
 use super::subject;
 
 /// The JetStream stream of every room's messages.
@@ -41,25 +42,23 @@ pub(crate) const LEASES: &str = "mcchat_leases";
 /// Publishes waiting for the link at most; past this they are dropped and counted (the
 /// far sites' peers see the gap and report it).
 const PUBLISH_QUEUE: usize = 8192;
-/// A room reader's consumer: forgotten by the server this long after its reader went; pulls
-/// of this many messages, each open this long, with an idle heartbeat this often (two missed
-/// and the reader is made again).
-const READER_IDLE: Duration = Duration::from_secs(30);
-const READER_BATCH: usize = 512;
-const READER_EXPIRES: Duration = Duration::from_secs(5);
-const READER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often a core-only link asks again whether the server has JetStream.
 const JETSTREAM_RECHECK: Duration = Duration::from_secs(30);
 /// How long shutdown gives the leases back and flushes what is queued.
-const RELEASE_WITHIN: Duration = Duration::from_millis(150);
+pub(super) const RELEASE_WITHIN: Duration = Duration::from_millis(150);
 
 /// What the link brought.
 #[derive(Debug)]
 pub(crate) enum SiteEvent {
     /// A message on `room`'s subject.
     Message { room: RoomName, data: Bytes },
-    /// This daemon holds `room`'s injection lease now, or no longer.
-    Lease { room: RoomName, held: bool },
+    /// This daemon holds `room`'s injection lease now, or no longer, says the room's task
+    /// of `epoch` (later tasks have higher ones).
+    Lease {
+        room: RoomName,
+        held: bool,
+        epoch: u64,
+    },
 }
 
 /// The link's state, for status.
@@ -73,16 +72,19 @@ pub(crate) struct LinkState {
     pub(crate) publish_dropped: u64,
     /// Times a room's reader resumed from the stream after a gap or a lost connection.
     pub(crate) resumes: u64,
+    /// Messages from NATS refused before the hub: longer than a datagram, or on a subject
+    /// not the room's.
+    pub(crate) refused: u64,
 }
 
-type Shared = Arc<Mutex<LinkState>>;
+pub(super) type Shared = Arc<Mutex<LinkState>>;
 
 /// Counts connections to NATS: a room's reader starts again from its last stream sequence
 /// after each reconnection (a restarted server has forgotten the readers' consumers, and the
 /// ordered consumer does not always notice).
 type Connections = watch::Sender<u64>;
 
-fn update(state: &Shared, f: impl FnOnce(&mut LinkState)) {
+pub(super) fn update(state: &Shared, f: impl FnOnce(&mut LinkState)) {
     f(&mut state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner));
@@ -153,13 +155,14 @@ pub(crate) fn spawn(
         token,
         tracker: tracker.clone(),
         connections: watch::channel(0).0,
+        epochs: std::sync::atomic::AtomicU64::new(0),
     };
     tracker.spawn(task.run(publish_rx, rooms_rx));
     link
 }
 
 /// Jittered exponential back-off: about 100 ms doubling to 5 s, each ±25 %.
-fn backoff(attempt: usize) -> Duration {
+pub(super) fn backoff(attempt: usize) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5000);
     let mut r = [0u8; 2];
     let jitter = if getrandom::fill(&mut r).is_ok() {
@@ -178,13 +181,15 @@ struct LinkTask {
     token: CancellationToken,
     tracker: TaskTracker,
     connections: Connections,
+    /// The last room task's epoch.
+    epochs: std::sync::atomic::AtomicU64,
 }
 
 /// What the rooms' tasks share: the client, and JetStream if the server has it.
 #[derive(Clone)]
-struct Nats {
-    client: async_nats::Client,
-    js: Option<(stream::Stream, kv::Store)>,
+pub(super) struct Nats {
+    pub(super) client: async_nats::Client,
+    pub(super) js: Option<(stream::Stream, kv::Store)>,
 }
 
 impl LinkTask {
@@ -197,6 +202,8 @@ impl LinkTask {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .ping_interval(Duration::from_secs(5))
+            // A core subscription's queue, bounded in messages (each at most a datagram).
+            .subscription_capacity(4096)
             .connection_timeout(Duration::from_secs(3))
             .reconnect_delay_callback(backoff)
             .event_callback(move |event| {
@@ -279,18 +286,32 @@ impl LinkTask {
                 Some(()) = publisher.acks.next(), if !publisher.acks.is_empty() => {}
                 p = publish.recv(), if publisher.acks.len() < MAX_UNACKED => {
                     let Some(p) = p else { break };
-                    publisher.send(p).await;
-                    // What else is queued goes out in the same wake-up.
-                    for _ in 0..256 {
-                        let Ok(p) = publish.try_recv() else { break };
+                    // What else is queued goes out in the same wake-up; a client that
+                    // cannot take it (NATS down, its buffer full) never holds up a stop.
+                    let batch = async {
                         publisher.send(p).await;
+                        for _ in 0..256 {
+                            let Ok(p) = publish.try_recv() else { break };
+                            publisher.send(p).await;
+                        }
+                    };
+                    let stopped = tokio::select! {
+                        () = self.token.cancelled() => true,
+                        () = batch => false,
+                    };
+                    if stopped {
+                        break;
                     }
                 }
                 _ = tick.tick() => self.refresh(&nats.client),
                 _ = recheck.tick(), if nats.js.is_none() => {
                     // A leaf cut off from its hub at start has JetStream again once the hub
                     // is back: the rooms' tasks start again on it, with leases.
-                    if let Ok(js) = self.try_jetstream(&nats.client).await {
+                    let found = tokio::select! {
+                        () = self.token.cancelled() => break,
+                        r = self.try_jetstream(&nats.client) => r,
+                    };
+                    if let Ok(js) = found {
                         nats = self.with_jetstream(&nats.client, js);
                         for (_, stop) in tasks.drain() {
                             stop.cancel();
@@ -306,10 +327,14 @@ impl LinkTask {
         for (_, stop) in tasks.drain() {
             stop.cancel();
         }
-        while let Ok(p) = publish.try_recv() {
-            publisher.send(p).await;
-        }
-        let _ = tokio::time::timeout(RELEASE_WITHIN, nats.client.flush()).await;
+        // What is still queued goes out if it can within the bound; not waited for further.
+        let _ = tokio::time::timeout(RELEASE_WITHIN, async {
+            while let Ok(p) = publish.try_recv() {
+                publisher.send(p).await;
+            }
+            let _ = nats.client.flush().await;
+        })
+        .await;
     }
 
     fn refresh(&self, client: &async_nats::Client) {
@@ -328,13 +353,21 @@ impl LinkTask {
     /// [`JETSTREAM_RECHECK`] by the link's loop).
     async fn setup(&self, client: &async_nats::Client) -> Nats {
         let mut attempt = 0;
+        // "No JetStream" answers in a row: a cluster electing its leaders says so for a
+        // moment too, and both daemons of a LAN going core-only would both inject.
+        let mut unavailable_answers = 0;
         loop {
             match self.try_jetstream(client).await {
                 Ok(js) => return self.with_jetstream(client, js),
                 Err((unavailable, error)) => {
                     let connected =
                         client.connection_state() == async_nats::connection::State::Connected;
-                    if unavailable && connected {
+                    unavailable_answers = if unavailable && connected {
+                        unavailable_answers + 1
+                    } else {
+                        0
+                    };
+                    if unavailable_answers >= 3 {
                         tracing::warn!(%error, "site link: the NATS server has no JetStream; core NATS only until it has: this daemon injects every bridged room (run one per LAN), and losses between sites are reported, not fetched");
                         update(&self.state, |st| st.last_error = Some(error));
                         return Nats {
@@ -378,6 +411,8 @@ impl LinkTask {
                 duplicate_window: s.duplicate_window,
                 num_replicas: s.replicas,
                 discard: stream::DiscardPolicy::Old,
+                // The stream refuses what no peer would take (a datagram is at most 1200).
+                max_message_size: 4096,
                 ..Default::default()
             })
             .await
@@ -436,8 +471,12 @@ impl LinkTask {
             }
             let stop = self.token.child_token();
             tasks.insert(room.clone(), stop.clone());
+            let epoch = 1 + self
+                .epochs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let r = RoomTask {
                 room: room.clone(),
+                epoch,
                 subject: subject::subject(room),
                 lease_key: format!("{}.{}", self.settings.site, subject::token(room.as_str())),
                 lease: self.settings.lease,
@@ -532,6 +571,7 @@ impl Publisher {
             };
             if let Err(error) = result {
                 tracing::debug!(%error, "site link: publish failed");
+                update(&self.state, |s| s.publish_dropped += 1);
             }
             return;
         };
@@ -583,261 +623,4 @@ async fn confirm(
         sent = js_send(&js, &p).await;
     }
     update(&state, |s| s.publish_dropped += 1);
-}
-
-/// One bridged room: its reader, and its lease.
-struct RoomTask {
-    room: RoomName,
-    subject: String,
-    lease_key: String,
-    lease: Duration,
-    owner: String,
-    events: mpsc::Sender<SiteEvent>,
-    state: Shared,
-    connections: watch::Receiver<u64>,
-    stop: CancellationToken,
-}
-
-impl RoomTask {
-    async fn run(self, nats: Nats) {
-        match &nats.js {
-            Some((stream, leases)) => {
-                tokio::join!(self.read_stream(stream), self.hold_lease(leases));
-            }
-            None => {
-                // Core NATS only: no other daemon can be known of; this one injects.
-                self.tell_lease(true).await;
-                self.read_core(&nats.client).await;
-                self.released();
-            }
-        }
-    }
-
-    /// Hands a message to the driver (unless its subject is not the room's: the reader asked
-    /// for that one subject only); false once the daemon is stopping.
-    async fn deliver(&self, subject: &str, data: Bytes) -> bool {
-        if subject::room_of(subject).as_ref() != Some(&self.room) {
-            return true;
-        }
-        self.events
-            .send(SiteEvent::Message {
-                room: self.room.clone(),
-                data,
-            })
-            .await
-            .is_ok()
-    }
-
-    async fn read_core(&self, client: &async_nats::Client) {
-        let mut attempt = 0;
-        loop {
-            let sub = tokio::select! {
-                () = self.stop.cancelled() => return,
-                s = client.subscribe(self.subject.clone()) => s,
-            };
-            let mut sub = match sub {
-                Ok(s) => {
-                    tracing::info!(room = %self.room, "site link: reading the room's subject (core NATS)");
-                    s
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "site link: cannot subscribe; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-            };
-            loop {
-                let m = tokio::select! {
-                    () = self.stop.cancelled() => return,
-                    m = sub.next() => m,
-                };
-                let Some(m) = m else { break };
-                if !self.deliver(&m.subject, m.payload).await {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Reads the room's subject from the stream, in order, from the first message after
-    /// the reader started; after any failure, again from the last stream sequence seen.
-    async fn read_stream(&self, stream: &stream::Stream) {
-        let mut connections = self.connections.clone();
-        let mut last: Option<u64> = None;
-        let mut attempt = 0;
-        loop {
-            let deliver_policy = match last {
-                None => consumer::DeliverPolicy::New,
-                Some(seq) => consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: seq + 1,
-                },
-            };
-            // An ordered reader of our own: one ephemeral consumer, no acks, in memory; it
-            // is made again from the last stream sequence seen whenever a delivery is
-            // missing (its consumer sequence skips), its idle heartbeat stops (its server or
-            // the stream's leader went), or the connection came back. (async-nats's ordered
-            // consumer notices a lost consumer only after two 15 s heartbeats.)
-            let made = async {
-                stream
-                    .create_consumer(consumer::pull::Config {
-                        filter_subject: self.subject.clone(),
-                        deliver_policy,
-                        ack_policy: consumer::AckPolicy::None,
-                        memory_storage: true,
-                        num_replicas: 1,
-                        inactive_threshold: READER_IDLE,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .stream()
-                    .max_messages_per_batch(READER_BATCH)
-                    .expires(READER_EXPIRES)
-                    .heartbeat(READER_HEARTBEAT)
-                    .messages()
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            let made = tokio::select! {
-                () = self.stop.cancelled() => return,
-                m = made => m,
-            };
-            let mut messages = match made {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::debug!(%error, "site link: cannot read the stream; retrying");
-                    tokio::select! {
-                        () = self.stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff(attempt)) => {}
-                    }
-                    attempt += 1;
-                    continue;
-                }
-            };
-            attempt = 0;
-            let mut delivered = 0u64;
-            connections.borrow_and_update();
-            // The readiness signal of a room's reader (tests wait for it).
-            tracing::info!(room = %self.room, after = last.unwrap_or(0), "site link: reading the room's stream");
-            loop {
-                let m = tokio::select! {
-                    () = self.stop.cancelled() => return,
-                    Ok(()) = connections.changed() => {
-                        update(&self.state, |s| s.resumes += 1);
-                        break;
-                    }
-                    m = messages.next() => m,
-                };
-                match m {
-                    Some(Ok(m)) => {
-                        let Ok(info) = m.info() else { continue };
-                        if info.consumer_sequence != delivered + 1 {
-                            // A delivery went missing: read again from the last one seen.
-                            update(&self.state, |s| s.resumes += 1);
-                            break;
-                        }
-                        delivered = info.consumer_sequence;
-                        last = Some(info.stream_sequence);
-                        let m = m.message;
-                        if !self.deliver(&m.subject, m.payload).await {
-                            return;
-                        }
-                    }
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, "site link: stream reader resuming");
-                        update(&self.state, |s| s.resumes += 1);
-                        break;
-                    }
-                    None => {
-                        update(&self.state, |s| s.resumes += 1);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Tells the driver the lease is given up, on the way out: never waits (the driver may
-    /// be shutting down itself).
-    fn released(&self) {
-        let _ = self.events.try_send(SiteEvent::Lease {
-            room: self.room.clone(),
-            held: false,
-        });
-    }
-
-    async fn tell_lease(&self, held: bool) {
-        let _ = self
-            .events
-            .send(SiteEvent::Lease {
-                room: self.room.clone(),
-                held,
-            })
-            .await;
-    }
-
-    /// Wins the room's lease when it is free, renews it every third of its life, and tells
-    /// the driver each change. A renewal that fails, or a lease not renewed for its whole
-    /// life (NATS unreachable), is lost: another daemon may hold it by then. On stop, a held
-    /// lease is given back so that the other daemon takes over at once.
-    async fn hold_lease(&self, leases: &kv::Store) {
-        let every = self.lease / 3;
-        let value = Bytes::from(self.owner.clone());
-        let mut held: Option<(u64, tokio::time::Instant)> = None;
-        loop {
-            let attempt = async {
-                match held {
-                    None => leases.create(&self.lease_key, value.clone()).await.ok(),
-                    Some((rev, _)) => leases
-                        .update(&self.lease_key, value.clone(), rev)
-                        .await
-                        .ok(),
-                }
-            };
-            let result = tokio::select! {
-                () = self.stop.cancelled() => break,
-                r = tokio::time::timeout(every, attempt) => r.ok().flatten(),
-            };
-            let now = tokio::time::Instant::now();
-            match (result, held) {
-                (Some(rev), None) => {
-                    held = Some((rev, now));
-                    self.tell_lease(true).await;
-                }
-                (Some(rev), Some(_)) => held = Some((rev, now)),
-                (None, Some((_, renewed))) => {
-                    // Renewal failed: taken over, expired, or NATS not reachable.
-                    let entry = tokio::time::timeout(every, leases.entry(&self.lease_key)).await;
-                    held = match entry {
-                        Ok(Ok(Some(e))) if e.value == value => Some((e.revision, renewed)),
-                        Ok(Ok(None)) => leases
-                            .create(&self.lease_key, value.clone())
-                            .await
-                            .ok()
-                            .map(|rev| (rev, now)),
-                        Ok(Ok(Some(_))) => None,
-                        _ if now.saturating_duration_since(renewed) >= self.lease => None,
-                        _ => held,
-                    };
-                    if held.is_none() {
-                        self.tell_lease(false).await;
-                    }
-                }
-                (None, None) => {}
-            }
-            tokio::select! {
-                () = self.stop.cancelled() => break,
-                () = tokio::time::sleep(every) => {}
-            }
-        }
-        if let Some((rev, _)) = held {
-            let _ = tokio::time::timeout(
-                RELEASE_WITHIN,
-                leases.delete_expect_revision(&self.lease_key, Some(rev)),
-            )
-            .await;
-            self.released();
-        }
-    }
 }

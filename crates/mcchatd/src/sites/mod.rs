@@ -4,4 +4,5 @@
 
 pub(crate) mod config;
 pub(crate) mod link;
+mod room;
 pub(crate) mod subject;
