@@ -6,7 +6,7 @@ use std::time::Duration;
 use mcchat_core::wire;
 
 use super::site::{HOPS_TAG, SITE_TAG};
-use super::tests::{LOCAL_A, ROOMS, T, room, with_cookie};
+use super::tests::{LOCAL_A, ROOMS, T, room, to_group_text as to_group, with_cookie};
 use super::web::WebInput;
 use super::*;
 
@@ -30,15 +30,6 @@ fn published(out: &[Output]) -> Vec<(String, String, Option<String>)> {
                 String::from_utf8_lossy(data).into_owned(),
                 id.clone(),
             )),
-            _ => None,
-        })
-        .collect()
-}
-
-fn to_group(out: &[Output]) -> Vec<String> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::ToGroup { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
             _ => None,
         })
         .collect()

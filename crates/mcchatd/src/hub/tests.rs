@@ -44,6 +44,16 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 
+/// The datagrams `out` sends to groups, as text.
+pub(super) fn to_group_text(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::ToGroup { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
 pub(super) fn room(s: &str) -> RoomName {
     RoomName::new(s).expect("room")
 }

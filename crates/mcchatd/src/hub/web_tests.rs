@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use mcchat_core::wire;
 
-use super::tests::{ROOMS, T, room};
+use super::tests::{ROOMS, T, room, to_group_text as to_group};
 use super::web::WebInput;
 use super::*;
 
@@ -34,15 +34,6 @@ fn frames(out: &[Output]) -> Vec<(Vec<u64>, String)> {
     out.iter()
         .filter_map(|o| match o {
             Output::ToWeb { to, frame } => Some((to.to_vec(), frame.json.as_str().to_owned())),
-            _ => None,
-        })
-        .collect()
-}
-
-fn to_group(out: &[Output]) -> Vec<String> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::ToGroup { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
             _ => None,
         })
         .collect()
