@@ -127,8 +127,24 @@ pub fn check_config(cli: &Cli) -> Result<String> {
             humantime::format_duration(d.history_age),
         ),
     };
+    let sites = &s.sites;
+    let sites = if sites.enabled() {
+        format!(
+            "site {} through {}, rooms: {}",
+            sites.site,
+            sites.nats.join(" "),
+            match &sites.rooms {
+                crate::sites::config::Bridged::All { adhoc: false } =>
+                    "every configured room".to_owned(),
+                crate::sites::config::Bridged::All { adhoc: true } => "every room".to_owned(),
+                crate::sites::config::Bridged::Only(list) => list.join(" "),
+            }
+        )
+    } else {
+        "off".to_owned()
+    };
     Ok(format!(
-        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}\nrepair cache: {} bytes, {} s\nhistory: {}",
+        "{}: ok\nrooms: {}\nlisten: {}\nallow: {}\nadhoc rooms: {}, lease {} s, max {} subscribers in {} rooms, ttl {}\nstatus socket: {}\nrepair cache: {} bytes, {} s\nhistory: {}\nsites: {}",
         s.origin,
         if rooms.is_empty() {
             "(none)".to_owned()
@@ -160,6 +176,7 @@ pub fn check_config(cli: &Cli) -> Result<String> {
         d.repair_cache_bytes,
         d.repair_window.as_secs(),
         history,
+        sites,
     ))
 }
 

@@ -748,6 +748,19 @@ fn status_over_the_unix_socket_json_logs_and_check_config() {
         out.contains(": ok\nrooms: room1 239.255.77.1:5555, room2"),
         "{out}"
     );
+    assert!(out.ends_with("\nsites: off\n"), "{out}");
+    let bridged = dir.write(
+        "sites.toml",
+        "[sites]\nsite = \"paris\"\nnats = [\"nats://127.0.0.1:4222\"]\n",
+    );
+    let (st, out, err) = check(&bridged);
+    assert!(st.success(), "{err}");
+    assert!(
+        out.ends_with(
+            "\nsites: site paris through nats://127.0.0.1:4222, rooms: every configured room\n"
+        ),
+        "{out}"
+    );
     let bad = dir.write("bad.toml", "[daemon]\nlease_secs = 1\n");
     let (st, _, err) = check(&bad);
     assert_eq!(st.code(), Some(1));
