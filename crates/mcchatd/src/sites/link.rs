@@ -22,9 +22,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use mcchat_core::room::RoomName;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::config::{Credentials, SitesSettings};
+use super::publish::{Publish, Publisher};
 use super::room::RoomTask;
 use super::subject;
 
@@ -88,13 +86,6 @@ pub(super) fn update(state: &Shared, f: impl FnOnce(&mut LinkState)) {
     f(&mut state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner));
-}
-
-#[derive(Clone)]
-struct Publish {
-    subject: String,
-    data: Bytes,
-    id: Option<String>,
 }
 
 /// The driver's handle on the link.
@@ -264,11 +255,7 @@ impl LinkTask {
         };
         let mut recheck = tokio::time::interval(JETSTREAM_RECHECK);
         recheck.reset();
-        let mut publisher = Publisher::new(
-            &nats,
-            self.settings.domain.as_deref(),
-            Arc::clone(&self.state),
-        );
+        let mut publisher = self.publisher(&nats);
         let mut tasks: HashMap<RoomName, CancellationToken> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         rooms.mark_changed();
@@ -283,8 +270,8 @@ impl LinkTask {
                     let want = rooms.borrow_and_update().clone();
                     self.carry(&nats, &mut tasks, &want);
                 }
-                Some(()) = publisher.acks.next(), if !publisher.acks.is_empty() => {}
-                p = publish.recv(), if publisher.acks.len() < MAX_UNACKED => {
+                () = publisher.confirm_oldest() => {}
+                p = publish.recv(), if publisher.ready() => {
                     let Some(p) = p else { break };
                     // What else is queued goes out in the same wake-up; a client that
                     // cannot take it (NATS down, its buffer full) never holds up a stop.
@@ -316,8 +303,7 @@ impl LinkTask {
                         for (_, stop) in tasks.drain() {
                             stop.cancel();
                         }
-                        while let Some(()) = publisher.acks.next().await {}
-                        publisher = Publisher::new(&nats, self.settings.domain.as_deref(), Arc::clone(&self.state));
+                        publisher = self.publisher(&nats);
                         let want = rooms.borrow().clone();
                         self.carry(&nats, &mut tasks, &want);
                     }
@@ -335,6 +321,14 @@ impl LinkTask {
             let _ = nats.client.flush().await;
         })
         .await;
+    }
+
+    fn publisher(&self, nats: &Nats) -> Publisher {
+        let js = nats
+            .js
+            .as_ref()
+            .map(|_| context(&nats.client, self.settings.domain.as_deref()));
+        Publisher::new(&nats.client, js, Arc::clone(&self.state))
     }
 
     fn refresh(&self, client: &async_nats::Client) {
@@ -520,107 +514,4 @@ fn on_event(state: &Shared, connections: &Connections, event: &async_nats::Event
             update(state, |s| s.last_error = Some(text));
         }
     }
-}
-
-/// Publishes. With JetStream each message is acknowledged by the stream, and sent again
-/// until it is (a stream whose leader moved, a server restarting): copies are dropped by the
-/// stream's duplicate window and by the far sites. Without, core NATS (at most once).
-struct Publisher {
-    client: async_nats::Client,
-    js: Option<jetstream::Context>,
-    acks: FuturesUnordered<BoxFuture<'static, ()>>,
-    state: Shared,
-}
-
-/// Messages waiting for their acknowledgement at most; past this the link reads no more
-/// (its queue fills, and the driver drops and counts).
-const MAX_UNACKED: usize = 4096;
-/// Sends of one message at most (with [`backoff`], about 40 s: within the stream's duplicate
-/// window, so a copy of a message that was stored after all is still dropped).
-const MAX_SENDS: usize = 12;
-/// How long a publish waits for the stream's acknowledgement.
-const ACK_WAIT: Duration = Duration::from_secs(2);
-
-impl Publisher {
-    fn new(nats: &Nats, domain: Option<&str>, state: Shared) -> Self {
-        let js = nats.js.as_ref().map(|_| {
-            let mut js = context(&nats.client, domain);
-            js.set_timeout(ACK_WAIT);
-            js
-        });
-        Self {
-            client: nats.client.clone(),
-            js,
-            acks: FuturesUnordered::new(),
-            state,
-        }
-    }
-
-    /// Sends `p` now (so messages leave in order); its acknowledgement is awaited in `acks`.
-    async fn send(&mut self, p: Publish) {
-        let Some(js) = &self.js else {
-            let result = match &p.id {
-                Some(id) => {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", id.as_str());
-                    self.client
-                        .publish_with_headers(p.subject, headers, p.data)
-                        .await
-                }
-                None => self.client.publish(p.subject, p.data).await,
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, "site link: publish failed");
-                update(&self.state, |s| s.publish_dropped += 1);
-            }
-            return;
-        };
-        let sent = js_send(js, &p).await;
-        self.acks.push(Box::pin(confirm(
-            js.clone(),
-            p,
-            sent,
-            Arc::clone(&self.state),
-        )));
-    }
-}
-
-async fn js_send(
-    js: &jetstream::Context,
-    p: &Publish,
-) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
-    let mut m = jetstream::message::PublishMessage::build().payload(p.data.clone());
-    if let Some(id) = &p.id {
-        m = m.message_id(id.as_str());
-    }
-    js.send_publish(p.subject.clone(), m).await
-}
-
-/// Waits for `p`'s acknowledgement; sends it again until one comes, or gives up and counts.
-async fn confirm(
-    js: jetstream::Context,
-    p: Publish,
-    first: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
-    state: Shared,
-) {
-    let mut sent = first;
-    for attempt in 1..=MAX_SENDS {
-        let acked = match sent {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        match acked {
-            Ok(()) => return,
-            Err(error) if attempt == MAX_SENDS => {
-                tracing::warn!(%error, subject = %p.subject, "site link: a message was not stored by the stream; the far sites will report it lost");
-                break;
-            }
-            Err(error) => {
-                tracing::debug!(%error, attempt, "site link: no acknowledgement; sending again");
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-        }
-        sent = js_send(&js, &p).await;
-    }
-    update(&state, |s| s.publish_dropped += 1);
 }

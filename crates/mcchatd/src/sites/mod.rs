@@ -4,5 +4,6 @@
 
 pub(crate) mod config;
 pub(crate) mod link;
+mod publish;
 mod room;
 pub(crate) mod subject;
