@@ -2,7 +2,7 @@
 # deps.sh — installs the system tools the test suite needs, if any is missing, on Debian or
 # Ubuntu: iproute2 (ip, namespaces), smcroute (the multicast router in scripts/lan.sh's LAN),
 # socat and nftables (tools the tests and docs use), chromium and Node.js (the browser test),
-# nats-server (the tests of several sites, run inside the test namespace),
+# nats-server and openssl (the tests of several sites, run inside the test namespace),
 # then the browser test's npm packages (tests/browser, from its package-lock.json). Called by
 # scripts/test.sh and .ci/run, so a fresh machine needs no set-up step of its own. Prints
 # nothing when everything is there.
@@ -22,7 +22,7 @@ as_root() {
 
 missing=()
 for c in ip:iproute2 unshare:util-linux smcrouted:smcroute smcroutectl:smcroute socat:socat \
-    nft:nftables chromium:chromium node:nodejs npm:npm nats-server:nats-server; do
+    nft:nftables chromium:chromium node:nodejs npm:npm nats-server:nats-server openssl:openssl; do
     command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c#*:}")
 done
 

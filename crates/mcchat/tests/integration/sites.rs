@@ -1016,3 +1016,142 @@ fn a_daemon_serves_its_lan_while_nats_is_down_and_links_up_with_its_token() {
         .to_lowercase();
     assert!(error.contains("auth"), "{error}");
 }
+
+/// Runs `openssl ARGS` in `dir`, which must succeed.
+fn openssl(dir: &TempDir, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl (scripts/deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A server that asks for TLS and a user with a password: a daemon given the CA and the
+/// login links up (JetStream and its lease); one with the wrong password says why.
+#[test]
+fn a_daemon_logs_in_with_a_user_and_password_over_tls() {
+    require_netns();
+    let dir = TempDir::new();
+    // A CA, and a server certificate for 127.0.0.1 signed by it.
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mcchat test CA",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    dir.write(
+        "ext.cnf",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let _nats = Nats::start(
+        None,
+        "n1",
+        24381,
+        &[
+            "--tls",
+            "--tlscert",
+            &path("srv.pem"),
+            "--tlskey",
+            &path("srv.key"),
+            "--user",
+            "mcchat",
+            "--pass",
+            "s3cret",
+        ]
+        .map(str::to_owned),
+    );
+    let url = vec!["tls://127.0.0.1:24381".to_owned()];
+    let login = |password: &str| {
+        format!(
+            "user = \"mcchat\"\npassword = \"{password}\"\ntls = {{ required = true, ca = \"{}\" }}",
+            path("ca.pem")
+        )
+    };
+    let paris = lo_rooms(&dir, "paris", 2511, &["room1"], &login("s3cret"));
+    let dp = site_daemon(&paris, "paris", &url, &["room1"], &[]);
+    let s = status_until(&dp, "lease", |s| injecting(s, "room1"));
+    assert_eq!(
+        (&s["site"]["connected"], &s["site"]["jetstream"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{}",
+        s["site"]
+    );
+    let rome = lo_rooms(&dir, "rome", 2512, &["room1"], &login("wrong"));
+    let dr = Proc::daemon(
+        None,
+        &[
+            "--rooms",
+            &rome,
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            "",
+            "--site",
+            "rome",
+            "--nats",
+            &url[0],
+        ],
+    );
+    let s = status_until(&dr, "the login's error", |s| {
+        !s["site"]["last_error"].is_null()
+    });
+    assert_eq!(s["site"]["connected"], false, "{}", s["site"]);
+    let error = s["site"]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
+    assert!(error.contains("auth"), "{error}");
+}
