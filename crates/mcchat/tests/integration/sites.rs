@@ -382,6 +382,22 @@ fn lo_rooms(dir: &TempDir, site: &str, base: u16, names: &[&str], sites: &str) -
     rooms_file(dir, site, &rooms, sites)
 }
 
+/// Paris and london on `lo`, with room1 each (groups of their own from `base`) and `sites`
+/// in their `[sites]`, their daemons bridged through these servers, each reading room1.
+fn two_sites(
+    dir: &TempDir,
+    base: u16,
+    sites: &str,
+    paris_nats: &[String],
+    london_nats: &[String],
+) -> (String, String, Proc, Proc) {
+    let paris = lo_rooms(dir, "paris", base, &["room1"], sites);
+    let london = lo_rooms(dir, "london", base + 1, &["room1"], sites);
+    let dp = site_daemon(&paris, "paris", paris_nats, &["room1"], &[]);
+    let dl = site_daemon(&london, "london", london_nats, &["room1"], &[]);
+    (paris, london, dp, dl)
+}
+
 /// `--via` and web clients at either site, and room names that a careless subject mapping
 /// would merge or misroute (`a.b`, `a_2Eb`, `a-b`): every message reaches its own room at
 /// the other site, once, and no other room.
@@ -559,10 +575,7 @@ fn nats_restarted_during_a_burst_loses_nothing_silently() {
     let dir = TempDir::new();
     let mut nats = Nats::start(None, "n1", 24321, &[]);
     let url = vec!["nats://127.0.0.1:24321".to_owned()];
-    let paris = lo_rooms(&dir, "paris", 2451, &["room1"], "");
-    let london = lo_rooms(&dir, "london", 2452, &["room1"], "");
-    let dp = site_daemon(&paris, "paris", &url, &["room1"], &[]);
-    let dl = site_daemon(&london, "london", &url, &["room1"], &[]);
+    let (paris, london, dp, dl) = two_sites(&dir, 2451, "", &url, &url);
     status_until(&dl, "lease", |s| injecting(s, "room1"));
     let rx = listener("rx-london", &london, "room1", &[]);
     let mut alice = sender(&paris, "room1", "alice", &[]);
@@ -637,11 +650,9 @@ fn a_cluster_node_dies_and_the_site_carries_on_without_loss() {
         .map(|p| format!("nats://127.0.0.1:{p}"))
         .collect();
     let replicated = "replicas = 3";
-    let paris = lo_rooms(&dir, "paris", 2461, &["room1"], replicated);
-    let london = lo_rooms(&dir, "london", 2462, &["room1"], replicated);
+
     // Paris is given the first node; london the others.
-    let dp = site_daemon(&paris, "paris", &urls[..1], &["room1"], &[]);
-    let dl = site_daemon(&london, "london", &urls[1..], &["room1"], &[]);
+    let (paris, london, dp, dl) = two_sites(&dir, 2461, replicated, &urls[..1], &urls[1..]);
     status_until(&dl, "lease", |s| injecting(s, "room1"));
     let rx = listener("rx-london", &london, "room1", &[]);
     let mut alice = sender(&paris, "room1", "alice", &[]);
@@ -694,21 +705,12 @@ fn a_link_down_longer_than_the_duplicate_window_is_repaired_once() {
     };
     let mut link = Some(proxy());
     let window = "duplicate_window = \"2s\"";
-    let paris = lo_rooms(&dir, "paris", 2471, &["room1"], window);
-    let london = lo_rooms(&dir, "london", 2472, &["room1"], window);
-    let dp = site_daemon(
-        &paris,
-        "paris",
+    let (paris, london, dp, dl) = two_sites(
+        &dir,
+        2471,
+        window,
         &["nats://127.0.0.1:24341".to_owned()],
-        &["room1"],
-        &[],
-    );
-    let dl = site_daemon(
-        &london,
-        "london",
         &["nats://127.0.0.1:24342".to_owned()],
-        &["room1"],
-        &[],
     );
     status_until(&dl, "lease", |s| injecting(s, "room1"));
     let rx = listener("rx-london", &london, "room1", &[]);
@@ -750,10 +752,7 @@ fn a_loop_attempt_shows_nothing_twice_and_traffic_does_not_grow() {
     let dir = TempDir::new();
     let _nats = Nats::start(None, "n1", 24351, &[]);
     let url = vec!["nats://127.0.0.1:24351".to_owned()];
-    let paris = lo_rooms(&dir, "paris", 2481, &["room1"], "");
-    let london = lo_rooms(&dir, "london", 2482, &["room1"], "");
-    let dp = site_daemon(&paris, "paris", &url, &["room1"], &[]);
-    let dl = site_daemon(&london, "london", &url, &["room1"], &[]);
+    let (paris, london, dp, dl) = two_sites(&dir, 2481, "", &url, &url);
     for d in [&dp, &dl] {
         status_until(d, "lease", |s| injecting(s, "room1"));
     }
@@ -899,21 +898,12 @@ fn sites_on_leaf_nodes_of_a_hub_share_its_jetstream() {
     // A leaf is of use once its connection to the hub is up.
     let _leaf_p = server(&lp, "Leafnode connection created");
     let _leaf_l = server(&ll, "Leafnode connection created");
-    let paris = lo_rooms(&dir, "paris", 2491, &["room1"], "domain = \"hub\"");
-    let london = lo_rooms(&dir, "london", 2492, &["room1"], "domain = \"hub\"");
-    let dp = site_daemon(
-        &paris,
-        "paris",
+    let (paris, london, dp, dl) = two_sites(
+        &dir,
+        2491,
+        "domain = \"hub\"",
         &["nats://127.0.0.1:24362".to_owned()],
-        &["room1"],
-        &[],
-    );
-    let dl = site_daemon(
-        &london,
-        "london",
         &["nats://127.0.0.1:24363".to_owned()],
-        &["room1"],
-        &[],
     );
     for d in [&dp, &dl] {
         let s = status_until(d, "lease", |s| injecting(s, "room1"));
@@ -935,6 +925,41 @@ fn sites_on_leaf_nodes_of_a_hub_share_its_jetstream() {
     assert_eq!(by_sender(&rx_p).get("bob"), Some(&b));
 }
 
+/// An mcchatd of `site` bridged through `nats`, not waited on for its link (it may never
+/// have one).
+fn unlinked_daemon(rooms: &str, site: &str, nats: &str) -> Proc {
+    Proc::daemon(
+        None,
+        &[
+            "--rooms",
+            rooms,
+            "--listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            "",
+            "--site",
+            site,
+            "--nats",
+            nats,
+        ],
+    )
+}
+
+/// A daemon whose login (`sites`) the server refuses: never connected, and status says why.
+fn refused_login(dir: &TempDir, base: u16, sites: &str, nats: &str) {
+    let rooms = lo_rooms(dir, "rome", base, &["room1"], sites);
+    let d = unlinked_daemon(&rooms, "rome", nats);
+    let s = status_until(&d, "the login's error", |s| {
+        !s["site"]["last_error"].is_null()
+    });
+    assert_eq!(s["site"]["connected"], false, "{}", s["site"]);
+    let error = s["site"]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
+    assert!(error.contains("auth"), "{error}");
+}
+
 /// A daemon started while its NATS server is not there serves its LAN at once, and links
 /// up when the server comes, logging in with the token the server asks for; a daemon with
 /// the wrong token says so in `mcchat status`.
@@ -946,21 +971,7 @@ fn a_daemon_serves_its_lan_while_nats_is_down_and_links_up_with_its_token() {
     let paris = lo_rooms(&dir, "paris", 2501, &["room1"], token);
     let london = lo_rooms(&dir, "london", 2502, &["room1"], token);
     let url = "nats://127.0.0.1:24371".to_owned();
-    let dp = Proc::daemon(
-        None,
-        &[
-            "--rooms",
-            &paris,
-            "--listen",
-            "127.0.0.1:0",
-            "--status-socket",
-            "",
-            "--site",
-            "paris",
-            "--nats",
-            &url,
-        ],
-    );
+    let dp = unlinked_daemon(&paris, "paris", &url);
     let via = relay_addr(&dp).to_string();
     // The LAN is served meanwhile: a --via client and a peer chat through the daemon.
     let rx_via = listener("rx-via", &paris, "room1", &["--via", &via]);
@@ -990,31 +1001,7 @@ fn a_daemon_serves_its_lan_while_nats_is_down_and_links_up_with_its_token() {
     rx.expect_out("\"after nats\"");
     rx_via.expect_out("\"after nats\"");
     // The wrong token: connected never, and the reason in status.
-    let rome = lo_rooms(&dir, "rome", 2503, &["room1"], "token = \"wrong\"");
-    let dr = Proc::daemon(
-        None,
-        &[
-            "--rooms",
-            &rome,
-            "--listen",
-            "127.0.0.1:0",
-            "--status-socket",
-            "",
-            "--site",
-            "rome",
-            "--nats",
-            &url,
-        ],
-    );
-    let s = status_until(&dr, "the login's error", |s| {
-        !s["site"]["last_error"].is_null()
-    });
-    assert_eq!(s["site"]["connected"], false, "{}", s["site"]);
-    let error = s["site"]["last_error"]
-        .as_str()
-        .unwrap_or("")
-        .to_lowercase();
-    assert!(error.contains("auth"), "{error}");
+    refused_login(&dir, 2503, "token = \"wrong\"", &url);
 }
 
 /// Runs `openssl ARGS` in `dir`, which must succeed.
@@ -1129,29 +1116,5 @@ fn a_daemon_logs_in_with_a_user_and_password_over_tls() {
         "{}",
         s["site"]
     );
-    let rome = lo_rooms(&dir, "rome", 2512, &["room1"], &login("wrong"));
-    let dr = Proc::daemon(
-        None,
-        &[
-            "--rooms",
-            &rome,
-            "--listen",
-            "127.0.0.1:0",
-            "--status-socket",
-            "",
-            "--site",
-            "rome",
-            "--nats",
-            &url[0],
-        ],
-    );
-    let s = status_until(&dr, "the login's error", |s| {
-        !s["site"]["last_error"].is_null()
-    });
-    assert_eq!(s["site"]["connected"], false, "{}", s["site"]);
-    let error = s["site"]["last_error"]
-        .as_str()
-        .unwrap_or("")
-        .to_lowercase();
-    assert!(error.contains("auth"), "{error}");
+    refused_login(&dir, 2512, &login("wrong"), &url[0]);
 }
