@@ -178,6 +178,15 @@ pub fn without_hop_tag<'a>(data: &'a [u8], key: &str) -> Cow<'a, [u8]> {
     strip(data, |tag| key_of(tag) == key.as_bytes())
 }
 
+/// `data` with every hop-by-hop tag removed but those named in `keep`, in one pass: the
+/// end-to-end part and what a hop wants to carry on (another site's origin, say). Borrowed
+/// when there is nothing to remove.
+pub fn keeping_hop_tags<'a>(data: &'a [u8], keep: &[&str]) -> Cow<'a, [u8]> {
+    strip(data, |tag| {
+        is_hop_tag(tag) && !keep.iter().any(|k| k.as_bytes() == key_of(tag))
+    })
+}
+
 /// `data` without the tags `remove` picks.
 fn strip(data: &[u8], remove: impl Fn(&[u8]) -> bool) -> Cow<'_, [u8]> {
     let Ok(Some((raw, body))) = tag_section(data) else {

@@ -74,7 +74,8 @@ impl Hub {
             .filter(|r| {
                 r.keep()
                     || (self.recording && self.policy.for_room(r.name().as_str()).count > 0)
-                    || self.kept_for_sites(r)
+                    // Bridged: the LAN's peers hear other sites only through the group.
+                    || self.bridges(r.name())
             })
             .map(|r| (r.name().clone(), r.group()))
             .collect();

@@ -251,12 +251,6 @@ impl Hub {
         }
     }
 
-    /// Bridged configured rooms are kept joined: the LAN's peers hear other sites only
-    /// through the group.
-    pub(super) fn kept_for_sites(&self, room: &mcchat_core::room::Room) -> bool {
-        self.bridges(room.name())
-    }
-
     /// What entered at this site at a port of kind `from`, for the other sites (the module
     /// documentation has the rules). `relayed`: it carries another daemon's `relay` tag.
     pub(super) fn export(
@@ -428,16 +422,7 @@ impl Hub {
 /// `data` with every hop-by-hop tag but `site` and `hops` removed: its end-to-end part and
 /// its origin.
 pub(crate) fn strip_foreign_hops(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    let mut out = std::borrow::Cow::Borrowed(data);
-    for key in tags::HOP_BY_HOP {
-        if *key == SITE_TAG || *key == HOPS_TAG {
-            continue;
-        }
-        if let std::borrow::Cow::Owned(v) = tags::without_hop_tag(&out, key) {
-            out = std::borrow::Cow::Owned(v);
-        }
-    }
-    out
+    tags::keeping_hop_tags(data, &[SITE_TAG, HOPS_TAG])
 }
 
 #[cfg(test)]
