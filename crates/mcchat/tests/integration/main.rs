@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+mod attacks;
 mod browser;
 mod chat;
 mod cli;
+mod handmade;
 mod history;
 mod hostile;
 mod lan;

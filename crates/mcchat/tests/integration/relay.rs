@@ -1,6 +1,6 @@
 //! mcchatd and `mcchat --via`: the real daemon and the real peers over real sockets.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -8,123 +8,8 @@ use mcchat_core::room::{RoomName, derive_group};
 use mcchat_core::wire::{self, Kind};
 use nix::sys::signal::Signal;
 
+use crate::handmade::{Raw, forge, in_netns, spoofed};
 use crate::util::{Lan, Proc, TempDir, WAIT, daemon_bin, local_daemon, require_netns, run, unique};
-
-/// The relay address a daemon started with `--listen 127.0.0.1:0` reports.
-/// A hand-driven relay client, to test the protocol itself.
-struct Raw {
-    sock: UdpSocket,
-    daemon: SocketAddr,
-    cookie: Option<String>,
-}
-
-impl Raw {
-    fn new(bind: &str, daemon: SocketAddr) -> Self {
-        let sock = UdpSocket::bind((bind.parse::<IpAddr>().unwrap(), 0)).unwrap();
-        sock.set_read_timeout(Some(WAIT)).unwrap();
-        Self {
-            sock,
-            daemon,
-            cookie: None,
-        }
-    }
-
-    /// A request padded to `pad_to` bytes (0: none).
-    fn request(&self, kind: Kind, room: &str, pad_to: usize) -> Vec<u8> {
-        let mut out = String::new();
-        wire::relay_request(
-            kind,
-            room,
-            "raw",
-            self.cookie.as_deref(),
-            None,
-            pad_to,
-            &mut out,
-        )
-        .unwrap();
-        out.into_bytes()
-    }
-
-    fn send(&self, bytes: &[u8]) {
-        self.sock.send_to(bytes, self.daemon).unwrap();
-    }
-
-    fn recv(&self) -> Vec<u8> {
-        let mut buf = [0u8; 2048];
-        let (n, from) = match self.sock.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e) => panic!(
-                "no answer from mcchatd: {e}; its status: {}",
-                status(self.daemon)
-            ),
-        };
-        assert_eq!(from, self.daemon);
-        buf[..n].to_vec()
-    }
-
-    /// The chat datagrams (`msg`, `me`) waiting to be read; presence, such as the daemon's
-    /// repeats of a sender's `leave`, is skipped.
-    fn chat_queued(&self) -> Vec<Vec<u8>> {
-        self.sock.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 2048];
-        let mut chat = Vec::new();
-        while let Ok(n) = self.sock.recv(&mut buf) {
-            if wire::decode(&buf[..n])
-                .is_ok_and(|f| matches!(f.meta.kind, Kind::Message | Kind::Action))
-            {
-                chat.push(buf[..n].to_vec());
-            }
-        }
-        self.sock.set_nonblocking(false).unwrap();
-        chat
-    }
-
-    /// The next chat datagram (presence skipped).
-    fn recv_chat(&self) -> Vec<u8> {
-        loop {
-            let d = self.recv();
-            if wire::decode(&d).is_ok_and(|f| matches!(f.meta.kind, Kind::Message | Kind::Action)) {
-                return d;
-            }
-        }
-    }
-
-    /// Nothing is waiting to be read.
-    fn nothing_queued(&self) -> bool {
-        self.sock.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 2048];
-        let empty = self.sock.recv_from(&mut buf).is_err();
-        self.sock.set_nonblocking(false).unwrap();
-        empty
-    }
-
-    fn expect(&self, kind: Kind) -> Vec<u8> {
-        let d = self.recv();
-        let f = wire::decode(&d).unwrap();
-        assert_eq!(f.meta.kind, kind, "{}", String::from_utf8_lossy(&d));
-        d
-    }
-
-    /// The handshake to a `sub` the daemon refuses: its `closed`.
-    fn refused(&mut self, room: &str) -> Vec<u8> {
-        self.send(&self.request(Kind::Subscribe, room, wire::MIN_RELAY_REQUEST));
-        let challenge = self.expect(Kind::Challenge);
-        let f = wire::decode(&challenge).unwrap();
-        self.cookie = Some(f.tags.get("cookie").unwrap().into_owned());
-        self.send(&self.request(Kind::Subscribe, room, 0));
-        self.expect(Kind::Closed)
-    }
-
-    /// The full handshake: padded request, challenge, request with the cookie, confirmation.
-    fn subscribe(&mut self, room: &str) {
-        self.send(&self.request(Kind::Subscribe, room, wire::MIN_RELAY_REQUEST));
-        let challenge = self.expect(Kind::Challenge);
-        let f = wire::decode(&challenge).unwrap();
-        self.cookie = Some(f.tags.get("cookie").unwrap().into_owned());
-        self.send(&self.request(Kind::Subscribe, room, 0));
-        self.expect(Kind::Subscribed);
-    }
-}
 
 fn status(addr: SocketAddr) -> serde_json::Value {
     let (st, out, err) = run(&["status", "--via", &addr.to_string(), "--json"], &[]);
@@ -922,40 +807,6 @@ fn igmp6_users(group: &str) -> u32 {
         .sum()
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (sockets it creates stay there).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-    })
-}
-
-/// An IPv4/UDP packet with a forged source, for a raw socket.
-fn spoofed(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
-        panic!("IPv4 only")
-    };
-    let udp_len = 8 + payload.len();
-    let mut p = Vec::with_capacity(20 + udp_len);
-    // Version/IHL, TOS, total length, id, DF, TTL, UDP, checksum (the kernel fills length,
-    // id and checksum with IP_HDRINCL).
-    p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
-    p.extend_from_slice(&src.ip().octets());
-    p.extend_from_slice(&dst.ip().octets());
-    p.extend_from_slice(&src.port().to_be_bytes());
-    p.extend_from_slice(&dst.port().to_be_bytes());
-    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]); // no UDP checksum (allowed for IPv4)
-    p.extend_from_slice(payload);
-    p
-}
-
 /// A subscribe with a forged source (h3's address, sent from h2) is answered at h3 with no
 /// more bytes than it carried; one too short to carry the answer is not answered at all.
 #[test]
@@ -1071,26 +922,6 @@ fn nacks_are_answered_from_the_cache_only_with_the_subscriptions_cookie() {
     let s = status(addr);
     assert_eq!(s["repair_cache"]["repairs_to_subscribers"], 3, "{s}");
     assert_eq!(s["counters"]["nacks_unproven"], 2, "{s}");
-}
-
-/// `data` as a UDP datagram from `from` to `to`, sent through a raw socket: the source port
-/// is written by hand, as an attacker forging another host's address and port does (the
-/// kernel writes the IP header, from `from`'s address, which is local here).
-fn forge(from: SocketAddr, to: SocketAddr, data: &[u8]) {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)).expect("a raw socket");
-    raw.bind(&SockAddr::from(SocketAddr::new(from.ip(), 0)))
-        .expect("bind the raw socket");
-    let len = u16::try_from(8 + data.len()).unwrap();
-    let mut packet = Vec::with_capacity(8 + data.len());
-    packet.extend_from_slice(&from.port().to_be_bytes());
-    packet.extend_from_slice(&to.port().to_be_bytes());
-    packet.extend_from_slice(&len.to_be_bytes());
-    // No checksum (allowed over IPv4).
-    packet.extend_from_slice(&[0, 0]);
-    packet.extend_from_slice(data);
-    raw.send_to(&packet, &SockAddr::from(to))
-        .expect("send the forged datagram");
 }
 
 /// Issue 11's first row, the attack itself: NACKs forged with a subscriber's address and
