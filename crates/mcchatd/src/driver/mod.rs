@@ -161,6 +161,8 @@ struct Driver {
     tracker: TaskTracker,
     wall: Wall,
     start: tokio::time::Instant,
+    /// "The writer is behind": one line per 10 s, with the running total, since a burst that
+    /// outruns the disk would otherwise log ten lines a second for as long as it lasts.
     history_log: mcchat_core::ratelimit::LogLimiter,
     send_log: mcchat_core::ratelimit::LogLimiter,
 }
@@ -227,7 +229,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         tracker: tracker.clone(),
         wall: control.wall,
         start,
-        history_log: mcchat_core::ratelimit::LogLimiter::default(),
+        history_log: mcchat_core::ratelimit::LogLimiter::new(1, Duration::from_secs(10)),
         send_log: mcchat_core::ratelimit::LogLimiter::default(),
     };
 
