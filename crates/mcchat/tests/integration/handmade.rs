@@ -173,3 +173,29 @@ pub fn forge(from: SocketAddr, to: SocketAddr, data: &[u8]) {
     raw.send_to(&packet, &SockAddr::from(to))
         .expect("send the forged datagram");
 }
+
+/// A UDP socket joined to IPv4 `group` the way a peer joins (bound to the group,
+/// `IP_MULTICAST_ALL` off), with a receive buffer of `rcvbuf` bytes and reads that time out
+/// after 50 ms, in the calling thread's namespace.
+pub fn group_socket(group: SocketAddr, rcvbuf: usize) -> UdpSocket {
+    let SocketAddr::V4(g) = group else {
+        panic!("{group}")
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    let _ = s.set_recv_buffer_size(rcvbuf);
+    s.bind(&group.into()).unwrap();
+    s.set_multicast_all_v4(false).unwrap();
+    s.join_multicast_v4(g.ip(), &std::net::Ipv4Addr::UNSPECIFIED)
+        .unwrap();
+    let sock: UdpSocket = s.into();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    sock
+}

@@ -370,25 +370,7 @@ struct Tap {
 
 impl Tap {
     fn join(group: SocketAddr) -> Self {
-        let SocketAddr::V4(g) = group else {
-            panic!("{group}")
-        };
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )
-        .unwrap();
-        s.set_reuse_address(true).unwrap();
-        s.set_reuse_port(true).unwrap();
-        let _ = s.set_recv_buffer_size(1 << 20);
-        s.bind(&group.into()).unwrap();
-        s.set_multicast_all_v4(false).unwrap();
-        s.join_multicast_v4(g.ip(), &std::net::Ipv4Addr::UNSPECIFIED)
-            .unwrap();
-        let sock: UdpSocket = s.into();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        let sock = crate::handmade::group_socket(group, 1 << 20);
         let seen = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (sink, halt) = (Arc::clone(&seen), Arc::clone(&stop));
