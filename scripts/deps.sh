@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # deps.sh — installs the system tools the test suite needs, if any is missing, on Debian or
 # Ubuntu: iproute2 (ip, namespaces), smcroute (the multicast router in scripts/lan.sh's LAN),
+# python3 (that router in user space, scripts/mroute.py, where the kernel cannot route multicast),
 # socat and nftables (tools the tests and docs use), chromium and Node.js (the browser test),
 # nats-server and openssl (the tests of several sites, run inside the test namespace),
 # then the browser test's npm packages (tests/browser, from its package-lock.json). Called by
@@ -21,7 +22,7 @@ as_root() {
 }
 
 missing=()
-for c in ip:iproute2 unshare:util-linux smcrouted:smcroute smcroutectl:smcroute socat:socat \
+for c in ip:iproute2 unshare:util-linux smcrouted:smcroute smcroutectl:smcroute python3:python3 socat:socat \
     nft:nftables chromium:chromium node:nodejs npm:npm nats-server:nats-server openssl:openssl; do
     command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c#*:}")
 done
