@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mcchat_core::wire::{self, Kind};
 
-use crate::handmade::{group_socket, in_netns, spoofed};
+use crate::handmade::{self, group_socket, in_netns, spoofed};
 use crate::util::{Lan, Pace, Proc, TempDir, WAIT, require_netns, run};
 
 const DAEMON_IP: &str = "198.51.100.1";
@@ -382,6 +382,89 @@ fn row_4_control_forged_from_the_daemons_address_changes_nothing() {
     let s = site.status();
     assert_eq!(s["subscribers"], 1, "{s}");
     assert_eq!(s["counters"]["expired"], 0, "the lease never lapsed: {s}");
+}
+
+/// Row 8: four addresses x 64 ad-hoc subscriptions filled `max_rooms` (256 slots in 5 s), and
+/// then nobody could subscribe to any room, configured ones included. Now, with `max_rooms`
+/// at 32, an attacker on h2 with four addresses asks for 64 ad-hoc rooms from each: each
+/// address gets at most its `max_adhoc_rooms_per_source` (16), all of them together at most
+/// `max_rooms`, and a client on h3 still subscribes to a configured room (room2) while the
+/// ad-hoc slots are full, and is told why when it asks for one more ad-hoc room.
+#[test]
+fn row_8_adhoc_rooms_from_several_addresses_leave_configured_rooms_open() {
+    require_netns();
+    let mut site = Site::up("max_rooms = 32\nmax_adhoc_rooms_per_source = 16");
+    site.lan.add_addrs(
+        "h2",
+        &["198.51.100.21/24", "198.51.100.22/24", "198.51.100.23/24"],
+    );
+    let addrs = [
+        "198.51.100.2",
+        "198.51.100.21",
+        "198.51.100.22",
+        "198.51.100.23",
+    ];
+    // The first address alone (it meets its own cap), then the other three at once, each on
+    // its own thread, as fast as the daemon answers; the subscriptions are held (the clients
+    // kept) until the end.
+    let ns = site.lan.ns("h2");
+    let attack = |i: usize| {
+        let mut raw = in_netns(&ns, || handmade::Raw::new(addrs[i], daemon_addr()));
+        let ok = (0..64)
+            .filter(|r| raw.try_subscribe(&format!("spam{i}x{r}")) == Kind::Subscribed)
+            .count();
+        (ok, raw)
+    };
+    let first = attack(0);
+    let (mut granted, mut clients): (Vec<usize>, Vec<handmade::Raw>) =
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (1..4).map(|i| scope.spawn(move || attack(i))).collect();
+            runs.into_iter().map(|t| t.join().unwrap()).unzip()
+        });
+    granted.insert(0, first.0);
+    clients.push(first.1);
+    let total: usize = granted.iter().sum();
+    eprintln!("ad-hoc subscriptions granted per address: {granted:?} ({total} in all)");
+    assert_eq!(
+        granted[0], 16,
+        "one address, its max_adhoc_rooms_per_source"
+    );
+    assert!(granted.iter().all(|&n| n <= 16), "{granted:?}");
+    assert_eq!(total, 32, "the attack filled max_rooms: {granted:?}");
+    let s = site.status();
+    let adhoc = s["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["configured"] == false && !r["subscribers"].as_array().unwrap().is_empty())
+        .count();
+    assert_eq!(adhoc, 32, "{s}");
+    let refused = &s["counters"]["dropped"];
+    assert!(
+        refused["too_many_from_source"].as_u64().unwrap_or(0)
+            + refused["too_many_rooms"].as_u64().unwrap_or(0)
+            >= (4 * 64 - 32),
+        "every refusal counted: {refused}"
+    );
+    // A configured room is open; one more ad-hoc room is refused with the reason.
+    let _room2 = Proc::mcchat(
+        "room2",
+        Some(&site.lan.ns("h3")),
+        &["listen", "room2", "--via", DAEMON_IP],
+        &[],
+    )
+    .listening();
+    let mut lobby = Proc::mcchat(
+        "lobby",
+        Some(&site.lan.ns("h3")),
+        &["listen", "lobby", "--via", DAEMON_IP],
+        &[],
+    );
+    assert!(!lobby.wait().success(), "an ad-hoc room past max_rooms");
+    let err = lobby.stderr_lines().join("\n");
+    assert!(err.contains("too_many_rooms"), "{err}");
+    site.served();
+    drop(clients);
 }
 
 /// Row 5: 12 TCP connections that each sent one byte denied status and history to everyone,

@@ -109,6 +109,55 @@ impl Raw {
         self.expect(Kind::Closed)
     }
 
+    /// A subscription to `room` with the cookie this client holds (the handshake first, if
+    /// it holds none or the daemon challenges it): the daemon's final answer, `subok` or
+    /// `closed`. A request the daemon's rate limits drop unanswered is sent again after
+    /// 150 ms, as a client that wants the slot would (within `WAIT`).
+    pub fn try_subscribe(&mut self, room: &str) -> Kind {
+        let pad = if self.cookie.is_some() {
+            0
+        } else {
+            wire::MIN_RELAY_REQUEST
+        };
+        let mut request = self.request(Kind::Subscribe, room, pad);
+        let deadline = std::time::Instant::now() + WAIT;
+        self.sock
+            .set_read_timeout(Some(std::time::Duration::from_millis(150)))
+            .unwrap();
+        self.send(&request);
+        let mut buf = [0u8; 2048];
+        let kind = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no answer from mcchatd at {} to a sub for {room}",
+                self.daemon
+            );
+            let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
+                self.send(&request);
+                continue;
+            };
+            assert_eq!(from, self.daemon);
+            let f = wire::decode(&buf[..n]).unwrap();
+            match f.meta.kind {
+                Kind::Challenge => {
+                    self.cookie = Some(f.tags.get("cookie").unwrap().into_owned());
+                    request = self.request(Kind::Subscribe, room, 0);
+                    self.send(&request);
+                }
+                Kind::Subscribed | Kind::Closed if f.room == room => {
+                    if let Some(c) = f.tags.get("cookie") {
+                        self.cookie = Some(c.into_owned());
+                    }
+                    break f.meta.kind;
+                }
+                // Chat of a room subscribed before.
+                _ => {}
+            }
+        };
+        self.sock.set_read_timeout(Some(WAIT)).unwrap();
+        kind
+    }
+
     /// The full handshake: padded request, challenge, request with the cookie, confirmation.
     pub fn subscribe(&mut self, room: &str) {
         self.send(&self.request(Kind::Subscribe, room, wire::MIN_RELAY_REQUEST));
