@@ -354,12 +354,23 @@ fn trial(relay: &Relay, rate: u64, secs: f64) -> Result<(f64, f64, load::Receive
 }
 
 /// The highest offered rate with under 0.1% loss: doubling, then bisection.
+/// With MCBENCH_TRACE set, each trial of the throughput search on stderr.
+fn trace_trial(relay: &Relay, rate: u64, achieved: f64, loss: f64) {
+    if std::env::var_os("MCBENCH_TRACE").is_some() {
+        eprintln!(
+            "bench: {} at {rate} msg/s: sent {achieved:.0}/s, loss {loss:.5}",
+            relay.name
+        );
+    }
+}
+
 fn max_rate(relay: &Relay, secs: f64, steps: u32) -> Result<f64> {
     let mut ok = 0f64;
     let mut rate = 20_000u64;
     let mut bad = None;
     while rate <= 2_000_000 {
         let (achieved, loss, _) = trial(relay, rate, secs)?;
+        trace_trial(relay, rate, achieved, loss);
         if loss < MAX_LOSS && achieved > rate as f64 * 0.95 {
             ok = achieved;
             rate *= 2;
@@ -373,6 +384,7 @@ fn max_rate(relay: &Relay, secs: f64, steps: u32) -> Result<f64> {
     for _ in 0..steps {
         let mid = (lo + hi) / 2;
         let (achieved, loss, _) = trial(relay, mid, secs)?;
+        trace_trial(relay, mid, achieved, loss);
         if loss < MAX_LOSS && achieved > mid as f64 * 0.95 {
             lo = mid;
             ok = ok.max(achieved);
