@@ -12,7 +12,8 @@
 //!
 //! The writer runs at a lower CPU priority than the relay loop: on a small machine its
 //! commits would otherwise take CPU from relaying, and the queue absorbs a burst until there
-//! is CPU to spare.
+//! is CPU to spare. It is raised again while the writer is behind, so a busy host cannot
+//! starve it (priority.rs).
 //!
 //! Durability: WAL with `synchronous = NORMAL`. A committed transaction survives the process
 //! being killed at any point (it is in the WAL file); a power cut may lose the last commits
@@ -33,6 +34,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+mod priority;
 mod reader;
 mod retention;
 mod space;
@@ -41,7 +43,7 @@ mod tests;
 mod writer;
 
 pub use reader::{PAGE, Pages, Reader};
-use writer::{Ended, Writer, lower_priority};
+use writer::{Ended, Writer};
 
 /// Records queued for the writer at most; beyond it new ones are dropped and counted (the
 /// disk is far behind). The writer may hold as many again that it has taken and is
@@ -68,9 +70,6 @@ const GATHER: Duration = Duration::from_millis(20);
 /// How often a retention pass runs: the age rule, and a count that commits have not yet
 /// applied (see `retention`); sooner while a pass leaves work.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
-/// The writer's nice value (Linux, per thread): 10 gives it about a tenth of the CPU the relay
-/// loop (nice 0) gets when both want it, and all of it when the relay loop is idle.
-const WRITER_NICE: i32 = 10;
 /// How long dropping a [`History`] that was not closed waits for the writer.
 const DROP_DEADLINE: Duration = Duration::from_millis(100);
 /// Messages one query returns at most.
@@ -431,8 +430,8 @@ impl History {
                     shared: &writer_shared,
                     _signal: ended_tx,
                 };
-                lower_priority();
-                Writer::new(conn, thread_path, writer_policy).run(&writer_shared);
+                let priority = priority::Priority::lowered(QUEUE);
+                Writer::new(conn, thread_path, writer_policy, priority).run(&writer_shared);
             })
             .map_err(HistoryError::Thread)?;
         Ok(Self {

@@ -12,6 +12,7 @@ use mcchat_core::wire::{self, Kind};
 use rusqlite::{Connection, Transaction};
 use tokio::sync::oneshot;
 
+use super::priority::Priority;
 use super::retention::{Added, CHUNK, Rows};
 use super::space::{self, Space};
 use super::*;
@@ -39,36 +40,6 @@ impl Drop for Ended<'_> {
             );
         }
     }
-}
-
-/// Lowers the calling thread's CPU priority (best effort: history only falls behind sooner
-/// without it). On Linux the writer runs under SCHED_IDLE: it gets a core only when nothing
-/// else wants it, and a relay or client thread that wakes takes the core from it at once (a
-/// nice value alone lets it keep a core for its time slice, milliseconds: the relay's p99).
-/// The queue rides out the time it waits. Where SCHED_IDLE is refused, nice 10.
-pub(super) fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        use thread_priority::{
-            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
-            set_thread_priority_and_policy, thread_native_id,
-        };
-        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-        if let Err(error) =
-            set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
-        {
-            tracing::debug!(
-                ?error,
-                "SCHED_IDLE refused for the history writer; nice instead"
-            );
-            let tid = rustix::thread::gettid();
-            if let Err(error) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
-                tracing::debug!(%error, nice = WRITER_NICE, "cannot lower the history writer's priority");
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    tracing::debug!("the history writer runs at the relay's priority on this system");
 }
 
 /// Waits on the writer's condition variable for at most `timeout`.
@@ -200,11 +171,19 @@ pub(super) struct Writer {
     inserts: Vec<String>,
     /// Giving freed pages back, and the reserve for a full disk.
     space: Space,
+    /// Its CPU priority, raised while it is behind (priority.rs).
+    priority: Priority,
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, path: PathBuf, policy: Arc<Mutex<Policy>>) -> Self {
+    pub(super) fn new(
+        conn: Connection,
+        path: PathBuf,
+        policy: Arc<Mutex<Policy>>,
+        priority: Priority,
+    ) -> Self {
         Self {
+            priority,
             conn,
             policy,
             pruned: Instant::now(),
@@ -226,6 +205,7 @@ impl Writer {
         let mut flushes = Vec::new();
         let stop = loop {
             let stop = self.wait(shared, &mut taken, &mut flushes);
+            self.priority.took(taken.len());
             let committed = self.commit_all(shared, &taken);
             if taken.bytes.capacity() > KEEP_BYTES {
                 taken = Batch::new();
