@@ -201,7 +201,6 @@ impl Tap {
 const NACKS: u64 = 5_000;
 
 #[test]
-#[ignore = "flaky under the full suite's load: a chat datagram said during the NACK flood is sometimes not relayed; run with --run-ignored"]
 fn row_2_forged_nacks_on_a_group_cost_the_lan_at_most_the_repair_budget() {
     require_netns();
     let mut site = Site::up("");
@@ -724,19 +723,37 @@ fn rows_10_11_a_burst_leaves_history_within_its_count_and_bytes() {
     site.served();
 }
 
-/// Multicasts `n` bare datagrams of about `size` bytes into room1 from h2, paced at 5,000 a
-/// second (a pace the test build's history writer keeps up with), then a marker until the
-/// daemon's history has it (so the writer has all before).
+/// Multicasts `n` bare datagrams of about `size` bytes into room1 from h2, in chunks of 500
+/// paced at 5,000 a second, each chunk once the daemon's history has the one before (so a
+/// loaded machine's slow writer drops none of them), then a marker until the history has
+/// it (so the writer has all before).
 fn fill_room1(site: &Site, n: u64, size: usize) {
     let group: SocketAddr = GROUP1.parse().unwrap();
     let sock = in_netns(&site.lan.ns("h2"), || {
         std::net::UdpSocket::bind("198.51.100.2:0").unwrap()
     });
-    let pace = Pace::new(Duration::from_micros(200));
     let text = "h".repeat(size);
-    for i in 0..n {
-        pace.until(i);
-        let _ = sock.send_to(format!("room1|filler|{i} {text}").as_bytes(), group);
+    let newest = || -> Option<u64> {
+        let doc = history_doc(site, "room1", 1);
+        doc["messages"][0]["text"]
+            .as_str()?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let pace = Pace::new(Duration::from_micros(200));
+        for (k, i) in chunk.iter().enumerate() {
+            pace.until(k as u64);
+            let _ = sock.send_to(format!("room1|filler|{i} {text}").as_bytes(), group);
+        }
+        // Within WAIT; a datagram the writer dropped after all (counted) ends the wait.
+        let last = chunk[chunk.len() - 1];
+        let deadline = Instant::now() + WAIT;
+        while newest() != Some(last) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     say_until_stored(site, "filler", "the end");
 }
@@ -780,7 +797,6 @@ fn rss_kib(pid: u32) -> u64 {
 /// daemon's memory grows by less than one whole answer (it streams pages, two answers at
 /// most for TCP clients), while the local socket's history and the real clients are served.
 #[test]
-#[ignore = "flaky under the full suite's load: the test build stores fewer of the burst, and the answer's size falls under the growth; run with --run-ignored"]
 fn row_6_history_queries_that_are_never_read_cost_less_than_one_answer() {
     require_netns();
     let mut site = Site::up("");
@@ -788,8 +804,8 @@ fn row_6_history_queries_that_are_never_read_cost_less_than_one_answer() {
     let answer = history_doc(&site, "room1", 10_000);
     let answer_bytes = answer.to_string().len() as u64;
     let stored = answer["messages"].as_array().unwrap().len();
-    // The test build's daemon may drop some of the burst (counted); most is enough.
-    assert!(stored >= 5_000, "{stored} of 10,000 stored");
+    // Filled at the writer's pace: all of it, but for one the writer dropped (counted).
+    assert!(stored >= 9_900, "{stored} of 10,000 stored");
     let pid = site.d.pid();
     let before = rss_kib(pid);
     site.lan.add_addrs(
@@ -858,7 +874,7 @@ fn row_6_history_queries_that_are_never_read_cost_less_than_one_answer() {
 /// until it is full (no count limit): the daemon keeps relaying, logs the trouble a few times at most, and stores
 /// what comes after (it frees space for it).
 #[test]
-#[ignore = "flaky under the full suite's load: a chat datagram said during the flood is sometimes not relayed (as in row 2); run with --run-ignored"]
+#[ignore = "slow (up to a minute) and, on a loaded machine, the test build's writer at nice 10 may not fill the disk in time; run with --run-ignored"]
 fn row_12_a_full_disk_costs_history_a_little_and_the_relay_nothing() {
     require_netns();
     let dir = TempDir::new();
