@@ -383,6 +383,20 @@ fn row_4_control_forged_from_the_daemons_address_changes_nothing() {
     assert_eq!(s["counters"]["expired"], 0, "the lease never lapsed: {s}");
 }
 
+/// The attacker's four addresses: h2's own and three more added to it.
+fn four_addresses_on_h2(site: &Site) -> [&'static str; 4] {
+    site.lan.add_addrs(
+        "h2",
+        &["198.51.100.21/24", "198.51.100.22/24", "198.51.100.23/24"],
+    );
+    [
+        "198.51.100.2",
+        "198.51.100.21",
+        "198.51.100.22",
+        "198.51.100.23",
+    ]
+}
+
 /// Row 8: four addresses x 64 ad-hoc subscriptions filled `max_rooms` (256 slots in 5 s), and
 /// then nobody could subscribe to any room, configured ones included. Now, with `max_rooms`
 /// at 32, an attacker on h2 with four addresses asks for 64 ad-hoc rooms from each: each
@@ -393,16 +407,7 @@ fn row_4_control_forged_from_the_daemons_address_changes_nothing() {
 fn row_8_adhoc_rooms_from_several_addresses_leave_configured_rooms_open() {
     require_netns();
     let mut site = Site::up("max_rooms = 32\nmax_adhoc_rooms_per_source = 16");
-    site.lan.add_addrs(
-        "h2",
-        &["198.51.100.21/24", "198.51.100.22/24", "198.51.100.23/24"],
-    );
-    let addrs = [
-        "198.51.100.2",
-        "198.51.100.21",
-        "198.51.100.22",
-        "198.51.100.23",
-    ];
+    let addrs = four_addresses_on_h2(&site);
     // The first address alone (it meets its own cap), then the other three at once, each on
     // its own thread, as fast as the daemon answers; the subscriptions are held (the clients
     // kept) until the end.
@@ -476,16 +481,7 @@ fn row_8_adhoc_rooms_from_several_addresses_leave_configured_rooms_open() {
 fn row_5_half_open_status_connections_deny_no_one() {
     require_netns();
     let mut site = Site::up("");
-    let addrs = [
-        "198.51.100.2",
-        "198.51.100.21",
-        "198.51.100.22",
-        "198.51.100.23",
-    ];
-    site.lan.add_addrs(
-        "h2",
-        &["198.51.100.21/24", "198.51.100.22/24", "198.51.100.23/24"],
-    );
+    let addrs = four_addresses_on_h2(&site);
     let attack = Attack::start(site.lan.ns("h2"), move |stop, started| {
         let open = |ip: &str| -> Option<TcpStream> {
             let s =
@@ -808,16 +804,7 @@ fn row_6_history_queries_that_are_never_read_cost_less_than_one_answer() {
     assert!(stored >= 9_900, "{stored} of 10,000 stored");
     let pid = site.d.pid();
     let before = rss_kib(pid);
-    site.lan.add_addrs(
-        "h2",
-        &["198.51.100.21/24", "198.51.100.22/24", "198.51.100.23/24"],
-    );
-    let addrs = [
-        "198.51.100.2",
-        "198.51.100.21",
-        "198.51.100.22",
-        "198.51.100.23",
-    ];
+    let addrs = four_addresses_on_h2(&site);
     let attack = Attack::start(site.lan.ns("h2"), move |stop, started| {
         let since = Instant::now();
         let held: Vec<TcpStream> = addrs
