@@ -43,8 +43,8 @@
 #   unset, as on some VM kernels) scripts/mroute.py takes smcrouted's place and forwards the
 #   same ranges by the same rules in user space, source addresses unchanged.
 #
-# `up` prints nothing on success and returns only once everything is ready (smcrouted has
-# installed its routes). `down` is idempotent. `down-all` tears down every LAN whose state is
+# `up` prints nothing on success and returns only once everything is ready (the router
+# forwards). `down` is idempotent. `down-all` tears down every LAN whose state is
 # in $LAN_STATE_DIR (scripts/test.sh calls it on exit). `status` prints the namespaces,
 # addresses and multicast routes of one LAN.
 #
@@ -213,10 +213,8 @@ start_smcrouted() {
 # same forwarding (both ways, TTL threshold 1, TTL decremented, source kept) in user space.
 # Returns once it has bound both interfaces (it writes its PID file then).
 start_mroute() {
-    local p=$1 state=$2 r=$1-r i g groups=()
-    for g in $DEFAULT_GROUPS ${LAN_GROUPS:-}; do
-        groups+=("$g")
-    done
+    local state=$2 r=$1-r i groups
+    read -ra groups <<<"$DEFAULT_GROUPS ${LAN_GROUPS:-}"
     setsid ip netns exec "$r" python3 "$(dirname "${BASH_SOURCE[0]}")/mroute.py" eth0 eth1 \
         "$state/mroute.pid" "${groups[@]}" </dev/null >"$state/mroute.log" 2>&1 &
     local child=$!

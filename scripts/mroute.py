@@ -80,9 +80,8 @@ def fix_udp_checksum(out, pseudo, start):
     (CHECKSUM_PARTIAL: only the pseudo-header's sum is in the field), and a packet socket
     sees it so; sent on as read, the receiver would drop it as corrupt.
     """
-    udp = out[start:]
-    if len(udp) < 8 or int.from_bytes(udp[6:8], "big") == 0 and len(pseudo) == 12:
-        return  # IPv4 without a checksum
+    if len(out) - start < 8:
+        return
     out[start + 6 : start + 8] = b"\0\0"
     total = checksum(pseudo + bytes(out[start:])) or 0xFFFF
     out[start + 6 : start + 8] = struct.pack("!H", total)
@@ -107,8 +106,10 @@ def forwarded(packet, groups):
         out[8] = ttl - 1
         out[10:12] = b"\0\0"
         out[10:12] = struct.pack("!H", checksum(bytes(out[:ihl])))
-        # A whole UDP datagram (not a fragment: those had their checksum computed whole).
-        if packet[9] == 17 and int.from_bytes(packet[6:8], "big") & 0x3FFF == 0:
+        # A whole UDP datagram (not a fragment: those had their checksum computed whole)
+        # that has a checksum (IPv4's may be 0: none).
+        whole = int.from_bytes(packet[6:8], "big") & 0x3FFF == 0
+        if packet[9] == 17 and whole and packet[ihl + 6 : ihl + 8] != b"\0\0":
             length = len(packet) - ihl
             pseudo = packet[12:20] + bytes([0, 17]) + struct.pack("!H", length)
             fix_udp_checksum(out, pseudo, ihl)
@@ -169,7 +170,7 @@ def main():
                     out_sock.sendto(
                         copy, (out_name, ethertype, 0, 0, destination_mac(copy, ethertype))
                     )
-                except (BlockingIOError, OSError):
+                except OSError:
                     # A full transmit queue: dropped, as a router under load drops.
                     pass
 

@@ -353,7 +353,6 @@ fn trial(relay: &Relay, rate: u64, secs: f64) -> Result<(f64, f64, load::Receive
     Ok((sent.count as f64 / sent.secs, loss.max(0.0), got))
 }
 
-/// The highest offered rate with under 0.1% loss: doubling, then bisection.
 /// With MCBENCH_TRACE set, each trial of the throughput search on stderr.
 fn trace_trial(relay: &Relay, rate: u64, achieved: f64, loss: f64) {
     if std::env::var_os("MCBENCH_TRACE").is_some() {
@@ -364,6 +363,7 @@ fn trace_trial(relay: &Relay, rate: u64, achieved: f64, loss: f64) {
     }
 }
 
+/// The highest offered rate with under 0.1% loss: doubling, then bisection.
 fn max_rate(relay: &Relay, secs: f64, steps: u32) -> Result<f64> {
     let mut ok = 0f64;
     let mut rate = 20_000u64;

@@ -738,14 +738,15 @@ fn fill_room1(site: &Site, n: u64, size: usize) {
             .parse()
             .ok()
     };
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+    for start in (0..n).step_by(500) {
+        let end = (start + 500).min(n);
         let pace = Pace::new(Duration::from_micros(200));
-        for (k, i) in chunk.iter().enumerate() {
-            pace.until(k as u64);
+        for i in start..end {
+            pace.until(i - start);
             let _ = sock.send_to(format!("room1|filler|{i} {text}").as_bytes(), group);
         }
         // Within WAIT; a datagram the writer dropped after all (counted) ends the wait.
-        let last = chunk[chunk.len() - 1];
+        let last = end - 1;
         let deadline = Instant::now() + WAIT;
         while newest() != Some(last) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
