@@ -508,9 +508,13 @@ impl Driver {
         }
     }
 
-    /// Carries out everything the hub has queued.
+    /// Carries out everything the hub has queued: its records come first, and are handed to
+    /// the history writer before anything is sent.
     async fn flush(&mut self) {
         while let Some(out) = self.hub.poll_output() {
+            if !matches!(out, Output::Record { .. }) {
+                self.hand_over_records();
+            }
             match out {
                 Output::ToGroup { group, ttl, data } => {
                     self.use_ttl(group.is_ipv4(), ttl);

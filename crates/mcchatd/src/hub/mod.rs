@@ -176,6 +176,10 @@ pub(crate) struct Hub {
     web: web::Web,
     sites: site::Sites,
     out: VecDeque<Output>,
+    /// [`Output::Record`]s, apart: the driver gets them before anything else, so that a
+    /// message is with the history writer before anyone is sent it (a client that saw it
+    /// finds it in history).
+    records: VecDeque<Output>,
     /// Scratch for datagrams the hub writes.
     text: String,
     scratch: Vec<u8>,
@@ -245,6 +249,7 @@ impl Hub {
             web: web::Web::new(epoch, last_offset, seed.web),
             sites: site::Sites::new(&settings.sites),
             out: VecDeque::new(),
+            records: VecDeque::new(),
             text: String::with_capacity(wire::MAX_DATAGRAM),
             scratch: Vec::with_capacity(wire::MAX_DATAGRAM),
             next_tick: now.mono + TICK,
@@ -258,9 +263,9 @@ impl Hub {
         hub
     }
 
-    /// The next thing for the driver to do, if any.
+    /// The next thing for the driver to do, if any: every queued record first.
     pub(crate) fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        self.records.pop_front().or_else(|| self.out.pop_front())
     }
 
     /// When [`Hub::poll`] next has work.

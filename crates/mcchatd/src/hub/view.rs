@@ -140,7 +140,7 @@ impl Hub {
             view.last = self.web.offset;
             let offset = self.web.offset;
             if self.records(room) {
-                self.out.push_back(Output::Record {
+                self.records.push_back(Output::Record {
                     data: data.clone(),
                     recv_ms: now.unix_ms,
                     offset,
@@ -248,7 +248,7 @@ impl Hub {
             }
         }
         for (data, offset) in records {
-            self.out.push_back(Output::Record {
+            self.records.push_back(Output::Record {
                 data,
                 recv_ms: now.unix_ms,
                 offset,
