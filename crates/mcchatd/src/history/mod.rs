@@ -170,6 +170,19 @@ impl Batch {
     }
 
     /// Datagram `i`, when it was received, and its row id if it has one.
+    /// Where a transaction from `start` ends: at most `records` datagrams, and no more of
+    /// them than fit in `bytes` (one at least).
+    fn end_of(&self, start: usize, records: usize, bytes: usize) -> usize {
+        let last = start.saturating_add(records).min(self.len());
+        if start >= last {
+            return last;
+        }
+        let base = start.checked_sub(1).map_or(0, |p| self.ends[p].0);
+        // The first end past the byte budget, kept when it is the first datagram.
+        let over = self.ends[start..last].partition_point(|&(end, _, _)| end - base <= bytes);
+        start + over.max(1)
+    }
+
     fn get(&self, i: usize) -> (&[u8], u64, Option<u64>) {
         let start = i.checked_sub(1).map_or(0, |p| self.ends[p].0);
         let (end, recv_ms, id) = self.ends[i];

@@ -279,11 +279,19 @@ impl Rows {
         Ok(update)
     }
 
-    /// On a full disk, with the reserve given up: deletes the `n` oldest messages of any room
-    /// (applied after the commit like the rest).
-    pub(super) fn emergency(&self, tx: &Transaction<'_>, n: u64) -> rusqlite::Result<Update> {
+    /// On a full disk, with the reserve given up: deletes the oldest messages of any room
+    /// until `free` bytes of pages are free for the next inserts (or none are left), in steps
+    /// of [`CHUNK`] / 4 (applied after the commit like the rest).
+    pub(super) fn emergency(&self, tx: &Transaction<'_>, free: u64) -> rusqlite::Result<Update> {
         let mut update = Update::default();
-        self.trim_bytes(tx, 0, n, &mut update)?;
+        let target = used_bytes(tx)?.saturating_sub(free);
+        loop {
+            let before = update.deleted;
+            self.trim_bytes(tx, target, CHUNK / 4, &mut update)?;
+            if update.deleted == before {
+                break;
+            }
+        }
         update.backlog = false;
         Ok(update)
     }

@@ -552,48 +552,143 @@ fn freed_space_is_given_back_to_the_disk_in_steps() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Issue 11: on a full disk retention itself failed, so history never freed itself. On a
-/// small file system of its own (a tmpfs in the test namespace), history fills it and goes
-/// on storing the newest messages: its reserve gives retention room, and then it holds the
-/// database at its size.
-#[tokio::test]
-async fn on_a_full_disk_history_frees_itself_and_keeps_the_newest() {
-    assert!(
-        std::env::var_os("MCCHAT_TEST_NETNS").is_some(),
-        "this test mounts a file system: run it with scripts/test.sh"
-    );
-    let dir = temp_dir("fulldisk");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a tmpfs on {}", dir.display());
-    let mut h = History::open(&dir, policy(10_000_000)).unwrap();
+/// A tmpfs of `size` (as mount's `size=` option) on a new directory, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(name: &str, size: &str) -> Self {
+        assert!(
+            std::env::var_os("MCCHAT_TEST_NETNS").is_some(),
+            "this test mounts a file system: run it with scripts/test.sh"
+        );
+        let dir = temp_dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs on {}", dir.display());
+        Self(dir)
+    }
+
+    /// Bytes free on it.
+    fn free(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        s.blocks_available() * s.fragment_size()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Stores `rounds` of 1,000 messages of about 1 KB in room1 after `seq`, each round waited
+/// for (a query flushes the writer); returns the last seq.
+async fn store_rounds(h: &mut History, mut seq: u64, rounds: u32) -> u64 {
     let text = "w".repeat(900);
-    let mut seq = 0;
-    let mut full_at = None;
-    // 60,000 messages of about 1 KB: 60 MB for a 24 MiB file system.
-    for round in 0..60 {
+    for _ in 0..rounds {
         for _ in 0..1000 {
             seq += 1;
             assert!(h.store_datagram(&datagram("room1", seq, &format!("{seq} {text}")), now_ms()));
         }
         h.reader().query(query("room2")).await.unwrap();
-        if full_at.is_none() && !dir.join("history.sqlite3.reserve").exists() {
-            full_at = Some(round);
-        }
     }
-    let full_at = full_at.expect("the disk filled and the reserve was used");
-    eprintln!("the disk filled in round {full_at} of 60");
-    // The last round is stored, whole.
+    seq
+}
+
+/// The newest 1,000 messages of room1 are the seqs up to `last`, whole.
+async fn newest_are(h: &History, last: u64) {
     let mut q = query("room1");
     q.limit = Some(1000);
     let got = h.reader().query(q).await.unwrap();
     let seqs: Vec<u64> = got.iter().filter_map(|r| r.seq).collect();
-    assert_eq!(seqs, (seq - 999..=seq).collect::<Vec<_>>());
+    assert_eq!(seqs, (last - 999..=last).collect::<Vec<_>>());
+}
+
+/// Issue 11: on a full disk retention itself failed, so history never freed itself. Now
+/// history never fills its disk: on small file systems of its own (tmpfs in the test
+/// namespace; 12 MiB is too small for the full 8 MiB reserve), 60 MB of messages leave
+/// headroom free, the reserve in place, and the newest messages stored.
+#[tokio::test]
+async fn history_holds_before_its_disk_is_full_and_keeps_the_newest() {
+    for size in ["12m", "24m"] {
+        let disk = SmallDisk::mount(&format!("nearfull{size}"), size);
+        let mut h = History::open(&disk.0, policy(10_000_000)).unwrap();
+        let mut seq = 0;
+        let mut least = u64::MAX;
+        for _ in 0..60 {
+            seq = store_rounds(&mut h, seq, 1).await;
+            least = least.min(disk.free());
+        }
+        let db = file_len(&disk.0.join("history.sqlite3"));
+        eprintln!("{size}: {db} bytes of database, at least {least} bytes free");
+        assert!(disk.0.join("history.sqlite3.reserve").exists(), "{size}");
+        assert!(least > 0, "{size}: the disk filled");
+        assert!(db > 2 << 20, "{size}: {db} bytes of database");
+        newest_are(&h, seq).await;
+        assert!(h.close(LONG));
+    }
+}
+
+/// And when something else fills the disk at once, the reserve gives retention room: the
+/// commit that found the disk full is lost (and counted), the next ones are stored.
+#[tokio::test]
+async fn on_a_disk_filled_by_another_file_history_frees_itself_and_keeps_the_newest() {
+    let disk = SmallDisk::mount("fulldisk", "24m");
+    let mut h = History::open(&disk.0, policy(10_000_000)).unwrap();
+    let seq = store_rounds(&mut h, 0, 4).await;
+    assert!(disk.0.join("history.sqlite3.reserve").exists());
+    // Another file takes every byte left.
+    let filler = std::fs::File::create(disk.0.join("filler")).unwrap();
+    let free = i64::try_from(disk.free()).unwrap();
+    nix::fcntl::posix_fallocate(&filler, 0, free).unwrap();
+    assert_eq!(disk.free(), 0);
+    let seq = store_rounds(&mut h, seq, 3).await;
+    assert!(
+        !disk.0.join("history.sqlite3.reserve").exists(),
+        "the reserve was used"
+    );
+    newest_are(&h, seq).await;
     assert!(h.close(LONG));
-    let _ = std::process::Command::new("umount").arg(&dir).status();
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A transaction ends at its record count or its bytes, whichever comes first, and takes one
+/// datagram at least (one larger than the budget is still stored).
+#[test]
+fn transactions_are_cut_by_records_and_by_bytes() {
+    let mut b = Batch::new();
+    for n in [100, 100, 100, 500, 100] {
+        b.push(&vec![b'x'; n], 0);
+    }
+    assert_eq!(b.end_of(0, 10, 250), 2);
+    assert_eq!(b.end_of(0, 10, 300), 3);
+    assert_eq!(b.end_of(0, 2, 10_000), 2);
+    assert_eq!(b.end_of(2, 10, 250), 3);
+    assert_eq!(b.end_of(3, 10, 250), 4, "one datagram over the budget");
+    assert_eq!(b.end_of(4, 10, 250), 5);
+    assert_eq!(b.end_of(5, 10, 250), 5);
+}
+
+/// The reserve is an eighth of a small disk, 8 MiB from 64 MiB up, 1 MiB at least; the WAL's
+/// checkpoint comes at half of it, and a transaction's records are an eighth of it.
+#[test]
+fn the_disk_budget_scales_with_the_file_system() {
+    use super::space::Budget;
+    let tiny = Budget::for_disk(4 << 20);
+    assert_eq!(tiny.reserve, 1 << 20);
+    assert_eq!(tiny.checkpoint_pages, 128);
+    let small = Budget::for_disk(12 << 20);
+    assert_eq!(small.reserve, 3 << 19);
+    assert_eq!(small.transaction_bytes, 3 << 16);
+    let big = Budget::for_disk(1 << 40);
+    assert_eq!(big.reserve, 8 << 20);
+    assert_eq!(
+        big.checkpoint_pages, 1024,
+        "about SQLite's default of 1,000"
+    );
+    assert_eq!(big.transaction_bytes, 1 << 20);
 }

@@ -13,7 +13,7 @@ use rusqlite::{Connection, Transaction};
 use tokio::sync::oneshot;
 
 use super::priority::Priority;
-use super::retention::{Added, CHUNK, Rows};
+use super::retention::{Added, Rows};
 use super::space::{self, Space};
 use super::*;
 
@@ -285,7 +285,8 @@ impl Writer {
         q.stop
     }
 
-    /// Commits `taken` in transactions of up to [`BATCH`]; returns false if a stop's
+    /// Commits `taken` in transactions of up to [`BATCH`] records and the budget's bytes
+    /// (space.rs says why); returns false if a stop's
     /// deadline passed before all of it was (the rest is given up).
     fn commit_all(&mut self, shared: &Shared, taken: &Batch) -> bool {
         let mut start = 0;
@@ -297,7 +298,7 @@ impl Writer {
             {
                 return false;
             }
-            let end = (start + BATCH).min(taken.len());
+            let end = taken.end_of(start, BATCH, self.space.budget().transaction_bytes);
             self.commit(taken, start..end);
             start = end;
             shared.in_hand.store(taken.len() - start, Ordering::Relaxed);
@@ -335,6 +336,16 @@ impl Writer {
             self.rows.apply(update);
             Ok(())
         })();
+        if result.is_ok()
+            && let Some(cap) = self.space.after_commit(&self.conn)
+        {
+            tracing::warn!(
+                path = %self.path.display(),
+                cap,
+                headroom = self.space.budget().reserve,
+                "the disk is nearly full: history holds at this size, deleting its oldest messages for new ones"
+            );
+        }
         if let Err(error) = result {
             self.failures += 1;
             self.lost += records as u64;
@@ -377,11 +388,13 @@ impl Writer {
     /// the database is held at its size (space.rs says why). The relay is not affected: it
     /// only ever queues.
     fn free_on_full_disk(&mut self) {
-        let had_reserve = self.space.on_full();
+        let freed = self.space.on_full(&self.conn);
         let result = (|| -> rusqlite::Result<u64> {
             self.rows.load(&self.conn)?;
             let tx = self.conn.transaction()?;
-            let update = self.rows.emergency(&tx, 4 * CHUNK)?;
+            // Room for a transaction's pages (an eighth of the reserve in records, about
+            // twice that with the indexes), and as much again.
+            let update = self.rows.emergency(&tx, self.space.budget().reserve / 2)?;
             tx.commit()?;
             Ok(self.rows.apply(update))
         })();
@@ -393,7 +406,8 @@ impl Writer {
                     tracing::warn!(
                         path = %self.path.display(),
                         deleted,
-                        had_reserve,
+                        reserve = freed.reserve,
+                        wal = freed.wal,
                         cap = self.space.cap(u64::MAX),
                         "the disk is full: history deleted its oldest messages and holds at this size"
                     );
@@ -401,7 +415,14 @@ impl Writer {
             }
             Err(error) => {
                 if let Some(suppressed) = self.error_log.check(Instant::now()) {
-                    tracing::error!(path = %self.path.display(), %error, suppressed, "the disk is full and history cannot free space");
+                    tracing::error!(
+                        path = %self.path.display(),
+                        %error,
+                        reserve = freed.reserve,
+                        wal = freed.wal,
+                        suppressed,
+                        "the disk is full and history cannot free space"
+                    );
                 }
             }
         }
