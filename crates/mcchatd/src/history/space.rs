@@ -96,8 +96,8 @@ pub(super) fn is_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
-/// Bytes free for an unprivileged writer on the file system holding `dir`.
-/// and its size.
+/// Bytes free for an unprivileged writer on the file system holding `dir`, and the file
+/// system's size.
 #[allow(
     clippy::useless_conversion,
     reason = "fsblkcnt_t and c_ulong are narrower than u64 on some targets"
@@ -139,7 +139,8 @@ impl Space {
 
     /// At the writer's start: a database made before incremental vacuum is converted (one
     /// `VACUUM`, once; the relay runs meanwhile, and messages that do not fit in the queue
-    /// are counted as dropped), and the reserve is made if the disk has room for it.
+    /// are counted as dropped), the budget is set from the file system's size (and the
+    /// WAL's checkpoint with it), and the reserve is made if the disk has room for it.
     pub(super) fn prepare(&mut self, conn: &Connection, path: &Path) {
         match pragma(conn, "auto_vacuum") {
             Ok(2) => {}
