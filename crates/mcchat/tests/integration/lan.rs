@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{Lan, Pace, Proc, require_netns, unique};
+use crate::util::{Lan, Pace, Proc, WAIT, require_netns, unique};
 
 fn peer(lan: &Lan, host: &str, room: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["join", room, "--name", host];
@@ -457,7 +457,20 @@ fn the_daemon_repairs_for_a_sender_that_cannot() {
     let want: Vec<String> = (1..=N).map(|i| format!("m{i:04}")).collect();
     for rx in [&direct, &via] {
         for w in &want {
-            rx.expect_out(&format!("\"{w}\""));
+            if rx.out_within(&format!("\"{w}\""), WAIT).is_none() {
+                // What the daemon did and what the receiver said, to tell a lost tail from a
+                // refused repair.
+                let status = daemon_status(&lan, "h2", "198.51.100.2");
+                panic!(
+                    "{}: no {w} within {WAIT:?}; daemon's repair cache {}, counters {}; \
+                     receiver's stderr {:?}; daemon's stderr {:?}",
+                    rx.label,
+                    status["repair_cache"],
+                    status["counters"],
+                    rx.stderr_lines(),
+                    d.stderr_lines()
+                );
+            }
         }
         let got = messages_by_sender(rx).remove("h1").unwrap_or_default();
         assert_eq!(got, want, "{}: exactly once, in order", rx.label);
