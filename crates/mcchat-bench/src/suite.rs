@@ -212,6 +212,7 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
         let url = format!("ws://{addr}/ws");
         eprintln!("bench: websocket fan-out of {}", relay.name);
         let (mut rate, mut p50, mut p99, mut share) = (vec![], vec![], vec![], vec![]);
+        let (mut read_p50, mut read_p99) = (vec![], vec![]);
         for _ in 0..runs {
             let sat = crate::ws::fanout(&url, 100, count, None)?;
             rate.push(sat.deliveries_per_s);
@@ -219,6 +220,8 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
             let at = crate::ws::fanout(&url, 100, paced, Some(1000))?;
             p50.push(at.latency_us.value_at_quantile(0.5) as f64);
             p99.push(at.latency_us.value_at_quantile(0.99) as f64);
+            read_p50.push(at.read_latency_us.value_at_quantile(0.5) as f64);
+            read_p99.push(at.read_latency_us.value_at_quantile(0.99) as f64);
         }
         let pid = relay.pid().unwrap_or(0);
         // Deliveries against the offered rate (the plot in docs/PERFORMANCE.md).
@@ -253,11 +256,14 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
                 "delivered_share": summary(share),
                 "latency_1000_per_s_p50_us": summary(p50),
                 "latency_1000_per_s_p99_us": summary(p99),
+                "read_latency_1000_per_s_p50_us": summary(read_p50),
+                "read_latency_1000_per_s_p99_us": summary(read_p99),
                 "idle_memory": memory,
                 "offered_curve": curve,
                 "one_stalled": {
                     "p50_us": slow.latency_us.value_at_quantile(0.5),
                     "p99_us": slow.latency_us.value_at_quantile(0.99),
+                    "read_p99_us": slow.read_latency_us.value_at_quantile(0.99),
                     "delivered_share": slow.delivered as f64 / (slow.sent * 99) as f64,
                     "rss_kib_before": rss_before,
                     "rss_kib_stalled": rss_stuck,

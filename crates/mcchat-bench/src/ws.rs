@@ -3,19 +3,30 @@
 //! (`{"type":"join","payload":{"roomId":..}}`, `{"type":"chat","payload":{"message":..}}`).
 //! Each message carries its send time; receivers read it back from `payload.message`, which
 //! both servers echo.
+//!
+//! Latency is taken twice. From the send to the kernel's arrival stamp on the receiving
+//! socket (SO_TIMESTAMPNS on each read, as the UDP fan-out is measured, load.rs): the
+//! server's own latency, what one browser on its own device sees. And from the send to when
+//! this process has read the frame: that adds the time one process takes to read 100 sockets
+//! one after another, on two cores it shares with the server.
 
+use std::io;
+use std::os::fd::AsRawFd as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<Stamped>;
 
 /// What one fan-out run measured.
 #[derive(Debug)]
@@ -23,7 +34,97 @@ pub(crate) struct Fanout {
     pub(crate) sent: u64,
     pub(crate) delivered: u64,
     pub(crate) deliveries_per_s: f64,
+    /// From the send to the kernel's arrival stamp at the receiver.
     pub(crate) latency_us: Histogram<u64>,
+    /// From the send to when the receiver had read the frame.
+    pub(crate) read_latency_us: Histogram<u64>,
+}
+
+/// A TCP stream whose reads keep the kernel's arrival stamp of what they return (for TCP,
+/// the stamp of the newest segment a read consumed).
+pub(crate) struct Stamped {
+    tcp: TcpStream,
+    /// Wall-clock ns; 0 before the first stamped read.
+    arrived_ns: AtomicU64,
+}
+
+impl Stamped {
+    fn new(tcp: TcpStream) -> Result<Self> {
+        nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+            .context("SO_TIMESTAMPNS")?;
+        Ok(Self {
+            tcp,
+            arrived_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// When the bytes of the last read arrived (wall-clock ns).
+    fn arrived_ns(&self) -> u64 {
+        self.arrived_ns.load(Ordering::Relaxed)
+    }
+}
+
+/// One `recvmsg` into `buf`: the bytes read and the arrival stamp, if the kernel gave one.
+fn recv_stamped(fd: i32, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg =
+        recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(io::Error::from)?;
+    let mut stamp = None;
+    for c in msg.cmsgs().into_iter().flatten() {
+        if let ControlMessageOwned::ScmTimestampns(ts) = c {
+            stamp = Some((ts.tv_sec() as u64).saturating_mul(1_000_000_000) + ts.tv_nsec() as u64);
+        }
+    }
+    Ok((msg.bytes, stamp))
+}
+
+impl AsyncRead for Stamped {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let fd = this.tcp.as_raw_fd();
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match this
+                .tcp
+                .try_io(Interest::READABLE, || recv_stamped(fd, unfilled))
+            {
+                Ok((n, stamp)) => {
+                    if let Some(ns) = stamp {
+                        this.arrived_ns.store(ns, Ordering::Relaxed);
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stamped {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }
 
 const ROOM: &str = "wsbench";
@@ -32,10 +133,25 @@ fn now_ns() -> u64 {
     crate::load::now_ns()
 }
 
-async fn join(url: &str) -> Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+/// A WebSocket connection to `url` over a [`Stamped`] stream.
+async fn connect(url: &str) -> Result<Ws> {
+    let host = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .with_context(|| format!("not a ws:// URL: {url}"))?;
+    let tcp = TcpStream::connect(host)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
+    tcp.set_nodelay(true)?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, Stamped::new(tcp)?, None)
+        .await
+        .with_context(|| format!("no WebSocket handshake with {url}"))?;
+    Ok(ws)
+}
+
+/// A connection that has joined the benchmark's room.
+async fn join(url: &str) -> Result<Ws> {
+    let mut ws = connect(url).await?;
     ws.send(Message::text(format!(
         r#"{{"type":"join","payload":{{"roomId":"{ROOM}"}}}}"#
     )))
@@ -103,6 +219,7 @@ pub(crate) fn fanout_stalled(
             let last_ns = Arc::clone(&last_ns);
             tasks.push(tokio::spawn(async move {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok()?;
+                let mut read = h.clone();
                 let mut got = 0u64;
                 while got < count {
                     let Ok(Some(Ok(m))) =
@@ -114,13 +231,18 @@ pub(crate) fn fanout_stalled(
                         && let Some(at) = sent_at(t.as_str())
                     {
                         let now = now_ns();
-                        let _ = h.record(now.saturating_sub(at) / 1000);
+                        // (No stamp: not counted, and a run with none fails below.)
+                        let arrived = ws.get_ref().arrived_ns();
+                        if arrived > 0 {
+                            let _ = h.record(arrived.saturating_sub(at) / 1000);
+                        }
+                        let _ = read.record(now.saturating_sub(at) / 1000);
                         got += 1;
                         delivered.fetch_add(1, Ordering::Relaxed);
                         last_ns.fetch_max(now, Ordering::Relaxed);
                     }
                 }
-                Some(h)
+                Some((h, read))
             }));
         }
         let sender = join(url).await?;
@@ -142,9 +264,11 @@ pub(crate) fn fanout_stalled(
             tx.send(Message::text(msg)).await?;
         }
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut read_latency = latency.clone();
         for t in tasks {
-            if let Some(h) = t.await? {
+            if let Some((h, read)) = t.await? {
                 latency.add(&h)?;
+                read_latency.add(&read)?;
             }
         }
         drain.abort();
@@ -152,12 +276,20 @@ pub(crate) fn fanout_stalled(
         if delivered == 0 {
             bail!("no deliveries from {url}");
         }
+        if latency.len() < read_latency.len() {
+            bail!(
+                "{} of {} deliveries from {url} had no kernel arrival stamp (SO_TIMESTAMPNS)",
+                read_latency.len() - latency.len(),
+                read_latency.len()
+            );
+        }
         let secs = last_ns.load(Ordering::Relaxed).saturating_sub(first).max(1) as f64 / 1e9;
         let out = Fanout {
             sent: count,
             delivered,
             deliveries_per_s: delivered as f64 / secs,
             latency_us: latency,
+            read_latency_us: read_latency,
         };
         during(&out);
         drop(asleep);
@@ -175,10 +307,7 @@ pub(crate) fn idle(url: &str, n: usize) -> Result<(tokio::runtime::Runtime, Vec<
     let conns = rt.block_on(async {
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
-            let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
-                .await
-                .with_context(|| format!("cannot connect to {url}"))?;
-            v.push(ws);
+            v.push(connect(url).await?);
         }
         // A round trip on the last, so the server has set them all up.
         if let Some(ws) = v.last_mut() {
