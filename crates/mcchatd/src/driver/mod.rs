@@ -590,7 +590,8 @@ impl Driver {
         if !self.records.is_empty()
             && let Some(h) = &mut self.history
         {
-            // One hand-over per wake-up; never blocks (a full queue drops and counts).
+            // One hand-over per wake-up as a rule (records come first in a flush); never
+            // blocks (a full queue drops and counts).
             let queued = self.records.len();
             let stored = h.store_batch(&mut self.records);
             if stored < queued

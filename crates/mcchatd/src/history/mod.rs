@@ -169,7 +169,6 @@ impl Batch {
         self.ends.clear();
     }
 
-    /// Datagram `i`, when it was received, and its row id if it has one.
     /// Where a transaction from `start` ends: at most `records` datagrams, and no more of
     /// them than fit in `bytes` (one at least).
     fn end_of(&self, start: usize, records: usize, bytes: usize) -> usize {
@@ -183,6 +182,7 @@ impl Batch {
         start + over.max(1)
     }
 
+    /// Datagram `i`, when it was received, and its row id if it has one.
     fn get(&self, i: usize) -> (&[u8], u64, Option<u64>) {
         let start = i.checked_sub(1).map_or(0, |p| self.ends[p].0);
         let (end, recv_ms, id) = self.ends[i];
@@ -395,7 +395,8 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
         .map_err(db_err(path))?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(db_err(path))?;
-    // After a checkpoint the WAL file is cut back to this, so a burst cannot leave it large.
+    // After a checkpoint the WAL file is cut back to this, so a burst cannot leave it large
+    // (the writer lowers it to its reserve on a small disk, space.rs).
     conn.pragma_update(None, "journal_size_limit", 8 << 20)
         .map_err(db_err(path))?;
     conn.execute_batch(

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 
 use rusqlite::{Connection, Transaction, params};
 
-use super::space::used_bytes;
+use super::space::{free_bytes, used_bytes};
 use super::{Policy, Retention, to_sql};
 
 /// Rows one rule deletes at most per room in one transaction, beyond what the commit added.
@@ -280,11 +280,13 @@ impl Rows {
     }
 
     /// On a full disk, with the reserve given up: deletes the oldest messages of any room
-    /// until `free` bytes of pages are free for the next inserts (or none are left), in steps
-    /// of [`CHUNK`] / 4 (applied after the commit like the rest).
+    /// until `free` bytes of pages are free for the next inserts, counting those free
+    /// already (so a disk that stays full does not cost more messages at each failure), or
+    /// none are left; in steps of [`CHUNK`] / 4 (applied after the commit like the rest).
     pub(super) fn emergency(&self, tx: &Transaction<'_>, free: u64) -> rusqlite::Result<Update> {
         let mut update = Update::default();
-        let target = used_bytes(tx)?.saturating_sub(free);
+        let wanted = free.saturating_sub(free_bytes(tx)?);
+        let target = used_bytes(tx)?.saturating_sub(wanted);
         loop {
             let before = update.deleted;
             self.trim_bytes(tx, target, CHUNK / 4, &mut update)?;

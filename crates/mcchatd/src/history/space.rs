@@ -68,7 +68,7 @@ pub(super) struct Space {
     /// The database's WAL file, cut back when the disk is full.
     wal: PathBuf,
     budget: Budget,
-    /// While the disk is full: the bytes in use when it filled, held instead of the
+    /// While the disk is full or nearly: the bytes in use then, held instead of the
     /// configured cap (when lower).
     full_cap: Option<u64>,
     /// Free pages were left after the last step of giving them back.
@@ -89,6 +89,11 @@ pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
         pragma(conn, "page_size")?,
     );
     Ok(pages.saturating_sub(free).saturating_mul(size))
+}
+
+/// Bytes the database's free pages take: room for inserts without growing the file.
+pub(super) fn free_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    Ok(pragma(conn, "freelist_count")?.saturating_mul(pragma(conn, "page_size")?))
 }
 
 /// Whether `e` says the disk (or the file system's quota) is full.
@@ -168,8 +173,14 @@ impl Space {
             self.budget = Budget::for_disk(total);
         }
         let pages = i64::try_from(self.budget.checkpoint_pages).unwrap_or(1000);
-        if let Err(error) = conn.pragma_update(None, "wal_autocheckpoint", pages) {
-            tracing::warn!(path = %path.display(), %error, "cannot set the WAL's checkpoint");
+        let limit = i64::try_from(self.budget.reserve).unwrap_or(8 << 20);
+        // The WAL is cut back to the reserve after a checkpoint, so that one that grew while
+        // readers held it off does not stay larger than the reserve can pay for.
+        let set = conn
+            .pragma_update(None, "wal_autocheckpoint", pages)
+            .and_then(|()| conn.pragma_update(None, "journal_size_limit", limit));
+        if let Err(error) = set {
+            tracing::warn!(path = %path.display(), %error, "cannot set the WAL's checkpoint and limit");
         }
         self.make_reserve();
     }
@@ -222,7 +233,7 @@ impl Space {
         self.reserve.parent().unwrap_or(Path::new("."))
     }
 
-    /// The cap in force: the configured one, or lower while the disk is full.
+    /// The cap in force: the configured one, or lower while the disk is full or nearly.
     pub(super) fn cap(&self, configured: u64) -> u64 {
         self.full_cap.map_or(configured, |c| c.min(configured))
     }
@@ -255,10 +266,11 @@ impl Space {
         }
     }
 
-    /// Holds the database at the bytes it uses now (after the emergency deletes).
+    /// Holds the database at the bytes it uses now (after the emergency deletes), or lower if
+    /// it is held lower already.
     pub(super) fn hold(&mut self, conn: &Connection) {
         if let Ok(used) = used_bytes(conn) {
-            self.full_cap = Some(used);
+            self.full_cap = Some(self.full_cap.map_or(used, |held| held.min(used)));
         }
     }
 
@@ -268,9 +280,10 @@ impl Space {
     }
 
     /// After a retention pass: gives back up to [`VACUUM_STEP`] free pages while there are
-    /// more than [`VACUUM_AT`] (not while the disk is full: then they are kept for the next
-    /// inserts), and once the disk has room again, makes the reserve and lifts the hold.
-    /// Returns the bytes given back.
+    /// more than [`VACUUM_AT`], and once the disk has room again, makes the reserve and lifts
+    /// the hold. Returns the bytes given back. (Also while held: the [`VACUUM_AT`] pages kept,
+    /// 4 MiB, are more than the next commits need, and a cap lowered below the hold is given
+    /// back to the disk.)
     pub(super) fn after_pass(&mut self, conn: &Connection) -> rusqlite::Result<u64> {
         if self.full_cap.is_some()
             && self.make_reserve()
@@ -280,9 +293,6 @@ impl Space {
             tracing::info!("the disk has room again: history's cap is history_max_bytes again");
         }
         self.vacuum_left = false;
-        if self.full_cap.is_some() {
-            return Ok(0);
-        }
         let free = pragma(conn, "freelist_count")?;
         if free <= VACUUM_AT {
             return Ok(0);
