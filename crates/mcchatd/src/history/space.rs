@@ -29,7 +29,7 @@ use rusqlite::Connection;
 pub(super) const RESERVE_MAX: u64 = 8 << 20;
 /// The reserve at least (a file system under 8 MiB).
 pub(super) const RESERVE_MIN: u64 = 1 << 20;
-/// SQLite's page size (its default; history does not change it).
+/// SQLite's default page size, taken until the database's own is read.
 const PAGE: u64 = 4096;
 
 /// What history plans for on its file system (the module documentation says why).
@@ -44,12 +44,12 @@ pub(super) struct Budget {
 }
 
 impl Budget {
-    /// The budget on a file system of `total` bytes.
-    pub(super) fn for_disk(total: u64) -> Self {
+    /// The budget on a file system of `total` bytes, for a database of `page`-byte pages.
+    pub(super) fn for_disk(total: u64, page: u64) -> Self {
         let reserve = (total / 8).clamp(RESERVE_MIN, RESERVE_MAX);
         Self {
             reserve,
-            checkpoint_pages: (reserve / 2 / PAGE).max(16),
+            checkpoint_pages: (reserve / 2 / page.max(512)).max(16),
             transaction_bytes: usize::try_from(reserve / 8).unwrap_or(usize::MAX),
         }
     }
@@ -136,7 +136,7 @@ impl Space {
         Self {
             reserve: beside(".reserve"),
             wal: beside("-wal"),
-            budget: Budget::for_disk(u64::MAX),
+            budget: Budget::for_disk(u64::MAX, PAGE),
             full_cap: None,
             vacuum_left: false,
         }
@@ -170,7 +170,8 @@ impl Space {
             Err(error) => tracing::warn!(path = %path.display(), %error, "cannot read auto_vacuum"),
         }
         if let Some((_, total)) = available(self.dir()) {
-            self.budget = Budget::for_disk(total);
+            let page = pragma(conn, "page_size").unwrap_or(PAGE);
+            self.budget = Budget::for_disk(total, page);
         }
         let pages = i64::try_from(self.budget.checkpoint_pages).unwrap_or(1000);
         let limit = i64::try_from(self.budget.reserve).unwrap_or(8 << 20);

@@ -722,17 +722,19 @@ fn transactions_are_cut_by_records_and_by_bytes() {
 #[test]
 fn the_disk_budget_scales_with_the_file_system() {
     use super::space::Budget;
-    let tiny = Budget::for_disk(4 << 20);
+    let tiny = Budget::for_disk(4 << 20, 4096);
     assert_eq!(tiny.reserve, 1 << 20);
     assert_eq!(tiny.checkpoint_pages, 128);
-    let small = Budget::for_disk(12 << 20);
+    let small = Budget::for_disk(12 << 20, 4096);
     assert_eq!(small.reserve, 3 << 19);
     assert_eq!(small.transaction_bytes, 3 << 16);
-    let big = Budget::for_disk(1 << 40);
+    let big = Budget::for_disk(1 << 40, 4096);
     assert_eq!(big.reserve, 8 << 20);
     assert_eq!(
         big.checkpoint_pages, 1024,
         "about SQLite's default of 1,000"
     );
     assert_eq!(big.transaction_bytes, 1 << 20);
+    // The checkpoint is counted in the database's own pages.
+    assert_eq!(Budget::for_disk(1 << 40, 16384).checkpoint_pages, 256);
 }
