@@ -45,22 +45,19 @@ pub(crate) struct Fanout {
 pub(crate) struct Stamped {
     tcp: TcpStream,
     /// Wall-clock ns; 0 before the first stamped read.
-    arrived_ns: AtomicU64,
+    arrived_ns: u64,
 }
 
 impl Stamped {
     fn new(tcp: TcpStream) -> Result<Self> {
         nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
             .context("SO_TIMESTAMPNS")?;
-        Ok(Self {
-            tcp,
-            arrived_ns: AtomicU64::new(0),
-        })
+        Ok(Self { tcp, arrived_ns: 0 })
     }
 
     /// When the bytes of the last read arrived (wall-clock ns).
     fn arrived_ns(&self) -> u64 {
-        self.arrived_ns.load(Ordering::Relaxed)
+        self.arrived_ns
     }
 }
 
@@ -97,7 +94,7 @@ impl AsyncRead for Stamped {
             {
                 Ok((n, stamp)) => {
                     if let Some(ns) = stamp {
-                        this.arrived_ns.store(ns, Ordering::Relaxed);
+                        this.arrived_ns = ns;
                     }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));

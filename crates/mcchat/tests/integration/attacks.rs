@@ -902,13 +902,10 @@ fn row_12_a_full_disk_costs_history_a_little_and_the_relay_nothing() {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     let s = site.status();
-    let kept = |room| {
-        history_doc(&site, room, 10_000)["messages"]
-            .as_array()
-            .unwrap()
-            .len()
-    };
-    let room1 = kept("room1");
+    let room1 = history_doc(&site, "room1", 10_000)["messages"]
+        .as_array()
+        .unwrap()
+        .len();
     eprintln!(
         "{} warnings and errors logged: {troubles:#?}; history {}; kept {room1}; \
          file and WAL {:?}",

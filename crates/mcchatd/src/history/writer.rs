@@ -336,33 +336,35 @@ impl Writer {
             self.rows.apply(update);
             Ok(())
         })();
-        if result.is_ok()
-            && let Some(cap) = self.space.after_commit(&self.conn)
-        {
-            tracing::warn!(
-                path = %self.path.display(),
-                cap,
-                headroom = self.space.budget().reserve,
-                "the disk is nearly full: history holds at this size, deleting its oldest messages for new ones"
-            );
-        }
-        if let Err(error) = result {
-            self.failures += 1;
-            self.lost += records as u64;
-            if space::is_full(&error) {
-                self.free_on_full_disk();
+        match result {
+            Ok(()) => {
+                if let Some(cap) = self.space.after_commit(&self.conn) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        cap,
+                        headroom = self.space.budget().reserve,
+                        "the disk is nearly full: history holds at this size, deleting its oldest messages for new ones"
+                    );
+                }
             }
-            // A full disk fails every commit: one line a minute, with what it cost since.
-            if let Some(suppressed) = self.error_log.check(Instant::now()) {
-                tracing::error!(
-                    path = %self.path.display(),
-                    %error,
-                    records = self.lost,
-                    failures = self.failures,
-                    suppressed,
-                    "cannot write history; these messages are not stored"
-                );
-                self.lost = 0;
+            Err(error) => {
+                self.failures += 1;
+                self.lost += records as u64;
+                if space::is_full(&error) {
+                    self.free_on_full_disk();
+                }
+                // A full disk fails every commit: one line a minute, with what it cost since.
+                if let Some(suppressed) = self.error_log.check(Instant::now()) {
+                    tracing::error!(
+                        path = %self.path.display(),
+                        %error,
+                        records = self.lost,
+                        failures = self.failures,
+                        suppressed,
+                        "cannot write history; these messages are not stored"
+                    );
+                    self.lost = 0;
+                }
             }
         }
     }
