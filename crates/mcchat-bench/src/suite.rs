@@ -435,6 +435,28 @@ pub(crate) fn proc_stat(pid: u32) -> Option<(f64, u64)> {
     Some((ticks / 100.0, rss_kib))
 }
 
+/// CPU seconds (user + system) of each thread of `pid`, by thread name (threads of one
+/// name summed): where a relay's CPU goes.
+fn thread_cpu(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else {
+            continue;
+        };
+        let name = head.get(open + 1..).unwrap_or("?").to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *by_name.entry(name).or_default() += (ticks(11) + ticks(12)) / 100.0;
+    }
+    by_name
+}
+
 /// The bench's rooms file: mcchatd's per-source rates out of the way of one sender's 40,000
 /// datagrams a second (its cookie proves its address; unproven sources keep their default
 /// budget), and its per-source cap out of the way of 10,000 subscribers on this one host
@@ -482,7 +504,13 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     let mut latency = BTreeMap::new();
     let mut cpu = BTreeMap::new();
     let mut load_cpu = BTreeMap::new();
+    // MCBENCH_ONLY=cpu: the CPU trials alone, each relay's threads apart (while working on
+    // them).
+    let cpu_only = std::env::var("MCBENCH_ONLY").as_deref() == Ok("cpu");
     for name in ["kernel", "mcchatd", "mcchatd_no_history", "node"] {
+        if cpu_only && name == "kernel" {
+            continue;
+        }
         let relay = match name {
             "kernel" => Some(kernel()),
             "mcchatd" => Some(mcchatd(opts, &rooms, true)?),
@@ -498,13 +526,17 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         };
         eprintln!("bench: throughput of {}", relay.name);
         let mut v = Vec::new();
-        for _ in 0..runs {
+        for _ in 0..if cpu_only { 0 } else { runs } {
             v.push(max_rate(&relay, secs, steps)?);
         }
         throughput.insert(name, summary(v));
         // 2. Latency at fixed rates.
         let mut by_rate = BTreeMap::new();
-        for rate in [10_000u64, 50_000] {
+        for rate in if cpu_only {
+            vec![]
+        } else {
+            vec![10_000u64, 50_000]
+        } {
             let (mut p50, mut p99, mut p999, mut loss) = (vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
                 let (_, l, got) = trial(&relay, rate, secs)?;
@@ -524,14 +556,33 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         // any relay adds to.
         let me = std::process::id();
         let (mut v, mut l) = (Vec::new(), Vec::new());
+        let trial_secs = if cpu_only { 5.0 } else { secs.max(0.5) };
         for _ in 0..runs {
             let before = relay.pid().and_then(proc_stat).map_or(0.0, |s| s.0);
+            let threads_before = relay.pid().map(thread_cpu).unwrap_or_default();
             let load_before = proc_stat(me).map_or(0.0, |s| s.0);
-            let (_, _, got) = trial(&relay, 40_000, secs.max(0.5))?;
+            let (_, _, got) = trial(&relay, 40_000, trial_secs)?;
             let after = relay.pid().and_then(proc_stat).map_or(0.0, |s| s.0);
+            let threads_after = relay.pid().map(thread_cpu).unwrap_or_default();
             let load_after = proc_stat(me).map_or(0.0, |s| s.0);
-            v.push((after - before) / got.count.max(1) as f64 * 1e6);
-            l.push((load_after - load_before) / got.count.max(1) as f64 * 1e6);
+            let per_million = |s: f64| s / got.count.max(1) as f64 * 1e6;
+            v.push(per_million(after - before));
+            l.push(per_million(load_after - load_before));
+            if cpu_only || std::env::var_os("MCBENCH_TRACE").is_some() {
+                let split: Vec<String> = threads_after
+                    .iter()
+                    .map(|(thread, t)| {
+                        let t0 = threads_before.get(thread).copied().unwrap_or(0.0);
+                        format!("{thread} {:.2}", per_million(t - t0))
+                    })
+                    .collect();
+                eprintln!(
+                    "bench: {} CPU s per million at 40,000 msg/s: {:.2} ({})",
+                    relay.name,
+                    per_million(after - before),
+                    split.join(", ")
+                );
+            }
         }
         if relay.pid().is_some() {
             cpu.insert(name, summary(v));
@@ -543,7 +594,7 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     results.insert("cpu_s_per_million".into(), json!(cpu));
     results.insert("load_cpu_s_per_million".into(), json!(load_cpu));
     // MCBENCH_ONLY=relay: throughput, latency and CPU alone (while working on them).
-    if std::env::var("MCBENCH_ONLY").as_deref() == Ok("relay") {
+    if cpu_only || std::env::var("MCBENCH_ONLY").as_deref() == Ok("relay") {
         return Ok(json!(results));
     }
 
