@@ -34,11 +34,12 @@ fn datagram(seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-fn policy() -> Policy {
+/// Retention that keeps `count` messages a room.
+fn policy(count: u64) -> Policy {
     Policy {
         rooms: HashMap::new(),
         default: Retention {
-            count: 100_000_000,
+            count,
             age: Duration::from_secs(30 * 24 * 3600),
         },
         max_bytes: 1 << 40,
@@ -80,16 +81,17 @@ enum HandOver {
 
 /// Prints CPU per record, relay side and writer side, for `rounds` of `round` records, each
 /// handed over `every` apart in slices of `slice` (a stream at `slice / every` per second),
-/// then flushed.
+/// then flushed; the room keeps `count` (beyond it, each message stored deletes one).
 fn cpu(
     rt: &tokio::runtime::Runtime,
     name: &str,
     how: HandOver,
     (round, rounds): (usize, usize),
     (slice, every): (usize, Duration),
+    count: u64,
 ) {
     let dir = temp_dir("cpu");
-    let mut history = History::open(&dir, policy()).unwrap();
+    let mut history = History::open(&dir, policy(count)).unwrap();
     let reader = history.reader();
     let total_n = round * rounds;
     let data: Vec<Vec<u8>> = (1..=u64::try_from(total_n).unwrap())
@@ -153,14 +155,39 @@ fn write(c: &mut Criterion) {
         .unwrap();
     // As fast as it goes: 20 rounds of 10,000 at once.
     let burst = (10_000, Duration::ZERO);
-    cpu(&rt, "burst", HandOver::Each, (10_000, 20), burst);
-    cpu(&rt, "burst_batch", HandOver::Batch, (10_000, 20), burst);
+    let all = 100_000_000;
+    cpu(&rt, "burst", HandOver::Each, (10_000, 20), burst, all);
+    cpu(
+        &rt,
+        "burst_batch",
+        HandOver::Batch,
+        (10_000, 20),
+        burst,
+        all,
+    );
     // A stream of 10,000 a second (10 each millisecond) for two seconds: small commits.
     let stream = (10, Duration::from_millis(1));
-    cpu(&rt, "10k_per_s", HandOver::Each, (10_000, 2), stream);
-    cpu(&rt, "10k_per_s_batch", HandOver::Batch, (10_000, 2), stream);
+    cpu(&rt, "10k_per_s", HandOver::Each, (10_000, 2), stream, all);
+    cpu(
+        &rt,
+        "10k_per_s_batch",
+        HandOver::Batch,
+        (10_000, 2),
+        stream,
+        all,
+    );
+    // The same stream into a room at its count (10,000): each message stored deletes the
+    // oldest, as in a busy room of a daemon that has run a while.
+    cpu(
+        &rt,
+        "10k_per_s_at_count",
+        HandOver::Batch,
+        (10_000, 3),
+        stream,
+        10_000,
+    );
     let dir = temp_dir("write");
-    let mut history = History::open(&dir, policy()).unwrap();
+    let mut history = History::open(&dir, policy(100_000_000)).unwrap();
     let reader = history.reader();
     let mut seq = 0u64;
     let mut group = c.benchmark_group("history");
