@@ -4,7 +4,7 @@
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick   a smoke pass of a few seconds (CI runs it so the benchmarks cannot rot)
-#   MCBENCH_ONLY=relay|cpu|websocket|sites   one part alone (relay: throughput, latency and CPU
+#   MCBENCH_ONLY=relay|cpu|fanout|websocket|sites   one part alone (relay: throughput, latency and CPU
 #             of mcchatd, node-relay.js and the kernel path; cpu: the CPU trials alone, 5 s
 #             each, with each thread's share), while working on it
 #

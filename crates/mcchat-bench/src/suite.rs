@@ -507,7 +507,14 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     // MCBENCH_ONLY=cpu: the CPU trials alone, each relay's threads apart (while working on
     // them).
     let cpu_only = std::env::var("MCBENCH_ONLY").as_deref() == Ok("cpu");
-    for name in ["kernel", "mcchatd", "mcchatd_no_history", "node"] {
+    // MCBENCH_ONLY=fanout: the fan-out and memory part alone.
+    let fanout_only = std::env::var("MCBENCH_ONLY").as_deref() == Ok("fanout");
+    let relays: &[&str] = if fanout_only {
+        &[]
+    } else {
+        &["kernel", "mcchatd", "mcchatd_no_history", "node"]
+    };
+    for &name in relays {
         if cpu_only && name == "kernel" {
             continue;
         }
@@ -643,6 +650,10 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         drop(relay);
     }
     results.insert("fanout".into(), json!(fanout));
+    if fanout_only {
+        results.insert("memory".into(), json!(memory));
+        return Ok(json!(results));
+    }
 
     // 6. Loss repair end to end: repair latency and bytes on the wire at 0% and 10% loss.
     let (count, rate) = if opts.quick { (200, 200) } else { (2000, 200) };
