@@ -90,11 +90,11 @@ fn fan_out(c: &mut Criterion) {
         });
     });
     for (name, src) in [("send_many_1000_src", src), ("send_many_1000_nosrc", None)] {
+        let items: Vec<_> = dests.iter().map(|d| (*d, src)).collect();
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 timed(iters, &receivers, || {
-                    let report =
-                        rt.block_on(port.send_many(dests.iter().map(|d| (*d, src)), &data));
+                    let report = rt.block_on(port.send_many(&items, &data));
                     assert_eq!(report.sent, RECEIVERS, "{:?}", report.first_error);
                 })
             });

@@ -637,7 +637,7 @@ impl Driver {
             self.hub.send_failed(dests.len() as u64);
             return;
         };
-        let report = sock.send_many(dests.iter().copied(), data).await;
+        let report = sock.send_many(dests, data).await;
         if report.failed > 0 {
             self.hub.send_failed(report.failed as u64);
             if let Some((to, error)) = &report.first_error

@@ -4,7 +4,10 @@
 //! - [`udp`]: the relay's UDP sockets, with batched receives, the local address each datagram
 //!   was sent to, and replies sent from that address (quinn-udp underneath). Public only for
 //!   its benchmark (`benches/udp_port.rs`).
+//! - `fanout`: the relay socket's second sender, a thread that sends half of each fan-out to
+//!   256 or more subscribers.
 //! - `group`: one task per joined group, cancellable in its receives and sends.
 
+pub(crate) mod fanout;
 pub(crate) mod group;
 pub mod udp;

@@ -33,7 +33,9 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context as _;
 use nix::sys::socket::{setsockopt, sockopt};
@@ -43,6 +45,8 @@ use tokio::net::UdpSocket;
 
 use mcchat_core::socket::{self, MulticastConfig, canonical};
 use mcchat_core::wire::MAX_DATAGRAM;
+
+use super::fanout::{FanOut, SPLIT_AT};
 
 /// How many datagrams one receive reads at most: quinn-udp's `recvmmsg` batch.
 pub const BATCH: usize = quinn_udp::BATCH_SIZE;
@@ -183,10 +187,19 @@ pub struct SendReport {
 }
 
 impl SendReport {
-    fn fail(&mut self, to: SocketAddr, e: io::Error) {
+    pub(super) fn fail(&mut self, to: SocketAddr, e: io::Error) {
         self.failed += 1;
         if self.first_error.is_none() {
             self.first_error = Some((to, e));
+        }
+    }
+
+    /// Adds what another sender of the same fan-out did.
+    fn merge(&mut self, other: Self) {
+        self.sent += other.sent;
+        self.failed += other.failed;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
         }
     }
 }
@@ -196,11 +209,15 @@ impl SendReport {
 #[derive(Debug)]
 pub struct RelaySocket {
     io: UdpSocket,
-    state: UdpSocketState,
+    /// Shared with the fan-out thread (quinn-udp's sends take `&self`).
+    state: Arc<UdpSocketState>,
     /// The bound address (port 0 resolved).
     addr: SocketAddr,
     /// ICMP errors skipped on receive.
     icmp_errors: AtomicU64,
+    /// The second sender for large fan-outs, started by the first (fanout.rs); `None` if it
+    /// could not be started, and every fan-out is then sent from here.
+    fanout: OnceLock<Option<FanOut>>,
 }
 
 impl RelaySocket {
@@ -230,9 +247,10 @@ impl RelaySocket {
             .with_context(|| format!("failed to read the bound address of {addr}"))?;
         Ok(Self {
             io,
-            state,
+            state: Arc::new(state),
             addr,
             icmp_errors: AtomicU64::new(0),
+            fanout: OnceLock::new(),
         })
     }
 
@@ -310,19 +328,66 @@ impl RelaySocket {
     }
 
     /// Sends `data` to each `(to, src)` of `items` (fan-out: one datagram, many subscribers,
-    /// each with its own source as in [`send`](Self::send)). One system call each, in a tight
-    /// loop that awaits only when the send buffer is full, and hands the runtime a turn every
-    /// [`BATCH`] datagrams (tokio's cooperative budget) so a large fan-out does not starve
-    /// other tasks. A failure is counted and the rest still go out.
+    /// each with its own source as in [`send`](Self::send)). From [`SPLIT_AT`] destinations
+    /// on, a second thread sends the second half at the same time (fanout.rs); this returns
+    /// when both halves are sent. A failure is counted and the rest still go out.
     ///
     /// Not `sendmmsg(2)`: quinn-udp has none, and nix 0.31's cannot say safely how many were
     /// sent; on loopback it would save about a quarter of the cost (benches/udp_port.rs).
-    pub async fn send_many<I>(&self, items: I, data: &[u8]) -> SendReport
-    where
-        I: IntoIterator<Item = (SocketAddr, Option<IpAddr>)>,
-    {
+    pub async fn send_many(
+        &self,
+        items: &[(SocketAddr, Option<IpAddr>)],
+        data: &[u8],
+    ) -> SendReport {
+        let half = items.len() / 2;
+        if items.len() >= SPLIT_AT
+            && let Some(answer) = self.fanout().and_then(|f| f.submit(&items[half..], data))
+        {
+            let mut report = self.send_each(&items[..half], data).await;
+            match answer.await {
+                Ok(theirs) => report.merge(theirs),
+                // The thread ended inside the job (it panicked): its half counts as failed.
+                Err(_) => report.failed += items.len() - half,
+            }
+            return report;
+        }
+        self.send_each(items, data).await
+    }
+
+    /// Datagrams the fan-out thread has sent (0 before the first large fan-out).
+    pub fn fanout_sent(&self) -> u64 {
+        self.fanout
+            .get()
+            .and_then(Option::as_ref)
+            .map_or(0, FanOut::sent)
+    }
+
+    /// The fan-out thread, started on first use.
+    fn fanout(&self) -> Option<&FanOut> {
+        self.fanout
+            .get_or_init(|| {
+                let started = self
+                    .io
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .and_then(|fd| FanOut::start(fd.into(), self.addr, Arc::clone(&self.state)));
+                match started {
+                    Ok(f) => Some(f),
+                    Err(error) => {
+                        tracing::warn!(%error, addr = %self.addr, "cannot start the fan-out thread; sending every fan-out from the relay loop");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// One system call per destination, in a tight loop that awaits only when the send
+    /// buffer is full, and hands the runtime a turn every [`BATCH`] datagrams (tokio's
+    /// cooperative budget) so a large fan-out does not starve other tasks.
+    async fn send_each(&self, items: &[(SocketAddr, Option<IpAddr>)], data: &[u8]) -> SendReport {
         let mut report = SendReport::default();
-        for (i, (to, src)) in items.into_iter().enumerate() {
+        for (i, &(to, src)) in items.iter().enumerate() {
             if i % BATCH == BATCH - 1 {
                 tokio::task::consume_budget().await;
             }
@@ -370,39 +435,48 @@ impl RelaySocket {
         socket::set_multicast_ttl(&self.io, self.addr.is_ipv6(), ttl)
     }
 
-    /// A datagram for quinn-udp, once `to` and `src` are known to fit this socket's family
-    /// (an IPv6-only socket cannot send to IPv4, and a mismatch would make the kernel answer
-    /// `EINVAL`, which quinn-udp takes as a sign of an old kernel).
+    /// A datagram for quinn-udp from this socket ([`transmit`]).
     fn transmit<'a>(
         &self,
         to: SocketAddr,
         src: Option<IpAddr>,
         data: &'a [u8],
     ) -> io::Result<Transmit<'a>> {
-        let to = canonical(to);
-        let src = src.map(|ip| ip.to_canonical());
-        let v4 = self.addr.is_ipv4();
-        if to.is_ipv4() != v4 || src.is_some_and(|ip| ip.is_ipv4() != v4) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "cannot send to {to}{} on the relay socket {}: wrong address family",
-                    src.map(|s| format!(" from {s}")).unwrap_or_default(),
-                    self.addr
-                ),
-            ));
-        }
-        // Bound to one address, the socket sends from it whatever `IP_PKTINFO` says: the
-        // control message would only cost (the plain `sendto` of `try_send`).
-        let src = src.filter(|_| self.addr.ip().is_unspecified());
-        Ok(Transmit {
-            destination: to,
-            ecn: None,
-            contents: data,
-            segment_size: None,
-            src_ip: src,
-        })
+        transmit(self.addr, to, src, data)
     }
+}
+
+/// A datagram for quinn-udp from a socket bound to `bound`, once `to` and `src` are known to
+/// fit its family (an IPv6-only socket cannot send to IPv4, and a mismatch would make the
+/// kernel answer `EINVAL`, which quinn-udp takes as a sign of an old kernel).
+pub(super) fn transmit(
+    bound: SocketAddr,
+    to: SocketAddr,
+    src: Option<IpAddr>,
+    data: &[u8],
+) -> io::Result<Transmit<'_>> {
+    let to = canonical(to);
+    let src = src.map(|ip| ip.to_canonical());
+    let v4 = bound.is_ipv4();
+    if to.is_ipv4() != v4 || src.is_some_and(|ip| ip.is_ipv4() != v4) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "cannot send to {to}{} on the relay socket {bound}: wrong address family",
+                src.map(|s| format!(" from {s}")).unwrap_or_default(),
+            ),
+        ));
+    }
+    // Bound to one address, the socket sends from it whatever `IP_PKTINFO` says: the
+    // control message would only cost (the plain `sendto` of `try_send`).
+    let src = src.filter(|_| bound.ip().is_unspecified());
+    Ok(Transmit {
+        destination: to,
+        ecn: None,
+        contents: data,
+        segment_size: None,
+        src_ip: src,
+    })
 }
 
 #[cfg(test)]
@@ -739,7 +813,7 @@ mod tests {
             .enumerate()
             .map(|(i, r)| (r.local_addr().unwrap(), src.filter(|_| i % 2 == 0)))
             .collect();
-        let report = port.send_many(items, b"fan-out").await;
+        let report = port.send_many(&items, b"fan-out").await;
         assert_eq!(
             (report.sent, report.failed),
             (50, 0),
@@ -755,8 +829,71 @@ mod tests {
 
         let wrong = SocketAddr::from((Ipv6Addr::LOCALHOST, 9));
         let to = receivers[0].local_addr().unwrap();
-        let report = port.send_many([(wrong, None), (to, None)], b"x").await;
+        let report = port.send_many(&[(wrong, None), (to, None)], b"x").await;
         assert_eq!((report.sent, report.failed), (1, 1));
+        let (at, e) = report.first_error.unwrap();
+        assert_eq!((at, e.kind()), (wrong, io::ErrorKind::InvalidInput));
+    }
+
+    /// From `SPLIT_AT` destinations on, a fan-out is shared with the second thread: each
+    /// destination gets each datagram once and in order, the thread sends the second half,
+    /// and a failure in its half is counted. Below it, the loop sends alone.
+    #[tokio::test]
+    async fn a_large_fan_out_is_split_between_two_senders_and_reaches_each_once_in_order() {
+        require_netns();
+        let port = open("0.0.0.0:0");
+        let n = 2 * SPLIT_AT + 1;
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            receivers.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        // Half with a source address (IP_PKTINFO through quinn-udp), half without.
+        let src = Some(IpAddr::from([127, 0, 0, 1]));
+        let items: Vec<_> = receivers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.local_addr().unwrap(), src.filter(|_| i % 2 == 0)))
+            .collect();
+        for data in [b"one", b"two", b"six"] {
+            let report = port.send_many(&items, data).await;
+            assert_eq!(
+                (report.sent, report.failed),
+                (n, 0),
+                "{:?}",
+                report.first_error
+            );
+        }
+        assert_eq!(port.fanout_sent(), 3 * (n - n / 2) as u64);
+        let mut buf = [0u8; 64];
+        for r in &receivers {
+            for want in [b"one", b"two", b"six"] {
+                let (len, from) = within("fan-out", r.recv_from(&mut buf)).await.unwrap();
+                assert_eq!(&buf[..len], want);
+                assert_eq!(from.port(), port.local_addr().port());
+            }
+            let extra = r.try_recv_from(&mut buf);
+            assert!(
+                extra
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
+                "a datagram twice: {extra:?}"
+            );
+        }
+
+        let before = port.fanout_sent();
+        let report = port.send_many(&items[..SPLIT_AT - 1], b"small").await;
+        assert_eq!((report.sent, report.failed), (SPLIT_AT - 1, 0));
+        assert_eq!(
+            port.fanout_sent(),
+            before,
+            "a small fan-out went to the thread"
+        );
+
+        let wrong = SocketAddr::from((Ipv6Addr::LOCALHOST, 9));
+        let mut some: Vec<_> = items[..SPLIT_AT].to_vec();
+        some.push((wrong, None));
+        let report = port.send_many(&some, b"x").await;
+        assert_eq!((report.sent, report.failed), (SPLIT_AT, 1));
         let (at, e) = report.first_error.unwrap();
         assert_eq!((at, e.kind()), (wrong, io::ErrorKind::InvalidInput));
     }
