@@ -361,6 +361,24 @@ fn table(r: &Value) -> String {
                 ratio(k("mcchatd"), k("node")),
             );
         }
+        let storm = &w["reconnect_storm"];
+        if storm.is_object() {
+            let n = |key: &str| storm[key].as_f64();
+            for (label, value) in [
+                (
+                    format!(
+                        "  reconnect storm ({} clients): ms until all are back",
+                        storm["clients"]
+                    ),
+                    n("rejoin_ms"),
+                ),
+                ("  ... messages shown twice".into(), n("duplicates")),
+                ("  ... messages never shown".into(), n("missing")),
+                ("  ... messages reported lost".into(), n("reported_lost")),
+            ] {
+                let _ = writeln!(o, "{label:<44} {:>22}", fmt(value));
+            }
+        }
     }
     let st = &r["sites"];
     if st["latency_1000_per_s"].is_object() {
@@ -452,4 +470,35 @@ fn table(r: &Value) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The WebSocket part of the table shows the reconnect storm's figures when they are there.
+    #[test]
+    fn the_table_shows_the_reconnect_storm() {
+        let r = serde_json::json!({"websocket": {
+            "mcchatd": {"idle_memory": {}},
+            "node": {},
+            "reconnect_storm": {"clients": 1000, "rejoin_ms": 1771.8, "duplicates": 0,
+                                "missing": 0, "reported_lost": 0}
+        }});
+        let t = table(&r);
+        assert!(
+            t.contains("reconnect storm (1000 clients): ms until all are back"),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.contains("until all are back") && l.ends_with("1772")),
+            "{t}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.contains("shown twice") && l.ends_with("0.00")),
+            "{t}"
+        );
+    }
 }
