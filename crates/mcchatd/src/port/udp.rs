@@ -798,21 +798,28 @@ mod tests {
         assert_eq!(port.icmp_errors_skipped(), 1);
     }
 
+    /// `n` loopback receivers, and the fan-out list for them: every other one with a source
+    /// address (`IP_PKTINFO` through quinn-udp), the rest without.
+    async fn fan_out_receivers(n: usize) -> (Vec<UdpSocket>, Vec<(SocketAddr, Option<IpAddr>)>) {
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            receivers.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        let src = Some(IpAddr::from([127, 0, 0, 1]));
+        let items = receivers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.local_addr().unwrap(), src.filter(|_| i % 2 == 0)))
+            .collect();
+        (receivers, items)
+    }
+
     /// Fan-out reaches every destination, and a destination of the wrong family is counted.
     #[tokio::test]
     async fn send_many_delivers_to_all() {
         require_netns();
         let port = open("0.0.0.0:0");
-        let mut receivers = Vec::new();
-        for _ in 0..50 {
-            receivers.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        }
-        let src = Some(IpAddr::from([127, 0, 0, 1]));
-        let items: Vec<_> = receivers
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.local_addr().unwrap(), src.filter(|_| i % 2 == 0)))
-            .collect();
+        let (receivers, items) = fan_out_receivers(50).await;
         let report = port.send_many(&items, b"fan-out").await;
         assert_eq!(
             (report.sent, report.failed),
@@ -843,17 +850,7 @@ mod tests {
         require_netns();
         let port = open("0.0.0.0:0");
         let n = 2 * SPLIT_AT + 1;
-        let mut receivers = Vec::new();
-        for _ in 0..n {
-            receivers.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        }
-        // Half with a source address (IP_PKTINFO through quinn-udp), half without.
-        let src = Some(IpAddr::from([127, 0, 0, 1]));
-        let items: Vec<_> = receivers
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.local_addr().unwrap(), src.filter(|_| i % 2 == 0)))
-            .collect();
+        let (receivers, items) = fan_out_receivers(n).await;
         for data in [b"one", b"two", b"six"] {
             let report = port.send_many(&items, data).await;
             assert_eq!(
