@@ -22,7 +22,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use quinn_udp::UdpSocketState;
 use tokio::sync::oneshot;
 
-use super::udp::{SendReport, transmit};
+use super::udp::{SendReport, send_once, transmit};
 
 /// Fan-outs to at least this many destinations are shared with the second thread. Below it
 /// the hand-over (a channel, a wake-up, the answer) costs more than half the sends save.
@@ -126,11 +126,7 @@ fn send_all(
             }
         };
         loop {
-            let sent = match t.src_ip {
-                None => sock.send_to(t.contents, t.destination).map(drop),
-                Some(_) => state.try_send(sock.into(), &t),
-            };
-            match sent {
+            match send_once(sock, state, &t) {
                 Ok(()) => report.sent += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];

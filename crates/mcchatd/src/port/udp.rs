@@ -33,12 +33,12 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context as _;
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{MsgFlags, SockaddrStorage, sendto, setsockopt, sockopt};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -415,17 +415,10 @@ impl RelaySocket {
         report
     }
 
-    /// One send, if the socket is writable. Without a source, a plain `sendto`: quinn-udp's
-    /// `sendmsg` always adds an `IP_TOS` control message, which costs about 8% per datagram.
+    /// One send, if the socket is writable ([`send_once`]).
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        if transmit.src_ip.is_none() {
-            return self
-                .io
-                .try_send_to(transmit.contents, transmit.destination)
-                .map(drop);
-        }
         self.io.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&self.io).into(), transmit)
+            send_once(&self.io, &self.state, transmit)
         })
     }
 
@@ -444,6 +437,24 @@ impl RelaySocket {
     ) -> io::Result<Transmit<'a>> {
         transmit(self.addr, to, src, data)
     }
+}
+
+/// One send of `t` on `sock` (the relay socket or its fan-out thread's duplicate), without
+/// waiting: `WouldBlock` if the send buffer is full. Without a source, a plain `sendto`:
+/// quinn-udp's `sendmsg` always adds an `IP_TOS` control message, which costs about 8% per
+/// datagram.
+pub(super) fn send_once(
+    sock: &impl AsFd,
+    state: &UdpSocketState,
+    t: &Transmit<'_>,
+) -> io::Result<()> {
+    if t.src_ip.is_none() {
+        let to = SockaddrStorage::from(t.destination);
+        return sendto(sock.as_fd().as_raw_fd(), t.contents, &to, MsgFlags::empty())
+            .map(drop)
+            .map_err(io::Error::from);
+    }
+    state.try_send(sock.into(), t)
 }
 
 /// A datagram for quinn-udp from a socket bound to `bound`, once `to` and `src` are known to
