@@ -416,12 +416,20 @@ pub(crate) fn summary(mut v: Vec<f64>) -> Value {
     })
 }
 
-pub(crate) fn proc_stat(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')')?.1;
+/// The command name and the CPU seconds (user + system) of a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
+    // The name is in parentheses and may contain spaces: the fields follow the last ')'.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture that matters here.
+    Some((name, ticks / 100.0))
+}
+
+pub(crate) fn proc_stat(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, cpu) = stat_cpu(&stat)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = status
         .lines()
@@ -431,8 +439,7 @@ pub(crate) fn proc_stat(pid: u32) -> Option<(f64, u64)> {
         .trim()
         .parse()
         .ok()?;
-    // USER_HZ is 100 on every Linux architecture that matters here.
-    Some((ticks / 100.0, rss_kib))
+    Some((cpu, rss_kib))
 }
 
 /// CPU seconds (user + system) of each thread of `pid`, by thread name (threads of one
@@ -446,13 +453,9 @@ fn thread_cpu(pid: u32) -> BTreeMap<String, f64> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else {
-            continue;
-        };
-        let name = head.get(open + 1..).unwrap_or("?").to_string();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        *by_name.entry(name).or_default() += (ticks(11) + ticks(12)) / 100.0;
+        if let Some((name, cpu)) = stat_cpu(&stat) {
+            *by_name.entry(name.to_string()).or_default() += cpu;
+        }
     }
     by_name
 }
@@ -489,12 +492,13 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         (3, 1.0, 5)
     };
     let mut results = BTreeMap::<String, Value>::new();
-    // MCBENCH_ONLY=websocket: that part alone (while working on it).
-    if std::env::var("MCBENCH_ONLY").as_deref() == Ok("websocket") {
+    // MCBENCH_ONLY=part: that part alone (while working on it); see scripts/bench.sh.
+    let only = std::env::var("MCBENCH_ONLY").unwrap_or_default();
+    if only == "websocket" {
         results.insert("websocket".into(), websocket(opts, &rooms, runs)?);
         return Ok(json!(results));
     }
-    if std::env::var("MCBENCH_ONLY").as_deref() == Ok("sites") {
+    if only == "sites" {
         results.insert("sites".into(), crate::sites::sites(opts, &dir, runs)?);
         return Ok(json!(results));
     }
@@ -504,20 +508,15 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     let mut latency = BTreeMap::new();
     let mut cpu = BTreeMap::new();
     let mut load_cpu = BTreeMap::new();
-    // MCBENCH_ONLY=cpu: the CPU trials alone, each relay's threads apart (while working on
-    // them).
-    let cpu_only = std::env::var("MCBENCH_ONLY").as_deref() == Ok("cpu");
-    // MCBENCH_ONLY=fanout: the fan-out and memory part alone.
-    let fanout_only = std::env::var("MCBENCH_ONLY").as_deref() == Ok("fanout");
-    let relays: &[&str] = if fanout_only {
-        &[]
-    } else {
-        &["kernel", "mcchatd", "mcchatd_no_history", "node"]
+    // cpu: the CPU trials alone, each relay's threads apart (the kernel path has no process
+    // of its own); fanout: the fan-out and memory part alone.
+    let cpu_only = only == "cpu";
+    let relays: &[&str] = match only.as_str() {
+        "fanout" => &[],
+        "cpu" => &["mcchatd", "mcchatd_no_history", "node"],
+        _ => &["kernel", "mcchatd", "mcchatd_no_history", "node"],
     };
     for &name in relays {
-        if cpu_only && name == "kernel" {
-            continue;
-        }
         let relay = match name {
             "kernel" => Some(kernel()),
             "mcchatd" => Some(mcchatd(opts, &rooms, true)?),
@@ -533,17 +532,19 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         };
         eprintln!("bench: throughput of {}", relay.name);
         let mut v = Vec::new();
-        for _ in 0..if cpu_only { 0 } else { runs } {
+        // The CPU trials alone skip the throughput search and the latency trials.
+        let (searches, rates): (usize, &[u64]) = if cpu_only {
+            (0, &[])
+        } else {
+            (runs, &[10_000, 50_000])
+        };
+        for _ in 0..searches {
             v.push(max_rate(&relay, secs, steps)?);
         }
         throughput.insert(name, summary(v));
         // 2. Latency at fixed rates.
         let mut by_rate = BTreeMap::new();
-        for rate in if cpu_only {
-            vec![]
-        } else {
-            vec![10_000u64, 50_000]
-        } {
+        for &rate in rates {
             let (mut p50, mut p99, mut p999, mut loss) = (vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
                 let (_, l, got) = trial(&relay, rate, secs)?;
@@ -601,7 +602,7 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     results.insert("cpu_s_per_million".into(), json!(cpu));
     results.insert("load_cpu_s_per_million".into(), json!(load_cpu));
     // MCBENCH_ONLY=relay: throughput, latency and CPU alone (while working on them).
-    if cpu_only || std::env::var("MCBENCH_ONLY").as_deref() == Ok("relay") {
+    if cpu_only || only == "relay" {
         return Ok(json!(results));
     }
 
@@ -650,7 +651,7 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
         drop(relay);
     }
     results.insert("fanout".into(), json!(fanout));
-    if fanout_only {
+    if only == "fanout" {
         results.insert("memory".into(), json!(memory));
         return Ok(json!(results));
     }

@@ -34,6 +34,9 @@ fn datagram(seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A count no benchmark reaches: nothing is deleted.
+const KEEP_ALL: u64 = 100_000_000;
+
 /// Retention that keeps `count` messages a room.
 fn policy(count: u64) -> Policy {
     Policy {
@@ -155,26 +158,32 @@ fn write(c: &mut Criterion) {
         .unwrap();
     // As fast as it goes: 20 rounds of 10,000 at once.
     let burst = (10_000, Duration::ZERO);
-    let all = 100_000_000;
-    cpu(&rt, "burst", HandOver::Each, (10_000, 20), burst, all);
+    cpu(&rt, "burst", HandOver::Each, (10_000, 20), burst, KEEP_ALL);
     cpu(
         &rt,
         "burst_batch",
         HandOver::Batch,
         (10_000, 20),
         burst,
-        all,
+        KEEP_ALL,
     );
     // A stream of 10,000 a second (10 each millisecond) for two seconds: small commits.
     let stream = (10, Duration::from_millis(1));
-    cpu(&rt, "10k_per_s", HandOver::Each, (10_000, 2), stream, all);
+    cpu(
+        &rt,
+        "10k_per_s",
+        HandOver::Each,
+        (10_000, 2),
+        stream,
+        KEEP_ALL,
+    );
     cpu(
         &rt,
         "10k_per_s_batch",
         HandOver::Batch,
         (10_000, 2),
         stream,
-        all,
+        KEEP_ALL,
     );
     // The same stream into a room at its count (10,000): each message stored deletes the
     // oldest, as in a busy room of a daemon that has run a while.
@@ -187,7 +196,7 @@ fn write(c: &mut Criterion) {
         10_000,
     );
     let dir = temp_dir("write");
-    let mut history = History::open(&dir, policy(100_000_000)).unwrap();
+    let mut history = History::open(&dir, policy(KEEP_ALL)).unwrap();
     let reader = history.reader();
     let mut seq = 0u64;
     let mut group = c.benchmark_group("history");
