@@ -18,7 +18,8 @@ pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(50);
 /// Most members tracked, so a flood of made-up instance ids cannot grow memory without bound.
 pub const MAX_MEMBERS: usize = 4096;
 
-/// How many departed ids are remembered, so a repeated leave is not announced twice.
+/// How many departed ids are remembered, so a repeated leave is not announced twice and a
+/// late datagram of a departed member does not bring it back.
 const DEPARTED_MEMORY: usize = 256;
 
 /// A room member.
@@ -46,7 +47,8 @@ pub enum Change {
 #[derive(Debug, Clone)]
 pub struct Roster {
     members: HashMap<InstanceId, Member>,
-    departed: VecDeque<InstanceId>,
+    /// Members that said `leave`, with the sequence number their leave carried.
+    departed: VecDeque<(InstanceId, Option<u64>)>,
     /// Members that went silent: announced again when they speak.
     timed_out: HashSet<InstanceId>,
     timeout: Duration,
@@ -69,21 +71,24 @@ impl Roster {
         }
     }
 
-    /// Records a datagram from `instance` calling itself `name`; returns what to announce.
+    /// Records a datagram from `instance` calling itself `name` (carrying `seq`, if any);
+    /// returns what to announce.
     pub fn observe(
         &mut self,
         instance: InstanceId,
         name: &str,
         kind: Kind,
+        seq: Option<u64>,
         now: Instant,
     ) -> Option<Change> {
+        let departed = self.departed.iter().position(|d| d.0 == instance);
         if kind == Kind::Leave {
             self.members.remove(&instance);
             self.timed_out.remove(&instance);
-            if self.departed.contains(&instance) {
+            if departed.is_some() {
                 return None;
             }
-            self.remember_departed(instance);
+            self.remember_departed(instance, seq);
             // A leave from a member we had not heard from yet is still news.
             return Some(Change::Left(name.to_owned()));
         }
@@ -103,9 +108,17 @@ impl Roster {
             return None;
         }
         // A member that speaks after a `leave` is here (the leave may have been forged, or
-        // it came back): it is a member again, and announced.
-        let back = match self.departed.iter().position(|d| *d == instance) {
+        // it came back): it is a member again, and announced. What it sent before its leave
+        // and arrives after it (held up on the way, or repaired) is not speaking again: a
+        // message or heartbeat numbered at most what the leave carried. A join always is.
+        let back = match departed {
             Some(i) => {
+                let (_, left_at) = self.departed[i];
+                let old_news =
+                    kind != Kind::Join && left_at.is_some_and(|l| seq.is_some_and(|s| s <= l));
+                if old_news {
+                    return None;
+                }
                 self.departed.remove(i);
                 true
             }
@@ -170,11 +183,11 @@ impl Roster {
         v
     }
 
-    fn remember_departed(&mut self, id: InstanceId) {
+    fn remember_departed(&mut self, id: InstanceId, seq: Option<u64>) {
         if self.departed.len() >= DEPARTED_MEMORY {
             self.departed.pop_front();
         }
-        self.departed.push_back(id);
+        self.departed.push_back((id, seq));
     }
 }
 
@@ -190,40 +203,43 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Roster::default();
         assert_eq!(
-            r.observe(A, "alice", Kind::Join, t0),
+            r.observe(A, "alice", Kind::Join, None, t0),
             Some(Change::Joined("alice".into()))
         );
         assert_eq!(
-            r.observe(A, "alice", Kind::Join, t0),
+            r.observe(A, "alice", Kind::Join, None, t0),
             None,
             "duplicate join"
         );
         assert_eq!(
-            r.observe(B, "bob", Kind::Heartbeat, t0),
+            r.observe(B, "bob", Kind::Heartbeat, None, t0),
             None,
             "learned silently"
         );
         let names: Vec<_> = r.members().iter().map(|m| m.name.clone()).collect();
         assert_eq!(names, ["alice", "bob"]);
         assert_eq!(
-            r.observe(A, "alice", Kind::Leave, t0),
+            r.observe(A, "alice", Kind::Leave, None, t0),
             Some(Change::Left("alice".into()))
         );
         assert_eq!(
-            r.observe(A, "alice", Kind::Leave, t0),
+            r.observe(A, "alice", Kind::Leave, None, t0),
             None,
             "duplicate leave"
         );
         // Someone who speaks after a leave (a forged one, or back) is a member again.
         assert_eq!(
-            r.observe(A, "alice", Kind::Message, t0),
+            r.observe(A, "alice", Kind::Message, None, t0),
             Some(Change::Joined("alice".into()))
         );
         assert_eq!(
-            r.observe(A, "alice", Kind::Leave, t0),
+            r.observe(A, "alice", Kind::Leave, None, t0),
             Some(Change::Left("alice".into()))
         );
-        assert_eq!(r.observe(InstanceId(9), "listener", Kind::Nack, t0), None);
+        assert_eq!(
+            r.observe(InstanceId(9), "listener", Kind::Nack, None, t0),
+            None
+        );
         assert_eq!(r.members().len(), 1, "a NACK does not make a member");
     }
 
@@ -231,9 +247,15 @@ mod tests {
     fn silent_members_time_out() {
         let t0 = Instant::now();
         let mut r = Roster::new(Duration::from_secs(50));
-        r.observe(A, "alice", Kind::Join, t0);
-        r.observe(B, "bob", Kind::Join, t0);
-        r.observe(B, "bob", Kind::Heartbeat, t0 + Duration::from_secs(30));
+        r.observe(A, "alice", Kind::Join, None, t0);
+        r.observe(B, "bob", Kind::Join, None, t0);
+        r.observe(
+            B,
+            "bob",
+            Kind::Heartbeat,
+            None,
+            t0 + Duration::from_secs(30),
+        );
         assert!(r.expire(t0 + Duration::from_secs(50)).is_empty());
         assert_eq!(
             r.expire(t0 + Duration::from_secs(51)),
@@ -247,10 +269,10 @@ mod tests {
         // A silent member that speaks again is back, and announced.
         let t1 = t0 + Duration::from_secs(90);
         assert_eq!(
-            r.observe(A, "alice", Kind::Heartbeat, t1),
+            r.observe(A, "alice", Kind::Heartbeat, None, t1),
             Some(Change::Joined("alice".into()))
         );
-        assert_eq!(r.observe(A, "alice", Kind::Heartbeat, t1), None);
+        assert_eq!(r.observe(A, "alice", Kind::Heartbeat, None, t1), None);
         assert_eq!(r.members().len(), 1);
     }
 
@@ -258,8 +280,8 @@ mod tests {
     fn rename_keeps_member() {
         let t0 = Instant::now();
         let mut r = Roster::default();
-        r.observe(A, "alice", Kind::Join, t0);
-        r.observe(A, "alicia", Kind::Message, t0);
+        r.observe(A, "alice", Kind::Join, None, t0);
+        r.observe(A, "alicia", Kind::Message, None, t0);
         assert_eq!(r.members()[0].name, "alicia");
     }
 
@@ -268,8 +290,36 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Roster::default();
         for i in 0..(MAX_MEMBERS as u64 + 10) {
-            r.observe(InstanceId(i), "x", Kind::Heartbeat, t0);
+            r.observe(InstanceId(i), "x", Kind::Heartbeat, None, t0);
         }
         assert_eq!(r.members().len(), MAX_MEMBERS);
+    }
+
+    #[test]
+    fn what_a_member_sent_before_its_leave_does_not_bring_it_back() {
+        let t0 = Instant::now();
+        let mut r = Roster::default();
+        r.observe(A, "alice", Kind::Join, Some(0), t0);
+        r.observe(A, "alice", Kind::Message, Some(7), t0);
+        assert_eq!(
+            r.observe(A, "alice", Kind::Leave, Some(9), t0),
+            Some(Change::Left("alice".into()))
+        );
+        // Messages 8 and 9, and a heartbeat sent before the leave, arriving after it.
+        for (kind, seq) in [(Kind::Message, 8), (Kind::Action, 9), (Kind::Heartbeat, 9)] {
+            assert_eq!(r.observe(A, "alice", kind, Some(seq), t0), None, "{kind:?}");
+        }
+        assert!(r.is_empty());
+        // Speaking after the leave is coming back: a new message, or a join.
+        assert_eq!(
+            r.observe(A, "alice", Kind::Message, Some(10), t0),
+            Some(Change::Joined("alice".into()))
+        );
+        r.observe(B, "bob", Kind::Leave, Some(3), t0);
+        assert_eq!(
+            r.observe(B, "bob", Kind::Join, Some(3), t0),
+            Some(Change::Joined("bob".into()))
+        );
+        assert_eq!(r.len(), 2);
     }
 }

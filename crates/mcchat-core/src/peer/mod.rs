@@ -568,12 +568,14 @@ impl PeerEngine {
             }
             return;
         };
-        // mcchatd repeats a departed sender's leave (as a repair) so tail loss is found;
-        // that is not news about who is here.
-        let change = if is_repair && kind == Kind::Leave {
+        // A repair is not news about who is here: it may come from mcchatd's cache after
+        // the sender left, and mcchatd repeats a departed sender's leave (as a repair) so
+        // tail loss is found.
+        let change = if is_repair {
             None
         } else {
-            self.roster.observe(instance, frame.sender, kind, now.mono)
+            self.roster
+                .observe(instance, frame.sender, kind, frame.meta.seq, now.mono)
         };
         if let Some(change) = change {
             if matches!(change, Change::Joined(_)) && self.config.presence {

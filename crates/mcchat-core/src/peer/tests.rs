@@ -910,6 +910,51 @@ fn a_forged_leave_does_not_remove_a_member_for_good() {
     assert!(sends_of(&log, Kind::Nack).is_empty());
 }
 
+/// What a sender sent before its leave, arriving after it (a repair of its lost message 2, a
+/// late copy of message 3, the daemon's repeat of the leave), is delivered but does not make
+/// it a member again: one join and one leave are shown, in that order, and no second join.
+#[test]
+fn a_departed_sender_s_late_and_repaired_messages_do_not_bring_it_back() {
+    let mut r = Rig::peer("bob", BOB);
+    r.enter(0);
+    r.hear(0, &control(ALICE, "alice", Kind::Join, 0, UNIX0), host(1));
+    r.hear(10, &msg(ALICE, "alice", 1, UNIX0 + 10), host(1));
+    r.hear(
+        30,
+        &control(ALICE, "alice", Kind::Leave, 3, UNIX0 + 30),
+        host(1),
+    );
+    assert_eq!(r.e.members(), ["bob"]);
+    r.hear(40, &msg(ALICE, "alice", 3, UNIX0 + 20), host(1));
+    r.hear(150, &repair_of(ALICE, "alice", 2, UNIX0 + 15), daemon());
+    let leave_repeat = encode(
+        tagged(ALICE, 3, UNIX0 + 30, Kind::Leave),
+        &[repair::REPAIR_TAG],
+        "alice",
+        "",
+    );
+    r.hear(330, &leave_repeat, daemon());
+    r.run_to(10_000);
+    let log = r.take();
+    let presence: Vec<Event> = events(&log)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Presence(_)))
+        .collect();
+    assert_eq!(
+        presence,
+        [
+            Event::Presence(Change::Joined("alice".into())),
+            Event::Presence(Change::Left("alice".into())),
+        ]
+    );
+    assert_eq!(
+        shown_seqs(&log, ALICE),
+        [1, 2, 3],
+        "every message once, in order"
+    );
+    assert_eq!(r.e.members(), ["bob"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // 7. The flood of made-up senders (issue 9), at engine level
 
