@@ -22,14 +22,11 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use quinn_udp::UdpSocketState;
 use tokio::sync::oneshot;
 
-use super::udp::{SendReport, send_once, transmit};
+use super::udp::{STALL_MS, SendReport, send_once, stalled, transmit};
 
 /// Fan-outs to at least this many destinations are shared with the second thread. Below it
 /// the hand-over (a channel, a wake-up, the answer) costs more than half the sends save.
 pub(crate) const SPLIT_AT: usize = 256;
-
-/// How long a send buffer may stay full before the rest of a job is given up, in ms.
-const STALL_MS: u8 = 100;
 
 /// One half of a fan-out, for the thread.
 struct Job {
@@ -133,11 +130,7 @@ fn send_all(
                     match poll(&mut fds, PollTimeout::from(STALL_MS)) {
                         Ok(n) if n > 0 => continue,
                         Ok(_) => {
-                            let e = io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the send buffer stayed full",
-                            );
-                            report.fail(to, e);
+                            report.fail(to, stalled());
                             report.failed += dests.len() - i - 1;
                             return report;
                         }

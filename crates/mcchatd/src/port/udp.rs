@@ -36,6 +36,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use nix::sys::socket::{MsgFlags, SockaddrStorage, sendto, setsockopt, sockopt};
@@ -57,6 +58,15 @@ const BUF_LEN: usize = MAX_DATAGRAM + 1;
 /// How many ICMP errors in a row [`RelaySocket::try_recv`] skips before it says `WouldBlock`
 /// (the socket stays readable, so the caller's next [`RelaySocket::recv`] tries again).
 const SKIP_LIMIT: usize = BATCH;
+/// How long a send buffer may stay full before a send (and the rest of its fan-out) is given
+/// up, in ms: here and in the fan-out thread.
+pub(super) const STALL_MS: u8 = 100;
+const STALL: Duration = Duration::from_millis(STALL_MS as u64);
+
+/// The error of a send given up after [`STALL_MS`].
+pub(super) fn stalled() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the send buffer stayed full")
+}
 
 /// One datagram as received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,9 +331,18 @@ impl RelaySocket {
         let transmit = self.transmit(to, src, data)?;
         loop {
             match self.try_send(&transmit) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                 r => return r,
             }
+        }
+    }
+
+    /// Waits until the send buffer has room, at most [`STALL`]: a buffer that stays full
+    /// (a wedged interface) fails the send, counted, rather than holding the relay loop.
+    async fn writable(&self) -> io::Result<()> {
+        match tokio::time::timeout(STALL, self.io.writable()).await {
+            Ok(r) => r,
+            Err(_) => Err(stalled()),
         }
     }
 
@@ -402,8 +421,15 @@ impl RelaySocket {
                 match self.try_send(&transmit) {
                     Ok(()) => report.sent += 1,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match self.io.writable().await {
+                        match self.writable().await {
                             Ok(()) => continue,
+                            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                                // Stalled: the rest of this fan-out fails at once, not
+                                // after a wait each.
+                                report.fail(to, e);
+                                report.failed += items.len() - i - 1;
+                                return report;
+                            }
                             Err(e) => report.fail(to, e),
                         }
                     }
@@ -513,7 +539,7 @@ mod tests {
     }
 
     /// The cap on any one wait: it turns a lost datagram into a failure rather than a hang.
-    const WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+    const WAIT: Duration = Duration::from_secs(15);
 
     /// `fut`, or a panic naming `what` if it takes longer than [`WAIT`].
     async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
@@ -689,8 +715,7 @@ mod tests {
         for _ in 0..30 {
             client.send(b"link-local").await.unwrap();
             if let Ok(Ok(_)) =
-                tokio::time::timeout(std::time::Duration::from_millis(500), port.recv(&mut batch))
-                    .await
+                tokio::time::timeout(Duration::from_millis(500), port.recv(&mut batch)).await
             {
                 got = batch.iter().next().map(|r| (r.from, r.local));
                 break;
@@ -706,8 +731,7 @@ mod tests {
         for _ in 0..30 {
             port.send(from, local, b"back").await.unwrap();
             if let Ok(Ok(n)) =
-                tokio::time::timeout(std::time::Duration::from_millis(500), client.recv(&mut buf))
-                    .await
+                tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf)).await
             {
                 back = Some(buf[..n].to_vec());
                 break;
