@@ -387,6 +387,22 @@ impl Peer {
                 "dropped datagrams"
             );
         }
+        // What repair did, for whoever reads the log of a run that lost something.
+        let r = self.engine.repair_stats();
+        if r.nacks_sent > 0 || r.repaired > 0 || r.lost > 0 {
+            let (senders, missing, held) = self.engine.receiver_load();
+            tracing::info!(
+                room = %self.room.name(),
+                repaired = r.repaired,
+                lost = r.lost,
+                duplicates = r.duplicates,
+                nacks_sent = r.nacks_sent,
+                senders,
+                missing,
+                held,
+                "repair summary"
+            );
+        }
     }
 }
 

@@ -435,12 +435,17 @@ fn the_daemon_repairs_for_a_sender_that_cannot() {
     let room = "room1";
     let d = Proc::daemon(Some(&lan.ns("h2")), &["--status-socket", ""]);
     d.expect_err("joined group room=room1");
-    let direct =
-        Proc::mcchat("h3", Some(&lan.ns("h3")), &["listen", room, "--json"], &[]).listening();
+    let direct = Proc::mcchat(
+        "h3",
+        Some(&lan.ns("h3")),
+        &["listen", room, "--json", "-v"],
+        &[],
+    )
+    .listening();
     let via = Proc::mcchat(
         "h3-via",
         Some(&lan.ns("h3")),
-        &["listen", room, "--json", "--via", "198.51.100.2"],
+        &["listen", room, "--json", "-v", "--via", "198.51.100.2"],
         &[],
     )
     .listening();
@@ -461,9 +466,20 @@ fn the_daemon_repairs_for_a_sender_that_cannot() {
                 // What the daemon did and what the receiver said, to tell a lost tail from a
                 // refused repair.
                 let status = daemon_status(&lan, "h2", "198.51.100.2");
+                // The receiver's last words: what it showed besides messages, and (as it
+                // exits) its repair summary.
+                let lines = rx.stdout();
+                let not_messages: Vec<&String> = lines
+                    .iter()
+                    .filter(|l| !l.contains("\"kind\":\"message\""))
+                    .collect();
+                let last = &lines[lines.len().saturating_sub(3)..];
+                rx.signal(nix::sys::signal::Signal::SIGTERM);
+                rx.expect_err_any(&["repair summary", "dropped datagrams"]);
                 panic!(
                     "{}: no {w} within {WAIT:?}; daemon's repair cache {}, counters {}; \
-                     receiver's stderr {:?}; daemon's stderr {:?}",
+                     receiver showed {not_messages:?}, last {last:?}; its stderr {:?}; \
+                     daemon's stderr {:?}",
                     rx.label,
                     status["repair_cache"],
                     status["counters"],
