@@ -97,6 +97,12 @@ pub(crate) async fn catch_up(peer: &mut Peer, args: &JoinArgs) {
                     "{} earlier messages from mcchatd's history",
                     messages.len()
                 ));
+            } else if args.history.is_some() {
+                // Asked for by name: an empty answer is said, not left to be guessed.
+                crate::note(&format!(
+                    "no earlier messages in mcchatd's history of {}",
+                    args.room
+                ));
             }
             peer.engine_mut().preload(messages, now());
         }

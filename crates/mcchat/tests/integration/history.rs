@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use std::time::Duration;
 
 use crate::util::{
-    Pace, Proc, TempDir, cookie_for, local_daemon, relay_addr, require_netns, run, unique,
+    Pace, Proc, TempDir, WAIT, cookie_for, local_daemon, relay_addr, require_netns, run, unique,
     with_cookie,
 };
 
@@ -33,8 +33,7 @@ fn texts(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
 }
 
 /// A daemon with history on, a `--via` listener in `room` (with it the daemon joins the room's
-/// group; and it sees a message only after the daemon stored it, since the daemon records
-/// before it forwards), and `n` messages from a peer on the group. Each test has a room of
+/// group), and `n` messages from a peer on the group, all of them in the daemon's history. Each test has a room of
 /// its own: the tests share one network namespace.
 fn room_with_messages(room: &str, d_args: &[&str], n: usize) -> (Proc, SocketAddr, Proc) {
     let d = Proc::daemon(None, d_args);
@@ -54,6 +53,13 @@ fn room_with_messages(room: &str, d_args: &[&str], n: usize) -> (Proc, SocketAdd
     watcher.expect_out(&format!("alice: msg {n:02}"));
     alice.close_stdin();
     assert!(alice.wait().success());
+    // Relayed is not yet stored: the daemon records from its view of the room, which holds
+    // a message until the ones before it are there (repaired, or given up after 4 s). Ready
+    // when its history has all `n`; each try is a process of its own.
+    let t0 = std::time::Instant::now();
+    while history(addr, room, &[]).len() < n {
+        assert!(t0.elapsed() < WAIT, "history never held the {n} messages");
+    }
     (d, addr, watcher)
 }
 

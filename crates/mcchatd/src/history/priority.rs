@@ -9,6 +9,10 @@
 //! were not stored. So a writer that falls behind (it takes half its queue or more at once)
 //! leaves SCHED_IDLE for nice [`WRITER_NICE`], about a tenth of a core against a busy
 //! neighbour, and goes back once it has caught up (it takes a few records at a time again).
+//! So does a writer that someone waits for (a query's flush, a stop), whatever it took: under
+//! SCHED_IDLE beside two busy processes each commit of a thousand records took over a second,
+//! and a query waited as long for each. It needs one turn under SCHED_IDLE to raise itself,
+//! and goes back once no one waits and it has caught up.
 //!
 //! Leaving SCHED_IDLE for nice 10 needs RLIMIT_NICE of at least 10 (mcchatd.service sets
 //! `LimitNICE=+10`) or CAP_SYS_NICE. Without either a writer under SCHED_IDLE could never
@@ -68,15 +72,20 @@ impl Priority {
         p
     }
 
-    /// The writer took `taken` records at once: behind or caught up, it changes level.
-    pub(super) fn took(&mut self, taken: usize) {
+    /// The writer took `taken` records at once, and someone waits for their commit (`waited`:
+    /// a query's flush, a stop) or not: behind, waited for or caught up, it changes level.
+    pub(super) fn took(&mut self, taken: usize, waited: bool) {
         if !self.can_leave_idle {
             return;
         }
-        if self.level == Level::Idle && taken >= self.behind_at {
-            tracing::debug!(taken, "history writer behind: nice 10 until it catches up");
+        if self.level == Level::Idle && (taken >= self.behind_at || waited) {
+            tracing::debug!(
+                taken,
+                waited,
+                "history writer behind: nice 10 until it catches up"
+            );
             self.set(Level::Nice);
-        } else if self.level == Level::Nice && taken <= self.caught_up_at {
+        } else if self.level == Level::Nice && taken <= self.caught_up_at && !waited {
             tracing::debug!(taken, "history writer caught up: SCHED_IDLE again");
             self.set(Level::Idle);
         }
@@ -187,23 +196,33 @@ mod tests {
                 // Nowhere to come back from: nice 10 throughout.
                 assert_eq!(p.level(), Level::Nice);
                 assert_eq!(sched(), (0, WRITER_NICE));
-                p.took(16_384);
+                p.took(16_384, true);
                 assert_eq!(sched(), (0, WRITER_NICE));
                 return;
             }
             assert_eq!(p.level(), Level::Idle);
             assert_eq!(sched().0, 5, "SCHED_IDLE while it keeps up");
-            p.took(4096);
+            p.took(4096, false);
             assert_eq!(sched().0, 5, "a full batch is not behind");
-            p.took(8192);
+            p.took(8192, false);
             assert_eq!(p.level(), Level::Nice);
             assert_eq!(sched(), (0, WRITER_NICE), "behind: nice 10");
-            p.took(1000);
+            p.took(1000, false);
             assert_eq!(p.level(), Level::Nice, "not yet caught up");
-            p.took(10);
+            p.took(10, false);
             assert_eq!(p.level(), Level::Idle);
             assert_eq!(sched().0, 5, "caught up: SCHED_IDLE again");
-            p.took(16_384);
+            // Waited for: out of SCHED_IDLE for a few records, and back only when no one
+            // waits any more.
+            p.took(10, true);
+            assert_eq!(p.level(), Level::Nice);
+            assert_eq!(sched(), (0, WRITER_NICE), "waited for: nice 10");
+            p.took(0, true);
+            assert_eq!(p.level(), Level::Nice, "still waited for");
+            p.took(0, false);
+            assert_eq!(p.level(), Level::Idle);
+            assert_eq!(sched().0, 5);
+            p.took(16_384, false);
             assert_eq!(
                 sched(),
                 (0, WRITER_NICE),

@@ -205,7 +205,8 @@ impl Writer {
         let mut flushes = Vec::new();
         let stop = loop {
             let stop = self.wait(shared, &mut taken, &mut flushes);
-            self.priority.took(taken.len());
+            self.priority
+                .took(taken.len(), !flushes.is_empty() || stop.is_some());
             let committed = self.commit_all(shared, &taken);
             if taken.bytes.capacity() > KEEP_BYTES {
                 taken = Batch::new();
