@@ -70,6 +70,9 @@ const COLUMNS: usize = 9;
 /// A killed process loses at most the messages of this last moment; a stop commits them, and
 /// a query commits first what it must see.
 const GATHER: Duration = Duration::from_millis(100);
+/// A record that has waited this long for the writer says the writer is not getting the CPU
+/// it needs (priority.rs): ten times [`GATHER`].
+const LATE_MS: u64 = 1000;
 /// How often a retention pass runs: the age rule, and a count that commits have not yet
 /// applied (see `retention`); sooner while a pass leaves work.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
@@ -164,6 +167,11 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
+    }
+
+    /// When the first datagram queued arrived (`recv_ms`), if any.
+    fn first_received_ms(&self) -> Option<u64> {
+        self.ends.first().map(|e| e.1)
     }
 
     /// Empties the batch, keeping its buffers.

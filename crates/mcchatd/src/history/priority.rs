@@ -9,10 +9,11 @@
 //! were not stored. So a writer that falls behind (it takes half its queue or more at once)
 //! leaves SCHED_IDLE for nice [`WRITER_NICE`], about a tenth of a core against a busy
 //! neighbour, and goes back once it has caught up (it takes a few records at a time again).
-//! So does a writer that someone waits for (a query's flush, a stop), whatever it took: under
-//! SCHED_IDLE beside two busy processes each commit of a thousand records took over a second,
-//! and a query waited as long for each. It needs one turn under SCHED_IDLE to raise itself,
-//! and goes back once no one waits and it has caught up.
+//! So does a writer that someone waits for (a query's flush, a stop, or records that have
+//! waited a second: what a kill would lose), whatever it took: under SCHED_IDLE beside two
+//! busy processes each commit of a thousand records took over a second, and a query waited
+//! as long for each. It needs one turn under SCHED_IDLE to raise itself, and goes back once
+//! no one waits and it has caught up.
 //!
 //! Leaving SCHED_IDLE for nice 10 needs RLIMIT_NICE of at least 10 (mcchatd.service sets
 //! `LimitNICE=+10`) or CAP_SYS_NICE. Without either a writer under SCHED_IDLE could never

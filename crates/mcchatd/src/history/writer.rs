@@ -205,8 +205,12 @@ impl Writer {
         let mut flushes = Vec::new();
         let stop = loop {
             let stop = self.wait(shared, &mut taken, &mut flushes);
+            // Waited for: by a query or a stop, or by records that have waited too long.
+            let late = taken
+                .first_received_ms()
+                .is_some_and(|t| now_ms().saturating_sub(t) >= LATE_MS);
             self.priority
-                .took(taken.len(), !flushes.is_empty() || stop.is_some());
+                .took(taken.len(), !flushes.is_empty() || stop.is_some() || late);
             let committed = self.commit_all(shared, &taken);
             if taken.bytes.capacity() > KEEP_BYTES {
                 taken = Batch::new();
