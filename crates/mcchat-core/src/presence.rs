@@ -81,11 +81,10 @@ impl Roster {
         seq: Option<u64>,
         now: Instant,
     ) -> Option<Change> {
-        let departed = self.departed.iter().position(|d| d.0 == instance);
         if kind == Kind::Leave {
             self.members.remove(&instance);
             self.timed_out.remove(&instance);
-            if departed.is_some() {
+            if self.departed_at(instance).is_some() {
                 return None;
             }
             self.remember_departed(instance, seq);
@@ -111,7 +110,7 @@ impl Roster {
         // it came back): it is a member again, and announced. What it sent before its leave
         // and arrives after it (held up on the way, or repaired) is not speaking again: a
         // message or heartbeat numbered at most what the leave carried. A join always is.
-        let back = match departed {
+        let back = match self.departed_at(instance) {
             Some(i) => {
                 let (_, left_at) = self.departed[i];
                 let old_news =
@@ -181,6 +180,12 @@ impl Roster {
         let mut v: Vec<&Member> = self.members.values().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name).then(a.instance.cmp(&b.instance)));
         v
+    }
+
+    /// Where `id` is among the departed, if it is: a scan of at most [`DEPARTED_MEMORY`],
+    /// made only for a leave or a datagram from a non-member, never for a member's message.
+    fn departed_at(&self, id: InstanceId) -> Option<usize> {
+        self.departed.iter().position(|d| d.0 == id)
     }
 
     fn remember_departed(&mut self, id: InstanceId, seq: Option<u64>) {

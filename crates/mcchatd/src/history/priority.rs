@@ -74,7 +74,8 @@ impl Priority {
     }
 
     /// The writer took `taken` records at once, and someone waits for their commit (`waited`:
-    /// a query's flush, a stop) or not: behind, waited for or caught up, it changes level.
+    /// a query's flush, a stop, or records that have waited too long) or not: behind, waited
+    /// for or caught up, it changes level.
     pub(super) fn took(&mut self, taken: usize, waited: bool) {
         if !self.can_leave_idle {
             return;
