@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::history::History;
-use crate::hub::{Hub, Output, Port, Seed, UdpDest};
+use crate::hub::{Hub, Output, Port, Seed};
 use crate::notify;
 use crate::port::group::{self, GroupDatagram, OwnForwards};
 use crate::port::udp::{RecvBatch, RelaySocket};
@@ -33,6 +33,7 @@ use mcchat_core::control::HistoryStatus;
 
 mod bind;
 mod reload;
+mod sends;
 mod site;
 #[cfg(test)]
 mod tests;
@@ -156,6 +157,8 @@ struct Driver {
     web_events: mpsc::Sender<crate::web::WebEvent>,
     /// Scratch for one fan-out's destinations.
     dests: Vec<(SocketAddr, Option<IpAddr>)>,
+    /// Group datagrams of this flush not yet sent (sends.rs).
+    to_groups: sends::GroupSends,
     shared_nets: SharedNets,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -224,6 +227,7 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
         web: HashMap::new(),
         web_events: web_tx.clone(),
         dests: Vec::new(),
+        to_groups: sends::GroupSends::default(),
         shared_nets,
         token: token.clone(),
         tracker: tracker.clone(),
@@ -475,39 +479,6 @@ impl Driver {
         self.hub.on_input(port, d.from, &d.data, now);
     }
 
-    fn socket_for(&self, ipv4: bool) -> Option<&RelaySocket> {
-        if ipv4 {
-            self.relay4.as_ref()
-        } else {
-            self.relay6.as_ref()
-        }
-    }
-
-    /// Sends multicast with `ttl` from then on; a syscall only when it changes.
-    fn use_ttl(&mut self, ipv4: bool, ttl: u32) {
-        let (current, sock) = if ipv4 {
-            (&mut self.ttl4, self.relay4.as_ref())
-        } else {
-            (&mut self.ttl6, self.relay6.as_ref())
-        };
-        if *current == ttl {
-            return;
-        }
-        if let Some(sock) = sock {
-            match sock.set_multicast_ttl(ttl) {
-                Ok(()) => *current = ttl,
-                Err(error) => tracing::warn!(%error, ttl, "cannot set the multicast TTL"),
-            }
-        }
-    }
-
-    fn note_send_error(&mut self, to: SocketAddr, error: &std::io::Error) {
-        self.hub.send_failed(1);
-        if let Some(suppressed) = self.send_log.check(self.now().mono) {
-            tracing::warn!(%to, %error, suppressed, "send failed");
-        }
-    }
-
     /// Carries out everything the hub has queued: its records come first, and are handed to
     /// the history writer before anything is sent.
     async fn flush(&mut self) {
@@ -515,16 +486,14 @@ impl Driver {
             if !matches!(out, Output::Record { .. }) {
                 self.hand_over_records();
             }
+            // Group sends gather until something else is to be done (sends.rs).
+            if !matches!(out, Output::ToGroup { .. } | Output::Record { .. }) {
+                self.send_to_groups().await;
+            }
             match out {
                 Output::ToGroup { group, ttl, data } => {
-                    self.use_ttl(group.is_ipv4(), ttl);
-                    let Some(sock) = self.socket_for(group.is_ipv4()) else {
-                        self.hub.send_failed(1);
-                        continue;
-                    };
-                    if let Err(e) = sock.send(group, None, &data).await {
-                        self.note_send_error(group, &e);
-                    }
+                    self.queue_to_group(group, ttl, data).await;
+                    continue;
                 }
                 Output::ToUdp { to, data } => self.send_udp(&[to], None, &data).await,
                 Output::FanOut { to, except, data } => self.send_udp(&to, except, &data).await,
@@ -583,6 +552,7 @@ impl Driver {
             }
         }
         self.hand_over_records();
+        self.send_to_groups().await;
     }
 
     /// Hands the records queued so far to the history writer.
@@ -611,43 +581,6 @@ impl Driver {
     }
 
     /// One datagram to unicast members, each from the local address it subscribed on.
-    async fn send_udp(&mut self, to: &[UdpDest], except: Option<SocketAddr>, data: &[u8]) {
-        for ipv4 in [true, false] {
-            let mut dests = std::mem::take(&mut self.dests);
-            dests.clear();
-            dests.extend(
-                to.iter()
-                    .filter(|d| d.addr.is_ipv4() == ipv4 && Some(d.addr) != except)
-                    .map(|d| (d.addr, d.src)),
-            );
-            if !dests.is_empty() {
-                self.send_batch(ipv4, &dests, data).await;
-            }
-            self.dests = dests;
-        }
-    }
-
-    async fn send_batch(
-        &mut self,
-        ipv4: bool,
-        dests: &[(SocketAddr, Option<IpAddr>)],
-        data: &[u8],
-    ) {
-        let Some(sock) = self.socket_for(ipv4) else {
-            self.hub.send_failed(dests.len() as u64);
-            return;
-        };
-        let report = sock.send_many(dests, data).await;
-        if report.failed > 0 {
-            self.hub.send_failed(report.failed as u64);
-            if let Some((to, error)) = &report.first_error
-                && let Some(suppressed) = self.send_log.check(self.now().mono)
-            {
-                tracing::warn!(%to, %error, failed = report.failed, suppressed, "send failed");
-            }
-        }
-    }
-
     /// SIGHUP: re-read the configuration; keep running on the old one if it is bad.
     /// Applies a reload's result (reload.rs read it).
     fn reload(&mut self, result: Result<Settings>) {

@@ -7,7 +7,9 @@
 //! - `fanout`: the relay socket's second sender, a thread that sends half of each fan-out to
 //!   256 or more subscribers.
 //! - `group`: one task per joined group, cancellable in its receives and sends.
+//! - `mmsg`: several datagrams in one `sendmmsg(2)` (the relay socket's sends to groups).
 
 pub(crate) mod fanout;
 pub(crate) mod group;
+pub(crate) mod mmsg;
 pub mod udp;

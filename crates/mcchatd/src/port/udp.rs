@@ -48,6 +48,7 @@ use mcchat_core::socket::{self, MulticastConfig, canonical};
 use mcchat_core::wire::MAX_DATAGRAM;
 
 use super::fanout::{FanOut, SPLIT_AT};
+use super::mmsg;
 
 /// How many datagrams one receive reads at most: quinn-udp's `recvmmsg` batch.
 pub const BATCH: usize = quinn_udp::BATCH_SIZE;
@@ -337,6 +338,54 @@ impl RelaySocket {
         }
     }
 
+    /// Sends each `(to, data)` of `items` with the kernel's choice of source (multicast: a
+    /// wake-up's datagrams to groups), [`mmsg::MAX`] to a system call (mmsg.rs says why).
+    /// Waits while the send buffer is full, at most [`STALL`] at a time; a datagram the kernel
+    /// refuses is counted and the rest still go out, in order.
+    pub async fn send_batch<B: AsRef<[u8]>>(&self, items: &[(SocketAddr, B)]) -> SendReport {
+        let mut report = SendReport::default();
+        let mut next = 0;
+        while let Some(rest) = items.get(next..).filter(|r| !r.is_empty()) {
+            // A destination of the other family would fail the whole call: alone, it fails
+            // alone.
+            let fits = rest
+                .iter()
+                .take_while(|(to, _)| to.is_ipv4() == self.addr.is_ipv4())
+                .count();
+            if fits == 0 {
+                report.fail(rest[0].0, wrong_family(rest[0].0, self.addr));
+                next += 1;
+                continue;
+            }
+            let sent = self
+                .io
+                .try_io(Interest::WRITABLE, || mmsg::send(&self.io, &rest[..fits]));
+            match sent {
+                Ok(n) => {
+                    report.sent += n;
+                    next += n.max(1);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.writable().await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        report.fail(rest[0].0, e);
+                        report.failed += rest.len() - 1;
+                        return report;
+                    }
+                    Err(e) => {
+                        report.fail(rest[0].0, e);
+                        next += 1;
+                    }
+                },
+                Err(e) => {
+                    report.fail(rest[0].0, e);
+                    next += 1;
+                }
+            }
+        }
+        report
+    }
+
     /// Waits until the send buffer has room, at most [`STALL`]: a buffer that stays full
     /// (a wedged interface) fails the send, counted, rather than holding the relay loop.
     async fn writable(&self) -> io::Result<()> {
@@ -481,6 +530,14 @@ pub(super) fn send_once(
             .map_err(io::Error::from);
     }
     state.try_send(sock.into(), t)
+}
+
+/// The error for a destination of the other family than the socket's `bound` address.
+fn wrong_family(to: SocketAddr, bound: SocketAddr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("cannot send to {to} on the relay socket {bound}: wrong address family"),
+    )
 }
 
 /// A datagram for quinn-udp from a socket bound to `bound`, once `to` and `src` are known to
@@ -875,6 +932,31 @@ mod tests {
         assert_eq!((report.sent, report.failed), (1, 1));
         let (at, e) = report.first_error.unwrap();
         assert_eq!((at, e.kind()), (wrong, io::ErrorKind::InvalidInput));
+    }
+
+    /// A batch longer than one `sendmmsg` reaches each destination whole and in order; a
+    /// destination of the wrong family in the middle fails alone and is counted.
+    #[tokio::test]
+    async fn send_batch_delivers_every_datagram_in_order_and_counts_a_misfit() {
+        require_netns();
+        let port = open("0.0.0.0:0");
+        let (receivers, dests) = fan_out_receivers(2).await;
+        let wrong = SocketAddr::from((Ipv6Addr::LOCALHOST, 9));
+        let n = 2 * mmsg::MAX + 3;
+        let mut items: Vec<(SocketAddr, Vec<u8>)> = (0..n)
+            .map(|i| (dests[i % 2].0, format!("datagram {i}").into_bytes()))
+            .collect();
+        items.insert(mmsg::MAX + 1, (wrong, b"misfit".to_vec()));
+        let report = port.send_batch(&items).await;
+        assert_eq!((report.sent, report.failed), (n, 1));
+        let (at, e) = report.first_error.unwrap();
+        assert_eq!((at, e.kind()), (wrong, io::ErrorKind::InvalidInput));
+        let mut buf = [0u8; 64];
+        for i in 0..n {
+            let r = &receivers[i % 2];
+            let (len, _) = within("batch", r.recv_from(&mut buf)).await.unwrap();
+            assert_eq!(&buf[..len], format!("datagram {i}").as_bytes());
+        }
     }
 
     /// From `SPLIT_AT` destinations on, a fan-out is shared with the second thread: each
