@@ -4,9 +4,10 @@
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick   a smoke pass of a few seconds (CI runs it so the benchmarks cannot rot)
-#   MCBENCH_ONLY=relay|cpu|fanout|websocket|sites   one part alone (relay: throughput, latency and CPU
-#             of mcchatd, node-relay.js and the kernel path; cpu: the CPU trials alone, 5 s
-#             each, with each thread's share), while working on it
+#   MCBENCH_ONLY=relay|cpu|fanout|websocket|wslatency|sites   one part alone (relay: throughput,
+#             latency and CPU of mcchatd, node-relay.js and the kernel path; cpu: the CPU trials
+#             alone, 5 s each, with each thread's share; wslatency: the WebSocket trials at
+#             1,000 msg/s alone, five of each server), while working on it
 #
 # Prints one table (each figure for mcchat, node-relay.js and the kernel, with ratios) and
 # writes it as JSON to target/bench/results.json. Method and a real run: docs/PERFORMANCE.md.

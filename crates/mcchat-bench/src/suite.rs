@@ -213,15 +213,35 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
         eprintln!("bench: websocket fan-out of {}", relay.name);
         let (mut rate, mut p50, mut p99, mut share) = (vec![], vec![], vec![], vec![]);
         let (mut read_p50, mut read_p99) = (vec![], vec![]);
-        for _ in 0..runs {
-            let sat = crate::ws::fanout(&url, 100, count, None)?;
-            rate.push(sat.deliveries_per_s);
-            share.push(sat.delivered as f64 / (sat.sent * 100) as f64);
+        // MCBENCH_ONLY=wslatency: the trials at 1,000 msg/s alone, five of each.
+        let latency_only = std::env::var("MCBENCH_ONLY").is_ok_and(|o| o == "wslatency");
+        for _ in 0..if latency_only { 5 } else { runs } {
+            if !latency_only {
+                let sat = crate::ws::fanout(&url, 100, count, None)?;
+                rate.push(sat.deliveries_per_s);
+                share.push(sat.delivered as f64 / (sat.sent * 100) as f64);
+            }
             let at = crate::ws::fanout(&url, 100, paced, Some(1000))?;
             p50.push(at.latency_us.value_at_quantile(0.5) as f64);
             p99.push(at.latency_us.value_at_quantile(0.99) as f64);
             read_p50.push(at.read_latency_us.value_at_quantile(0.5) as f64);
             read_p99.push(at.read_latency_us.value_at_quantile(0.99) as f64);
+            if latency_only {
+                eprintln!(
+                    "bench: {} at 1,000 msg/s: p50 {} p99 {} µs to arrival, p99 {} µs to read",
+                    relay.name,
+                    at.latency_us.value_at_quantile(0.5),
+                    at.latency_us.value_at_quantile(0.99),
+                    at.read_latency_us.value_at_quantile(0.99)
+                );
+            }
+        }
+        if latency_only {
+            out.insert(
+                name,
+                json!({"p50_us": summary(p50), "p99_us": summary(p99), "read_p99_us": summary(read_p99)}),
+            );
+            continue;
         }
         let pid = relay.pid().unwrap_or(0);
         // Deliveries against the offered rate (the plot in docs/PERFORMANCE.md).
@@ -270,6 +290,9 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
                 },
             }),
         );
+    }
+    if std::env::var("MCBENCH_ONLY").is_ok_and(|o| o == "wslatency") {
+        return Ok(json!(out));
     }
     out.insert("reconnect_storm", storm(opts, rooms)?);
     Ok(json!(out))
@@ -494,7 +517,7 @@ pub(crate) fn run(opts: &Opts) -> Result<Value> {
     let mut results = BTreeMap::<String, Value>::new();
     // MCBENCH_ONLY=part: that part alone (while working on it); see scripts/bench.sh.
     let only = std::env::var("MCBENCH_ONLY").unwrap_or_default();
-    if only == "websocket" {
+    if only == "websocket" || only == "wslatency" {
         results.insert("websocket".into(), websocket(opts, &rooms, runs)?);
         return Ok(json!(results));
     }
