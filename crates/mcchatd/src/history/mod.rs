@@ -34,6 +34,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+mod by_time;
 mod priority;
 mod reader;
 mod retention;
@@ -439,7 +440,8 @@ fn open_db(path: &Path) -> Result<Connection, HistoryError> {
          CREATE UNIQUE INDEX IF NOT EXISTS messages_once
             ON messages (room, instance, seq) WHERE instance IS NOT NULL;
          CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room, id);
-         CREATE INDEX IF NOT EXISTS messages_by_time ON messages (room, recv_ms);
+         -- Kept by versions before 2026-12-04; rows are found by time without it (by_time.rs).
+         DROP INDEX IF EXISTS messages_by_time;
          CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
     )
     .map_err(db_err(path))?;

@@ -71,24 +71,17 @@ fn read(
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(db_err(path))?;
     let limit = q.max_messages();
-    // `since` becomes a lower bound on the row id: the first message received at or after
-    // it, found on the time index. Rows are numbered in the order received, so the scans
-    // below stay on the (room, id) index and read only what they return (plus what `grep`
-    // skips), however large the room.
+    // `since` becomes a lower bound on the row id: where the room's messages go from
+    // received before it to at or after it (by_time.rs). Rows are numbered in the order
+    // received, so the scans below stay on the (room, id) index and read only what they
+    // return (plus what `grep` skips), however large the room.
     let after = q.after.map_or(0, |a| to_sql(a.saturating_add(1)));
     let first_id: i64 = match q.since_ms {
         None => after,
-        Some(since) => conn
-            .query_row(
-                "SELECT coalesce(
-                   (SELECT id FROM messages INDEXED BY messages_by_time
-                    WHERE room = ?1 AND recv_ms >= ?2 ORDER BY recv_ms LIMIT 1),
-                   9223372036854775807)",
-                params![q.room, to_sql(since)],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(db_err(path))?
-            .max(after),
+        Some(since) => {
+            by_time::first_at_or_after(&conn, &q.room, to_sql(since), after, i64::MAX - 1)
+                .map_err(db_err(path))?
+        }
     };
     let before = q.before.map_or(i64::MAX, |b| to_sql(b).saturating_sub(1));
     let since = to_sql(q.since_ms.unwrap_or(0));

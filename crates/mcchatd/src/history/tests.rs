@@ -512,8 +512,12 @@ fn give_back(dir: &Path, held: bool) {
     let db = dir.join(FILE_NAME);
     let mut conn = open_db(&db).unwrap();
     let now = now_ms();
-    // In ten transactions, each checkpointed, so that the WAL never holds it all.
-    for _ in 0..10 {
+    // Some 25 MB, in transactions each checkpointed, so that the WAL never holds it all (by
+    // size, not rows: on the 32 MiB disk the file must leave no room for the reserve).
+    for _ in 0..20 {
+        if file_len(&db) >= 25_000_000 {
+            break;
+        }
         let tx = conn.transaction().unwrap();
         let mut stmt = tx
             .prepare(
@@ -737,4 +741,72 @@ fn the_disk_budget_scales_with_the_file_system() {
     assert_eq!(big.transaction_bytes, 1 << 20);
     // The checkpoint is counted in the database's own pages.
     assert_eq!(Budget::for_disk(1 << 40, 16384).checkpoint_pages, 256);
+}
+
+/// A database of an earlier version has the time index, which opening drops; rows are found
+/// by time without it: `since` returns exactly the rows received from then on, and the age
+/// rule deletes exactly the rows past their age, also with another room's rows in between.
+#[tokio::test]
+async fn without_the_old_time_index_since_and_the_age_rule_still_find_rows_by_time() {
+    let dir = temp_dir("by-time");
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join(FILE_NAME);
+    let t0 = now_ms() - 7_200_000;
+    {
+        let conn = open_db(&db).unwrap();
+        conn.execute_batch("CREATE INDEX messages_by_time ON messages (room, recv_ms);")
+            .unwrap();
+        // room1 a message a minute over two hours, room2's between them.
+        for i in 0..120 {
+            fill(&conn, "room1", 1, t0 + i * 60_000);
+            fill(&conn, "room2", 1, t0 + i * 60_000);
+        }
+    }
+    let index = |conn: &Connection| -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'messages_by_time'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let conn = open_db(&db).unwrap();
+    assert_eq!(index(&conn), 0, "dropped on open");
+    drop(conn);
+
+    // No retention yet: keep all, for as long as the test needs.
+    let mut keep_all = policy(1 << 20);
+    keep_all.default.age = Duration::from_secs(86_400);
+    let mut h = History::open(&dir, keep_all).unwrap();
+    for minutes in [0, 1, 59, 60, 119] {
+        let mut q = query("room1");
+        q.since_ms = Some(t0 + minutes * 60_000 - 1);
+        let got = h.reader().query(q).await.unwrap();
+        assert_eq!(got.len() as u64, 120 - minutes, "since minute {minutes}");
+        assert!(got.iter().all(|r| r.recv_ms >= t0 + minutes * 60_000 - 1));
+    }
+    assert!(h.close(LONG));
+
+    // The age rule at one hour: room1's and room2's first 60 rows are past it.
+    use super::retention::Rows;
+    let mut conn = open_db(&db).unwrap();
+    let mut rows = Rows::default();
+    rows.load(&conn).unwrap();
+    let tx = conn.transaction().unwrap();
+    let update = rows.pass(&tx, &policy(1 << 20), t0 + 120 * 60_000).unwrap();
+    tx.commit().unwrap();
+    rows.apply(update);
+    for room in ["room1", "room2"] {
+        let oldest: i64 = conn
+            .query_row(
+                "SELECT min(recv_ms) FROM messages WHERE room = ?1",
+                [room],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows_of(&conn, room), 60, "{room}");
+        assert_eq!(from_sql(oldest), t0 + 60 * 60_000, "{room}");
+    }
+    drop(conn);
+    let _ = std::fs::remove_dir_all(&dir);
 }
