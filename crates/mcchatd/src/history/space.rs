@@ -298,7 +298,10 @@ impl Space {
         if free <= VACUUM_AT {
             return Ok(0);
         }
-        let step = free.min(VACUUM_STEP);
+        // Each page moved is written to the WAL first: a step may take no more of it than the
+        // budget lets the WAL grow before a checkpoint, or on a small disk it would use up
+        // the room the reserve keeps for deletes.
+        let step = free.min(VACUUM_STEP).min(self.budget.checkpoint_pages);
         // Each step of the statement gives back one page: run it to the end.
         let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({step})"))?;
         let mut rows = stmt.query([])?;
