@@ -58,7 +58,8 @@ impl Budget {
 /// Free pages the database may hold before some are given back to the file system: below it
 /// they are simply reused by the next inserts.
 const VACUUM_AT: u64 = 1024;
-/// Pages given back at most per retention pass (16 MiB at 4 KiB pages).
+/// Pages given back at most per retention pass (16 MiB at 4 KiB pages), and at most the
+/// budget's checkpoint pages (`after_pass`).
 const VACUUM_STEP: u64 = 4096;
 
 /// See the module documentation.
