@@ -38,26 +38,33 @@ if [[ ${1:-} == --inner || ${2:-} == --inner ]]; then
 fi
 
 "$root/scripts/deps.sh"
-# The binaries measured are copied out of target/release at once: criterion's `cargo bench`
-# below builds mcchatd again with the bench profile (thin LTO), and cargo puts that build in
-# target/release too, over the shipped (release) one.
+# The binaries measured are copied out of the build's directory at once: criterion's `cargo
+# bench` below builds mcchatd again with the bench profile (thin LTO), and cargo puts that
+# build in target/release too, over the shipped (release) one.
 if ((${#quick[@]})); then
-    # A smoke pass measures nothing, so it builds with the bench profile, which the criterion
-    # benches below then share, instead of a whole-program (fat LTO) build of its own. CI
-    # runs this.
-    cargo build --profile bench --locked -p mcchat -p mcchatd -p mcchat-bench
+    # A smoke pass measures nothing, so it builds with the dev profile: the test build (CI
+    # runs the tests next) shares its dependencies, and no optimised build is linked at all.
+    profile=dev
+    built=target/debug
     times=(--warm-up-time 0.1 --measurement-time 0.3)
 else
-    cargo build --release --locked -p mcchat -p mcchatd -p mcchat-bench
+    profile=release
+    built=target/release
     times=(--warm-up-time 1 --measurement-time 3)
 fi
+cargo build --profile "$profile" --locked -p mcchat -p mcchatd -p mcchat-bench
 mkdir -p target/bench/bin
-cp -f target/release/mcchat target/release/mcchatd target/release/mcbench target/bench/bin/
+cp -f "$built/mcchat" "$built/mcchatd" "$built/mcbench" target/bench/bin/
 # Criterion micro-benchmarks (no sockets): the codec, the presence flood on one peer engine
-# (injected time), and history writes (to a temp dir).
-cargo bench --locked -p mcchat-core --bench codec -- "${times[@]}" >/dev/null
-cargo bench --locked -p mcchat-core --bench flood -- "${times[@]}" >/dev/null
-cargo bench --locked -p mcchatd --bench history -- "${times[@]}" >/dev/null
+# (injected time), and history writes (to a temp dir). The smoke pass builds them with the
+# dev profile too.
+bench_profile=()
+if ((${#quick[@]})); then
+    bench_profile=(--profile dev)
+fi
+cargo bench --locked "${bench_profile[@]}" -p mcchat-core --bench codec -- "${times[@]}" >/dev/null
+cargo bench --locked "${bench_profile[@]}" -p mcchat-core --bench flood -- "${times[@]}" >/dev/null
+cargo bench --locked "${bench_profile[@]}" -p mcchatd --bench history -- "${times[@]}" >/dev/null
 if ! command -v node >/dev/null 2>&1; then
     echo "bench.sh: Node.js not found: node-relay.js is left out; mcchat and the kernel are still measured"
 elif [[ -f $root/../shared/peers/package-lock.json && ! -d $root/../shared/peers/node_modules/ws ]]; then
