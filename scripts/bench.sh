@@ -46,10 +46,12 @@ if ((${#quick[@]})); then
     # runs the tests next) shares its dependencies, and no optimised build is linked at all.
     profile=dev
     built=target/debug
+    bench_profile=(--profile dev)
     times=(--warm-up-time 0.1 --measurement-time 0.3)
 else
     profile=release
     built=target/release
+    bench_profile=()
     times=(--warm-up-time 1 --measurement-time 3)
 fi
 cargo build --profile "$profile" --locked -p mcchat -p mcchatd -p mcchat-bench
@@ -58,10 +60,6 @@ cp -f "$built/mcchat" "$built/mcchatd" "$built/mcbench" target/bench/bin/
 # Criterion micro-benchmarks (no sockets): the codec, the presence flood on one peer engine
 # (injected time), and history writes (to a temp dir). The smoke pass builds them with the
 # dev profile too.
-bench_profile=()
-if ((${#quick[@]})); then
-    bench_profile=(--profile dev)
-fi
 cargo bench --locked "${bench_profile[@]}" -p mcchat-core --bench codec -- "${times[@]}" >/dev/null
 cargo bench --locked "${bench_profile[@]}" -p mcchat-core --bench flood -- "${times[@]}" >/dev/null
 cargo bench --locked "${bench_profile[@]}" -p mcchatd --bench history -- "${times[@]}" >/dev/null
