@@ -73,6 +73,9 @@ pub(crate) struct Control {
     /// Reads the configuration (the rooms file and the flags), off the relay loop.
     pub(crate) loader: reload::Loader,
     pub(crate) wall: Wall,
+    /// Where the web connections run ([`crate::web::runtime`]); `None`: on the driver's own
+    /// runtime (tests that pause its time).
+    pub(crate) web: Option<tokio::runtime::Handle>,
 }
 
 /// The allow list and the connected subnets, read by the status listeners.
@@ -275,11 +278,15 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             token.child_token(),
         ));
         for listener in bound.web {
-            tracker.spawn(crate::web::serve(
-                listener,
-                Arc::clone(&state),
-                token.child_token(),
-            ));
+            let at = listener.local_addr().ok();
+            let listener = listener
+                .into_std()
+                .with_context(|| format!("failed to hand the web listener {at:?} over"))?;
+            let web = crate::web::serve(listener, Arc::clone(&state), token.child_token());
+            match &control.web {
+                Some(rt) => tracker.spawn_on(web, rt),
+                None => tracker.spawn(web),
+            };
         }
     } else {
         drop(web_tx);
@@ -395,13 +402,22 @@ pub async fn run(cli: crate::cli::Cli, token: CancellationToken) -> Result<()> {
         }
     };
     let signals = tokio::spawn(signals);
+    let web = if bound.web.is_empty() {
+        None
+    } else {
+        Some(crate::web::runtime::WebRuntime::start().context("failed to start the web threads")?)
+    };
     let control = Control {
         shutdown: shutdown.clone(),
         reload,
         loader: Arc::new(move || settings::load(&cli)),
         wall: Wall::System,
+        web: web
+            .as_ref()
+            .and_then(crate::web::runtime::WebRuntime::handle),
     };
     let result = serve(settings, bound, control).await;
+    drop(web);
     shutdown.cancel();
     let _ = signals.await;
     result

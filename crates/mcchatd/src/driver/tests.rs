@@ -65,6 +65,7 @@ fn start(text: String, loader: reload::Loader) -> Daemon {
         reload: reload_rx,
         loader,
         wall: Wall::From(1_800_000_000_000),
+        web: None,
     };
     let task = tokio::spawn(serve(settings, bound, control));
     Daemon {

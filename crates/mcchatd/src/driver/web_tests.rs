@@ -51,6 +51,8 @@ struct Daemon {
     web: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<()>>,
+    /// The web connections run on their own threads, as in mcchatd.
+    _threads: crate::web::runtime::WebRuntime,
 }
 
 fn start(text: String) -> Daemon {
@@ -64,17 +66,20 @@ fn start(text: String) -> Daemon {
     let shutdown = CancellationToken::new();
     let (_reload, reload_rx) = mpsc::channel(1);
     let loaded = text.clone();
+    let threads = crate::web::runtime::WebRuntime::start().expect("web threads");
     let control = Control {
         shutdown: shutdown.clone(),
         reload: reload_rx,
         loader: Arc::new(move || Ok(crate::test_support::settings(&loaded))),
         wall: Wall::System,
+        web: threads.handle(),
     };
     let task = tokio::spawn(serve(settings, bound, control));
     Daemon {
         web,
         shutdown,
         task,
+        _threads: threads,
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub(crate) mod config;
 pub(crate) mod protocol;
+pub(crate) mod runtime;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,9 @@ use protocol::{BadRequest, MAX_FRAME, Request, WebFrame};
 
 /// Frames queued for one connection before it counts as too slow.
 pub(crate) const SEND_QUEUE: usize = 512;
+/// A connection's input is read only while fewer frames than this wait for it (a quarter of
+/// [`SEND_QUEUE`]: the rest is room for what is already on its way).
+const READ_WHILE_QUEUED: usize = SEND_QUEUE / 4;
 /// Frames written with one flush at most.
 const WRITE_BATCH: usize = 64;
 /// Bad frames from one connection before it is closed.
@@ -316,6 +320,13 @@ impl Connection {
         let ending: Ending = loop {
             // Frames out first: a client is only ever too slow because it does not read,
             // never because it writes faster than its own echoes are sent.
+            //
+            // And its next frame is read only while its own queue is short. Every chat line
+            // it sends comes back to it in its room's order (PROTOCOL 7), written by the same
+            // web threads as everyone's copies, so a client that floods (within a generous
+            // `rate`) is paced by how fast the room is written out instead of filling the
+            // other members' queues until they are let go as too slow.
+            let may_read = rx.len() < READ_WHILE_QUEUED;
             tokio::select! {
                 biased;
                 () = &mut stopping => break Some((CLOSE_AWAY, "mcchatd is stopping".into())),
@@ -326,7 +337,7 @@ impl Connection {
                         break end;
                     },
                 },
-                msg = input.recv() => match msg {
+                msg = input.recv(), if may_read => match msg {
                     None | Some(Ok(Message::Close(_))) => break None,
                     Some(Err(e)) => {
                         let text = e.to_string();
@@ -638,13 +649,21 @@ impl Connection {
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
-/// Serves the routes on `listener` until `stop`.
+/// Serves the routes on `listener` until `stop`, on the runtime this runs on (the listener is
+/// registered with that runtime's reactor here).
 pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: std::net::TcpListener,
     state: Arc<WebState>,
     stop: CancellationToken,
 ) {
     use axum::serve::ListenerExt as _;
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(%error, "web listener failed");
+            return;
+        }
+    };
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
     // Small frames go out at once: Nagle's algorithm with delayed ACKs would hold a chat
     // line for up to 40 ms.
