@@ -88,8 +88,13 @@ pub(crate) fn spawn_ready_all(
     .flatten()
     {
         let tx = tx.clone();
+        // MCBENCH_LOG set: what the server prints goes on to stderr (while debugging a run).
+        let echo = std::env::var_os("MCBENCH_LOG").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("{name}: {line}");
+                }
                 let _ = tx.send(line);
             }
         });
@@ -217,7 +222,7 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
         let latency_only = std::env::var("MCBENCH_ONLY").is_ok_and(|o| o == "wslatency");
         for _ in 0..if latency_only { 5 } else { runs } {
             if !latency_only {
-                let sat = crate::ws::fanout(&url, 100, count, None)?;
+                let sat = crate::ws::fanout_windowed(&url, 100, count, None)?;
                 rate.push(sat.deliveries_per_s);
                 share.push(sat.delivered as f64 / (sat.sent * 100) as f64);
             }
@@ -247,16 +252,24 @@ fn websocket(opts: &Opts, rooms: &Path, runs: usize) -> Result<Value> {
         // Deliveries against the offered rate (the plot in docs/PERFORMANCE.md).
         let mut curve = Vec::new();
         for &r in rates {
-            let got = crate::ws::fanout(&url, 100, (r as f64 * sweep_secs) as u64, Some(r))?;
+            let got =
+                crate::ws::fanout_windowed(&url, 100, (r as f64 * sweep_secs) as u64, Some(r))?;
             curve.push(json!({"offered_per_s": r * 100, "deliveries_per_s": got.deliveries_per_s}));
         }
         // One of 100 receivers stops reading at 1,000 msg/s: the others' latency, and the
         // server's memory with it stuck.
         let rss_before = proc_stat(pid).map_or(0, |s| s.1);
         let mut rss_stuck = 0;
-        let slow = crate::ws::fanout_stalled(&url, 99, 1, paced * 3, Some(1000), |_| {
-            rss_stuck = proc_stat(pid).map_or(0, |s| s.1);
-        })?;
+        let slow = crate::ws::fanout_stalled(
+            &url,
+            99,
+            1,
+            paced * 3,
+            crate::ws::Pace::new(Some(1000)),
+            |_| {
+                rss_stuck = proc_stat(pid).map_or(0, |s| s.1);
+            },
+        )?;
         let mut memory = BTreeMap::new();
         for &n in sizes {
             let before = proc_stat(pid).map_or(0, |s| s.1);

@@ -184,7 +184,42 @@ fn sent_at(frame: &str) -> Option<u64> {
 /// (`None`: as fast as the server takes them). Waits until every receiver has every message,
 /// or nothing came for 2 s.
 pub(crate) fn fanout(url: &str, receivers: usize, count: u64, rate: Option<u64>) -> Result<Fanout> {
-    fanout_stalled(url, receivers, 0, count, rate, |_| {})
+    fanout_stalled(url, receivers, 0, count, Pace::new(rate), |_| {})
+}
+
+/// [`fanout`] that never gets more than [`WINDOW`] messages ahead of its slowest receiver:
+/// at or above what the server and the receivers sustain, the rate they sustain. Faster than
+/// that is not a rate but a race to which reader falls a queue behind first (mcchatd lets
+/// such a reader go as too slow; node-ws-rooms.js buffers without bound).
+pub(crate) fn fanout_windowed(
+    url: &str,
+    receivers: usize,
+    count: u64,
+    rate: Option<u64>,
+) -> Result<Fanout> {
+    let pace = Pace {
+        windowed: true,
+        ..Pace::new(rate)
+    };
+    fanout_stalled(url, receivers, 0, count, pace, |_| {})
+}
+
+/// How the sender sends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    /// Messages a second; `None`: as fast as it can.
+    pub(crate) rate: Option<u64>,
+    /// At most [`WINDOW`] ahead of the slowest receiver.
+    pub(crate) windowed: bool,
+}
+
+impl Pace {
+    pub(crate) fn new(rate: Option<u64>) -> Self {
+        Self {
+            rate,
+            windowed: false,
+        }
+    }
 }
 
 /// [`fanout`] with `stalled` more receivers that join and then never read; `during` is
@@ -195,7 +230,7 @@ pub(crate) fn fanout_stalled(
     receivers: usize,
     stalled: usize,
     count: u64,
-    rate: Option<u64>,
+    pace: Pace,
     during: impl FnOnce(&Fanout),
 ) -> Result<Fanout> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -205,16 +240,23 @@ pub(crate) fn fanout_stalled(
     rt.block_on(async move {
         let delivered = Arc::new(AtomicU64::new(0));
         let last_ns = Arc::new(AtomicU64::new(0));
+        // What each receiver has read (u64::MAX once it has stopped), for the unpaced sender.
+        let progress: Arc<Vec<AtomicU64>> =
+            Arc::new((0..receivers).map(|_| AtomicU64::new(0)).collect());
+        let caught_up = Arc::new(tokio::sync::Notify::new());
         let mut tasks = Vec::new();
         let mut asleep = Vec::new();
         for _ in 0..stalled {
             asleep.push(join(url).await?);
         }
-        for _ in 0..receivers {
+        for me in 0..receivers {
             let mut ws = join(url).await?;
             let delivered = Arc::clone(&delivered);
             let last_ns = Arc::clone(&last_ns);
+            let progress = Arc::clone(&progress);
+            let caught_up = Arc::clone(&caught_up);
             tasks.push(tokio::spawn(async move {
+                let done = Done(&progress[me], &caught_up);
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok()?;
                 let mut read = h.clone();
                 let mut got = 0u64;
@@ -237,8 +279,13 @@ pub(crate) fn fanout_stalled(
                         got += 1;
                         delivered.fetch_add(1, Ordering::Relaxed);
                         last_ns.fetch_max(now, Ordering::Relaxed);
+                        progress[me].store(got, Ordering::Relaxed);
+                        if got.is_multiple_of(WINDOW_STEP) {
+                            caught_up.notify_one();
+                        }
                     }
                 }
+                drop(done);
                 Some((h, read))
             }));
         }
@@ -250,9 +297,23 @@ pub(crate) fn fanout_stalled(
         let first = now_ns();
         let start = Instant::now();
         for i in 0..count {
-            if let Some(rate) = rate {
+            if let Some(rate) = pace.rate {
                 let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
+            }
+            if pace.windowed && i.is_multiple_of(WINDOW_STEP) {
+                loop {
+                    let slowest = progress
+                        .iter()
+                        .map(|p| p.load(Ordering::Relaxed))
+                        .min()
+                        .unwrap_or(u64::MAX);
+                    if slowest == u64::MAX || i.saturating_sub(slowest) <= WINDOW {
+                        break;
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), caught_up.notified()).await;
+                }
             }
             let msg = format!(
                 r#"{{"type":"chat","payload":{{"message":"{} {pad}"}}}}"#,
@@ -292,6 +353,23 @@ pub(crate) fn fanout_stalled(
         drop(asleep);
         Ok(out)
     })
+}
+
+/// Messages an unpaced sender may be ahead of the slowest receiver: half of mcchatd's queue of
+/// 512 frames per connection, the rest room for what is in flight.
+const WINDOW: u64 = 256;
+/// How often receivers report their progress and the sender looks at it.
+const WINDOW_STEP: u64 = 32;
+
+/// Marks a receiver as stopped when its task ends, however it ends, so that the sender does
+/// not wait for it.
+struct Done<'a>(&'a AtomicU64, &'a tokio::sync::Notify);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.store(u64::MAX, Ordering::Relaxed);
+        self.1.notify_one();
+    }
 }
 
 /// `n` idle connections (no room): the server's RSS grows by what one costs. Returns once all
