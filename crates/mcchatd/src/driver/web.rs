@@ -16,14 +16,23 @@ use crate::web::{ToConn, WebEvent};
 impl Driver {
     /// A web connection's event into the hub.
     pub(super) fn on_web(&mut self, ev: WebEvent) {
-        if let Some(tx) = ev.tx {
-            self.web.insert(ev.conn, tx);
+        let WebEvent {
+            conn,
+            input,
+            tx,
+            pending,
+        } = ev;
+        if let Some(tx) = tx {
+            self.web.insert(conn, tx);
         }
-        if matches!(ev.input, WebInput::Closed) {
-            self.web.remove(&ev.conn);
+        if matches!(input, WebInput::Closed) {
+            self.web.remove(&conn);
         }
         let now = self.now();
-        self.hub.on_web(ev.conn, ev.input, now);
+        self.hub.on_web(conn, input, now);
+        // Taken: what it makes goes on the queues at this turn's flush, at most a batch of
+        // events later.
+        drop(pending);
     }
 
     /// One frame onto each connection's queue; a connection whose queue is full does not
@@ -80,6 +89,7 @@ impl Driver {
                 conn: 0,
                 input,
                 tx: None,
+                pending: None,
             };
             let _ = events.send(ev).await;
         });

@@ -123,6 +123,104 @@ async fn next_json(ws: &mut Ws) -> Value {
 }
 
 /// The next frame of `kind`, skipping others (presence, say).
+/// The number at the start of a chat line from `writer`, if `v` is one.
+fn numbered(v: &Value) -> Option<usize> {
+    if v["type"] != "chat" || v["sender"] != "writer" {
+        return None;
+    }
+    v["text"].as_str()?.split(' ').next()?.parse().ok()
+}
+
+/// A client that sends faster than it reads its own messages back is slowed down, not let go
+/// as too slow, and its room's other members get everything: its next frame is read only
+/// while few frames wait for it (PROTOCOL 7).
+#[tokio::test]
+async fn a_client_that_sends_without_reading_is_slowed_down_not_let_go() {
+    let d = start(rooms(8, "rate = 100000\nburst = 100000"));
+    // The writer: a small receive buffer, and it reads nothing until the daemon has stopped
+    // reading it.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = sock.connect(d.web).await.expect("connect");
+    let (mut writer, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws", d.web),
+        MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("handshake");
+    join(
+        &mut writer,
+        r#"{"type":"join","room":"room1","name":"writer"}"#,
+    )
+    .await;
+    let mut reader = connect(&d, "").await;
+    join(
+        &mut reader,
+        r#"{"type":"join","room":"room1","name":"reader"}"#,
+    )
+    .await;
+    // As many lines as buffers cannot hold (see the test above).
+    const N: usize = 20_000;
+    let (mut tx, mut echoes) = writer.split();
+    let text = "z".repeat(200);
+    let sending = tokio::spawn(async move {
+        for i in 0..N {
+            tx.send(Message::text(format!(
+                r#"{{"type":"message","message":"{i} {text}"}}"#
+            )))
+            .await
+            .expect("send");
+        }
+    });
+    // The reader takes what comes until nothing has for a second.
+    let mut next = 0usize;
+    while next < N {
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(1), reader.next()).await else {
+            break;
+        };
+        let Some(Ok(Message::Text(t))) = m else {
+            panic!("the reader was closed: {m:?}");
+        };
+        let v: Value = serde_json::from_str(t.as_str()).expect("json");
+        if let Some(n) = numbered(&v) {
+            assert_eq!(n, next, "once and in order");
+            next += 1;
+        }
+    }
+    assert!(
+        next < N,
+        "all {N} lines went through with the writer reading nothing: nothing was slowed down"
+    );
+    // Now the writer reads its own lines back: all of them, so it was never let go.
+    let draining = tokio::spawn(async move {
+        let mut echoed = 0usize;
+        while echoed < N {
+            match tokio::time::timeout(Duration::from_secs(10), echoes.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                    if numbered(&v).is_some() {
+                        echoed += 1;
+                    }
+                }
+                Ok(Some(Ok(Message::Close(c)))) => panic!("the writer was let go: {c:?}"),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the writer's connection ended: {other:?}"),
+            }
+        }
+        echoed
+    });
+    while next < N {
+        let v = next_of(&mut reader, "chat").await;
+        if let Some(n) = numbered(&v) {
+            assert_eq!(n, next, "once and in order");
+            next += 1;
+        }
+    }
+    sending.await.expect("every line sent");
+    assert_eq!(draining.await.expect("the writer read back"), N);
+    d.stop().await;
+}
+
 async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     loop {
         let v = next_json(ws).await;

@@ -37,8 +37,9 @@ use protocol::{BadRequest, MAX_FRAME, Request, WebFrame};
 
 /// Frames queued for one connection before it counts as too slow.
 pub(crate) const SEND_QUEUE: usize = 512;
-/// A connection's input is read only while fewer frames than this wait for it (a quarter of
-/// [`SEND_QUEUE`]: the rest is room for what is already on its way).
+/// A connection's input is read only while fewer frames than this wait for it, its inputs
+/// the driver has not taken yet counted too (a quarter of [`SEND_QUEUE`]: the rest is room
+/// for what one turn of the driver puts on the queue).
 const READ_WHILE_QUEUED: usize = SEND_QUEUE / 4;
 /// Frames written with one flush at most.
 const WRITE_BATCH: usize = 64;
@@ -68,6 +69,28 @@ pub(crate) struct WebEvent {
     pub(crate) input: WebInput,
     /// With [`WebInput::Open`]: where the driver queues the connection's frames.
     pub(crate) tx: Option<mpsc::Sender<ToConn>>,
+    /// With what a client sent: counted as on its way until the driver has taken it.
+    pub(crate) pending: Option<Pending>,
+}
+
+/// One of a connection's inputs between its task and the driver: [`WebEvent`]s wait in one
+/// queue for all connections, and what the driver has not taken yet has not put its frames
+/// on the connection's queue either, so it counts against the connection's reading (see
+/// [`READ_WHILE_QUEUED`]) until the driver drops the event.
+#[derive(Debug)]
+pub(crate) struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Text mode (`/ws?format=text`): chat messages as `sender: text` strings.
@@ -271,6 +294,8 @@ struct Connection {
     pending_join: Option<(Option<protocol::Since>, Option<u32>)>,
     /// The room joined, and the oldest offset shown (where paging back goes on from).
     joined: Option<(Joined, u64)>,
+    /// Its inputs the driver has not taken yet ([`Pending`]).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// How a connection ends: a close frame to send, if any.
@@ -289,6 +314,7 @@ impl Connection {
             room: None,
             pending_join: None,
             joined: None,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -309,6 +335,7 @@ impl Connection {
                 addr: self.peer.ip(),
             },
             tx: Some(tx),
+            pending: None,
         };
         if self.state.events.send(open).await.is_err() {
             return;
@@ -326,7 +353,7 @@ impl Connection {
             // web threads as everyone's copies, so a client that floods (within a generous
             // `rate`) is paced by how fast the room is written out instead of filling the
             // other members' queues until they are let go as too slow.
-            let may_read = rx.len() < READ_WHILE_QUEUED;
+            let may_read = rx.len() + self.in_flight.load(Ordering::Relaxed) < READ_WHILE_QUEUED;
             tokio::select! {
                 biased;
                 () = &mut stopping => break Some((CLOSE_AWAY, "mcchatd is stopping".into())),
@@ -380,6 +407,7 @@ impl Connection {
                 conn: self.conn,
                 input: WebInput::Closed,
                 tx: None,
+                pending: None,
             })
             .await;
     }
@@ -476,6 +504,7 @@ impl Connection {
             conn: self.conn,
             input,
             tx: None,
+            pending: Some(Pending::new(&self.in_flight)),
         };
         if self.state.events.send(event).await.is_err() {
             return Some((CLOSE_AWAY, "mcchatd is stopping".into()));
