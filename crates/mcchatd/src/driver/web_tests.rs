@@ -98,6 +98,18 @@ async fn connect(d: &Daemon, query: &str) -> Ws {
         .0
 }
 
+/// A client whose socket has a small receive buffer (4 KiB), so that the daemon's frames
+/// back up in its queue soon when it does not read.
+async fn connect_small(d: &Daemon) -> Ws {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = sock.connect(d.web).await.expect("connect");
+    tokio_tungstenite::client_async(format!("ws://{}/ws", d.web), MaybeTlsStream::Plain(stream))
+        .await
+        .expect("handshake")
+        .0
+}
+
 async fn send(ws: &mut Ws, json: &str) {
     ws.send(Message::text(json)).await.expect("send");
 }
@@ -139,26 +151,8 @@ async fn a_client_that_sends_without_reading_is_slowed_down_not_let_go() {
     let d = start(rooms(8, "rate = 100000\nburst = 100000"));
     // The writer: a small receive buffer, and it reads nothing until the daemon has stopped
     // reading it.
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = sock.connect(d.web).await.expect("connect");
-    let (mut writer, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/ws", d.web),
-        MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("handshake");
-    join(
-        &mut writer,
-        r#"{"type":"join","room":"room1","name":"writer"}"#,
-    )
-    .await;
-    let mut reader = connect(&d, "").await;
-    join(
-        &mut reader,
-        r#"{"type":"join","room":"room1","name":"reader"}"#,
-    )
-    .await;
+    let writer = in_room1(connect_small(&d).await, "writer").await;
+    let mut reader = in_room1(connect(&d, "").await, "reader").await;
     // As many lines as buffers cannot hold (see the test above).
     const N: usize = 20_000;
     let (mut tx, mut echoes) = writer.split();
@@ -238,6 +232,13 @@ async fn next_live(ws: &mut Ws) -> Value {
             return c;
         }
     }
+}
+
+/// `ws` joined to room1 as `name`.
+async fn in_room1(mut ws: Ws, name: &str) -> Ws {
+    let frame = format!(r#"{{"type":"join","room":"room1","name":"{name}"}}"#);
+    join(&mut ws, &frame).await;
+    ws
 }
 
 async fn join(ws: &mut Ws, frame: &str) -> Value {
@@ -488,28 +489,10 @@ async fn a_foreign_origin_is_refused_and_the_served_one_accepted() {
 async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
     let d = start(rooms(5, "rate = 10000\nburst = 100000"));
     // The slow one: a small receive buffer, and it never reads.
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = sock.connect(d.web).await.expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/ws", d.web),
-        MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("handshake");
+    let mut slow = connect_small(&d).await;
     send(&mut slow, r#"{"type":"join","room":"room1","name":"slow"}"#).await;
-    let mut reader = connect(&d, "").await;
-    join(
-        &mut reader,
-        r#"{"type":"join","room":"room1","name":"reader"}"#,
-    )
-    .await;
-    let mut writer = connect(&d, "").await;
-    join(
-        &mut writer,
-        r#"{"type":"join","room":"room1","name":"writer"}"#,
-    )
-    .await;
+    let mut reader = in_room1(connect(&d, "").await, "reader").await;
+    let writer = in_room1(connect(&d, "").await, "writer").await;
     // The writer reads its own echoes too (or it would be the slow one).
     let (mut writer, mut echoes) = writer.split();
     let drain = tokio::spawn(async move {
