@@ -240,7 +240,7 @@ pub(crate) fn fanout_stalled(
     rt.block_on(async move {
         let delivered = Arc::new(AtomicU64::new(0));
         let last_ns = Arc::new(AtomicU64::new(0));
-        // What each receiver has read (u64::MAX once it has stopped), for the unpaced sender.
+        // What each receiver has read (u64::MAX once it has stopped), for a windowed sender.
         let progress: Arc<Vec<AtomicU64>> =
             Arc::new((0..receivers).map(|_| AtomicU64::new(0)).collect());
         let caught_up = Arc::new(tokio::sync::Notify::new());
@@ -355,7 +355,7 @@ pub(crate) fn fanout_stalled(
     })
 }
 
-/// Messages an unpaced sender may be ahead of the slowest receiver: half of mcchatd's queue of
+/// Messages a windowed sender may be ahead of the slowest receiver: half of mcchatd's queue of
 /// 512 frames per connection, the rest room for what is in flight.
 const WINDOW: u64 = 256;
 /// How often receivers report their progress and the sender looks at it.

@@ -278,10 +278,12 @@ pub(crate) async fn serve(settings: Settings, bound: Bound, mut control: Control
             token.child_token(),
         ));
         for listener in bound.web {
-            let at = listener.local_addr().ok();
-            let listener = listener
-                .into_std()
-                .with_context(|| format!("failed to hand the web listener {at:?} over"))?;
+            let at = listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+            let listener = listener.into_std().with_context(|| {
+                format!("failed to hand the web listener on TCP {at} to the web threads")
+            })?;
             let web = crate::web::serve(listener, Arc::clone(&state), token.child_token());
             match &control.web {
                 Some(rt) => tracker.spawn_on(web, rt),

@@ -134,7 +134,6 @@ async fn next_json(ws: &mut Ws) -> Value {
     serde_json::from_str(&next_text(ws).await).expect("json")
 }
 
-/// The next frame of `kind`, skipping others (presence, say).
 /// The number at the start of a chat line from `writer`, if `v` is one.
 fn numbered(v: &Value) -> Option<usize> {
     if v["type"] != "chat" || v["sender"] != "writer" {
@@ -153,7 +152,7 @@ async fn a_client_that_sends_without_reading_is_slowed_down_not_let_go() {
     // reading it.
     let writer = in_room1(connect_small(&d).await, "writer").await;
     let mut reader = in_room1(connect(&d, "").await, "reader").await;
-    // As many lines as buffers cannot hold (see the test above).
+    // As many lines as buffers cannot hold (as in the test of a client that stops reading).
     const N: usize = 20_000;
     let (mut tx, mut echoes) = writer.split();
     let text = "z".repeat(200);
@@ -215,6 +214,7 @@ async fn a_client_that_sends_without_reading_is_slowed_down_not_let_go() {
     d.stop().await;
 }
 
+/// The next frame of `kind`, skipping others (presence, say).
 async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     loop {
         let v = next_json(ws).await;
